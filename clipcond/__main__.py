@@ -1,0 +1,3 @@
+from clipcond.cli import main
+
+raise SystemExit(main())

@@ -1,0 +1,132 @@
+"""``clipcond`` command line: thin ``_cmd_<name>(args) -> int`` wrappers over the library."""
+
+from __future__ import annotations
+
+import argparse
+import logging
+import sys
+from collections.abc import Sequence
+
+from clipcond.specs import ALIASES, REGISTRY, get_spec
+
+DTYPES = ("float32", "float16", "bfloat16")
+
+
+def _cmd_list(args: argparse.Namespace) -> int:
+    aliases: dict[str, list[str]] = {}
+    for alias, name in ALIASES.items():
+        aliases.setdefault(name, []).append(alias)
+    print(f"{'name':28} {'aliases':24} {'D':>5} {'P':>5}  null   default weights")
+    for name, spec in REGISTRY.items():
+        print(f"{name:28} {', '.join(aliases.get(name, [])):24} {spec.sequence_dim:5d} {spec.pooled_dim:5d}  "
+              f"{spec.null:6} {spec.hub_repo or '(seeded random, tests/demos)'}")
+    return 0
+
+
+def _load(args: argparse.Namespace):  # noqa: ANN202 (imports torch lazily)
+    import torch
+
+    from clipcond.conditioner import TextConditioner
+
+    return TextConditioner.from_pretrained(args.encoder, weights=args.weights, device=args.device,
+                                           dtype=getattr(torch, args.dtype))
+
+
+def _cmd_encode(args: argparse.Namespace) -> int:
+    tc = _load(args)
+    prompts = args.prompts or [line.rstrip("\n") for line in sys.stdin]
+    c = tc(prompts)
+    spec = tc.spec
+    towers = ", ".join(f"{t.name} (width {t.width}, layer {t.hidden_layer}, final LN {t.final_norm}, pad {t.pad_id})"
+                       for t in spec.towers)
+    print(f"encoder {spec.name}: {towers}")
+    print(f"sequence {tuple(c.sequence.shape)} {c.sequence.dtype} on {c.sequence.device}; "
+          f"pooled {tuple(c.pooled.shape)} from tower {spec.pooled_tower} ({spec.towers[spec.pooled_tower].pooled})")
+    tokens = tc.tokenize(prompts)[0]
+    for i, prompt in enumerate(prompts):
+        n_tokens = int(tokens.eos[i]) + 1
+        print(f"[{i}] {prompt!r}: {n_tokens} tokens, |sequence| {c.sequence[i].float().norm():.4f}, "
+              f"|pooled| {c.pooled[i].float().norm():.4f}")
+    null = tc.null(1)
+    print(f"null ({spec.null}): |sequence| {null.sequence.float().norm():.4f}, "
+          f"|pooled| {null.pooled.float().norm():.4f}")
+    source = args.weights or spec.hub_repo or "seeded random (tiny spec)"
+    print(f"weights: {source}; fingerprint {tc.fingerprint[:16]}")
+    return 0
+
+
+def _cmd_download(args: argparse.Namespace) -> int:
+    from pathlib import Path
+
+    from clipcond.weights import download, hf_weight_files
+
+    spec = get_spec(args.encoder)
+    repo = args.repo or spec.hub_repo
+    if repo is None:
+        print(f"{spec.name} has no published weights", file=sys.stderr)
+        return 2
+    root = download(spec, repo, revision=args.revision)
+    for tower in spec.towers:
+        for file in hf_weight_files(Path(root) / tower.hub_subfolder):
+            print(f"{repo}/{tower.hub_subfolder}/{file.name}: {file.stat().st_size / 1e6:.1f} MB ({file})")
+    return 0
+
+
+def _cmd_inspect(args: argparse.Namespace) -> int:
+    from contextlib import ExitStack
+    from pathlib import Path
+
+    from clipcond.weights import FORMATS, StateReader, detect_format
+
+    path = Path(args.path)
+    with ExitStack() as stack:
+        reader = StateReader([path], stack)
+        keys = reader.keys()
+        fmt = detect_format(keys, str(path))
+        description, _, components = FORMATS[fmt]
+        print(f"{path}: {description}, {len(keys)} tensors")
+        for comp in components:
+            n = sum(k.startswith(comp.prefix) for k in keys)
+            print(f"  text tower {comp.kind!r} under {comp.prefix or '(root)'!r}: {n} tensors ({comp.layout} layout)")
+    return 0
+
+
+def build_parser() -> argparse.ArgumentParser:
+    parser = argparse.ArgumentParser(prog="clipcond", description=__doc__)
+    parser.add_argument("-v", "--verbose", action="store_true", help="log at INFO level")
+    sub = parser.add_subparsers(dest="command", required=True)
+    sub.add_parser("list", help="registered encoders and aliases")
+
+    def model_args(p: argparse.ArgumentParser) -> None:
+        p.add_argument("--encoder", required=True, help="registered name or alias (clipcond list)")
+        p.add_argument("--weights", help="local folder/file or hub repo id (default: the name's hub repo)")
+        p.add_argument("--device", default="cpu")
+        p.add_argument("--dtype", default="float32", choices=DTYPES)
+
+    enc = sub.add_parser("encode", help="encode prompts (arguments, or one per stdin line) and print a summary")
+    model_args(enc)
+    enc.add_argument("prompts", nargs="*")
+    dl = sub.add_parser("download", help="fetch only the text-encoder files of a name's hub repo into the HF cache")
+    dl.add_argument("encoder")
+    dl.add_argument("--repo", help="another diffusers pipeline repo with the same layout")
+    dl.add_argument("--revision")
+    ins = sub.add_parser("inspect", help="what a checkpoint file holds")
+    ins.add_argument("path")
+    return parser
+
+
+def main(argv: Sequence[str] | None = None) -> int:
+    args = build_parser().parse_args(argv)
+    logging.basicConfig(level=logging.INFO if args.verbose else logging.WARNING,
+                        format="%(levelname)s %(name)s: %(message)s")
+    from clipcond.errors import WeightsError
+
+    try:
+        return globals()[f"_cmd_{args.command}"](args)
+    except (WeightsError, KeyError, TypeError) as err:
+        print(f"clipcond {args.command}: error: {err.args[0] if err.args else err}", file=sys.stderr)
+        return 2
+
+
+if __name__ == "__main__":
+    raise SystemExit(main())

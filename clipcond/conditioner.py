@@ -1,0 +1,203 @@
+"""``TextConditioner``: the frozen text encoder(s) of SD 1.x / 2.x / SDXL behind one call.
+
+Matches diffusers' ``StableDiffusionPipeline.encode_prompt`` and
+``StableDiffusionXLPipeline.encode_prompt`` (sequence, pooled, null) on the same weights.
+Frozen in one place: no parameter requires grad, ``train()`` keeps eval mode, and the forward
+runs under ``torch.no_grad()`` (not ``inference_mode()``: a training UNet must be able to save
+our outputs for its backward).
+"""
+
+from __future__ import annotations
+
+import hashlib
+import logging
+import os
+from collections.abc import Sequence
+
+import torch
+from torch import nn
+
+from clipcond.conditioning import Conditioning
+from clipcond.model import TextTransformer
+from clipcond.specs import EncoderSpec, TowerSpec, get_spec
+from clipcond.tokenizer import ClipTokenizer, Tokens, check_prompts
+from clipcond.weights import load_towers
+
+logger = logging.getLogger(__name__)
+
+
+class TextConditioner(nn.Module):
+    """``tc(prompts) -> Conditioning`` with ``sequence [B, 77, D]`` and ``pooled [B, P]``."""
+
+    def __init__(self, spec: EncoderSpec, towers: Sequence[TextTransformer]) -> None:
+        super().__init__()
+        if [t.spec for t in towers] != list(spec.towers):
+            raise ValueError(f"towers do not match the towers of spec {spec.name!r}")
+        self.spec = spec
+        self.towers = nn.ModuleList(towers)
+        self.tokenizers = [ClipTokenizer(t.tokenizer, pad_id=t.pad_id, max_length=spec.max_length)
+                           for t in spec.towers]
+        self.requires_grad_(False)
+        self.train(False)
+        self._null: Conditioning | None = None
+        self._fingerprint: str | None = None
+
+    @classmethod
+    def from_pretrained(
+        cls,
+        name: str | EncoderSpec,
+        weights: str | os.PathLike[str] | None = None,
+        *,
+        device: str | torch.device = "cpu",
+        dtype: torch.dtype = torch.float32,
+        revision: str | None = None,
+        **overrides: object,
+    ) -> TextConditioner:
+        """A conditioner for a registered name (or alias, or spec), with its weights.
+
+        ``weights``: None for the name's hub source; a diffusers pipeline folder, transformers
+        folder, open_clip checkpoint, SD/SDXL single file, or hub repo id. ``overrides`` derive a
+        variant (``clip_skip=1``, ``pooled="projected"``, ``null="zeros"``, ...; see
+        ``EncoderSpec.replace``). ``tiny-*`` specs without weights get seeded random weights.
+        """
+        spec = get_spec(name)
+        if overrides:
+            spec = spec.replace(**overrides)
+        loaded = load_towers(spec, weights, dtype=dtype, revision=revision)
+        if loaded is None:
+            logger.info("%s names no published weights: seeded random weights (tests and demos)", spec.name)
+            towers = [random_tower(t, seed=i).to(dtype) for i, t in enumerate(spec.towers)]
+        else:
+            towers = [tower_from_state(t, state) for t, state in loaded]
+            spec = spec.replace(towers=tuple(t for t, _ in loaded))
+        return cls(spec, towers).to(device)
+
+    # --- frozen -------------------------------------------------------------------------
+    def train(self, mode: bool = True) -> TextConditioner:
+        return super().train(False)  # frozen: dropout-free anyway, but eval is the contract
+
+    def _apply(self, fn, recurse=True):  # noqa: ANN001, ANN202 (torch's private signature)
+        self._null = None  # .to()/.half()/.cuda(): the cached null must follow device and dtype
+        return super()._apply(fn, recurse)
+
+    # --- facts --------------------------------------------------------------------------
+    @property
+    def sequence_dim(self) -> int:
+        return self.spec.sequence_dim
+
+    @property
+    def pooled_dim(self) -> int:
+        return self.spec.pooled_dim
+
+    @property
+    def max_length(self) -> int:
+        return self.spec.max_length
+
+    @property
+    def device(self) -> torch.device:
+        return self.towers[0].position_embedding.device
+
+    @property
+    def dtype(self) -> torch.dtype:
+        return self.towers[0].position_embedding.dtype
+
+    @property
+    def fingerprint(self) -> str:
+        """sha256 of the spec and every weight as loaded; equal weights and spec, equal fingerprint."""
+        if self._fingerprint is None:
+            digest = hashlib.sha256(repr(self.spec).encode())
+            for key, tensor in self.state_dict().items():
+                digest.update(f"{key}:{tensor.dtype}:{tuple(tensor.shape)}".encode())
+                digest.update(tensor.detach().cpu().contiguous().view(torch.uint8).numpy().tobytes())
+            self._fingerprint = digest.hexdigest()
+        return self._fingerprint
+
+    # --- encoding -----------------------------------------------------------------------
+    def tokenize(self, prompts: str | Sequence[str]) -> list[Tokens]:
+        """The token ids each tower sees (SDXL: two, padded with 49407 and 0)."""
+        return [tok(prompts) for tok in self.tokenizers]
+
+    @torch.no_grad()
+    def forward(self, prompts: str | Sequence[str]) -> Conditioning:
+        prompts = check_prompts(prompts)
+        if not prompts:
+            return self._zeros(0)
+        sequences, pooled = [], None
+        for i, (tower, tokens) in enumerate(zip(self.towers, self.tokenize(prompts), strict=True)):
+            if i == 0:
+                warn_truncated(tokens, self.max_length)
+            ids = tokens.ids.to(self.device, non_blocking=True)  # [B, L]
+            eos = tokens.eos.to(self.device, non_blocking=True)  # [B]
+            sequence, tower_pooled = tower(ids, eos)  # [B, L, W], [B, P] | None
+            sequences.append(sequence)
+            if i == self.spec.pooled_tower:
+                pooled = tower_pooled
+        sequence = sequences[0] if len(sequences) == 1 else torch.cat(sequences, dim=-1)  # [B, L, D]
+        return Conditioning(sequence, pooled)
+
+    def null(self, batch_size: int = 1) -> Conditioning:
+        """Classifier-free-guidance null conditioning (``""`` encoded, or zeros for SDXL); cached."""
+        if batch_size < 0:
+            raise ValueError(f"batch_size must be >= 0, got {batch_size}")
+        if self._null is None:
+            self._null = self._zeros(1) if self.spec.null == "zeros" else self([""])
+        return Conditioning(self._null.sequence.repeat(batch_size, 1, 1), self._null.pooled.repeat(batch_size, 1))
+
+    def encode(
+        self, prompts: str | Sequence[str], *, drop_prob: float = 0.0, generator: torch.Generator | None = None
+    ) -> Conditioning:
+        """Training-time encoding: each row is replaced by ``null()`` with probability ``drop_prob``.
+
+        Dropped rows are never encoded. ``generator`` (any device) makes the choice reproducible.
+        """
+        prompts = check_prompts(prompts)
+        if not 0.0 <= drop_prob <= 1.0:
+            raise ValueError(f"drop_prob must be in [0, 1], got {drop_prob}")
+        device = generator.device if generator is not None else "cpu"
+        dropped = (torch.rand(len(prompts), generator=generator, device=device) < drop_prob).cpu()  # [B]
+        keep = (~dropped).nonzero().flatten()
+        if len(keep) == len(prompts):
+            return self(prompts)
+        out = self.null(len(prompts))
+        if len(keep):
+            kept = self([prompts[i] for i in keep.tolist()])
+            keep = keep.to(self.device)
+            out.sequence[keep] = kept.sequence
+            out.pooled[keep] = kept.pooled
+        return out
+
+    def _zeros(self, rows: int) -> Conditioning:
+        kw = {"device": self.device, "dtype": self.dtype}
+        return Conditioning(torch.zeros(rows, self.max_length, self.sequence_dim, **kw),
+                            torch.zeros(rows, self.pooled_dim, **kw))
+
+    def extra_repr(self) -> str:
+        return f"spec={self.spec.name!r}, D={self.sequence_dim}, P={self.pooled_dim}, max_length={self.max_length}"
+
+
+def warn_truncated(tokens: Tokens, max_length: int) -> None:
+    for row, dropped in tokens.truncated:
+        # diffusers' wording, so that users who grep for it find it.
+        logger.warning("The following part of prompt[%d] was truncated because CLIP can only handle "
+                       "sequences up to %d tokens: %r", row, max_length, dropped)
+
+
+def tower_from_state(tower: TowerSpec, state: dict[str, torch.Tensor]) -> TextTransformer:
+    """Build on the meta device and adopt the loaded tensors: no second copy of the weights."""
+    with torch.device("meta"):
+        model = TextTransformer(tower)
+    model.load_state_dict(state, strict=True, assign=True)
+    return model
+
+
+def random_tower(tower: TowerSpec, *, seed: int) -> TextTransformer:
+    """Seeded random weights (std 0.02, LayerNorms at identity) without touching the global RNG."""
+    generator = torch.Generator().manual_seed(seed)
+    model = TextTransformer(tower)
+    with torch.no_grad():
+        for name, param in model.named_parameters():
+            if "ln_" in name or "norm" in name:
+                param.fill_(1.0 if name.endswith("weight") else 0.0)
+            else:
+                param.normal_(0.0, 0.02, generator=generator)
+    return model

@@ -1,0 +1,100 @@
+"""One CLIP text transformer, the forward of OpenAI CLIP / open_clip / HF ``CLIPTextModel``.
+
+Pre-LN blocks, fused QKV, PyTorch scaled-dot-product attention with the causal mask (CLIP's
+text tower attends causally and ignores padding: the pad ids are still seen by later rows,
+which is why the pad id is part of the spec). Only the blocks the spec needs are built and run.
+The canonical state-dict layout of this module is what clipcond/convert.py converts into.
+"""
+
+from __future__ import annotations
+
+import torch
+import torch.nn.functional as F
+from torch import nn
+
+from clipcond.specs import TowerSpec
+
+LAYER_NORM_EPS = 1e-5  # OpenAI CLIP, open_clip and HF CLIPTextConfig all use 1e-5
+
+
+def quick_gelu(x: torch.Tensor) -> torch.Tensor:
+    # OpenAI CLIP was trained with this approximation; OpenCLIP ViT-H/bigG with exact GELU.
+    return x * torch.sigmoid(1.702 * x)
+
+
+class Attention(nn.Module):
+    def __init__(self, width: int, heads: int) -> None:
+        super().__init__()
+        self.heads = heads
+        self.qkv = nn.Linear(width, 3 * width)  # rows: q, k, v (open_clip's in_proj order)
+        self.out = nn.Linear(width, width)
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        b, t, w = x.shape
+        q, k, v = self.qkv(x).view(b, t, 3, self.heads, w // self.heads).permute(2, 0, 3, 1, 4)  # 3x [B, H, T, hd]
+        y = F.scaled_dot_product_attention(q, k, v, is_causal=True)  # [B, H, T, hd]
+        return self.out(y.transpose(1, 2).reshape(b, t, w))
+
+
+class MLP(nn.Module):
+    def __init__(self, width: int, hidden: int, activation: str) -> None:
+        super().__init__()
+        self.fc1 = nn.Linear(width, hidden)
+        self.fc2 = nn.Linear(hidden, width)
+        self.act = quick_gelu if activation == "quick_gelu" else F.gelu
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        return self.fc2(self.act(self.fc1(x)))
+
+
+class Block(nn.Module):
+    def __init__(self, spec: TowerSpec) -> None:
+        super().__init__()
+        self.ln_1 = nn.LayerNorm(spec.width, eps=LAYER_NORM_EPS)
+        self.attn = Attention(spec.width, spec.heads)
+        self.ln_2 = nn.LayerNorm(spec.width, eps=LAYER_NORM_EPS)
+        self.mlp = MLP(spec.width, spec.mlp_width, spec.activation)
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        x = x + self.attn(self.ln_1(x))
+        return x + self.mlp(self.ln_2(x))
+
+
+class TextTransformer(nn.Module):
+    """A CLIP text tower truncated to ``spec.blocks_needed`` blocks.
+
+    ``forward(ids, eos)`` returns the sequence the spec reads (``[B, L, W]``) and, if the spec
+    has one, the pooled vector (``[B, P]``), both read as TowerSpec documents.
+    """
+
+    def __init__(self, spec: TowerSpec) -> None:
+        super().__init__()
+        self.spec = spec
+        self.token_embedding = nn.Embedding(spec.vocab_size, spec.width)
+        self.position_embedding = nn.Parameter(torch.empty(spec.context_length, spec.width))
+        self.blocks = nn.ModuleList(Block(spec) for _ in range(spec.blocks_needed))
+        self.final_norm = nn.LayerNorm(spec.width, eps=LAYER_NORM_EPS)
+        self.text_projection = (
+            nn.Linear(spec.width, spec.projection_dim, bias=False) if spec.pooled == "projected" else None
+        )
+
+    def forward(self, ids: torch.Tensor, eos: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor | None]:
+        x = self.token_embedding(ids) + self.position_embedding[: ids.shape[1]]  # [B, L, W]
+        sequence = x if self.spec.sequence_blocks == 0 else None
+        for i, block in enumerate(self.blocks, start=1):
+            x = block(x)
+            if i == self.spec.sequence_blocks:
+                sequence = x
+        if self.spec.final_norm:
+            sequence = self.final_norm(sequence)
+        rows = torch.arange(ids.shape[0], device=ids.device)
+        pooled_from = self.spec.pooled
+        if pooled_from is None:
+            return sequence, None
+        if pooled_from == "sequence_eos":
+            return sequence, sequence[rows, eos]
+        # LayerNorm is per token: normalising only the EOS rows equals reading them afterwards.
+        pooled = self.final_norm(x[rows, eos])  # [B, W]
+        if pooled_from == "projected":
+            pooled = self.text_projection(pooled)  # [B, P]
+        return sequence, pooled

@@ -46,7 +46,7 @@ def bpe_path() -> Path:
     """open_clip's ``bpe_simple_vocab_16e6.txt.gz``, found without importing open_clip (and torchvision)."""
     spec = importlib.util.find_spec("open_clip")
     if spec is None or not spec.submodule_search_locations:
-        raise ModuleNotFoundError("clipcond reads the CLIP vocabulary from open_clip_torch: pip install open_clip_torch")
+        raise ModuleNotFoundError("the CLIP vocabulary ships in open_clip_torch: pip install open_clip_torch")
     return Path(next(iter(spec.submodule_search_locations))) / "bpe_simple_vocab_16e6.txt.gz"
 
 

@@ -9,6 +9,7 @@ SD2 and SDXL's second tokenizer), open_clip ``state_dict()`` checkpoints and SD 
 
 from __future__ import annotations
 
+import functools
 import json
 from pathlib import Path
 
@@ -108,6 +109,30 @@ def openclip_state(hf_model, tower: clipcond.TowerSpec) -> dict[str, torch.Tenso
     return {k: v.contiguous() for k, v in out.items()}
 
 
+def openclip_model(hf_model, tower: clipcond.TowerSpec):
+    """An open_clip ``CLIP`` (tiny image tower) holding ``hf_model``'s text weights."""
+    from open_clip.model import CLIP, CLIPTextCfg, CLIPVisionCfg
+
+    model = CLIP(embed_dim=tower.projection_dim,
+                 vision_cfg=CLIPVisionCfg(layers=1, width=32, head_width=16, patch_size=8, image_size=16),
+                 text_cfg=CLIPTextCfg(width=tower.width, heads=tower.heads, layers=tower.layers,
+                                      mlp_ratio=tower.mlp_width / tower.width),
+                 quick_gelu=tower.activation == "quick_gelu")
+    state = model.state_dict()
+    text = openclip_state(hf_model, tower)
+    assert set(text) <= set(state), set(text) - set(state)
+    model.load_state_dict(state | text, strict=True)
+    return model.eval()
+
+
+def openclip_blocks(model, ids: torch.Tensor, blocks: int) -> torch.Tensor:
+    """ldm/sgm FrozenOpenCLIPEmbedder's text_transformer_forward: the first ``blocks`` resblocks."""
+    x = model.token_embedding(ids) + model.positional_embedding
+    for block in model.transformer.resblocks[:blocks]:
+        x = block(x, attn_mask=model.attn_mask)
+    return x
+
+
 class TinyModels:
     """Reference models (transformers) and the folders/files they were saved to."""
 
@@ -145,6 +170,44 @@ class TinyModels:
             index[sub.replace("text_encoder", "tokenizer")] = ["transformers", "CLIPTokenizer"]
         (folder / "model_index.json").write_text(json.dumps(index, indent=2))
         return folder
+
+    @functools.cached_property
+    def openclip_h(self):
+        return openclip_model(self.clip_h_full, self.h_tower)
+
+    @functools.cached_property
+    def openclip_g(self):
+        return openclip_model(self.clip_g, self.g_tower)
+
+    @functools.cached_property
+    def files(self) -> dict[str, Path]:
+        """open_clip checkpoints and SD single files, written from the same weights as the folders."""
+        root = self.root / "files"
+        root.mkdir()
+        h = {k: v for k, v in self.openclip_h.state_dict().items() if not k.startswith("visual.")}
+        g = {k: v for k, v in self.openclip_g.state_dict().items() if not k.startswith("visual.")}
+        l_hf = load_file(self.sd15 / "text_encoder" / "model.safetensors")  # published text_model.* keys
+        # Stand-ins for what a single file holds besides the text encoders (never read).
+        unet_vae = {"model.diffusion_model.input_blocks.0.0.weight": torch.randn(8, 4, 3, 3),
+                    "first_stage_model.decoder.conv_in.weight": torch.randn(8, 4, 3, 3)}
+        states = {
+            "openclip_h.safetensors": self.openclip_h.state_dict(),
+            "openclip_g.safetensors": self.openclip_g.state_dict(),
+            "sd15.safetensors": {**unet_vae, **{f"cond_stage_model.transformer.{k}": v for k, v in l_hf.items()}},
+            "sd2.safetensors": {**unet_vae, **{f"cond_stage_model.model.{k}": v for k, v in h.items()}},
+            "sdxl.safetensors": {**unet_vae,
+                                 **{f"conditioner.embedders.0.transformer.{k}": v for k, v in l_hf.items()},
+                                 **{f"conditioner.embedders.1.model.{k}": v for k, v in g.items()}},
+        }
+        out = {}
+        for name, state in states.items():
+            save_file({k: v.contiguous() for k, v in state.items()}, root / name)
+            out[name] = root / name
+        torch.save(self.openclip_h.state_dict(), root / "open_clip_pytorch_model.bin")  # as laion publishes it
+        torch.save({"state_dict": states["sd15.safetensors"]}, root / "sd15.ckpt")  # ldm's pickled layout
+        out["open_clip_pytorch_model.bin"] = root / "open_clip_pytorch_model.bin"
+        out["sd15.ckpt"] = root / "sd15.ckpt"
+        return out
 
     def pipeline(self, name: str):
         """The diffusers pipeline over the saved folder's text parts (no UNet/VAE needed to encode)."""

@@ -13,17 +13,21 @@ import hashlib
 import logging
 import os
 from collections.abc import Sequence
+from typing import Literal
 
 import torch
 from torch import nn
 
 from clipcond.conditioning import Conditioning
 from clipcond.model import TextTransformer
+from clipcond.prompts import parse_emphasis, token_windows
 from clipcond.specs import EncoderSpec, TowerSpec, get_spec
 from clipcond.tokenizer import ClipTokenizer, Tokens, check_prompts
 from clipcond.weights import load_towers
 
 logger = logging.getLogger(__name__)
+
+WeightStyle = Literal["a1111", "comfy"]
 
 
 class TextConditioner(nn.Module):
@@ -40,6 +44,7 @@ class TextConditioner(nn.Module):
         self.requires_grad_(False)
         self.train(False)
         self._null: Conditioning | None = None
+        self._empty_cache: Conditioning | None = None
         self._fingerprint: str | None = None
 
     @classmethod
@@ -77,7 +82,8 @@ class TextConditioner(nn.Module):
         return super().train(False)  # frozen: dropout-free anyway, but eval is the contract
 
     def _apply(self, fn, recurse=True):  # noqa: ANN001, ANN202 (torch's private signature)
-        self._null = None  # .to()/.half()/.cuda(): the cached null must follow device and dtype
+        # .to()/.half()/.cuda(): the cached encodings must follow device and dtype.
+        self._null = self._empty_cache = None
         return super()._apply(fn, recurse)
 
     # --- facts --------------------------------------------------------------------------
@@ -122,6 +128,8 @@ class TextConditioner(nn.Module):
         prompts = check_prompts(prompts)
         if not prompts:
             return self._zeros(0)
+        if self.spec.long_prompts == "chunk":
+            return self._encode_windows([[(p, 1.0)] for p in prompts], style=None)
         sequences, pooled = [], None
         for i, (tower, tokens) in enumerate(zip(self.towers, self.tokenize(prompts), strict=True)):
             if i == 0:
@@ -135,13 +143,81 @@ class TextConditioner(nn.Module):
         sequence = sequences[0] if len(sequences) == 1 else torch.cat(sequences, dim=-1)  # [B, L, D]
         return Conditioning(sequence, pooled)
 
-    def null(self, batch_size: int = 1) -> Conditioning:
-        """Classifier-free-guidance null conditioning (``""`` encoded, or zeros for SDXL); cached."""
-        if batch_size < 0:
-            raise ValueError(f"batch_size must be >= 0, got {batch_size}")
+    @torch.no_grad()
+    def weighted(self, prompts: str | Sequence[str], *, style: WeightStyle = "a1111") -> Conditioning:
+        """Encode A1111 emphasis syntax: ``(word:1.3)``, ``(word)``, ``[word]``, ``\\(``, ``BREAK``.
+
+        ``style="a1111"`` multiplies each token's row by its weight and restores the window's mean
+        (A1111; the mean is per prompt and window, which is A1111's for a batch of one);
+        ``style="comfy"`` moves it from the empty prompt's row: ``z_empty + w * (z - z_empty)``
+        (ComfyUI, compel). Always chunked (75-token windows); weight 1.0 everywhere equals the
+        plain encoding exactly; the pooled vector is the unweighted first window's (compel#96).
+        """
+        if style not in ("a1111", "comfy"):
+            raise ValueError(f"style must be 'a1111' or 'comfy', got {style!r}")
+        prompts = check_prompts(prompts)
+        if not prompts:
+            return self._zeros(0)
+        return self._encode_windows([parse_emphasis(p) for p in prompts], style=style)
+
+    def _encode_windows(self, batch: list[list[tuple[str, float | None]]], style: WeightStyle | None) -> Conditioning:
+        """Each tower over the same number k of 77-token windows per prompt -> [B, 77 * k, D]."""
+        length = self.max_length
+        windows = [token_windows(batch, tok.encode, length=length, pad_id=tok.pad_id) for tok in self.tokenizers]
+        k = max(w.k for w in windows)  # the two SDXL tokenizers may disagree on rare input
+        windows = [w if w.k == k else token_windows(batch, tok.encode, length=length, pad_id=tok.pad_id, k=k)
+                   for w, tok in zip(windows, self.tokenizers, strict=True)]
+        sequences, pooled = [], None
+        for i, (tower, w) in enumerate(zip(self.towers, windows, strict=True)):
+            sequence, tower_pooled = tower(w.ids.to(self.device), w.eos.to(self.device))  # [B*k, L, W]
+            if style is not None:
+                empty = self._empty().sequence[..., self._feature_slice(i)]  # [1, L, W]
+                sequence = apply_weights(sequence, w.weights.to(self.device), style=style, empty=empty)
+            sequences.append(sequence.reshape(len(batch), k * length, -1))  # [B, k*L, W]
+            if i == self.spec.pooled_tower:
+                pooled = tower_pooled.reshape(len(batch), k, -1)[:, 0]  # [B, P], first window
+        return Conditioning(torch.cat(sequences, dim=-1) if len(sequences) > 1 else sequences[0], pooled)
+
+    def _feature_slice(self, tower: int) -> slice:
+        start = sum(t.width for t in self.spec.towers[:tower])
+        return slice(start, start + self.spec.towers[tower].width)
+
+    def pad_chunks(self, *conditionings: Conditioning) -> tuple[Conditioning, ...]:
+        """Pad to the same number of 77-token windows with empty-prompt windows (compel#45).
+
+        For a positive and a negative prompt of different lengths under ``long_prompts="chunk"``
+        or ``weighted()``, as A1111 and compel pad them.
+        """
+        longest = max(len_tokens(c) for c in conditionings)
+        out = []
+        for c in conditionings:
+            missing, rest = divmod(longest - len_tokens(c), self.max_length)
+            if rest:
+                raise ValueError(f"sequence length {len_tokens(c)} is not a multiple of {self.max_length}")
+            pad = self._empty().sequence.expand(len(c), -1, -1).repeat(1, missing, 1)  # [B, missing*L, D]
+            out.append(Conditioning(torch.cat([c.sequence, pad], dim=1), c.pooled))
+        return tuple(out)
+
+    def null(self, batch_size: int = 1, *, chunks: int = 1) -> Conditioning:
+        """Classifier-free-guidance null conditioning (``""`` encoded, or zeros for SDXL); cached.
+
+        ``chunks=k`` gives ``[B, 77 * k, D]`` for chunked prompts (the null window repeated).
+        """
+        if batch_size < 0 or chunks < 1:
+            raise ValueError(f"batch_size must be >= 0 and chunks >= 1, got {batch_size} and {chunks}")
         if self._null is None:
-            self._null = self._zeros(1) if self.spec.null == "zeros" else self([""])
-        return Conditioning(self._null.sequence.repeat(batch_size, 1, 1), self._null.pooled.repeat(batch_size, 1))
+            self._null = self._zeros(1) if self.spec.null == "zeros" else self._empty()
+        return Conditioning(self._null.sequence.repeat(batch_size, chunks, 1), self._null.pooled.repeat(batch_size, 1))
+
+    def _empty(self) -> Conditioning:
+        """The empty prompt's encoding, one window (the "empty" null, and the padding window)."""
+        if self._empty_cache is None:
+            tokens = self.tokenize([""])
+            parts = [tower(t.ids.to(self.device), t.eos.to(self.device)) for tower, t in zip(self.towers, tokens,
+                                                                                           strict=True)]
+            sequence = torch.cat([seq for seq, _ in parts], dim=-1)
+            self._empty_cache = Conditioning(sequence, parts[self.spec.pooled_tower][1])
+        return self._empty_cache
 
     def encode(
         self, prompts: str | Sequence[str], *, drop_prob: float = 0.0, generator: torch.Generator | None = None
@@ -158,12 +234,13 @@ class TextConditioner(nn.Module):
         keep = (~dropped).nonzero().flatten()
         if len(keep) == len(prompts):
             return self(prompts)
-        out = self.null(len(prompts))
-        if len(keep):
-            kept = self([prompts[i] for i in keep.tolist()])
-            keep = keep.to(self.device)
-            out.sequence[keep] = kept.sequence
-            out.pooled[keep] = kept.pooled
+        if not len(keep):
+            return self.null(len(prompts))
+        kept = self([prompts[i] for i in keep.tolist()])
+        out = self.null(len(prompts), chunks=len_tokens(kept) // self.max_length)
+        keep = keep.to(self.device)
+        out.sequence[keep] = kept.sequence
+        out.pooled[keep] = kept.pooled
         return out
 
     def _zeros(self, rows: int) -> Conditioning:
@@ -173,6 +250,23 @@ class TextConditioner(nn.Module):
 
     def extra_repr(self) -> str:
         return f"spec={self.spec.name!r}, D={self.sequence_dim}, P={self.pooled_dim}, max_length={self.max_length}"
+
+
+def len_tokens(c: Conditioning) -> int:
+    return c.sequence.shape[1]
+
+
+def apply_weights(z: torch.Tensor, weights: torch.Tensor, *, style: WeightStyle, empty: torch.Tensor) -> torch.Tensor:
+    """Per-token prompt weights on ``z`` [N, L, W] (``weights`` [N, L], ``empty`` [1, L, W])."""
+    w = weights.to(z.dtype)[..., None]  # [N, L, 1]
+    if style == "a1111":
+        mean = z.mean(dim=(1, 2), keepdim=True)  # [N, 1, 1]
+        weighted = z * w
+        weighted = weighted * (mean / weighted.mean(dim=(1, 2), keepdim=True))
+        # Windows without emphasis stay bit-exact (and a zero-mean window cannot turn into NaN).
+        return torch.where((w == 1).all(dim=1, keepdim=True), z, weighted)
+    # Weight 1 keeps z bit-exact: z_empty + 1 * (z - z_empty) is not z in floating point.
+    return torch.where(w == 1, z, empty + w * (z - empty))
 
 
 def warn_truncated(tokens: Tokens, max_length: int) -> None:
@@ -191,13 +285,14 @@ def tower_from_state(tower: TowerSpec, state: dict[str, torch.Tensor]) -> TextTr
 
 
 def random_tower(tower: TowerSpec, *, seed: int) -> TextTransformer:
-    """Seeded random weights (std 0.02, LayerNorms at identity) without touching the global RNG."""
+    """Seeded random weights without touching the global RNG: std 0.02, LayerNorms near identity
+    (weight 1 + 0.1 N, bias 0.1 N: like trained CLIP, the final LN then has a non-zero mean)."""
     generator = torch.Generator().manual_seed(seed)
     model = TextTransformer(tower)
     with torch.no_grad():
         for name, param in model.named_parameters():
-            if "ln_" in name or "norm" in name:
-                param.fill_(1.0 if name.endswith("weight") else 0.0)
-            else:
-                param.normal_(0.0, 0.02, generator=generator)
+            is_norm = "ln_" in name or "norm" in name
+            param.normal_(0.0, 0.1 if is_norm else 0.02, generator=generator)
+            if is_norm and name.endswith("weight"):
+                param.add_(1.0)
     return model

@@ -20,9 +20,11 @@ TokenizerKind = Literal["hf", "open_clip"]
 #   "projected"    "final_eos" @ text_projection (HF text_embeds, open_clip encode_text)
 Pooled = Literal["final_eos", "sequence_eos", "projected"]
 NullMode = Literal["empty", "zeros"]
+LongPrompts = Literal["truncate", "chunk"]
 
 POOLED_CHOICES: tuple[str, ...] = ("final_eos", "sequence_eos", "projected")
 NULL_CHOICES: tuple[str, ...] = ("empty", "zeros")
+LONG_PROMPT_CHOICES: tuple[str, ...] = ("truncate", "chunk")
 
 BOS_ID = 49406
 EOS_ID = 49407
@@ -109,6 +111,9 @@ class EncoderSpec:
     pooled_tower: int  # index of the tower whose pooled vector is returned (SDXL: bigG)
     null: NullMode  # "empty": encode "" ; "zeros": all-zero tensors (SDXL force_zeros_for_empty_prompt)
     max_length: int = 77
+    # Beyond max_length: "truncate" (diffusers, with a warning) or "chunk": 75-token windows, each
+    # framed BOS ... EOS, concatenated to [B, 77 * k, D] (A1111, ComfyUI, compel); opt-in.
+    long_prompts: LongPrompts = "truncate"
     hub_repo: str | None = None  # default weights: a diffusers pipeline repo on the hub
     source: str = ""  # where these facts come from, for `clipcond list`
 
@@ -122,6 +127,9 @@ class EncoderSpec:
             raise SpecError(f"encoder spec {self.name!r}: pooled_tower {self.pooled_tower} has pooled=None")
         if self.null not in NULL_CHOICES:
             raise SpecError(f"encoder spec {self.name!r}: null must be one of {NULL_CHOICES}, got {self.null!r}")
+        if self.long_prompts not in LONG_PROMPT_CHOICES:
+            raise SpecError(f"encoder spec {self.name!r}: long_prompts must be one of {LONG_PROMPT_CHOICES}, "
+                            f"got {self.long_prompts!r}")
         shortest = min(t.context_length for t in self.towers)
         if not 2 <= self.max_length <= shortest:
             raise SpecError(f"encoder spec {self.name!r}: max_length must be in [2, {shortest}] "

@@ -1,0 +1,126 @@
+"""A1111 emphasis syntax, long-prompt chunking and the two weighting interpretations."""
+
+from __future__ import annotations
+
+import pytest
+import torch
+
+from clipcond import TextConditioner
+from clipcond.prompts import parse_emphasis, plain_text
+from clipcond.specs import BOS_ID, EOS_ID
+
+LONG = ("an extremely detailed matte painting of a sprawling city at dusk, " * 12).strip()  # ~170 tokens
+
+
+# A1111's own doctests for prompt_parser.parse_prompt_attention.
+@pytest.mark.parametrize(("text", "expected"), [
+    ("normal text", [("normal text", 1.0)]),
+    ("an (important) word", [("an ", 1.0), ("important", 1.1), (" word", 1.0)]),
+    ("(unbalanced", [("unbalanced", 1.1)]),
+    ("\\(literal\\]", [("(literal]", 1.0)]),
+    ("(unnecessary)(parens)", [("unnecessaryparens", 1.1)]),
+    ("a (((house:1.3)) [on] a (hill:0.5), sun, (((sky))).",
+     [("a ", 1.0), ("house", 1.5730000000000004), (" ", 1.1), ("on", 1.0), (" a ", 1.1), ("hill", 0.55),
+      (", sun, ", 1.1), ("sky", 1.4641000000000006), (".", 1.1)]),
+    ("a cat BREAK a dog", [("a cat", 1.0), ("", None), ("a dog", 1.0)]),
+    ("", [("", 1.0)]),
+])
+def test_parse_emphasis_matches_a1111(text, expected):
+    assert parse_emphasis(text) == expected
+
+
+def test_plain_text_drops_syntax():
+    assert plain_text(parse_emphasis("a (red:1.3) [cat] BREAK on a mat")) == "a red cat on a mat"
+
+
+def window_ids(tc: TextConditioner, tower: int, tokens: list[int]) -> torch.Tensor:
+    ids = torch.full((1, 77), tc.tokenizers[tower].pad_id)
+    ids[0, : len(tokens) + 2] = torch.tensor([BOS_ID, *tokens, EOS_ID])
+    return ids
+
+
+@pytest.mark.parametrize("name", ["tiny-sd15", "tiny-sd2", "tiny-sdxl"])
+def test_chunked_long_prompt_equals_manual_concatenation(name):
+    tc = TextConditioner.from_pretrained(name, long_prompts="chunk")
+    c = tc([LONG, "short"])
+    k = c.sequence.shape[1] // 77
+    assert c.sequence.shape == (2, 77 * k, tc.sequence_dim) and k == 3
+    parts = []
+    for i, tower in enumerate(tc.towers):
+        bpe = tc.tokenizers[i].encode([LONG])[0]
+        windows = [bpe[j: j + 75] for j in range(0, len(bpe), 75)]
+        seqs = [tower(window_ids(tc, i, w), torch.tensor([len(w) + 1]))[0] for w in windows]
+        parts.append(torch.cat(seqs, dim=1))
+    torch.testing.assert_close(c.sequence[:1], torch.cat(parts, dim=-1), atol=1e-6, rtol=1e-6)
+    truncated = TextConditioner.from_pretrained(name)([LONG, "short"])
+    torch.testing.assert_close(c.pooled, truncated.pooled, atol=1e-6, rtol=1e-6)  # pooled: first window
+    torch.testing.assert_close(c.sequence[1:, :77], truncated.sequence[1:], atol=1e-6, rtol=1e-6)
+    # The short prompt is padded to k windows with the empty prompt's window.
+    torch.testing.assert_close(c.sequence[1, 77:154], tc([""]).sequence[0], atol=1e-6, rtol=1e-6)
+
+
+def test_chunk_mode_short_prompts_equal_truncate_mode_exactly():
+    prompts = ["a photo of a cat", "a dog", ""]
+    a = TextConditioner.from_pretrained("tiny-sdxl", long_prompts="chunk")(prompts)
+    b = TextConditioner.from_pretrained("tiny-sdxl")(prompts)
+    assert torch.equal(a.sequence, b.sequence) and torch.equal(a.pooled, b.pooled)
+
+
+@pytest.mark.parametrize("name", ["tiny-sd15", "tiny-sdxl"])
+@pytest.mark.parametrize("style", ["a1111", "comfy"])
+def test_weight_one_equals_plain_encoding_exactly(name, style):
+    tc = TextConditioner.from_pretrained(name)
+    prompts = ["a photo of a (cat:1.0)", "a dog on a mat", "(house:1)"]
+    plain = tc(["a photo of a cat", "a dog on a mat", "house"])
+    weighted = tc.weighted(prompts, style=style)
+    assert torch.equal(weighted.sequence, plain.sequence) and torch.equal(weighted.pooled, plain.pooled)
+
+
+def test_a1111_weighting_multiplies_then_restores_mean():
+    tc = TextConditioner.from_pretrained("tiny-sd15")
+    z = tc(["a photo of a cat"]).sequence  # ids: BOS a photo of a cat EOS -> "cat" at position 5
+    w = torch.ones(1, 77, 1)
+    w[0, 5] = 1.5
+    expected = z * w * (z.mean() / (z * w).mean())
+    got = tc.weighted(["a photo of a (cat:1.5)"], style="a1111")
+    torch.testing.assert_close(got.sequence, expected, atol=1e-6, rtol=1e-6)
+    assert torch.equal(got.pooled, tc(["a photo of a cat"]).pooled)  # pooled: prompt without syntax
+
+
+@pytest.mark.parametrize("name", ["tiny-sd15", "tiny-sdxl"])
+def test_comfy_weighting_moves_from_empty_prompt(name):
+    tc = TextConditioner.from_pretrained(name)
+    z = tc(["a photo of a cat"]).sequence
+    empty = tc([""]).sequence  # per position, also for SDXL whose null() is zeros
+    expected = z.clone()
+    expected[0, 5] = empty[0, 5] + 0.5 * (z[0, 5] - empty[0, 5])
+    got = tc.weighted(["a photo of a (cat:0.5)"], style="comfy")
+    torch.testing.assert_close(got.sequence, expected, atol=1e-6, rtol=1e-6)
+
+
+def test_break_starts_a_new_window_and_negative_is_padded():
+    tc = TextConditioner.from_pretrained("tiny-sdxl")
+    c = tc.weighted(["a cat BREAK a dog"])
+    assert c.sequence.shape == (1, 154, 80)
+    torch.testing.assert_close(c.sequence[:, :77], tc(["a cat"]).sequence, atol=1e-6, rtol=1e-6)
+    torch.testing.assert_close(c.sequence[:, 77:], tc(["a dog"]).sequence, atol=1e-6, rtol=1e-6)
+    negative = tc.weighted(["blurry"])
+    pos, neg = tc.pad_chunks(c, negative)
+    assert pos.sequence.shape == neg.sequence.shape == (1, 154, 80)
+    assert torch.equal(neg.sequence[:, :77], negative.sequence)
+    torch.testing.assert_close(neg.sequence[:, 77:], tc([""]).sequence, atol=0, rtol=0)
+
+
+def test_encode_with_dropout_in_chunk_mode():
+    tc = TextConditioner.from_pretrained("tiny-sd15", long_prompts="chunk")
+    d = tc.encode([LONG, "a cat", "a dog"] * 4, drop_prob=0.5, generator=torch.Generator().manual_seed(1))
+    null = tc.null(1, chunks=3)
+    assert d.sequence.shape == (12, 231, 32)
+    dropped = [torch.equal(row, null.sequence[0]) for row in d.sequence]
+    assert 0 < sum(dropped) < 12
+
+
+def test_weighted_rejects_unknown_style():
+    tc = TextConditioner.from_pretrained("tiny-sd15")
+    with pytest.raises(ValueError, match="style must be 'a1111' or 'comfy', got 'compel'"):
+        tc.weighted(["a"], style="compel")

@@ -12,13 +12,14 @@ from __future__ import annotations
 import hashlib
 import logging
 import os
-from collections.abc import Sequence
+from collections.abc import Mapping, Sequence
 from typing import Literal
 
 import torch
 from torch import nn
 
 from clipcond.conditioning import Conditioning
+from clipcond.errors import WeightsError
 from clipcond.model import TextTransformer
 from clipcond.prompts import parse_emphasis, token_windows
 from clipcond.specs import EncoderSpec, TowerSpec, get_spec
@@ -33,14 +34,21 @@ WeightStyle = Literal["a1111", "comfy"]
 class TextConditioner(nn.Module):
     """``tc(prompts) -> Conditioning`` with ``sequence [B, 77, D]`` and ``pooled [B, P]``."""
 
-    def __init__(self, spec: EncoderSpec, towers: Sequence[TextTransformer]) -> None:
+    def __init__(
+        self,
+        spec: EncoderSpec,
+        towers: Sequence[TextTransformer],
+        added: Mapping[str, int] | None = None,
+    ) -> None:
+        """``added``: textual-inversion words and their vector counts, rows appended in this order."""
         super().__init__()
         if [t.spec for t in towers] != list(spec.towers):
             raise ValueError(f"towers do not match the towers of spec {spec.name!r}")
         self.spec = spec
         self.towers = nn.ModuleList(towers)
-        self.tokenizers = [ClipTokenizer(t.tokenizer, pad_id=t.pad_id, max_length=spec.max_length)
-                           for t in spec.towers]
+        self.added = dict(added or {})
+        self.tokenizers = [ClipTokenizer(t.tokenizer, pad_id=t.pad_id, max_length=spec.max_length,
+                                         added=added_ids(t.vocab_size, self.added)) for t in spec.towers]
         self.requires_grad_(False)
         self.train(False)
         self._null: Conditioning | None = None
@@ -76,6 +84,24 @@ class TextConditioner(nn.Module):
             towers = [tower_from_state(t, state) for t, state in loaded]
             spec = spec.replace(towers=tuple(t for t, _ in loaded))
         return cls(spec, towers).to(device)
+
+    def with_textual_inversion(self, path: str | os.PathLike[str], *, token: str | None = None) -> TextConditioner:
+        """A conditioner that also knows ``token`` (multi-vector included); this one is unchanged.
+
+        Only rows are appended to each tower's embedding table; every existing weight is shared.
+        SDXL needs a file with vectors for both towers (``clip_l`` and ``clip_g``).
+        """
+        from clipcond.embeddings import load_embedding
+
+        emb = load_embedding(path, token)
+        if emb.token in self.added:
+            raise ValueError(f"{path}: token {emb.token!r} is already loaded; pass token= to rename it")
+        rows = [tower_rows(t, emb.vectors, path) for t in self.spec.towers]
+        if len({len(r) for r in rows}) != 1:
+            raise WeightsError(f"{path}: towers get different vector counts {[len(r) for r in rows]}")
+        towers = [tower.with_extra_tokens(r) for tower, r in zip(self.towers, rows, strict=True)]
+        spec = self.spec.replace(towers=tuple(t.spec for t in towers))
+        return TextConditioner(spec, towers, added={**self.added, emb.token: len(rows[0])})
 
     # --- frozen -------------------------------------------------------------------------
     def train(self, mode: bool = True) -> TextConditioner:
@@ -250,6 +276,27 @@ class TextConditioner(nn.Module):
 
     def extra_repr(self) -> str:
         return f"spec={self.spec.name!r}, D={self.sequence_dim}, P={self.pooled_dim}, max_length={self.max_length}"
+
+
+def added_ids(vocab_size: int, added: Mapping[str, int]) -> dict[str, list[int]]:
+    """Ids of the added words: their rows sit at the end of the table, in the order added."""
+    first = vocab_size - sum(added.values())
+    out = {}
+    for word, count in added.items():
+        out[word] = list(range(first, first + count))
+        first += count
+    return out
+
+
+def tower_rows(tower: TowerSpec, vectors: Mapping[str, torch.Tensor], path: object) -> torch.Tensor:
+    """The vectors of an embedding file that belong to ``tower`` (SDXL by key, otherwise by width)."""
+    key = "clip_l" if tower.tokenizer == "hf" else "clip_g"
+    candidates = [v for k, v in vectors.items() if k == key or (k == "*" and v.shape[-1] == tower.width)]
+    if not candidates:
+        widths = {k: v.shape[-1] for k, v in vectors.items()}
+        raise WeightsError(f"{path}: no vectors for tower {tower.name!r} (width {tower.width}); the file holds "
+                           f"{widths}: it was trained for another encoder")
+    return candidates[0]
 
 
 def len_tokens(c: Conditioning) -> int:

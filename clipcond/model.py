@@ -8,6 +8,8 @@ The canonical state-dict layout of this module is what clipcond/convert.py conve
 
 from __future__ import annotations
 
+import copy
+
 import torch
 import torch.nn.functional as F
 from torch import nn
@@ -77,6 +79,17 @@ class TextTransformer(nn.Module):
         self.text_projection = (
             nn.Linear(spec.width, spec.projection_dim, bias=False) if spec.pooled == "projected" else None
         )
+
+    def with_extra_tokens(self, rows: torch.Tensor) -> TextTransformer:
+        """A tower whose embedding table has ``rows`` [N, W] appended; every other weight is shared."""
+        if rows.ndim != 2 or rows.shape[1] != self.spec.width:
+            raise ValueError(f"new token rows must be [N, {self.spec.width}], got {tuple(rows.shape)}")
+        new = copy.copy(self)
+        new._modules = dict(self._modules)  # share the blocks, replace only the embedding
+        new.spec = self.spec.replace(vocab_size=self.spec.vocab_size + len(rows))
+        table = self.token_embedding.weight
+        new.token_embedding = nn.Embedding.from_pretrained(torch.cat([table, rows.to(table)]), freeze=True)
+        return new
 
     def forward(self, ids: torch.Tensor, eos: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor | None]:
         x = self.token_embedding(ids) + self.position_embedding[: ids.shape[1]]  # [B, L, W]

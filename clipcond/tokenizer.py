@@ -20,7 +20,7 @@ import gzip
 import html
 import importlib.util
 import re
-from collections.abc import Sequence
+from collections.abc import Mapping, Sequence
 from dataclasses import dataclass
 from functools import lru_cache
 from pathlib import Path
@@ -130,16 +130,35 @@ def check_prompts(prompts: str | Sequence[str]) -> list[str]:
 class ClipTokenizer:
     """CLIP BPE tokenizer of one flavour: ``tok(prompts) -> Tokens`` of ``[B, max_length]`` ids."""
 
-    def __init__(self, kind: TokenizerKind, *, pad_id: int, max_length: int = 77) -> None:
+    def __init__(
+        self,
+        kind: TokenizerKind,
+        *,
+        pad_id: int,
+        max_length: int = 77,
+        added: Mapping[str, Sequence[int]] | None = None,
+    ) -> None:
+        """``added`` maps new words (textual-inversion tokens) to the ids they expand to."""
         if kind not in _SPECIALS:
             raise ValueError(f"tokenizer kind must be one of {sorted(_SPECIALS)}, got {kind!r}")
         self.kind, self.pad_id, self.max_length = kind, pad_id, max_length
-        self._tok = _rust_tokenizer(kind)
+        self.added = {word: tuple(ids) for word, ids in (added or {}).items()}
+        self._tok, self._expand = _rust_tokenizer(kind), {}
+        if self.added:
+            from tokenizers import AddedToken, Tokenizer
+
+            self._tok = Tokenizer.from_str(self._tok.to_str())  # the shared instance stays untouched
+            # Both flavours lower-case before matching, so the word is matched lower-cased.
+            self._tok.add_tokens([AddedToken(word.lower(), normalized=True) for word in self.added])
+            self._expand = {self._tok.token_to_id(word.lower()): ids for word, ids in self.added.items()}
 
     def encode(self, prompts: Sequence[str]) -> list[list[int]]:
         """BPE ids of each prompt without BOS/EOS, untruncated."""
         texts = [open_clip_clean(p) for p in prompts] if self.kind == "open_clip" else list(prompts)
-        return [enc.ids for enc in self._tok.encode_batch(texts, add_special_tokens=False)]
+        rows = [enc.ids for enc in self._tok.encode_batch(texts, add_special_tokens=False)]
+        if self._expand:  # one placeholder id per added word -> its (multi-vector) ids
+            rows = [[i for t in row for i in self._expand.get(t, (t,))] for row in rows]
+        return rows
 
     def decode(self, ids: Sequence[int]) -> str:
         return self._tok.decode(list(ids), skip_special_tokens=False).replace("</w>", " ").strip()

@@ -1,0 +1,55 @@
+"""Textual-inversion embedding files: A1111 ``.pt``/``.safetensors``, diffusers ``learned_embeds``, SDXL.
+
+Formats, as A1111's ``textual_inversion.py`` and diffusers' ``load_textual_inversion`` read them:
+A1111 ``.pt`` (``string_to_param["*"]`` [n, W]), A1111 ``.safetensors`` (``emb_params``),
+diffusers ``learned_embeds.safetensors``/``.bin`` (``{"<token>": [W] or [n, W]}``) and SDXL files
+(``clip_l`` [n, 768] and ``clip_g`` [n, 1280]).
+"""
+
+from __future__ import annotations
+
+import os
+from dataclasses import dataclass
+from pathlib import Path
+
+import torch
+
+from clipcond.errors import WeightsError
+from clipcond.weights import PICKLE_SUFFIXES, load_pickle
+
+
+@dataclass(frozen=True, slots=True)
+class Embedding:
+    """The vectors of one new word, per tower kind ("clip_l", "clip_g") or by width ("*")."""
+
+    token: str  # the trigger word; A1111 uses the file name, diffusers its key
+    vectors: dict[str, torch.Tensor]  # [n, W] each
+
+
+def load_embedding(path: str | os.PathLike[str], token: str | None = None) -> Embedding:
+    """Read a textual-inversion file; ``token`` overrides the trigger word."""
+    path = Path(path)
+    if path.suffix == ".safetensors":
+        from safetensors.torch import load_file
+
+        state: dict[str, object] = dict(load_file(path))
+    elif path.suffix in PICKLE_SUFFIXES:
+        state = load_pickle(path)
+    else:
+        raise WeightsError(f"{path}: unknown embedding file type {path.suffix!r}; expected .safetensors or "
+                           f"one of {PICKLE_SUFFIXES}")
+    name, vectors = path.stem, None
+    if isinstance(state.get("string_to_param"), dict):  # A1111 .pt
+        vectors = {"*": state["string_to_param"]["*"]}
+    elif "emb_params" in state:  # A1111 .safetensors
+        vectors = {"*": state["emb_params"]}
+    elif {"clip_l", "clip_g"} <= set(state):  # SDXL
+        vectors = {"clip_l": state["clip_l"], "clip_g": state["clip_g"]}
+    elif len(state) == 1:  # diffusers learned_embeds: {"<token>": vectors}
+        (name, vector), = state.items()
+        vectors = {"*": vector}
+    if vectors is None or not all(isinstance(v, torch.Tensor) for v in vectors.values()):
+        raise WeightsError(f"{path}: not a textual-inversion file I know (keys: {sorted(state)[:10]}); expected "
+                           f"string_to_param, emb_params, clip_l + clip_g, or one '<token>' key")
+    vectors = {k: v.detach().reshape(-1, v.shape[-1]) for k, v in vectors.items()}  # [W] -> [1, W]
+    return Embedding(token=token or name, vectors=vectors)

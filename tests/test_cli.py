@@ -1,0 +1,31 @@
+"""The command line: thin wrappers, real output, exit codes."""
+
+from __future__ import annotations
+
+import subprocess
+import sys
+
+
+def run(*args: str) -> subprocess.CompletedProcess:
+    return subprocess.run([sys.executable, "-m", "clipcond", *args], capture_output=True, text=True, timeout=300)
+
+
+def test_list():
+    out = run("list")
+    assert out.returncode == 0
+    rows = {line.split()[0]: line for line in out.stdout.splitlines()[1:]}
+    assert "sd15, sd1" in rows["clip-vit-l-14"] and " 2048 " in rows["sdxl"] and "zeros" in rows["sdxl"]
+
+
+def test_encode_prints_shapes_norms_and_source():
+    out = run("encode", "--encoder", "tiny-sdxl", "a photo of a cat", "a dog")
+    assert out.returncode == 0, out.stderr
+    assert "sequence (2, 77, 80) torch.float32 on cpu; pooled (2, 48)" in out.stdout
+    assert "[0] 'a photo of a cat': 7 tokens" in out.stdout and "null (zeros)" in out.stdout
+
+
+def test_encode_errors_exit_2_with_a_message():
+    out = run("encode", "--encoder", "sd3", "x")
+    assert out.returncode == 2 and "unknown encoder 'sd3'; registered:" in out.stderr
+    out = run("encode", "--encoder", "tiny-sd15", "--weights", "/nonexistent/file.safetensors", "x")
+    assert out.returncode == 2 and "no such file or folder" in out.stderr

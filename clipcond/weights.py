@@ -57,6 +57,10 @@ FORMATS: dict[str, tuple[str, str, tuple[Component, ...]]] = {
     "hf5": ("a transformers CLIP text-model file", "encoder.layers.", (Component("*", "", "hf"),)),
 }
 TABLES: dict[str, dict[str, Rule | None]] = {"hf": HF_TEXT, "open_clip": OPENCLIP_TEXT}
+HF_ANY = Component("*", "", "hf")  # a transformers file or folder: any tower, in HF layout
+# Full CLIP checkpoints hold the image tower too; a conditioner ignores it.
+IGNORED_PREFIXES = {"hf": ("vision_model.", "visual_projection.", "logit_scale"),
+                    "open_clip": OPENCLIP_IGNORED_PREFIXES}
 
 
 def detect_format(keys: list[str], source: str) -> str:
@@ -104,9 +108,10 @@ def load_pickle(file: Path) -> dict[str, object]:
     """A pickled state dict, refusing anything but tensors and plain containers."""
     logger.warning("%s: pickled weights; prefer .safetensors (loading with weights_only=True)", file)
     try:
-        state = torch.load(file, map_location="cpu", weights_only=True, mmap=True)
-    except RuntimeError:  # not a zip-format file: mmap is unavailable
-        state = _torch_load_plain(file)
+        try:
+            state = torch.load(file, map_location="cpu", weights_only=True, mmap=True)
+        except RuntimeError:  # a legacy (non-zip) file cannot be memory-mapped
+            state = torch.load(file, map_location="cpu", weights_only=True)
     except pickle.UnpicklingError as err:
         raise WeightsError(f"{file}: refused: the pickle holds more than tensors (would run code on load); "
                            f"convert it to .safetensors from a trusted copy") from err
@@ -118,14 +123,6 @@ def load_pickle(file: Path) -> dict[str, object]:
     if state and all(k.startswith("module.") for k in state):  # saved from DistributedDataParallel
         state = {k.removeprefix("module."): v for k, v in state.items()}
     return state
-
-
-def _torch_load_plain(file: Path) -> object:
-    try:
-        return torch.load(file, map_location="cpu", weights_only=True)
-    except pickle.UnpicklingError as err:
-        raise WeightsError(f"{file}: refused: the pickle holds more than tensors (would run code on load); "
-                           f"convert it to .safetensors from a trusted copy") from err
 
 
 def hf_weight_files(folder: Path) -> list[Path]:
@@ -256,11 +253,6 @@ def read_tower(src: TowerSource, reader: StateReader, dtype: torch.dtype) -> dic
     return convert_state(keys, lambda k: reader.read(keys[k]).to(dtype), table, expected, source=src.description,
                          ignored_prefixes=IGNORED_PREFIXES[layout] if not prefix else ())
 
-
-HF_ANY = Component("*", "", "hf")
-# Full CLIP checkpoints hold the image tower too; a conditioner ignores it.
-IGNORED_PREFIXES = {"hf": ("vision_model.", "visual_projection.", "logit_scale"),
-                    "open_clip": OPENCLIP_IGNORED_PREFIXES}
 
 
 def download(spec: EncoderSpec, repo: str, *, revision: str | None = None) -> Path:

@@ -160,9 +160,7 @@ class TextConditioner(nn.Module):
         for i, (tower, tokens) in enumerate(zip(self.towers, self.tokenize(prompts), strict=True)):
             if i == 0:
                 warn_truncated(tokens, self.max_length)
-            ids = tokens.ids.to(self.device, non_blocking=True)  # [B, L]
-            eos = tokens.eos.to(self.device, non_blocking=True)  # [B]
-            sequence, tower_pooled = tower(ids, eos)  # [B, L, W], [B, P] | None
+            sequence, tower_pooled = tower(self._put(tokens.ids), self._put(tokens.eos))  # [B, L, W], [B, P]|None
             sequences.append(sequence)
             if i == self.spec.pooled_tower:
                 pooled = tower_pooled
@@ -195,7 +193,7 @@ class TextConditioner(nn.Module):
                    for w, tok in zip(windows, self.tokenizers, strict=True)]
         sequences, pooled = [], None
         for i, (tower, w) in enumerate(zip(self.towers, windows, strict=True)):
-            sequence, tower_pooled = tower(w.ids.to(self.device), w.eos.to(self.device))  # [B*k, L, W]
+            sequence, tower_pooled = tower(self._put(w.ids), self._put(w.eos))  # [B*k, L, W]
             if style is not None:
                 empty = self._empty().sequence[..., self._feature_slice(i)]  # [1, L, W]
                 sequence = apply_weights(sequence, w.weights.to(self.device), style=style, empty=empty)
@@ -203,6 +201,12 @@ class TextConditioner(nn.Module):
             if i == self.spec.pooled_tower:
                 pooled = tower_pooled.reshape(len(batch), k, -1)[:, 0]  # [B, P], first window
         return Conditioning(torch.cat(sequences, dim=-1) if len(sequences) > 1 else sequences[0], pooled)
+
+    def _put(self, ids: torch.Tensor) -> torch.Tensor:
+        """Token ids to the conditioner's device; pinned, so the copy overlaps with queued GPU work."""
+        if self.device.type == "cuda":
+            ids = ids.pin_memory()
+        return ids.to(self.device, non_blocking=True)
 
     def _feature_slice(self, tower: int) -> slice:
         start = sum(t.width for t in self.spec.towers[:tower])
@@ -239,8 +243,7 @@ class TextConditioner(nn.Module):
         """The empty prompt's encoding, one window (the "empty" null, and the padding window)."""
         if self._empty_cache is None:
             tokens = self.tokenize([""])
-            parts = [tower(t.ids.to(self.device), t.eos.to(self.device)) for tower, t in zip(self.towers, tokens,
-                                                                                           strict=True)]
+            parts = [tower(self._put(t.ids), self._put(t.eos)) for tower, t in zip(self.towers, tokens, strict=True)]
             sequence = torch.cat([seq for seq, _ in parts], dim=-1)
             self._empty_cache = Conditioning(sequence, parts[self.spec.pooled_tower][1])
         return self._empty_cache

@@ -109,7 +109,7 @@ class TextConditioner(nn.Module):
 
     def _apply(self, fn, recurse=True):  # noqa: ANN001, ANN202 (torch's private signature)
         # .to()/.half()/.cuda(): the cached encodings must follow device and dtype.
-        self._null = self._empty_cache = None
+        self._null = self._empty_cache = self._fingerprint = None
         return super()._apply(fn, recurse)
 
     # --- facts --------------------------------------------------------------------------

@@ -141,8 +141,10 @@ def test_null_is_cached_and_follows_dtype():
     assert a.sequence.shape == (2, 77, 32)
     a.sequence.zero_()  # callers may write into what they get; the cache must not change
     assert tc.null(1).sequence.abs().sum() > 0
+    fingerprint = tc.fingerprint
     tc.to(torch.float16)
     assert tc.null(3).sequence.dtype == torch.float16
+    assert tc.fingerprint != fingerprint  # the weights' dtype is part of it
 
 
 def test_encode_drop_prob_statistics_and_reproducibility():

@@ -56,6 +56,7 @@ def test_open_clip_checkpoint_bigg_matches_open_clip_forward(tiny):
     ("sd15", "sd15.safetensors", "sd15"), ("sd15", "sd15.ckpt", "sd15"),
     ("sd2", "sd2.safetensors", "sd2"), ("sdxl", "sdxl.safetensors", "sdxl"),
     ("sdxl-refiner", "sdxl.safetensors", "sdxl"),
+    ("sd15", "sdxl.safetensors", "sd15"),  # SDXL's first tower is OpenAI's CLIP ViT-L: it can serve SD 1.x
 ])
 def test_single_file_equals_pipeline_folder(tiny, name, file, folder):
     prompts = [p for p in PROMPTS if "!" not in p]

@@ -14,6 +14,7 @@ from clipcond.specs import EncoderSpec, SpecError, TowerSpec, get_spec, list_enc
 if TYPE_CHECKING:
     from clipcond.conditioner import TextConditioner
     from clipcond.conditioning import Conditioning
+    from clipcond.store import EmbeddingStore
     from clipcond.tokenizer import ClipTokenizer, Tokens
 
 __version__ = "0.1.0"
@@ -21,13 +22,18 @@ __version__ = "0.1.0"
 _LAZY = {
     "TextConditioner": "clipcond.conditioner",
     "Conditioning": "clipcond.conditioning",
+    "EmbeddingStore": "clipcond.store",
     "ClipTokenizer": "clipcond.tokenizer",
     "Tokens": "clipcond.tokenizer",
+    "added_cond_kwargs": "clipcond.sdxl",
+    "sdxl_refiner_time_ids": "clipcond.sdxl",
+    "sdxl_time_ids": "clipcond.sdxl",
 }
 
 __all__ = [
     "ClipTokenizer",
     "Conditioning",
+    "EmbeddingStore",
     "EncoderSpec",
     "SpecError",
     "TextConditioner",
@@ -35,8 +41,11 @@ __all__ = [
     "TowerSpec",
     "WeightsError",
     "__version__",
+    "added_cond_kwargs",
     "get_spec",
     "list_encoders",
+    "sdxl_refiner_time_ids",
+    "sdxl_time_ids",
 ]
 
 

@@ -72,6 +72,19 @@ def _cmd_download(args: argparse.Namespace) -> int:
     return 0
 
 
+def _cmd_precompute(args: argparse.Namespace) -> int:
+    from clipcond.precompute import PrecomputeJob, Ranks, precompute, rank_device
+    from clipcond.store import describe_store
+
+    job = PrecomputeJob(input=args.input, out=args.out, column=args.column, id_column=args.id_column,
+                        limit=args.limit, batch_size=args.batch_size, shard_size=args.shard_size)
+    args.device = rank_device(args.device)
+    manifest = precompute(_load(args), job)
+    if Ranks.from_env().rank == 0:
+        print("\n".join(describe_store(job.out, manifest)))
+    return 0
+
+
 def _cmd_inspect(args: argparse.Namespace) -> int:
     from contextlib import ExitStack
     from pathlib import Path
@@ -79,6 +92,13 @@ def _cmd_inspect(args: argparse.Namespace) -> int:
     from clipcond.weights import FORMATS, StateReader, detect_format
 
     path = Path(args.path)
+    if path.is_dir():  # an embedding store (clipcond precompute --out DIR)
+        from clipcond.store import inspect_store
+
+        lines, problems = inspect_store(path)
+        print("\n".join(lines))
+        print("\n".join(f"  PROBLEM {p}" for p in problems) if problems else "  verified every file's size and sha256")
+        return 1 if problems else 0
     with ExitStack() as stack:
         reader = StateReader([path], stack)
         keys = reader.keys()
@@ -110,7 +130,18 @@ def build_parser() -> argparse.ArgumentParser:
     dl.add_argument("encoder")
     dl.add_argument("--repo", help="another diffusers pipeline repo with the same layout")
     dl.add_argument("--revision")
-    ins = sub.add_parser("inspect", help="what a checkpoint file holds")
+    pre = sub.add_parser("precompute", help="encode a caption dataset into a sharded, resumable embedding store "
+                         "(torchrun --nproc-per-node N -m clipcond precompute ... splits it by rank)")
+    model_args(pre)
+    pre.add_argument("--input", required=True, help=".txt (a caption per line), .jsonl, .csv, .parquet, or a "
+                     "Hugging Face dataset folder (save_to_disk)")
+    pre.add_argument("--column", default="caption", help="caption column (default: caption)")
+    pre.add_argument("--id-column", help="unique id column, for EmbeddingStore.by_id")
+    pre.add_argument("--out", required=True, help="store folder; rerun the same command to resume it")
+    pre.add_argument("--batch-size", type=int, default=128)
+    pre.add_argument("--limit", type=int, help="encode only the first LIMIT rows")
+    pre.add_argument("--shard-size", type=int, help="unique embeddings per shard (default: about 256 MiB a shard)")
+    ins = sub.add_parser("inspect", help="what a checkpoint file holds, or describe and verify an embedding store")
     ins.add_argument("path")
     return parser
 
@@ -119,12 +150,11 @@ def main(argv: Sequence[str] | None = None) -> int:
     args = build_parser().parse_args(argv)
     logging.basicConfig(level=logging.INFO if args.verbose else logging.WARNING,
                         format="%(levelname)s %(name)s: %(message)s")
-    from clipcond.errors import WeightsError
-
     try:
         return globals()[f"_cmd_{args.command}"](args)
-    except (WeightsError, KeyError, TypeError) as err:
-        print(f"clipcond {args.command}: error: {err.args[0] if err.args else err}", file=sys.stderr)
+    except (ValueError, KeyError, TypeError, OSError) as err:  # WeightsError and SpecError are ValueErrors
+        message = err.args[0] if isinstance(err, KeyError) and err.args else err  # KeyError's str() adds quotes
+        print(f"clipcond {args.command}: error: {message}", file=sys.stderr)
         return 2
 
 

@@ -135,9 +135,10 @@ class TextConditioner(nn.Module):
 
     @property
     def fingerprint(self) -> str:
-        """sha256 of the spec and every weight as loaded; equal weights and spec, equal fingerprint."""
+        """sha256 of the spec's semantics and every weight as loaded (dtype included): equal inputs,
+        equal fingerprint, across formats and releases (descriptive fields are left out)."""
         if self._fingerprint is None:
-            digest = hashlib.sha256(repr(self.spec).encode())
+            digest = hashlib.sha256(repr(self.spec.semantics()).encode())
             for key, tensor in self.state_dict().items():
                 digest.update(f"{key}:{tensor.dtype}:{tuple(tensor.shape)}".encode())
                 digest.update(tensor.detach().cpu().contiguous().view(torch.uint8).numpy().tobytes())
@@ -156,11 +157,16 @@ class TextConditioner(nn.Module):
             return self._zeros(0)
         if self.spec.long_prompts == "chunk":
             return self._encode_windows([[(p, 1.0)] for p in prompts], style=None)
+        tokens = self.tokenize(prompts)
+        warn_truncated(tokens[0], self.max_length)
+        return self.encode_tokens(tokens)
+
+    @torch.no_grad()
+    def encode_tokens(self, tokens: Sequence[Tokens]) -> Conditioning:
+        """The forward from ``tokenize()``'s output, e.g. tokenized ahead on another thread."""
         sequences, pooled = [], None
-        for i, (tower, tokens) in enumerate(zip(self.towers, self.tokenize(prompts), strict=True)):
-            if i == 0:
-                warn_truncated(tokens, self.max_length)
-            sequence, tower_pooled = tower(self._put(tokens.ids), self._put(tokens.eos))  # [B, L, W], [B, P]|None
+        for i, (tower, tok) in enumerate(zip(self.towers, tokens, strict=True)):
+            sequence, tower_pooled = tower(self._put(tok.ids), self._put(tok.eos))  # [B, L, W], [B, P] | None
             sequences.append(sequence)
             if i == self.spec.pooled_tower:
                 pooled = tower_pooled
@@ -204,7 +210,7 @@ class TextConditioner(nn.Module):
 
     def _put(self, ids: torch.Tensor) -> torch.Tensor:
         """Token ids to the conditioner's device; pinned, so the copy overlaps with queued GPU work."""
-        if self.device.type == "cuda":
+        if self.device.type == "cuda" and not ids.is_pinned():
             ids = ids.pin_memory()
         return ids.to(self.device, non_blocking=True)
 

@@ -139,6 +139,12 @@ class EncoderSpec:
     def sequence_dim(self) -> int:
         return sum(t.width for t in self.towers)
 
+    def semantics(self) -> dict[str, object]:
+        """The fields that change outputs: ``source`` and ``hub_repo`` only describe (fingerprints)."""
+        fields = dataclasses.asdict(self)
+        del fields["source"], fields["hub_repo"]
+        return fields
+
     @property
     def pooled_dim(self) -> int:
         return self.towers[self.pooled_tower].pooled_dim

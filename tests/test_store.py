@@ -1,0 +1,182 @@
+"""``EmbeddingStore``: rows, ids, DataLoader workers, caption dropout, and damage detection."""
+
+from __future__ import annotations
+
+import json
+import pickle
+import shutil
+from pathlib import Path
+
+import pytest
+import torch
+from torch.utils.data import DataLoader
+
+from clipcond import Conditioning, EmbeddingStore, TextConditioner
+from clipcond.cli import main
+from clipcond.precompute import PrecomputeJob, precompute
+from clipcond.store import MANIFEST
+
+ROWS = 400
+CAPTIONS = [f"a photo of thing {i % 150}, style {i % 3}" for i in range(ROWS)]  # 150 distinct
+
+
+@pytest.fixture(scope="module")
+def tc() -> TextConditioner:
+    return TextConditioner.from_pretrained("tiny-sdxl")
+
+
+@pytest.fixture(scope="module")
+def store_dir(tmp_path_factory, tc) -> Path:
+    root = tmp_path_factory.mktemp("store")
+    path = root / "captions.jsonl"
+    path.write_text("".join(json.dumps({"caption": c, "key": 1000 + i}) + "\n" for i, c in enumerate(CAPTIONS)))
+    precompute(tc, PrecomputeJob(input=path, out=root / "store", id_column="key", shard_size=16, progress=False))
+    return root / "store"
+
+
+@pytest.fixture()
+def damaged(store_dir, tmp_path) -> Path:
+    """A private copy to break."""
+    return Path(shutil.copytree(store_dir, tmp_path / "store"))
+
+
+@pytest.fixture(scope="module")
+def store(store_dir) -> EmbeddingStore:
+    return EmbeddingStore(store_dir)
+
+
+def test_rows_equal_direct_encoding_and_null(store, tc):
+    assert len(store) == ROWS and store.num_unique == 150 and not store._handles  # shards opened lazily
+    rows = [store[i] for i in range(0, ROWS, 7)]
+    ref = tc([CAPTIONS[r["row"]] for r in rows])
+    assert rows[0]["sequence"].shape == (77, 80) and rows[0]["pooled"].shape == (48,)
+    torch.testing.assert_close(torch.stack([r["sequence"] for r in rows]), ref.sequence, atol=1e-5, rtol=1e-5)
+    torch.testing.assert_close(torch.stack([r["pooled"] for r in rows]), ref.pooled, atol=1e-5, rtol=1e-5)
+    null = store.null(2)
+    assert torch.equal(null.sequence, tc.null(2).sequence) and torch.equal(null.pooled, tc.null(2).pooled)
+    assert store.spec == tc.spec and store.fingerprint == tc.fingerprint and store.dtype == torch.float32
+    assert "rows=400, unique=150, encoder='tiny-sdxl'" in repr(store)
+
+
+def test_indexing_and_ids(store):
+    assert torch.equal(store[-1]["sequence"], store[ROWS - 1]["sequence"]) and store[-1]["row"] == ROWS - 1
+    assert torch.equal(store[3]["sequence"], store[153]["sequence"])  # same caption, one embedding
+    assert store.row_of(1005) == 5 and store.row_of("1005") == 5 and store.id_of(399) == "1399"
+    assert store.by_id(1010)["row"] == 10
+    with pytest.raises(IndexError, match=r"row 400 is out of range for store .* with 400 rows"):
+        store[ROWS]
+    with pytest.raises(TypeError, match="store row must be an int, got str"):
+        store["7"]
+    with pytest.raises(KeyError, match=r"id 5 is not in store .*ids from column 'key'"):
+        store.by_id(5)
+
+
+def test_store_without_ids_says_so(tmp_path, tc):
+    path = tmp_path / "c.txt"
+    path.write_text("a\nb\n")
+    precompute(tc, PrecomputeJob(input=path, out=tmp_path / "s", progress=False))
+    with pytest.raises(ValueError, match="has no ids: it was precomputed without --id-column"):
+        EmbeddingStore(tmp_path / "s").by_id("a")
+
+
+def test_dataloader_with_two_workers_sees_every_row_once(store):
+    store[0]  # the parent has a shard open: forked workers must open their own
+    loader = DataLoader(store, batch_size=32, shuffle=True, num_workers=2, generator=torch.Generator().manual_seed(0))
+    seen, sequences = [], {}
+    for batch in loader:
+        cond = Conditioning(batch["sequence"], batch["pooled"])  # [B, 77, 80], [B, 48]
+        assert cond.sequence.shape[1:] == (77, 80) and cond.pooled.shape[1:] == (48,)
+        seen += batch["row"].tolist()
+        sequences.update(zip(batch["row"].tolist(), cond.sequence, strict=True))
+    assert sorted(seen) == list(range(ROWS))
+    assert all(torch.equal(sequences[r], store[r]["sequence"]) for r in range(0, ROWS, 13))
+    assert pickle.loads(pickle.dumps(store))[5]["row"] == 5  # spawn-started workers get a pickled copy
+
+
+def dropped_rows(store: EmbeddingStore, collate, batch_size: int, *, num_workers: int = 0) -> set[int]:
+    loader = DataLoader(store, batch_size=batch_size, shuffle=True, collate_fn=collate, num_workers=num_workers)
+    null = store.null()
+    rows = set()
+    for batch in loader:
+        for i, row in enumerate(batch["row"].tolist()):
+            is_null = torch.equal(batch["sequence"][i], null.sequence[0]) and torch.equal(batch["pooled"][i],
+                                                                                          null.pooled[0])
+            assert bool(batch["dropped"][i]) == is_null  # tiny-sdxl's null is zeros: never a real caption
+            if is_null:
+                rows.add(row)
+            else:
+                assert torch.equal(batch["sequence"][i], store[row]["sequence"])
+    return rows
+
+
+def test_caption_dropout_statistics_and_reproducibility(store):
+    collate = store.collate(0.25, seed=3)
+    epoch0 = dropped_rows(store, collate, 32)
+    assert 60 <= len(epoch0) <= 140  # Binomial(400, 0.25): mean 100, sd 8.7
+    assert dropped_rows(store, collate, 7, num_workers=2) == epoch0  # batch size, order, workers: no matter
+    assert dropped_rows(store, store.collate(0.25, seed=3), 400) == epoch0
+    collate.set_epoch(1)
+    epoch1 = dropped_rows(store, collate, 32)
+    assert 60 <= len(epoch1) <= 140 and epoch1 != epoch0
+    assert len(epoch0 & epoch1) < 45  # independent epochs: about 25 shared
+    assert dropped_rows(store, store.collate(0.25, seed=4), 32) != epoch0
+    assert dropped_rows(store, store.collate(0.0), 64) == set()
+    assert dropped_rows(store, store.collate(1.0), 64) == set(range(ROWS))
+    with pytest.raises(ValueError, match=r"drop_prob must be in \[0, 1\], got 1.5"):
+        store.collate(1.5)
+    with pytest.raises(TypeError, match="needs items with 'sequence', 'pooled' and 'row'"):
+        store.collate(0.5)([{"sequence": torch.zeros(1)}])
+
+
+def test_inspect_describes_and_verifies(store_dir, capsys):
+    assert main(["inspect", str(store_dir)]) == 0
+    out = capsys.readouterr().out
+    assert "rows 400: 150 unique (62.5% duplicates), ids from column 'key'" in out
+    assert "encoder tiny-sdxl: sequence [77, 80], pooled [48], float32" in out
+    assert "verified every file's size and sha256" in out
+
+
+def test_truncated_shard_is_named_by_the_store_and_inspect(damaged, capsys):
+    shard = damaged / "shard-00003.safetensors"
+    shard.write_bytes(shard.read_bytes()[:-100])
+    with pytest.raises(ValueError, match=r"shard-00003.safetensors: truncated or overwritten: \d+ bytes"):
+        EmbeddingStore(damaged)
+    assert main(["inspect", str(damaged)]) == 1
+    assert "PROBLEM " + str(shard) + ": truncated" in capsys.readouterr().out
+
+
+def test_corrupted_shard_is_caught_by_its_checksum(damaged, capsys):
+    shard = damaged / "shard-00005.safetensors"
+    data = bytearray(shard.read_bytes())
+    data[-10] ^= 0xFF  # same size, one float changed
+    shard.write_bytes(bytes(data))
+    store = EmbeddingStore(damaged)  # opening checks sizes only: cheap for a huge store
+    with pytest.raises(ValueError, match=r"(?s)shard-00005.safetensors: corrupted: sha256 .*rerun the same"):
+        store.verify()
+    with pytest.raises(ValueError, match=r"shard-00005.safetensors: corrupted"):
+        EmbeddingStore(damaged, verify=True)
+    assert main(["inspect", str(damaged)]) == 1
+    assert f"{shard}: corrupted" in capsys.readouterr().out
+
+
+def test_unreadable_shard_header_is_named_on_read(damaged):
+    shard = damaged / "shard-00002.safetensors"
+    data = bytearray(shard.read_bytes())
+    data[:8] = (10**9).to_bytes(8, "little")  # header length past the end of the file
+    shard.write_bytes(bytes(data))
+    store = EmbeddingStore(damaged)
+    row = next(r for r in range(ROWS) if int(store._rows[r]) // 16 == 2)
+    with pytest.raises(ValueError, match=r"shard-00002.safetensors: not a readable safetensors shard"):
+        store[row]
+
+
+def test_incomplete_or_missing_store_is_refused(damaged, tmp_path):
+    manifest = json.loads((damaged / MANIFEST).read_text())
+    (damaged / MANIFEST).write_text(json.dumps({**manifest, "complete": False, "shards": manifest["shards"][:3]}))
+    with pytest.raises(ValueError, match=r"incomplete: 3 of 10 shards recorded; rerun the same `clipcond precompute`"):
+        EmbeddingStore(damaged)
+    with pytest.raises(FileNotFoundError, match="no manifest.json: not a clipcond embedding store"):
+        EmbeddingStore(tmp_path)
+    (damaged / MANIFEST).write_text(json.dumps({**manifest, "format_version": 9}))
+    with pytest.raises(ValueError, match="store format version 9"):
+        EmbeddingStore(damaged)

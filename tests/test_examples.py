@@ -1,0 +1,61 @@
+"""The examples run offline with ``--tiny`` and print what they promise: training losses that are finite
+and fall on a fixed tiny batch, and CFG images through clipcond equal to the pipeline's own text path."""
+
+from __future__ import annotations
+
+import functools
+import math
+import os
+import re
+import subprocess
+import sys
+from pathlib import Path
+
+import pytest
+
+EXAMPLES = Path(__file__).resolve().parents[1] / "examples"
+EQUAL = 1e-6  # float32 on CPU, same weights and ops: in practice exactly 0
+
+
+@functools.cache  # each example runs once per session, whatever the number of tests reading its output
+def run_example(name: str, *args: str) -> str:
+    env = {**os.environ, "PYTHONPATH": os.pathsep.join([str(EXAMPLES.parent), os.environ.get("PYTHONPATH", "")]),
+           # Tiny models gain nothing from threads, and OpenMP threads spinning against a busy machine
+           # (another test process, xdist) made one run 6x slower.
+           "OMP_NUM_THREADS": "1"}
+    proc = subprocess.run([sys.executable, str(EXAMPLES / name), "--tiny", *args], capture_output=True, text=True,
+                          timeout=300, env=env, cwd=EXAMPLES.parent)
+    assert proc.returncode == 0, f"{name} failed:\n{proc.stdout[-3000:]}\n{proc.stderr[-3000:]}"
+    return proc.stdout
+
+
+def number(pattern: str, text: str) -> float:
+    match = re.search(pattern, text)
+    assert match, f"{pattern!r} not in output:\n{text[-2000:]}"
+    return float(match.group(1))
+
+
+@pytest.mark.parametrize("name", ["train_sd15.py", "train_sdxl.py"])
+def test_training_example_loss_is_finite_and_falls(name):
+    out = run_example(name, "--steps", "30")
+    steps = [float(v) for v in re.findall(r"^step +\d+ .*?loss (\S+)", out, flags=re.M)]
+    assert len(steps) == 30 and all(math.isfinite(v) for v in steps), out[-2000:]
+    first, last = number(r"first loss (\S+)", out), number(r"last loss (\S+)", out)
+    assert "all finite: True" in out
+    assert last < 0.9 * first, f"loss did not fall: first {first}, last {last}"
+
+
+def test_sdxl_training_example_reads_the_store_and_drops_captions():
+    out = run_example("train_sdxl.py", "--steps", "30")
+    assert re.search(r"EmbeddingStore\(.*rows=8, unique=5, encoder='tiny-sdxl'", out), out[:2000]
+    dropped = [int(d) for d in re.findall(r"dropped (\d+)/4", out)]
+    assert len(dropped) == 30 and sum(dropped) > 0  # drop_prob 0.1 over 120 rows
+
+
+def test_cfg_inference_example_matches_the_pipelines_text_path():
+    out = run_example("cfg_inference.py")
+    for kind in ("sd15", "sdxl"):
+        diff = rf"{kind}: max abs diff, "
+        assert number(diff + r"clipcond prompt_embeds vs the pipeline's text path: (\S+)", out) <= EQUAL
+        assert number(diff + r"hand-written CFG sampler vs the pipeline's latents: (\S+)", out) <= EQUAL
+        assert number(diff + r"other prompts \(must be > 0\): (\S+)", out) > 1e-3  # the text reaches the image

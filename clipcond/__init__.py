@@ -14,6 +14,7 @@ from clipcond.specs import EncoderSpec, SpecError, TowerSpec, get_spec, list_enc
 if TYPE_CHECKING:
     from clipcond.conditioner import TextConditioner
     from clipcond.conditioning import Conditioning
+    from clipcond.sdxl import added_cond_kwargs, sdxl_refiner_time_ids, sdxl_time_ids
     from clipcond.store import EmbeddingStore
     from clipcond.tokenizer import ClipTokenizer, Tokens
 

@@ -27,8 +27,9 @@ import torch
 
 ENCODER = "sdxl"  # the semantics (layers, pooled, null): "sdxl", "sd15" or "sd2"
 WEIGHTS: str | None = None  # a diffusers pipeline folder; None: tiny random towers of tiny-<ENCODER>
-N_CAPTIONS = 4000
-DUPLICATE_FRACTION = 0.0  # rows repeating an earlier caption: clipcond encodes them once, the naive loop again
+N_CAPTIONS = 10_000  # the issue: 10k varied captions
+# Rows repeating an earlier caption (web caption sets repeat): clipcond encodes them once, the naive loop again.
+DUPLICATE_FRACTION = 0.3
 BATCH_SIZE = 64
 DEVICE = "cpu"  # "cuda" for a GPU
 DTYPE = torch.float32  # torch.float16 on a GPU

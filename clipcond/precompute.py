@@ -188,7 +188,10 @@ def plan_manifest(tc: TextConditioner, job: PrecomputeJob, scan: Scan, shard_siz
 
 
 def _identity(manifest: dict) -> dict:
-    return {**{k: manifest[k] for k in IDENTITY}, "input sha256": manifest["input"]["sha256"]}
+    identity = {**{k: manifest[k] for k in IDENTITY}, "input sha256": manifest["input"]["sha256"]}
+    # As the fingerprint: descriptive spec fields (source, hub_repo) may change between releases.
+    identity["encoder"] = {k: v for k, v in identity["encoder"].items() if k not in ("source", "hub_repo")}
+    return identity
 
 
 def _short(value: object) -> str:

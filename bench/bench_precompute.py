@@ -61,10 +61,8 @@ def tiny_pipeline(root: Path) -> Path:
     from transformers import CLIPTextConfig, CLIPTextModel, CLIPTextModelWithProjection
 
     import clipcond
-    from clipcond.tokenizer import clip_vocab
+    from clipcond.tokenizer import write_hf_tokenizer
 
-    tokens, merges = clip_vocab()
-    vocab = {tok: i for i, tok in enumerate(tokens)} | {"<|startoftext|>": 49406, "<|endoftext|>": 49407}
     spec = clipcond.get_spec(f"tiny-{ENCODER}")
     for i, tower in enumerate(spec.towers):
         config = CLIPTextConfig(
@@ -74,14 +72,9 @@ def tiny_pipeline(root: Path) -> Path:
         torch.manual_seed(SEED + i)
         model = (CLIPTextModelWithProjection if tower.pooled == "projected" else CLIPTextModel)(config)
         model.save_pretrained(root / tower.hub_subfolder)
-        tok = root / tower.hub_subfolder.replace("text_encoder", "tokenizer")
-        tok.mkdir()
-        (tok / "vocab.json").write_text(json.dumps(vocab, ensure_ascii=False))
-        (tok / "merges.txt").write_text("#version: 0.2\n" + "\n".join(" ".join(m) for m in merges) + "\n")
-        config = {"tokenizer_class": "CLIPTokenizer", "model_max_length": 77, "bos_token": "<|startoftext|>",
-                  "eos_token": "<|endoftext|>", "unk_token": "<|endoftext|>",
-                  "pad_token": "<|endoftext|>" if tower.pad_id == 49407 else "!"}  # as the SD repos ("!" is id 0)
-        (tok / "tokenizer_config.json").write_text(json.dumps(config))
+        # As the SD repos: SD 1.x pads with <|endoftext|>, SD 2.x and SDXL's second tokenizer with "!" (id 0).
+        write_hf_tokenizer(root / tower.hub_subfolder.replace("text_encoder", "tokenizer"),
+                           pad_token="<|endoftext|>" if tower.pad_id == 49407 else "!")
     return root
 
 

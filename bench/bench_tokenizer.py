@@ -95,17 +95,9 @@ def hf_tokenizer(folder: Path, pad_token: str = "<|endoftext|>"):  # -> transfor
     """
     from transformers import CLIPTokenizer
 
-    from clipcond.tokenizer import clip_vocab
+    from clipcond.tokenizer import write_hf_tokenizer
 
-    tokens, merges = clip_vocab()
-    vocab = {tok: i for i, tok in enumerate(tokens)} | {"<|startoftext|>": 49406, "<|endoftext|>": 49407}
-    (folder / "vocab.json").write_text(json.dumps(vocab, ensure_ascii=False))
-    (folder / "merges.txt").write_text("#version: 0.2\n" + "\n".join(" ".join(m) for m in merges) + "\n")
-    config = {"tokenizer_class": "CLIPTokenizer", "model_max_length": 77, "do_lower_case": True,
-              "bos_token": "<|startoftext|>", "eos_token": "<|endoftext|>", "unk_token": "<|endoftext|>",
-              "pad_token": pad_token}
-    (folder / "tokenizer_config.json").write_text(json.dumps(config))
-    return CLIPTokenizer.from_pretrained(folder)
+    return CLIPTokenizer.from_pretrained(write_hf_tokenizer(folder, pad_token=pad_token))
 
 
 def contenders(folder: Path) -> dict[str, Callable[[Sequence[str]], object]]:

@@ -73,6 +73,27 @@ def clip_vocab() -> tuple[list[str], list[tuple[str, str]]]:
     return tokens, merges  # type: ignore[return-value]
 
 
+def write_hf_tokenizer(folder: str | Path, *, pad_token: str = "<|endoftext|>") -> Path:
+    """A transformers ``CLIPTokenizer`` folder as the SD repos publish it, offline, from open_clip's vocabulary.
+
+    ``vocab.json``, ``merges.txt``, ``tokenizer_config.json``; ``pad_token`` is ``<|endoftext|>`` for
+    SD 1.x (and SDXL's first tokenizer), ``!`` for SD 2.x and SDXL's ``tokenizer_2``.
+    """
+    import json
+
+    folder = Path(folder)
+    folder.mkdir(parents=True, exist_ok=True)
+    tokens, merges = clip_vocab()
+    vocab = {tok: i for i, tok in enumerate(tokens)} | {_SPECIALS["hf"][0]: BOS_ID, _SPECIALS["hf"][1]: EOS_ID}
+    (folder / "vocab.json").write_text(json.dumps(vocab, ensure_ascii=False))
+    (folder / "merges.txt").write_text("#version: 0.2\n" + "\n".join(" ".join(m) for m in merges) + "\n")
+    config = {"tokenizer_class": "CLIPTokenizer", "model_max_length": 77, "do_lower_case": True,
+              "bos_token": "<|startoftext|>", "eos_token": "<|endoftext|>", "unk_token": "<|endoftext|>",
+              "pad_token": pad_token}
+    (folder / "tokenizer_config.json").write_text(json.dumps(config, indent=2))
+    return folder
+
+
 @lru_cache(maxsize=2)
 def _rust_tokenizer(kind: TokenizerKind) -> Tokenizer:
     from tokenizers import Regex, Tokenizer, decoders, normalizers, pre_tokenizers

@@ -9,7 +9,6 @@ the same ``from_pretrained`` calls they use on ``stable-diffusion-v1-5`` or ``st
 
 from __future__ import annotations
 
-import json
 import tempfile
 from pathlib import Path
 from typing import TYPE_CHECKING, Literal
@@ -17,7 +16,7 @@ from typing import TYPE_CHECKING, Literal
 import torch
 
 import clipcond
-from clipcond.tokenizer import clip_vocab
+from clipcond.tokenizer import write_hf_tokenizer
 
 if TYPE_CHECKING:
     from diffusers import AutoencoderKL, UNet2DConditionModel
@@ -73,16 +72,7 @@ def clip_tokenizer(folder: Path, pad_token: str) -> CLIPTokenizer:
     """The CLIP BPE as the SD repos ship it (pad ``<|endoftext|>``; SDXL's ``tokenizer_2`` pads with ``!``)."""
     from transformers import CLIPTokenizer
 
-    tokens, merges = clip_vocab()
-    vocab = {tok: i for i, tok in enumerate(tokens)} | {"<|startoftext|>": 49406, "<|endoftext|>": 49407}
-    folder.mkdir(parents=True, exist_ok=True)
-    (folder / "vocab.json").write_text(json.dumps(vocab, ensure_ascii=False))
-    (folder / "merges.txt").write_text("#version: 0.2\n" + "\n".join(" ".join(m) for m in merges) + "\n")
-    config = {"tokenizer_class": "CLIPTokenizer", "model_max_length": 77, "do_lower_case": True,
-              "bos_token": "<|startoftext|>", "eos_token": "<|endoftext|>", "unk_token": "<|endoftext|>",
-              "pad_token": pad_token}
-    (folder / "tokenizer_config.json").write_text(json.dumps(config, indent=2))
-    return CLIPTokenizer.from_pretrained(folder)
+    return CLIPTokenizer.from_pretrained(write_hf_tokenizer(folder, pad_token=pad_token))
 
 
 def write_tiny_pipeline(kind: Kind, root: str | Path | None = None) -> Path:

@@ -18,7 +18,7 @@ import torch
 from safetensors.torch import load_file, save_file
 
 import clipcond
-from clipcond.tokenizer import clip_vocab
+from clipcond.tokenizer import write_hf_tokenizer
 
 BASE_PROMPTS = [
     "a photo of a cat",
@@ -35,26 +35,11 @@ BASE_PROMPTS = [
 ]
 
 
-def hf_vocab_files(folder: Path) -> tuple[Path, Path]:
-    """vocab.json / merges.txt exactly as openai/clip-vit-large-patch14 ships them, from open_clip's gz."""
-    tokens, merges = clip_vocab()
-    vocab = {tok: i for i, tok in enumerate(tokens)} | {"<|startoftext|>": 49406, "<|endoftext|>": 49407}
-    folder.mkdir(parents=True, exist_ok=True)
-    (folder / "vocab.json").write_text(json.dumps(vocab, ensure_ascii=False))
-    (folder / "merges.txt").write_text("#version: 0.2\n" + "\n".join(" ".join(m) for m in merges) + "\n")
-    return folder / "vocab.json", folder / "merges.txt"
-
-
 def hf_tokenizer(folder: Path, pad_token: str):
-    """A tokenizer folder as the SD repos publish it (vocab.json, merges.txt, tokenizer_config.json)."""
+    """transformers' CLIPTokenizer over a folder written as the SD repos publish it."""
     from transformers import CLIPTokenizer
 
-    hf_vocab_files(folder)
-    config = {"tokenizer_class": "CLIPTokenizer", "model_max_length": 77, "do_lower_case": True,
-              "bos_token": "<|startoftext|>", "eos_token": "<|endoftext|>", "unk_token": "<|endoftext|>",
-              "pad_token": pad_token}
-    (folder / "tokenizer_config.json").write_text(json.dumps(config, indent=2))
-    return CLIPTokenizer.from_pretrained(folder)
+    return CLIPTokenizer.from_pretrained(write_hf_tokenizer(folder, pad_token=pad_token))
 
 
 def hf_text_model(tower: clipcond.TowerSpec, *, layers: int, projection: bool, seed: int):

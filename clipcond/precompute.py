@@ -12,7 +12,7 @@ over ``datasets.map``) and kohya sd-scripts' ``--cache_text_encoder_outputs``, a
   files; rank 0 writes the index and the null before, and the manifest after (gloo barriers and
   small broadcasts; no tensor crosses ranks, so CPU ``gloo`` is enough on GPUs too);
 - overlap: a thread tokenizes ahead of the encoder and a thread copies, serializes and writes
-  behind it, through bounded queues, so the encoder waits on neither.
+  behind it (clipcond/pipeline.py); the run logs how long the device sat idle waiting for them.
 """
 
 from __future__ import annotations
@@ -22,9 +22,6 @@ import hashlib
 import json
 import logging
 import os
-import queue
-import threading
-import time
 from collections.abc import Callable, Iterator
 from contextlib import contextmanager
 from dataclasses import dataclass
@@ -32,11 +29,10 @@ from datetime import timedelta
 from pathlib import Path
 from typing import TYPE_CHECKING, TypeVar
 
-import torch
 import torch.distributed as dist
 
-from clipcond.conditioning import Conditioning
 from clipcond.inputs import Scan, scan_captions
+from clipcond.pipeline import encode_shards
 from clipcond.store import (
     FORMAT,
     FORMAT_VERSION,
@@ -44,16 +40,12 @@ from clipcond.store import (
     MANIFEST,
     NULL,
     TMP_MARK,
-    atomic_write,
-    file_entry,
     read_manifest,
     shard_name,
     store_problems,
-    tensor_bytes,
     write_json,
     write_tensors,
 )
-from clipcond.tokenizer import Tokens
 
 if TYPE_CHECKING:
     from clipcond.conditioner import TextConditioner
@@ -62,10 +54,8 @@ logger = logging.getLogger(__name__)
 T = TypeVar("T")
 
 TARGET_SHARD_BYTES = 256 * 2**20  # default shard size: few files, yet one shard re-encodes in seconds
-PREFETCH = 4  # batches queued between stages: hides tokenizer/writer latency, bounds memory
 # Ranks wait at barriers for the slowest one; gloo's 30-minute default is shorter than a big job.
 BARRIER_TIMEOUT = timedelta(hours=48)
-DELAY_ENV = "CLIPCOND_PRECOMPUTE_BATCH_DELAY"  # seconds to sleep after each batch: lets tests SIGKILL mid-run
 IDENTITY = ("format_version", "encoder", "fingerprint", "dtype", "rows", "unique", "shard_size")
 
 
@@ -226,10 +216,6 @@ def _existing_manifest(out: Path) -> dict | None:
     return None
 
 
-def _sidecar(k: int) -> str:
-    return shard_name(k).replace(".safetensors", ".json")
-
-
 def _shard_rows(plan: dict, k: int) -> tuple[int, int]:
     size = plan["shard_size"]
     return k * size, min((k + 1) * size, plan["unique"])
@@ -293,147 +279,6 @@ def finalize(out: Path, plan: dict) -> dict:
     return manifest
 
 
-# --- the pipeline: tokenize ahead, encode, write behind ----------------------------------
-_DONE = object()
-
-
-class _Stopped(Exception):
-    """Another stage failed: unwind without a second error."""
-
-
-class _Stage(threading.Thread):
-    """A pipeline thread; its exception stops the pipeline and is re-raised by the caller."""
-
-    def __init__(self, name: str, fn: Callable[[], None], halt: threading.Event) -> None:
-        super().__init__(name=name, daemon=True)
-        self.fn, self.halt, self.error = fn, halt, None
-
-    def run(self) -> None:
-        try:
-            self.fn()
-        except _Stopped:
-            pass
-        except BaseException as err:  # noqa: B036 (handed to the main thread, which re-raises it)
-            self.error = err
-            self.halt.set()
-
-
-def _put(q: queue.Queue, item: object, halt: threading.Event) -> None:
-    while not halt.is_set():
-        try:
-            return q.put(item, timeout=0.1)
-        except queue.Full:
-            continue
-    raise _Stopped
-
-
-def _get(q: queue.Queue, halt: threading.Event) -> object:
-    while not halt.is_set():
-        try:
-            return q.get(timeout=0.1)
-        except queue.Empty:
-            continue
-    raise _Stopped
-
-
-@torch.no_grad()
-def _tokenize(tc: TextConditioner, captions: list[str], shards: list[tuple[int, int, int]], batch_size: int,
-              q: queue.Queue, halt: threading.Event) -> None:
-    pin = tc.device.type == "cuda"  # pinned host memory: the encoder's copies to the GPU do not block
-    for k, start, stop in shards:
-        for a in range(start, stop, batch_size):
-            tokens = tc.tokenize(captions[a : min(a + batch_size, stop)])
-            if pin:
-                tokens = [Tokens(t.ids.pin_memory(), t.eos.pin_memory(), t.truncated) for t in tokens]
-            _put(q, (k, a - start, tokens), halt)
-    _put(q, _DONE, halt)
-
-
-class _ShardBuffer:
-    """One shard's rows on the CPU, filled batch by batch, then written sidecar first, shard second."""
-
-    def __init__(self, shard: tuple[int, int, int], like: Conditioning) -> None:
-        self.k, self.start, self.stop = shard
-        n = self.stop - self.start
-        self.sequence = torch.empty((n, *like.sequence.shape[1:]), dtype=like.dtype)  # [n, L, D]
-        self.pooled = torch.empty((n, like.pooled.shape[1]), dtype=like.dtype)  # [n, P]
-        self.filled = self.truncated = 0
-
-    def add(self, k: int, offset: int, cond: Conditioning, truncated: int) -> bool:
-        if k != self.k or offset != self.filled:
-            raise RuntimeError(f"pipeline out of order: shard {k} row {offset}, expected {self.k} row {self.filled}")
-        self.sequence[offset : offset + len(cond)].copy_(cond.sequence)  # device -> host, off the encoder thread
-        self.pooled[offset : offset + len(cond)].copy_(cond.pooled)
-        self.filled += len(cond)
-        self.truncated += truncated
-        return self.filled == len(self.sequence)
-
-    def write(self, out: Path, meta: dict[str, object]) -> None:
-        # One metadata key: safetensors writes several in hash order, and equal stores should be equal bytes.
-        about = json.dumps({**meta, "start": self.start, "stop": self.stop}, sort_keys=True)
-        data = tensor_bytes({"sequence": self.sequence, "pooled": self.pooled}, {"clipcond": about})
-        entry = {**file_entry(shard_name(self.k), data), "start": self.start, "stop": self.stop,
-                 "truncated": self.truncated}
-        atomic_write(out / _sidecar(self.k), json.dumps(entry).encode())
-        atomic_write(out / shard_name(self.k), data)
-
-
-def _write(out: Path, shards: list[tuple[int, int, int]], q: queue.Queue, halt: threading.Event,
-           meta: dict[str, object]) -> None:
-    pending, buffer = iter(shards), None
-    while (item := _get(q, halt)) is not _DONE:
-        k, offset, cond, truncated = item
-        if buffer is None:
-            buffer = _ShardBuffer(next(pending), cond)
-        if buffer.add(k, offset, cond, truncated):
-            buffer.write(out, meta)
-            buffer = None
-
-
-def _encode_loop(tc: TextConditioner, rows: int, tokens_q: queue.Queue, outputs_q: queue.Queue,
-                 halt: threading.Event, progress: bool) -> None:
-    from tqdm.auto import tqdm
-
-    delay = float(os.environ.get(DELAY_ENV) or 0)
-    with tqdm(total=rows, desc="encode", unit="row", unit_scale=True, disable=None if progress else True) as bar:
-        while (item := _get(tokens_q, halt)) is not _DONE:
-            k, offset, tokens = item
-            cond = tc.encode_tokens(tokens)
-            _put(outputs_q, (k, offset, cond, len(tokens[0].truncated)), halt)
-            bar.update(len(cond))
-            if delay:
-                time.sleep(delay)
-    _put(outputs_q, _DONE, halt)
-
-
-def encode_shards(tc: TextConditioner, captions: list[str], plan: dict, todo: list[int], job: PrecomputeJob,
-                  *, progress: bool = True) -> None:
-    """Encode and write shards ``todo`` of ``plan`` (three threads, bounded queues)."""
-    shards = [(k, *_shard_rows(plan, k)) for k in todo]
-    meta = {"format": FORMAT, "format_version": FORMAT_VERSION, "encoder": plan["encoder"]["name"],
-            "fingerprint": plan["fingerprint"], "dtype": plan["dtype"], "input_sha256": plan["input"]["sha256"]}
-    halt = threading.Event()
-    tokens_q, outputs_q = queue.Queue(PREFETCH), queue.Queue(PREFETCH)
-    stages = [_Stage("clipcond-tokenize", lambda: _tokenize(tc, captions, shards, job.batch_size, tokens_q, halt),
-                     halt),
-              _Stage("clipcond-write", lambda: _write(job.out, shards, outputs_q, halt, meta), halt)]
-    for stage in stages:
-        stage.start()
-    try:
-        _encode_loop(tc, sum(b - a for _, a, b in shards), tokens_q, outputs_q, halt, progress)
-    except _Stopped:
-        pass  # a stage failed: its error is raised below
-    except BaseException:
-        halt.set()
-        raise
-    finally:
-        for stage in stages:
-            stage.join()
-    for stage in stages:
-        if stage.error is not None:
-            raise stage.error
-
-
 # --- the job ----------------------------------------------------------------------------
 def precompute(tc: TextConditioner, job: PrecomputeJob) -> dict:
     """Encode ``job.input`` with ``tc`` into the store ``job.out``, resuming it; returns its manifest.
@@ -455,6 +300,12 @@ def precompute(tc: TextConditioner, job: PrecomputeJob) -> dict:
         logger.info("rank %d/%d: %d shards to encode (%d of %d done before)", ranks.rank, ranks.world, len(todo),
                     len(done), plan["num_shards"])
         if todo:
-            encode_shards(tc, scan.captions, plan, todo, job, progress=job.progress and main)
+            shards = [(k, *_shard_rows(plan, k)) for k in todo]
+            meta = {"format": FORMAT, "format_version": FORMAT_VERSION, "encoder": plan["encoder"]["name"],
+                    "fingerprint": plan["fingerprint"], "dtype": plan["dtype"],
+                    "input_sha256": plan["input"]["sha256"]}
+            stats = encode_shards(tc, scan.captions, shards, job.out, batch_size=job.batch_size, meta=meta,
+                                  progress=job.progress and main)
+            logger.info("rank %d: %s", ranks.rank, stats.summary(), extra={"pipeline_stats": stats})
         ranks.barrier()
         return ranks.on_main(lambda: finalize(job.out, plan))

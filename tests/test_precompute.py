@@ -21,7 +21,8 @@ import torch
 from clipcond import EmbeddingStore, TextConditioner
 from clipcond.cli import main
 from clipcond.inputs import scan_captions
-from clipcond.precompute import DELAY_ENV, PrecomputeJob, precompute
+from clipcond.pipeline import DELAY_ENV
+from clipcond.precompute import PrecomputeJob, precompute
 from clipcond.store import MANIFEST, TMP_MARK
 
 TOL = {"atol": 1e-5, "rtol": 1e-5}  # float32 on CPU; batches differ from the direct call's
@@ -241,7 +242,7 @@ def test_scan_streams_a_large_table_with_flat_python_memory(tmp_path):
 
 
 def test_a_failing_writer_stops_the_pipeline_with_its_error(tmp_path, sd15, monkeypatch):
-    import clipcond.precompute as pre
+    import clipcond.pipeline as pipeline
 
     path = write_input(tmp_path, "txt", CAPTIONS * 4)
     calls = []
@@ -252,8 +253,8 @@ def test_a_failing_writer_stops_the_pipeline_with_its_error(tmp_path, sd15, monk
             raise OSError(28, "No space left on device")
         real_write(target, data)
 
-    real_write = pre.atomic_write
-    monkeypatch.setattr(pre, "atomic_write", failing_write)
+    real_write = pipeline.atomic_write
+    monkeypatch.setattr(pipeline, "atomic_write", failing_write)
     with pytest.raises(OSError, match="No space left on device"):
         run(sd15, path, tmp_path / "store", shard_size=2, batch_size=1)
     assert "shard-00002.safetensors" not in calls  # stopped there, no hang

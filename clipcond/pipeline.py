@@ -1,0 +1,255 @@
+"""The precompute pipeline: a thread tokenizes ahead of the encoder, a thread writes behind it.
+
+Three stages joined by bounded queues (``PREFETCH`` batches each), so the encoder waits on
+neither tokenization nor disk, and memory stays bounded. The encoder runs on the caller's thread
+(``torch.compile`` and CUDA graphs live there). ``PipelineStats`` tells where the encoder's time
+went, including how long the device sat idle for want of input: on CUDA the encoder thread only
+queues kernels, so a wait counts as idle only from the moment the stream has drained.
+"""
+
+from __future__ import annotations
+
+import json
+import os
+import queue
+import threading
+import time
+from collections.abc import Callable, Sequence
+from dataclasses import dataclass
+from pathlib import Path
+from typing import TYPE_CHECKING
+
+import torch
+
+from clipcond.conditioning import Conditioning
+from clipcond.store import atomic_write, file_entry, shard_name, tensor_bytes
+from clipcond.tokenizer import Tokens
+
+if TYPE_CHECKING:
+    from clipcond.conditioner import TextConditioner
+
+PREFETCH = 4  # batches queued between stages: hides tokenizer/writer latency, bounds memory
+POLL = 0.1  # seconds between checks that another stage has not failed
+DRAIN_POLL = 0.0005  # while the device still has work queued: how often to ask whether it finished
+DELAY_ENV = "CLIPCOND_PRECOMPUTE_BATCH_DELAY"  # seconds to sleep after each batch: lets tests SIGKILL mid-run
+
+Shard = tuple[int, int, int]  # (k, first unique row, stop)
+
+
+def sidecar_name(k: int) -> str:
+    """A shard's manifest entry, written before the shard itself."""
+    return shard_name(k).replace(".safetensors", ".json")
+
+
+@dataclass(slots=True)
+class PipelineStats:
+    """Where the encoder thread's time went, in seconds."""
+
+    batches: int = 0
+    rows: int = 0
+    seconds: float = 0.0  # the encoder loop, first wait to last hand-off
+    encoding: float = 0.0  # inside ``encode_tokens`` (on CUDA: queueing the kernels)
+    waiting_tokens: float = 0.0  # blocked on the tokenizer thread
+    waiting_writer: float = 0.0  # blocked on the writer thread (the output queue was full)
+    device_idle: float = 0.0  # of the waits, the time the device had no work (on CPU: all of it)
+
+    @property
+    def busy(self) -> float:
+        """Share of the loop the device had work: 1.0 means it never waited on tokens or disk."""
+        return 1.0 - self.device_idle / self.seconds if self.seconds else 1.0
+
+    def summary(self) -> str:
+        return (f"device busy {self.busy:.1%} of {self.seconds:.2f} s ({self.batches} batches): "
+                f"idle {self.device_idle:.2f} s; waited {self.waiting_tokens:.2f} s for tokens, "
+                f"{self.waiting_writer:.2f} s for the writer")
+
+
+class Stopped(Exception):
+    """Another stage failed: unwind without a second error."""
+
+
+class _Stage(threading.Thread):
+    """A pipeline thread; its exception stops the pipeline and is re-raised by the caller."""
+
+    def __init__(self, name: str, fn: Callable[[], None], halt: threading.Event) -> None:
+        super().__init__(name=name, daemon=True)
+        self.fn, self.halt, self.error = fn, halt, None
+
+    def run(self) -> None:
+        try:
+            self.fn()
+        except Stopped:
+            pass
+        except BaseException as err:  # noqa: B036 (handed to the main thread, which re-raises it)
+            self.error = err
+            self.halt.set()
+
+
+_DONE = object()
+
+
+def _put(q: queue.Queue, item: object, halt: threading.Event) -> None:
+    while not halt.is_set():
+        try:
+            return q.put(item, timeout=POLL)
+        except queue.Full:
+            continue
+    raise Stopped
+
+
+def _get(q: queue.Queue, halt: threading.Event) -> object:
+    while not halt.is_set():
+        try:
+            return q.get(timeout=POLL)
+        except queue.Empty:
+            continue
+    raise Stopped
+
+
+class _Clock:
+    """The encoder's waits, and the part of each during which the device had nothing to do."""
+
+    def __init__(self, device: torch.device, halt: threading.Event, stats: PipelineStats) -> None:
+        self.halt, self.stats = halt, stats
+        self.drained = torch.cuda.current_stream(device).query if device.type == "cuda" else lambda: True
+
+    def _wait(self, step: Callable[[float], object]) -> tuple[object, float, float]:
+        """Call ``step(timeout)`` until it succeeds; returns (its result, waited, device idle)."""
+        start = time.perf_counter()
+        idle_since = start if self.drained() else None
+        while not self.halt.is_set():
+            try:
+                result = step(POLL if idle_since is not None else DRAIN_POLL)
+            except (queue.Empty, queue.Full):
+                if idle_since is None and self.drained():
+                    idle_since = time.perf_counter()
+                continue
+            end = time.perf_counter()
+            return result, end - start, end - idle_since if idle_since is not None else 0.0
+        raise Stopped
+
+    def get(self, q: queue.Queue) -> object:
+        try:
+            return q.get_nowait()
+        except queue.Empty:
+            item, waited, idle = self._wait(lambda timeout: q.get(timeout=timeout))
+            self.stats.waiting_tokens += waited
+            self.stats.device_idle += idle
+            return item
+
+    def put(self, q: queue.Queue, item: object) -> None:
+        try:
+            q.put_nowait(item)
+        except queue.Full:
+            _, waited, idle = self._wait(lambda timeout: q.put(item, timeout=timeout))
+            self.stats.waiting_writer += waited
+            self.stats.device_idle += idle
+
+
+@torch.no_grad()
+def _tokenize(tc: TextConditioner, captions: Sequence[str], shards: list[Shard], batch_size: int,
+              q: queue.Queue, halt: threading.Event) -> None:
+    pin = tc.device.type == "cuda"  # pinned host memory: the encoder's copies to the GPU do not block
+    for k, start, stop in shards:
+        for a in range(start, stop, batch_size):
+            tokens = tc.tokenize(captions[a : min(a + batch_size, stop)])
+            if pin:
+                tokens = [Tokens(t.ids.pin_memory(), t.eos.pin_memory(), t.truncated) for t in tokens]
+            _put(q, (k, a - start, tokens), halt)
+    _put(q, _DONE, halt)
+
+
+class _ShardBuffer:
+    """One shard's rows on the CPU, filled batch by batch, then written sidecar first, shard second."""
+
+    def __init__(self, shard: Shard, like: Conditioning) -> None:
+        self.k, self.start, self.stop = shard
+        n = self.stop - self.start
+        self.sequence = torch.empty((n, *like.sequence.shape[1:]), dtype=like.dtype)  # [n, L, D]
+        self.pooled = torch.empty((n, like.pooled.shape[1]), dtype=like.dtype)  # [n, P]
+        self.filled = self.truncated = 0
+
+    def add(self, k: int, offset: int, cond: Conditioning, truncated: int, captions: Sequence[str]) -> bool:
+        if k != self.k or offset != self.filled:
+            raise RuntimeError(f"pipeline out of order: shard {k} row {offset}, expected {self.k} row {self.filled}")
+        rows = slice(offset, offset + len(cond))
+        self.sequence[rows].copy_(cond.sequence)  # device -> host, off the encoder thread
+        self.pooled[rows].copy_(cond.pooled)
+        finite = torch.isfinite(self.sequence[rows]).flatten(1).all(1) & torch.isfinite(self.pooled[rows]).all(1)
+        if not finite.all():
+            bad = [self.start + offset + i for i in (~finite).nonzero().flatten().tolist()]
+            shown = ", ".join(f"{captions[i][:60]!r}" for i in bad[:3])
+            raise ValueError(f"{len(bad)} captions encode to inf/NaN in {self.sequence.dtype} (unique rows "
+                             f"{bad[:10]}: {shown}): the encoder overflows; encode in bfloat16 or float32")
+        self.filled += len(cond)
+        self.truncated += truncated
+        return self.filled == len(self.sequence)
+
+    def write(self, out: Path, meta: dict[str, object]) -> None:
+        # One metadata key: safetensors writes several in hash order, and equal stores should be equal bytes.
+        about = json.dumps({**meta, "start": self.start, "stop": self.stop}, sort_keys=True)
+        data = tensor_bytes({"sequence": self.sequence, "pooled": self.pooled}, {"clipcond": about})
+        entry = {**file_entry(shard_name(self.k), data), "start": self.start, "stop": self.stop,
+                 "truncated": self.truncated}
+        atomic_write(out / sidecar_name(self.k), json.dumps(entry).encode())
+        atomic_write(out / shard_name(self.k), data)
+
+
+def _write(out: Path, shards: list[Shard], captions: Sequence[str], q: queue.Queue, halt: threading.Event,
+           meta: dict[str, object]) -> None:
+    pending, buffer = iter(shards), None
+    while (item := _get(q, halt)) is not _DONE:
+        k, offset, cond, truncated = item
+        if buffer is None:
+            buffer = _ShardBuffer(next(pending), cond)
+        if buffer.add(k, offset, cond, truncated, captions):
+            buffer.write(out, meta)
+            buffer = None
+
+
+def _encode(tc: TextConditioner, tokens_q: queue.Queue, outputs_q: queue.Queue, halt: threading.Event,
+            stats: PipelineStats, progress: bool) -> None:
+    from tqdm.auto import tqdm
+
+    delay = float(os.environ.get(DELAY_ENV) or 0)
+    clock = _Clock(tc.device, halt, stats)
+    start = time.perf_counter()
+    with tqdm(total=stats.rows, desc="encode", unit="row", unit_scale=True, disable=None if progress else True) as bar:
+        while (item := clock.get(tokens_q)) is not _DONE:
+            k, offset, tokens = item
+            t0 = time.perf_counter()
+            cond = tc.encode_tokens(tokens)
+            stats.encoding += time.perf_counter() - t0
+            clock.put(outputs_q, (k, offset, cond, len(tokens[0].truncated)))
+            stats.batches += 1
+            bar.update(len(cond))
+            if delay:
+                time.sleep(delay)
+    stats.seconds = time.perf_counter() - start
+    _put(outputs_q, _DONE, halt)
+
+
+def encode_shards(tc: TextConditioner, captions: Sequence[str], shards: list[Shard], out: Path, *,
+                  batch_size: int, meta: dict[str, object], progress: bool = True) -> PipelineStats:
+    """Encode the unique ``captions`` rows of ``shards`` and write each shard to ``out``."""
+    stats = PipelineStats(rows=sum(stop - start for _, start, stop in shards))
+    halt = threading.Event()
+    tokens_q, outputs_q = queue.Queue(PREFETCH), queue.Queue(PREFETCH)
+    stages = [_Stage("clipcond-tokenize", lambda: _tokenize(tc, captions, shards, batch_size, tokens_q, halt), halt),
+              _Stage("clipcond-write", lambda: _write(out, shards, captions, outputs_q, halt, meta), halt)]
+    for stage in stages:
+        stage.start()
+    try:
+        _encode(tc, tokens_q, outputs_q, halt, stats, progress)
+    except Stopped:
+        pass  # a stage failed: its error is raised below
+    except BaseException:
+        halt.set()
+        raise
+    finally:
+        for stage in stages:
+            stage.join()
+    for stage in stages:
+        if stage.error is not None:
+            raise stage.error
+    return stats

@@ -1,0 +1,91 @@
+"""The precompute pipeline: where the encoder's time goes, and no inf/NaN ever reaches a store."""
+
+from __future__ import annotations
+
+import logging
+import time
+from pathlib import Path
+
+import pytest
+import torch
+
+import clipcond.pipeline as pipeline
+from clipcond import TextConditioner
+from clipcond.pipeline import PipelineStats, encode_shards
+from clipcond.precompute import PrecomputeJob, precompute
+
+CAPTIONS = [f"caption number {i}" for i in range(12)]
+
+
+@pytest.fixture()
+def tc() -> TextConditioner:
+    return TextConditioner.from_pretrained("tiny-sd15")
+
+
+def encode(tc: TextConditioner, out: Path, *, batch_size: int = 2, shard_size: int = 4) -> PipelineStats:
+    shards = [(k, a, min(a + shard_size, len(CAPTIONS))) for k, a in enumerate(range(0, len(CAPTIONS), shard_size))]
+    out.mkdir()
+    return encode_shards(tc, CAPTIONS, shards, out, batch_size=batch_size, meta={}, progress=False)
+
+
+def test_stats_count_every_batch_and_bound_the_loop(tmp_path, tc):
+    stats = encode(tc, tmp_path / "store")
+    assert (stats.batches, stats.rows) == (6, 12)
+    assert 0 < stats.encoding <= stats.seconds
+    assert stats.encoding + stats.waiting_tokens + stats.waiting_writer <= stats.seconds
+    assert sorted(p.name for p in (tmp_path / "store").iterdir()) == [
+        f"shard-0000{k}.{ext}" for k in range(3) for ext in ("json", "safetensors")]
+
+
+def test_a_slow_tokenizer_shows_as_device_idle(tmp_path, tc, monkeypatch):
+    tokenize = tc.tokenize
+
+    def slow(prompts):
+        time.sleep(0.05)
+        return tokenize(prompts)
+
+    monkeypatch.setattr(tc, "tokenize", slow)
+    stats = encode(tc, tmp_path / "store")
+    assert stats.waiting_tokens >= 6 * 0.05 * 0.8  # the encoder outruns a 50 ms tokenizer: it waits each batch
+    # On the CPU the device is the encoder thread: every wait is idle time, to the last float.
+    assert stats.device_idle == pytest.approx(stats.waiting_tokens + stats.waiting_writer, abs=1e-9)
+    assert stats.busy < 0.8 and "device busy" in stats.summary()
+
+
+def test_a_slow_disk_shows_as_waiting_for_the_writer(tmp_path, tc, monkeypatch):
+    write = pipeline.atomic_write
+
+    def slow(target: Path, data: bytes) -> None:
+        time.sleep(0.05)
+        write(target, data)
+
+    monkeypatch.setattr(pipeline, "atomic_write", slow)
+    stats = encode(tc, tmp_path / "store", batch_size=1, shard_size=1)  # 12 shards, 0.1 s of writes each
+    # The output queue holds PREFETCH batches; past them the encoder waits for every write.
+    assert stats.waiting_writer >= (12 - pipeline.PREFETCH - 2) * 0.1 * 0.8
+    assert stats.waiting_writer > stats.waiting_tokens
+
+
+def test_precompute_logs_the_stats(tmp_path, tc, caplog):
+    path = tmp_path / "captions.txt"
+    path.write_text("\n".join(CAPTIONS + CAPTIONS[:3]) + "\n")
+    with caplog.at_level(logging.INFO, logger="clipcond.precompute"):
+        precompute(tc, PrecomputeJob(input=path, out=tmp_path / "store", batch_size=5, progress=False))
+    [stats] = [r.pipeline_stats for r in caplog.records if hasattr(r, "pipeline_stats")]
+    assert (stats.rows, stats.batches) == (12, 3)  # unique captions only
+    assert "device busy" in caplog.text
+
+
+def test_inf_or_nan_never_reaches_a_store(tmp_path, tc):
+    # A token whose embedding is inf makes every later position NaN (LayerNorm of inf), as an
+    # fp16 overflow would: the run stops and names the caption, and its shard is not written.
+    [cat] = tc.tokenizers[0].encode(["cat"])[0]
+    tc.towers[0].token_embedding.weight.data[cat] = float("inf")
+    path = tmp_path / "captions.txt"
+    path.write_text("a dog\na photo of a cat\na bird\n")
+    out = tmp_path / "store"
+    with pytest.raises(ValueError, match=r"1 captions encode to inf/NaN in torch.float32 \(unique rows \[1\]: "
+                                         r"'a photo of a cat'\).*bfloat16 or float32"):
+        precompute(tc, PrecomputeJob(input=path, out=out, batch_size=2, progress=False))
+    assert not list(out.glob("shard-*"))
+    assert torch.isnan(tc(["a photo of a cat"]).sequence).any()  # the premise: it really is NaN

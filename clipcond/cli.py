@@ -28,8 +28,9 @@ def _load(args: argparse.Namespace):  # noqa: ANN202 (imports torch lazily)
 
     from clipcond.conditioner import TextConditioner
 
-    return TextConditioner.from_pretrained(args.encoder, weights=args.weights, device=args.device,
-                                           dtype=getattr(torch, args.dtype))
+    tc = TextConditioner.from_pretrained(args.encoder, weights=args.weights, device=args.device,
+                                         dtype=getattr(torch, args.dtype))
+    return tc.compile(mode=args.compile) if getattr(args, "compile", None) else tc
 
 
 def _cmd_encode(args: argparse.Namespace) -> int:
@@ -141,6 +142,9 @@ def build_parser() -> argparse.ArgumentParser:
     pre.add_argument("--batch-size", type=int, default=128)
     pre.add_argument("--limit", type=int, help="encode only the first LIMIT rows")
     pre.add_argument("--shard-size", type=int, help="unique embeddings per shard (default: about 256 MiB a shard)")
+    pre.add_argument("--compile", nargs="?", const="default", metavar="MODE",
+                     choices=("default", "reduce-overhead", "max-autotune", "max-autotune-no-cudagraphs"),
+                     help="torch.compile the towers (MODE: default, or reduce-overhead for CUDA graphs)")
     ins = sub.add_parser("inspect", help="what a checkpoint file holds, or describe and verify an embedding store")
     ins.add_argument("path")
     return parser

@@ -54,6 +54,7 @@ class TextConditioner(nn.Module):
         self._null: Conditioning | None = None
         self._empty_cache: Conditioning | None = None
         self._fingerprint: str | None = None
+        self._compiled: dict[str, object] | None = None  # torch.compile options, see compile()
 
     @classmethod
     def from_pretrained(
@@ -101,7 +102,23 @@ class TextConditioner(nn.Module):
             raise WeightsError(f"{path}: towers get different vector counts {[len(r) for r in rows]}")
         towers = [tower.with_extra_tokens(r) for tower, r in zip(self.towers, rows, strict=True)]
         spec = self.spec.replace(towers=tuple(t.spec for t in towers))
-        return TextConditioner(spec, towers, added={**self.added, emb.token: len(rows[0])})
+        new = TextConditioner(spec, towers, added={**self.added, emb.token: len(rows[0])})
+        return new.compile(**self._compiled) if self._compiled is not None else new
+
+    def compile(self, **options: object) -> TextConditioner:
+        """Compile each tower's forward with ``torch.compile(**options)``, in place; returns self.
+
+        The towers always see ``[B, 77]`` ids, so each batch size compiles once (a second size
+        makes the batch dimension dynamic). ``mode="reduce-overhead"`` adds CUDA graphs on a GPU;
+        their outputs live in a pool the next call overwrites, so they are cloned here. Parameter
+        names, the fingerprint and ``state_dict()`` are unchanged. Worth it on a GPU at small
+        batches, where launch overhead dominates; on a CPU the gain is a few percent.
+        """
+        for tower in self.towers:
+            tower.compile(**options)
+        self._compiled = dict(options)
+        self._null = self._empty_cache = None  # computed again by the compiled towers
+        return self
 
     # --- frozen -------------------------------------------------------------------------
     def train(self, mode: bool = True) -> TextConditioner:
@@ -166,7 +183,7 @@ class TextConditioner(nn.Module):
         """The forward from ``tokenize()``'s output, e.g. tokenized ahead on another thread."""
         sequences, pooled = [], None
         for i, (tower, tok) in enumerate(zip(self.towers, tokens, strict=True)):
-            sequence, tower_pooled = tower(self._put(tok.ids), self._put(tok.eos))  # [B, L, W], [B, P] | None
+            sequence, tower_pooled = self._run(tower, tok.ids, tok.eos)  # [B, L, W], [B, P] | None
             sequences.append(sequence)
             if i == self.spec.pooled_tower:
                 pooled = tower_pooled
@@ -199,7 +216,7 @@ class TextConditioner(nn.Module):
                    for w, tok in zip(windows, self.tokenizers, strict=True)]
         sequences, pooled = [], None
         for i, (tower, w) in enumerate(zip(self.towers, windows, strict=True)):
-            sequence, tower_pooled = tower(self._put(w.ids), self._put(w.eos))  # [B*k, L, W]
+            sequence, tower_pooled = self._run(tower, w.ids, w.eos)  # [B*k, L, W]
             if style is not None:
                 empty = self._empty().sequence[..., self._feature_slice(i)]  # [1, L, W]
                 sequence = apply_weights(sequence, w.weights.to(self.device), style=style, empty=empty)
@@ -207,6 +224,14 @@ class TextConditioner(nn.Module):
             if i == self.spec.pooled_tower:
                 pooled = tower_pooled.reshape(len(batch), k, -1)[:, 0]  # [B, P], first window
         return Conditioning(torch.cat(sequences, dim=-1) if len(sequences) > 1 else sequences[0], pooled)
+
+    def _run(self, tower: TextTransformer, ids: torch.Tensor, eos: torch.Tensor) -> tuple[torch.Tensor, ...]:
+        """One tower's forward on the conditioner's device (the only place towers are called)."""
+        graphs = self._compiled is not None and self.device.type == "cuda" and cuda_graphs(self._compiled)
+        if graphs:
+            torch.compiler.cudagraph_mark_step_begin()
+        out = tower(self._put(ids), self._put(eos))
+        return tuple(t.clone() if graphs and t is not None else t for t in out)
 
     def _put(self, ids: torch.Tensor) -> torch.Tensor:
         """Token ids to the conditioner's device; pinned, so the copy overlaps with queued GPU work."""
@@ -249,7 +274,7 @@ class TextConditioner(nn.Module):
         """The empty prompt's encoding, one window (the "empty" null, and the padding window)."""
         if self._empty_cache is None:
             tokens = self.tokenize([""])
-            parts = [tower(self._put(t.ids), self._put(t.eos)) for tower, t in zip(self.towers, tokens, strict=True)]
+            parts = [self._run(tower, t.ids, t.eos) for tower, t in zip(self.towers, tokens, strict=True)]
             sequence = torch.cat([seq for seq, _ in parts], dim=-1)
             self._empty_cache = Conditioning(sequence, parts[self.spec.pooled_tower][1])
         return self._empty_cache
@@ -285,6 +310,12 @@ class TextConditioner(nn.Module):
 
     def extra_repr(self) -> str:
         return f"spec={self.spec.name!r}, D={self.sequence_dim}, P={self.pooled_dim}, max_length={self.max_length}"
+
+
+def cuda_graphs(options: Mapping[str, object]) -> bool:
+    """Whether ``torch.compile(**options)`` records CUDA graphs (whose outputs get overwritten)."""
+    inductor = options.get("options") or {}
+    return options.get("mode") in ("reduce-overhead", "max-autotune") or bool(inductor.get("triton.cudagraphs"))
 
 
 def added_ids(vocab_size: int, added: Mapping[str, int]) -> dict[str, list[int]]:

@@ -86,6 +86,7 @@ class TextTransformer(nn.Module):
             raise ValueError(f"new token rows must be [N, {self.spec.width}], got {tuple(rows.shape)}")
         new = copy.copy(self)
         new._modules = dict(self._modules)  # share the blocks, replace only the embedding
+        new._compiled_call_impl = None  # a compiled forward is bound to self: the caller compiles anew
         new.spec = self.spec.replace(vocab_size=self.spec.vocab_size + len(rows))
         table = self.token_embedding.weight
         new.token_embedding = nn.Embedding.from_pretrained(torch.cat([table, rows.to(table)]), freeze=True)

@@ -25,3 +25,42 @@ def test_cuda_half_matches_cpu_float32(name, dtype):
     assert tc.null(2).sequence.device.type == "cuda"
     d = tc.encode(prompts, drop_prob=0.5, generator=torch.Generator("cuda").manual_seed(0))
     assert d.sequence.shape == c.sequence.shape
+
+
+def test_cuda_graphs_outputs_survive_the_next_call():
+    # mode="reduce-overhead" replays CUDA graphs whose outputs the next replay overwrites: tc clones them.
+    eager = TextConditioner.from_pretrained("tiny-sdxl", device="cuda", dtype=torch.float16)
+    graphs = TextConditioner.from_pretrained("tiny-sdxl", device="cuda", dtype=torch.float16)
+    graphs.compile(mode="reduce-overhead")
+    batches = [["a photo of a cat", "a dog"], ["an astronaut", *ODD[:1]], ["a photo of a cat", "a dog"]] * 2
+    held = [graphs(b) for b in batches]  # all alive at once, as a training step or the precompute writer holds them
+    for batch, c in zip(batches, held, strict=True):
+        ref = eager(batch)
+        torch.testing.assert_close(c.sequence, ref.sequence, atol=2e-3, rtol=2e-3)
+        torch.testing.assert_close(c.pooled, ref.pooled, atol=2e-3, rtol=2e-3)
+    torch.testing.assert_close(graphs.null(2).sequence, eager.null(2).sequence)
+
+
+def test_precompute_on_cuda_counts_idle_within_waits_and_matches_tc(tmp_path):
+    import logging
+
+    from clipcond import EmbeddingStore
+    from clipcond.precompute import PrecomputeJob, precompute
+
+    captions = [f"a photo of cat number {i}, " + "highly detailed " * (i % 9) for i in range(2000)]
+    path = tmp_path / "captions.txt"
+    path.write_text("\n".join(captions) + "\n")
+    tc = TextConditioner.from_pretrained("tiny-sdxl", device="cuda", dtype=torch.float16)
+    records = []
+    handler = logging.Handler()
+    handler.emit = records.append
+    logging.getLogger("clipcond.precompute").addHandler(handler)
+    logging.getLogger("clipcond.precompute").setLevel(logging.INFO)
+    try:
+        precompute(tc, PrecomputeJob(input=path, out=tmp_path / "store", batch_size=64, progress=False))
+    finally:
+        logging.getLogger("clipcond.precompute").removeHandler(handler)
+    [stats] = [r.pipeline_stats for r in records if hasattr(r, "pipeline_stats")]
+    assert stats.device_idle <= stats.waiting_tokens + stats.waiting_writer + 1e-9
+    store = EmbeddingStore(tmp_path / "store")
+    torch.testing.assert_close(store[5]["sequence"].cuda(), tc([captions[5]]).sequence[0], atol=2e-3, rtol=2e-3)

@@ -58,6 +58,8 @@ PEAK_REPEATS = {"cpu": 5, "cuda": 20}  # the peak is the best of these (a peak, 
 PROFILE = False  # --profile: one profiled clipcond forward per row, time split by op kind (second table)
 NAIVE = True  # also time the naive diffusers-style loop (--no-naive to skip)
 TARGET = 0.70  # the issue's target: CPU float32 forward >= 70% of the matmul peak at batch >= 16
+GPU_TARGET = 0.40  # ... and on a GPU: SDXL float16 >= 40% of the float16 matmul peak at large batch (>= 64)
+COMPILE = None  # --compile MODE: tc.compile(mode=MODE) for clipcond (compilation happens in the warm-up)
 SEED = 0
 OUT = "bench/results/encode.json"
 
@@ -183,14 +185,16 @@ def peak_memory(device: str) -> int:
     return rss if sys.platform == "darwin" else rss * 1024  # macOS reports bytes, Linux KiB
 
 
-def build_clipcond(spec: EncoderSpec, device: str, dtype: torch.dtype) -> Callable[[list[str]], object]:
+def build_clipcond(spec: EncoderSpec, device: str, dtype: torch.dtype,
+                   compile_mode: str | None = None) -> Callable[[list[str]], object]:
     """``TextConditioner(spec, towers)`` over seeded random towers, built in ``dtype``, no hub."""
     from clipcond import TextConditioner
     from clipcond.conditioner import random_tower
 
     with default_dtype(dtype):
         towers = [random_tower(tower, seed=i) for i, tower in enumerate(spec.towers)]
-    return TextConditioner(spec, towers).to(device)
+    tc = TextConditioner(spec, towers).to(device)
+    return tc.compile(mode=compile_mode) if compile_mode else tc
 
 
 def build_naive(spec: EncoderSpec, device: str, dtype: torch.dtype, folder: Path) -> Callable[[list[str]], object]:
@@ -251,7 +255,7 @@ def worker(job: dict) -> dict:
         if job["impl"] == "naive":
             encode = build_naive(spec, device, dtype, Path(tmp))
         else:
-            encode = build_clipcond(spec, device, dtype)
+            encode = build_clipcond(spec, device, dtype, job.get("compile"))
     build_s = time.perf_counter() - start
     texts = captions(max(job["batches"]))
     rows = []
@@ -345,17 +349,21 @@ def peaks_line(rows: list[dict]) -> str:
                      for d, v in by_dtype.items())
 
 
-def target_lines(rows: list[dict]) -> list[str]:
-    """The issue's CPU float32 target, per encoder, over batches >= 16."""
+def target_lines(rows: list[dict], device: str) -> list[str]:
+    """The issue's targets: CPU float32 per encoder over batches >= 16; GPU SDXL float16 over batches >= 64."""
+    dtype, least, target = ("float32", 16, TARGET) if device == "cpu" else ("float16", 64, GPU_TARGET)
     out = []
     for encoder in dict.fromkeys(r["encoder"] for r in rows):
-        hits = [r for r in rows if r["encoder"] == encoder and r.get("device") == "cpu" and r["impl"] == "clipcond"
-                and r["dtype"] == "float32" and r.get("batch", 0) >= 16 and "error" not in r]
+        if device != "cpu" and encoder != "sdxl":
+            continue
+        hits = [r for r in rows if r["encoder"] == encoder and r.get("device") == device and r["impl"] == "clipcond"
+                and r["dtype"] == dtype and r.get("batch", 0) >= least and "error" not in r]
         if hits:
-            worst = min(r["fraction_of_peak"] for r in hits)
-            verdict = "met" if worst >= TARGET else "NOT met"
-            out.append(f"- {encoder}: {100 * worst:.0f}% of the float32 matmul peak at the worst batch >= 16 "
-                       f"(target {100 * TARGET:.0f}%): {verdict}")
+            # CPU: every batch >= 16 must reach it; GPU: "at large batch", the best of them.
+            judged = (min if device == "cpu" else max)(hits, key=lambda r: r["fraction_of_peak"])
+            verdict = "met" if judged["fraction_of_peak"] >= target else "NOT met"
+            out.append(f"- {encoder}: {100 * judged['fraction_of_peak']:.0f}% of the {dtype} matmul peak at batch "
+                       f"{judged['batch']} (target {100 * target:.0f}% at batch >= {least}): {verdict}")
     return out
 
 
@@ -370,6 +378,8 @@ def main() -> None:
     parser.add_argument("--profile", action="store_true", default=PROFILE,
                         help="also split one clipcond forward per row by op kind (torch.profiler)")
     parser.add_argument("--threads", type=int, default=THREADS, help="torch threads per worker (default: torch's)")
+    parser.add_argument("--compile", nargs="?", const="default", default=COMPILE, metavar="MODE",
+                        help="tc.compile(mode=MODE) for clipcond (reduce-overhead: CUDA graphs)")
     parser.add_argument("--out", default=OUT)
     parser.add_argument("--worker", help=argparse.SUPPRESS)
     args = parser.parse_args()
@@ -391,14 +401,15 @@ def main() -> None:
                 logger.info("[%.0fs] %s %s %s", time.perf_counter() - start, encoder, dtype, impl)
                 rows += run_worker({"encoder": encoder, "dtype": dtype, "impl": impl, "device": device,
                                     "batches": list(batches), "profile": args.profile,
-                                    "threads": args.threads})
+                                    "threads": args.threads, "compile": args.compile})
     wall = time.perf_counter() - start
     load.append(os.getloadavg()[0])
 
     name = torch.cuda.get_device_name() if device == "cuda" else (platform.processor() or platform.machine())
     threads = args.threads or torch.get_num_threads()
     print(f"\nclipcond encoder forward, {name}, torch {torch.__version__}, {threads} threads, "
-          f"median of >= {MIN_ITERS[device]} timed iterations after {WARMUP} warm-up; {wall:.0f} s in all; "
+          f"median of >= {MIN_ITERS[device]} timed iterations after {WARMUP} warm-up; "
+          f"clipcond {'compiled (' + args.compile + ')' if args.compile else 'eager'}; {wall:.0f} s in all; "
           f"load average {load[0]:.1f} at start, {load[1]:.1f} at end (other processes skew CPU figures)")
     print(f"matmul peak ({PEAK_N[device]}³, best of {PEAK_REPEATS[device]} before and {PEAK_REPEATS[device]} after "
           f"each worker's batches): {peaks_line(rows)}\n")
@@ -406,15 +417,14 @@ def main() -> None:
     if args.profile:
         print("\nwhere the time goes (share of profiled self time; GEMM = the weight matmuls alone)\n")
         print(profile_table(rows))
-    if device == "cpu":
-        print("\n" + "\n".join(target_lines(rows)))
+    print("\n" + "\n".join(target_lines(rows, device)))
     out = Path(args.out)
     out.parent.mkdir(parents=True, exist_ok=True)
     meta = {"device": device, "device_name": name, "torch": torch.__version__, "threads": threads,
             "cpu_count": os.cpu_count(), "python": platform.python_version(), "wall_s": wall, "load_average": load,
             "knobs": {"warmup": WARMUP, "min_iters": MIN_ITERS[device], "min_seconds": MIN_SECONDS[device],
                       "max_iters": MAX_ITERS[device], "peak_n": PEAK_N[device], "peak_repeats": PEAK_REPEATS[device],
-                      "seed": SEED, "target": TARGET}}
+                      "seed": SEED, "target": TARGET, "gpu_target": GPU_TARGET, "compile": args.compile}}
     out.write_text(json.dumps({"meta": meta, "results": rows}, indent=2))
     print(f"\nwrote {out}")
 

@@ -61,19 +61,29 @@ def sha256_file(path: Path, chunk: int = 1 << 22) -> str:
     return digest.hexdigest()
 
 
-def atomic_write(path: Path, data: bytes) -> None:
-    """Write ``data`` to a temporary file, fsync it, rename it over ``path``, fsync the folder."""
-    tmp = path.with_name(f".{path.name}{TMP_MARK}{os.getpid()}")
-    with open(tmp, "wb") as f:
-        f.write(data)
-        f.flush()
-        os.fsync(f.fileno())
+def temporary(path: Path) -> Path:
+    """Where ``path`` is written before it is renamed into place (cleaned up by the next run)."""
+    return path.with_name(f".{path.name}{TMP_MARK}{os.getpid()}")
+
+
+def publish(tmp: Path, path: Path) -> None:
+    """Rename a written, fsynced ``tmp`` over ``path`` and fsync the folder."""
     os.replace(tmp, path)
     fd = os.open(path.parent, os.O_RDONLY)
     try:
         os.fsync(fd)  # the rename itself must survive a power cut, not only the bytes
     finally:
         os.close(fd)
+
+
+def atomic_write(path: Path, data: bytes) -> None:
+    """Write ``data`` to a temporary file, fsync it, rename it over ``path``, fsync the folder."""
+    tmp = temporary(path)
+    with open(tmp, "wb") as f:
+        f.write(data)
+        f.flush()
+        os.fsync(f.fileno())
+    publish(tmp, path)
 
 
 def file_entry(name: str, data: bytes) -> dict[str, object]:
@@ -85,6 +95,31 @@ def write_file(root: Path, name: str, data: bytes) -> dict[str, object]:
     """``atomic_write`` and the file's manifest entry."""
     atomic_write(root / name, data)
     return file_entry(name, data)
+
+
+SAFETENSORS_DTYPES = {torch.float32: "F32", torch.float16: "F16", torch.bfloat16: "BF16", torch.int64: "I64"}
+
+
+def safetensors_header(tensors: dict[str, tuple[torch.dtype, tuple[int, ...]]], metadata: dict[str, str]) -> bytes:
+    """The header of a safetensors file holding ``tensors`` (name: dtype, shape) back to back in this order.
+
+    For files written piece by piece (their shapes known up front); any safetensors reader opens them.
+    """
+    header: dict[str, object] = {"__metadata__": metadata}
+    offset = 0
+    for name, (dtype, shape) in tensors.items():
+        size = dtype.itemsize * int(torch.Size(shape).numel())
+        header[name] = {"dtype": SAFETENSORS_DTYPES[dtype], "shape": list(shape),
+                        "data_offsets": [offset, offset + size]}
+        offset += size
+    text = json.dumps(header, separators=(",", ":")).encode()
+    text += b" " * (-len(text) % 8)  # the data starts 8-byte aligned, as safetensors writes it
+    return len(text).to_bytes(8, "little") + text
+
+
+def raw_bytes(tensor: torch.Tensor) -> memoryview:
+    """A CPU tensor's bytes in memory order (bfloat16 included), without a copy when contiguous."""
+    return memoryview(tensor.contiguous().reshape(-1).view(torch.uint8).numpy())
 
 
 def tensor_bytes(tensors: dict[str, torch.Tensor], metadata: dict[str, str] | None = None) -> bytes:

@@ -56,10 +56,10 @@ def test_a_slow_disk_shows_as_waiting_for_the_writer(tmp_path, tc, monkeypatch):
     write = pipeline.atomic_write
 
     def slow(target: Path, data: bytes) -> None:
-        time.sleep(0.05)
+        time.sleep(0.1)
         write(target, data)
 
-    monkeypatch.setattr(pipeline, "atomic_write", slow)
+    monkeypatch.setattr(pipeline, "atomic_write", slow)  # the sidecar: once a shard
     stats = encode(tc, tmp_path / "store", batch_size=1, shard_size=1)  # 12 shards, 0.1 s of writes each
     # The output queue holds PREFETCH batches; past them the encoder waits for every write.
     assert stats.waiting_writer >= (12 - pipeline.PREFETCH - 2) * 0.1 * 0.8

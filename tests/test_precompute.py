@@ -249,7 +249,7 @@ def test_a_failing_writer_stops_the_pipeline_with_its_error(tmp_path, sd15, monk
 
     def failing_write(target: Path, data: bytes) -> None:
         calls.append(target.name)
-        if target.name == "shard-00001.safetensors":
+        if target.name == "shard-00001.json":  # the sidecar, written once the shard is on disk
             raise OSError(28, "No space left on device")
         real_write(target, data)
 
@@ -257,7 +257,8 @@ def test_a_failing_writer_stops_the_pipeline_with_its_error(tmp_path, sd15, monk
     monkeypatch.setattr(pipeline, "atomic_write", failing_write)
     with pytest.raises(OSError, match="No space left on device"):
         run(sd15, path, tmp_path / "store", shard_size=2, batch_size=1)
-    assert "shard-00002.safetensors" not in calls  # stopped there, no hang
+    assert "shard-00002.json" not in calls  # stopped there, no hang
+    assert not [p.name for p in (tmp_path / "store").iterdir() if TMP_MARK in p.name]  # nor a half shard left
 
 
 # --- subprocesses: SIGKILL and torchrun ---------------------------------------------------

@@ -14,7 +14,7 @@ from torch.utils.data import DataLoader
 from clipcond import Conditioning, EmbeddingStore, TextConditioner
 from clipcond.cli import main
 from clipcond.precompute import PrecomputeJob, precompute
-from clipcond.store import MANIFEST
+from clipcond.store import MANIFEST, raw_bytes, safetensors_header
 
 ROWS = 400
 CAPTIONS = [f"a photo of thing {i % 150}, style {i % 3}" for i in range(ROWS)]  # 150 distinct
@@ -180,3 +180,25 @@ def test_incomplete_or_missing_store_is_refused(damaged, tmp_path):
     (damaged / MANIFEST).write_text(json.dumps({**manifest, "format_version": 9}))
     with pytest.raises(ValueError, match="store format version 9"):
         EmbeddingStore(damaged)
+
+
+@pytest.mark.parametrize("dtype", [torch.float32, torch.float16, torch.bfloat16])
+def test_streamed_safetensors_are_byte_equal_to_the_library_s(tmp_path, dtype):
+    # Shards are written piece by piece from a header built ahead; in safetensors' own tensor order
+    # the bytes are exactly safetensors.torch.save's, and in ours (sequence first) any reader loads them.
+    from safetensors.torch import load_file, save
+
+    g = torch.Generator().manual_seed(0)
+    tensors = {"pooled": torch.randn(3, 5, generator=g).to(dtype),
+               "sequence": torch.randn(3, 7, 4, generator=g).to(dtype)}
+    meta = {"clipcond": json.dumps({"start": 0, "stop": 3})}
+
+    def streamed(order: list[str]) -> bytes:
+        header = safetensors_header({k: (dtype, tuple(tensors[k].shape)) for k in order}, meta)
+        return header + b"".join(bytes(raw_bytes(tensors[k])) for k in order)
+
+    assert streamed(["pooled", "sequence"]) == save(tensors, metadata=meta)
+    path = tmp_path / "shard.safetensors"
+    path.write_bytes(streamed(["sequence", "pooled"]))
+    loaded = load_file(path)
+    assert all(torch.equal(loaded[k], tensors[k]) for k in tensors) and loaded["sequence"].dtype == dtype

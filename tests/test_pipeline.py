@@ -61,8 +61,9 @@ def test_a_slow_disk_shows_as_waiting_for_the_writer(tmp_path, tc, monkeypatch):
 
     monkeypatch.setattr(pipeline, "atomic_write", slow)  # the sidecar: once a shard
     stats = encode(tc, tmp_path / "store", batch_size=1, shard_size=1)  # 12 shards, 0.1 s of writes each
-    # The output queue holds PREFETCH batches; past them the encoder waits for every write.
-    assert stats.waiting_writer >= (12 - pipeline.PREFETCH - 2) * 0.1 * 0.8
+    # The output queue holds PREFETCH batches and FLUSHING shards await their sidecar; past them
+    # the encoder waits for every write.
+    assert stats.waiting_writer >= (12 - pipeline.PREFETCH - pipeline.FLUSHING - 2) * 0.1 * 0.8
     assert stats.waiting_writer > stats.waiting_tokens
 
 

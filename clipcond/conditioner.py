@@ -108,9 +108,10 @@ class TextConditioner(nn.Module):
     def compile(self, **options: object) -> TextConditioner:
         """Compile each tower's forward with ``torch.compile(**options)``, in place; returns self.
 
-        The towers always see ``[B, 77]`` ids, so each batch size compiles once (a second size
-        makes the batch dimension dynamic). ``mode="reduce-overhead"`` adds CUDA graphs on a GPU;
-        their outputs live in a pool the next call overwrites, so they are cloned here. Parameter
+        The towers always see ``[B, 77]`` ids: the first batch size compiles a static graph, the
+        second a graph with a dynamic batch dimension that every later size reuses.
+        ``mode="reduce-overhead"`` adds CUDA graphs on a GPU (one recording per batch size); their
+        outputs live in a pool the next call overwrites, so on CUDA outputs are cloned. Parameter
         names, the fingerprint and ``state_dict()`` are unchanged. Worth it on a GPU at small
         batches, where launch overhead dominates; on a CPU the gain is a few percent.
         """
@@ -227,10 +228,10 @@ class TextConditioner(nn.Module):
 
     def _run(self, tower: TextTransformer, ids: torch.Tensor, eos: torch.Tensor) -> tuple[torch.Tensor, ...]:
         """One tower's forward on the conditioner's device (the only place towers are called)."""
-        graphs = self._compiled is not None and self.device.type == "cuda" and cuda_graphs(self._compiled)
-        if graphs:
-            torch.compiler.cudagraph_mark_step_begin()
         out = tower(self._put(ids), self._put(eos))
+        # Compiled on a GPU, the outputs may live in a CUDA graph's pool that the next call overwrites
+        # (mode="reduce-overhead", backend="cudagraphs", inductor's config): one copy, cheap next to the forward.
+        graphs = self._compiled is not None and self.device.type == "cuda"
         return tuple(t.clone() if graphs and t is not None else t for t in out)
 
     def _put(self, ids: torch.Tensor) -> torch.Tensor:
@@ -310,12 +311,6 @@ class TextConditioner(nn.Module):
 
     def extra_repr(self) -> str:
         return f"spec={self.spec.name!r}, D={self.sequence_dim}, P={self.pooled_dim}, max_length={self.max_length}"
-
-
-def cuda_graphs(options: Mapping[str, object]) -> bool:
-    """Whether ``torch.compile(**options)`` records CUDA graphs (whose outputs get overwritten)."""
-    inductor = options.get("options") or {}
-    return options.get("mode") in ("reduce-overhead", "max-autotune") or bool(inductor.get("triton.cudagraphs"))
 
 
 def added_ids(vocab_size: int, added: Mapping[str, int]) -> dict[str, list[int]]:

@@ -1,10 +1,11 @@
 """The precompute pipeline: a thread tokenizes ahead of the encoder, a thread writes behind it.
 
 Three stages joined by bounded queues (``PREFETCH`` batches each), so the encoder waits on
-neither tokenization nor disk, and memory stays bounded. The encoder runs on the caller's thread
-(``torch.compile`` and CUDA graphs live there). ``PipelineStats`` tells where the encoder's time
-went, including how long the device sat idle for want of input: on CUDA the encoder thread only
-queues kernels, so a wait counts as idle only from the moment the stream has drained.
+neither tokenization nor disk, and memory stays bounded; the writer streams each shard to disk
+and hands full shards to a fourth thread for fsync and rename. The encoder runs on the caller's
+thread (``torch.compile`` and CUDA graphs live there). ``PipelineStats`` tells where the encoder's
+time went, including how long the device sat idle for want of input: on CUDA the encoder thread
+only queues kernels, so a wait counts as idle only from the moment the stream has drained.
 """
 
 from __future__ import annotations
@@ -18,6 +19,7 @@ import time
 from collections import deque
 from collections.abc import Callable, Sequence
 from concurrent.futures import ThreadPoolExecutor
+from contextlib import nullcontext
 from dataclasses import dataclass
 from pathlib import Path
 from typing import TYPE_CHECKING
@@ -34,7 +36,7 @@ if TYPE_CHECKING:
 PREFETCH = 4  # batches queued between stages: hides tokenizer/writer latency, bounds memory
 FLUSHING = 2  # full shards waiting for their fsync at most: bounds the dirty page cache
 POLL = 0.1  # seconds between checks that another stage has not failed
-DRAIN_POLL = 0.0005  # while the device still has work queued: how often to ask whether it finished
+DRAIN_POLL = 0.001  # while the device still has work queued: how often to ask whether it finished
 DELAY_ENV = "CLIPCOND_PRECOMPUTE_BATCH_DELAY"  # seconds to sleep after each batch: lets tests SIGKILL mid-run
 
 Shard = tuple[int, int, int]  # (k, first unique row, stop)
@@ -59,7 +61,10 @@ class PipelineStats:
 
     @property
     def busy(self) -> float:
-        """Share of the loop the device had work: 1.0 means it never waited on tokens or disk."""
+        """1 - the share of the loop the device sat idle while the encoder waited for tokens or the writer.
+
+        1.0: it never waited on tokenization or disk. Launch gaps between kernels are not counted,
+        nor the device's work after the last batch was queued."""
         return 1.0 - self.device_idle / self.seconds if self.seconds else 1.0
 
     def summary(self) -> str:
@@ -181,13 +186,14 @@ class _ShardFile:
     def __init__(self, out: Path, shard: Shard, like: Conditioning, meta: dict[str, object]) -> None:
         self.k, self.start, self.stop = shard
         self.path = out / shard_name(self.k)
-        n, dtype = self.stop - self.start, like.dtype
-        self.pooled = torch.empty((n, like.pooled.shape[1]), dtype=dtype)  # [n, P]
+        n, self.dtype, self.row_shape = self.stop - self.start, like.dtype, like.sequence.shape[1:]
+        self.pooled = torch.empty((n, like.pooled.shape[1]), dtype=self.dtype)  # [n, P]
         self.filled = self.truncated = 0
         # One metadata key: several would be written in hash order, and equal stores should be equal bytes.
         about = json.dumps({**meta, "start": self.start, "stop": self.stop}, sort_keys=True)
-        header = safetensors_header({"sequence": (dtype, (n, *like.sequence.shape[1:])),
-                                     "pooled": (dtype, tuple(self.pooled.shape))}, {"clipcond": about})
+        header = safetensors_header({"sequence": (self.dtype, (n, *self.row_shape)),
+                                     "pooled": (self.dtype, tuple(self.pooled.shape))}, {"clipcond": about})
+        self.expected_size = len(header) + self.dtype.itemsize * n * (self.row_shape.numel() + self.pooled.shape[1])
         self.tmp = temporary(self.path)
         self.file = open(self.tmp, "wb")  # noqa: SIM115 (closed in finish() or abort())
         self.digest = hashlib.sha256()
@@ -203,6 +209,9 @@ class _ShardFile:
         """Append one batch; True when the shard is full."""
         if k != self.k or offset != self.filled:
             raise RuntimeError(f"pipeline out of order: shard {k} row {offset}, expected {self.k} row {self.filled}")
+        if cond.dtype != self.dtype or cond.sequence.shape[1:] != self.row_shape:
+            raise RuntimeError(f"shard {k}: a batch of {cond.dtype} {tuple(cond.sequence.shape[1:])} rows after "
+                               f"{self.dtype} {tuple(self.row_shape)} ones (autocast around precompute?)")
         sequence = cond.sequence.cpu()  # device -> host here, off the encoder thread
         rows = slice(offset, offset + len(cond))
         self.pooled[rows].copy_(cond.pooled)
@@ -220,6 +229,9 @@ class _ShardFile:
     def finish(self, out: Path) -> None:
         try:
             self._write(raw_bytes(self.pooled))
+            if self.size != self.expected_size:
+                raise RuntimeError(f"{self.path.name}: wrote {self.size} bytes, its header describes "
+                                   f"{self.expected_size}")
             self.file.flush()
             os.fsync(self.file.fileno())
             self.file.close()
@@ -237,14 +249,16 @@ class _ShardFile:
 
 
 def _write(out: Path, shards: list[Shard], captions: Sequence[str], q: queue.Queue, halt: threading.Event,
-           meta: dict[str, object]) -> None:
+           meta: dict[str, object], stream: torch.cuda.Stream | None) -> None:
     """Stream batches into shard files; a second thread fsyncs and publishes each full shard.
 
     An fsync waits for the disk, and the next shard's writes need not (bench_pipeline.py, 2 GB of
-    SDXL float16 rows: 1.2x the rows/s of fsyncing on this thread).
+    SDXL float16 rows: 1.2x the rows/s of fsyncing on this thread). Copies to the host run on the
+    encoder's CUDA stream, so they follow its kernels whatever stream the caller chose.
     """
     pending, shard, flushing = iter(shards), None, deque()
-    with ThreadPoolExecutor(1, thread_name_prefix="clipcond-fsync") as finisher:
+    with ThreadPoolExecutor(1, thread_name_prefix="clipcond-fsync") as finisher, \
+            torch.cuda.stream(stream) if stream is not None else nullcontext():
         try:
             while (item := _get(q, halt)) is not _DONE:
                 k, offset, cond, truncated = item
@@ -255,8 +269,13 @@ def _write(out: Path, shards: list[Shard], captions: Sequence[str], q: queue.Que
                     shard = None
                 while flushing and (flushing[0].done() or len(flushing) > FLUSHING):
                     flushing.popleft().result()  # raises a failed fsync or rename here
+            if shard is not None or next(pending, None) is not None:
+                raise RuntimeError("pipeline ended before its last shard was full")
             while flushing:
                 flushing.popleft().result()
+        except BaseException:
+            halt.set()  # stop the tokenizer and encoder now, not after the pending fsyncs
+            raise
         finally:
             if shard is not None:
                 shard.abort()  # a half-written shard: its temporary goes, the next run encodes it again
@@ -290,15 +309,18 @@ def encode_shards(tc: TextConditioner, captions: Sequence[str], shards: list[Sha
     stats = PipelineStats(rows=sum(stop - start for _, start, stop in shards))
     halt = threading.Event()
     tokens_q, outputs_q = queue.Queue(PREFETCH), queue.Queue(PREFETCH)
+    stream = torch.cuda.current_stream(tc.device) if tc.device.type == "cuda" else None
     stages = [_Stage("clipcond-tokenize", lambda: _tokenize(tc, captions, shards, batch_size, tokens_q, halt), halt),
-              _Stage("clipcond-write", lambda: _write(out, shards, captions, outputs_q, halt, meta), halt)]
+              _Stage("clipcond-write", lambda: _write(out, shards, captions, outputs_q, halt, meta, stream), halt)]
     for stage in stages:
         stage.start()
     try:
         _encode(tc, tokens_q, outputs_q, halt, stats, progress)
+        for stage in stages:
+            stage.join()
     except Stopped:
         pass  # a stage failed: its error is raised below
-    except BaseException:
+    except BaseException:  # Ctrl-C included: the other threads stop too
         halt.set()
         raise
     finally:

@@ -11,8 +11,8 @@ over ``datasets.map``) and kohya sd-scripts' ``--cache_text_encoder_outputs``, a
 - scale-out: under ``torchrun`` rank r encodes shards k = r (mod world size) and writes its own
   files; rank 0 writes the index and the null before, and the manifest after (gloo barriers and
   small broadcasts; no tensor crosses ranks, so CPU ``gloo`` is enough on GPUs too);
-- overlap: a thread tokenizes ahead of the encoder and a thread copies, serializes and writes
-  behind it (clipcond/pipeline.py); the run logs how long the device sat idle waiting for them.
+- overlap: a thread tokenizes ahead of the encoder and a thread streams the rows to disk behind
+  it (clipcond/pipeline.py); the run logs how long the device sat idle waiting for them.
 """
 
 from __future__ import annotations
@@ -254,6 +254,10 @@ def prepare(tc: TextConditioner, job: PrecomputeJob, scan: Scan) -> tuple[dict, 
         return existing, done
     for tmp in out.glob(f".*{TMP_MARK}*"):
         tmp.unlink(missing_ok=True)  # left by a killed run; one run per store at a time
+    if existing and existing["complete"]:
+        # Repairing a complete store: it stops being one before its index and null are rewritten,
+        # so that a run killed in between is not taken for complete with stale checksums.
+        write_json(out / MANIFEST, {**existing, "complete": False})
     plan["index"] = write_tensors(out, INDEX, scan.index_tensors())
     null = tc.null(1)
     plan["null"] = write_tensors(out, NULL, {"sequence": null.sequence.cpu(), "pooled": null.pooled.cpu()})

@@ -37,7 +37,14 @@ def test_stats_count_every_batch_and_bound_the_loop(tmp_path, tc):
         f"shard-0000{k}.{ext}" for k in range(3) for ext in ("json", "safetensors")]
 
 
+def instant(tc: TextConditioner, monkeypatch) -> None:
+    """An encoder that takes no time (ready rows), so that waits depend only on the other stages."""
+    ready = tc(CAPTIONS[:2])
+    monkeypatch.setattr(tc, "encode_tokens", lambda tokens: ready[: len(tokens[0].ids)])
+
+
 def test_a_slow_tokenizer_shows_as_device_idle(tmp_path, tc, monkeypatch):
+    instant(tc, monkeypatch)
     tokenize = tc.tokenize
 
     def slow(prompts):
@@ -60,6 +67,7 @@ def test_a_slow_disk_shows_as_waiting_for_the_writer(tmp_path, tc, monkeypatch):
         write(target, data)
 
     monkeypatch.setattr(pipeline, "atomic_write", slow)  # the sidecar: once a shard
+    instant(tc, monkeypatch)
     stats = encode(tc, tmp_path / "store", batch_size=1, shard_size=1)  # 12 shards, 0.1 s of writes each
     # The output queue holds PREFETCH batches and FLUSHING shards await their sidecar; past them
     # the encoder waits for every write.
@@ -90,3 +98,17 @@ def test_inf_or_nan_never_reaches_a_store(tmp_path, tc):
         precompute(tc, PrecomputeJob(input=path, out=out, batch_size=2, progress=False))
     assert not list(out.glob("shard-*"))
     assert torch.isnan(tc(["a photo of a cat"]).sequence).any()  # the premise: it really is NaN
+
+
+def test_a_batch_that_does_not_fit_its_shard_s_header_stops_the_run(tmp_path, tc, monkeypatch):
+    encode_tokens, calls = tc.encode_tokens, []
+
+    def drifting(tokens):  # as autocast around a call could make it: the second batch in float16
+        calls.append(1)
+        c = encode_tokens(tokens)
+        return c if len(calls) == 1 else c.to(torch.float16)
+
+    monkeypatch.setattr(tc, "encode_tokens", drifting)
+    with pytest.raises(RuntimeError, match=r"shard 0: a batch of torch.float16 \(77, 32\) rows after torch.float32"):
+        encode(tc, tmp_path / "store")
+    assert not list((tmp_path / "store").iterdir())  # the half-written shard's temporary is gone

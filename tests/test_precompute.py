@@ -159,6 +159,29 @@ def test_resume_repairs_what_a_crash_leaves(tmp_path, sd15):
     EmbeddingStore(out, verify=True)
 
 
+def test_repairing_a_complete_store_unmarks_it_before_rewriting_its_null(tmp_path, sd15, monkeypatch):
+    import clipcond.precompute as pre
+
+    path = write_input(tmp_path, "txt", CAPTIONS)
+    out = tmp_path / "store"
+    clean = run(sd15, path, out, shard_size=4)
+    (out / "null.safetensors").write_bytes(b"damaged")
+
+    def killed(root: Path, name: str, tensors: dict) -> dict:
+        if name == "null.safetensors":
+            raise KeyboardInterrupt  # the run dies between the index and the null
+        return write_tensors(root, name, tensors)
+
+    write_tensors = pre.write_tensors
+    monkeypatch.setattr(pre, "write_tensors", killed)
+    with pytest.raises(KeyboardInterrupt):
+        run(sd15, path, out)
+    assert json.loads((out / MANIFEST).read_text())["complete"] is False  # not taken for complete
+    monkeypatch.undo()
+    assert run(sd15, path, out) == clean
+    EmbeddingStore(out, verify=True)
+
+
 @pytest.mark.parametrize("change", ["encoder", "weights", "dtype", "input", "shard_size"])
 def test_a_store_made_differently_is_refused(tmp_path, sd15, change):
     path = write_input(tmp_path, "txt", CAPTIONS)

@@ -20,8 +20,16 @@ LAYER_NORM_EPS = 1e-5  # OpenAI CLIP, open_clip and HF CLIPTextConfig all use 1e
 
 
 def quick_gelu(x: torch.Tensor) -> torch.Tensor:
-    # OpenAI CLIP was trained with this approximation; OpenCLIP ViT-H/bigG with exact GELU.
-    return x * torch.sigmoid(1.702 * x)
+    """``x * sigmoid(1.702 x)``: OpenAI CLIP was trained with it (OpenCLIP ViT-H/bigG: exact GELU).
+
+    Without autograd, one temporary updated in place: bit-identical, 2.5x faster on the CPU (two
+    fewer allocations of CLIP-L's [B*77, 3072]); its share of a CLIP-L float32 forward went from
+    6% to 2% at batch 16 and from 11% to 5% at batch 64 (bench_encode.py --profile). ``x`` is
+    left untouched either way.
+    """
+    if torch.is_grad_enabled():
+        return x * torch.sigmoid(1.702 * x)
+    return torch.mul(x, 1.702).sigmoid_().mul_(x)
 
 
 class Attention(nn.Module):
@@ -85,7 +93,8 @@ class TextTransformer(nn.Module):
         if rows.ndim != 2 or rows.shape[1] != self.spec.width:
             raise ValueError(f"new token rows must be [N, {self.spec.width}], got {tuple(rows.shape)}")
         new = copy.copy(self)
-        new._modules = dict(self._modules)  # share the blocks, replace only the embedding
+        # Share the blocks and tensors, replace only the embedding; the dicts themselves are the new one's.
+        new._modules, new._parameters, new._buffers = dict(self._modules), dict(self._parameters), dict(self._buffers)
         new._compiled_call_impl = None  # a compiled forward is bound to self: the caller compiles anew
         new.spec = self.spec.replace(vocab_size=self.spec.vocab_size + len(rows))
         table = self.token_embedding.weight

@@ -2,10 +2,11 @@
 
 For each encoder, random towers at the real sizes are saved once as a diffusers pipeline folder
 (``text_encoder*/model.safetensors``, in ``--file-dtype``), then each loader runs in a fresh worker
-process: its time, and its peak RSS above the worker's baseline (torch and the library imported)
-as a multiple of the bytes of the weights it ends up holding. About 1.0x means one copy of the
-weights: nothing held twice on the way (file pages that the kernel maps in while reading count
-in RSS too, so a loader that copies out of a memory map peaks near 2x).
+process, after loading a tiny folder the same way (imports and first-call costs are not timed):
+its time, and the resident memory above that baseline, sampled every millisecond during the load,
+split into anonymous memory and mapped file pages, as a multiple of the bytes of the weights it
+holds; then the memory once every weight has been read (a loader that maps the file lazily pays
+for its pages then). About 1.0x means one copy: nothing held twice on the way.
 
     python bench/bench_load.py                           # sd15, sd2, sdxl; float16 files; load in float16
     python bench/bench_load.py --dtype float32 --encoders sdxl
@@ -15,10 +16,10 @@ from __future__ import annotations
 
 import argparse
 import json
-import resource
 import subprocess
 import sys
 import tempfile
+import threading
 import time
 from pathlib import Path
 
@@ -26,38 +27,67 @@ ENCODERS = ("sd15", "sd2", "sdxl")
 JSON_PATH = Path(__file__).parent / "results" / "load.json"
 
 
-def rss_bytes() -> tuple[int, int]:
-    """(peak, current) resident set size of this process."""
-    current = 0
+def memory() -> dict[str, int]:
+    """This process's resident memory now: VmRSS, and its anonymous and file-backed parts, in bytes."""
+    out = {}
     for line in Path("/proc/self/status").read_text().splitlines():
-        if line.startswith("VmRSS:"):
-            current = int(line.split()[1]) * 1024
-    return resource.getrusage(resource.RUSAGE_SELF).ru_maxrss * 1024, current
+        key, _, value = line.partition(":")
+        if key in ("VmRSS", "RssAnon", "RssFile"):
+            out[key] = int(value.split()[0]) * 1024
+    return out
+
+
+class Sampler(threading.Thread):
+    """Polls ``memory()`` every millisecond; ``peak`` holds the largest value of each field seen."""
+
+    def __init__(self) -> None:
+        super().__init__(daemon=True)
+        self.peak, self.stop = memory(), threading.Event()
+
+    def run(self) -> None:
+        while not self.stop.is_set():
+            for key, value in memory().items():
+                self.peak[key] = max(self.peak[key], value)
+            time.sleep(0.001)
+
+
+def load(impl: str, encoder: str, folder: Path, dtype: object) -> list[object]:
+    import clipcond
+
+    if impl == "clipcond":
+        return [clipcond.TextConditioner.from_pretrained(encoder, weights=folder, dtype=dtype)]
+    from transformers import CLIPTextModel, CLIPTextModelWithProjection
+
+    # What diffusers' pipelines and training scripts do, one tower after the other.
+    subs = [s for s in ("text_encoder", "text_encoder_2") if (folder / s).is_dir()]
+    return [(CLIPTextModelWithProjection if s.endswith("_2") else CLIPTextModel)
+            .from_pretrained(folder / s, dtype=dtype) for s in subs]
 
 
 def worker(job: dict) -> dict:
+    import gc
+
     import torch
 
-    import clipcond
-
-    dtype, folder = getattr(torch, job["dtype"]), Path(job["folder"])
-    if job["impl"] == "naive":
-        from transformers import CLIPTextModel, CLIPTextModelWithProjection  # noqa: F401 (imported before the baseline)
-    base_peak, base = rss_bytes()
+    dtype = getattr(torch, job["dtype"])
+    load(job["impl"], job["encoder"], Path(job["tiny"]), dtype)  # imports and first-call costs, untimed
+    gc.collect()
+    base, sampler = memory(), Sampler()
+    sampler.start()
     start = time.perf_counter()
-    if job["impl"] == "clipcond":
-        model = clipcond.TextConditioner.from_pretrained(job["encoder"], weights=folder, dtype=dtype)
-    else:  # what diffusers' pipelines and training scripts do, one tower after the other
-        subs = [s for s in ("text_encoder", "text_encoder_2") if (folder / s).is_dir()]
-        model = [(CLIPTextModelWithProjection if s.endswith("_2") else CLIPTextModel).from_pretrained(
-            folder / s, dtype=dtype) for s in subs]
+    modules = load(job["impl"], job["encoder"], Path(job["folder"]), dtype)
     seconds = time.perf_counter() - start
-    peak, current = rss_bytes()
-    modules = model if isinstance(model, list) else [model]
+    sampler.stop.set()
+    sampler.join()
+    after = memory()
     held = sum(t.numel() * t.element_size() for m in modules for t in m.state_dict().values())
-    # If the imports peaked higher than the load, the load's own peak is unknown (and below this).
-    return {**job, "seconds": seconds, "weights_bytes": held, "peak_above_base": peak - base,
-            "peak_set_by_load": peak > base_peak, "resident_above_base": current - base, "base_rss": base}
+    # What using the weights costs: read every tensor once (pages in what a loader mapped lazily).
+    total = sum(float(t.float().sum()) for m in modules for t in m.state_dict().values())
+    touched = memory()
+    return {**job, "seconds": seconds, "weights_bytes": held, "checksum": total,
+            **{f"peak_{k}": v - base[k] for k, v in sampler.peak.items()},
+            **{f"after_{k}": v - base[k] for k, v in after.items()},
+            **{f"used_{k}": v - base[k] for k, v in touched.items()}}
 
 
 def run_worker(job: dict) -> dict:
@@ -90,20 +120,26 @@ def main() -> None:
     with tempfile.TemporaryDirectory() as tmp:
         for encoder in a.encoders:
             folder = random_pipeline(Path(tmp) / encoder, encoder, getattr(torch, a.file_dtype))
+            tiny = random_pipeline(Path(tmp) / f"tiny-{encoder}", f"tiny-{encoder}", getattr(torch, a.file_dtype))
             for impl in ("clipcond", "naive"):
-                rows.append(run_worker({"encoder": encoder, "impl": impl, "dtype": a.dtype, "folder": str(folder)}))
-    print(f"loading a diffusers folder ({a.file_dtype} safetensors) into {a.dtype} on the CPU; peak RSS above "
-          f"the worker's baseline, as a multiple of the weights held\n")
-    print("| encoder | loader | seconds | weights held | peak RSS above base | × weights | resident after |")
-    print("|---|---|---:|---:|---:|---:|---:|")
+                rows.append(run_worker({"encoder": encoder, "impl": impl, "dtype": a.dtype, "folder": str(folder),
+                                        "tiny": str(tiny)}))
+    gib = 2**30
+    print(f"loading a diffusers folder ({a.file_dtype} safetensors, in the page cache) into {a.dtype} on the CPU; "
+          "memory above the worker's baseline (imports and a tiny load done), sampled every millisecond; "
+          "anon = anonymous memory, file = mapped file pages\n")
+    print("| encoder | loader | seconds | weights | peak RSS while loading (anon + file) | × weights "
+          "| RSS after (anon + file) | RSS once every weight was read |")
+    print("|---|---|---:|---:|---:|---:|---:|---:|")
     for r in rows:
         if "error" in r:
-            print(f"| {r['encoder']} | {r['impl']} | {r['error']} | | | | |")
+            print(f"| {r['encoder']} | {r['impl']} | {r['error']} |" + " |" * 5)
             continue
-        print(f"| {r['encoder']} | {r['impl']} | {r['seconds']:.2f} | {r['weights_bytes'] / 2**30:.2f} GiB "
-              f"| {'' if r['peak_set_by_load'] else '<= '}{r['peak_above_base'] / 2**30:.2f} GiB "
-              f"| {r['peak_above_base'] / r['weights_bytes']:.2f} "
-              f"| {r['resident_above_base'] / 2**30:.2f} GiB |")
+        print(f"| {r['encoder']} | {r['impl']} | {r['seconds']:.2f} | {r['weights_bytes'] / gib:.2f} GiB "
+              f"| {r['peak_VmRSS'] / gib:.2f} GiB ({r['peak_RssAnon'] / gib:.2f} + {r['peak_RssFile'] / gib:.2f}) "
+              f"| {r['peak_VmRSS'] / r['weights_bytes']:.2f} "
+              f"| {r['after_VmRSS'] / gib:.2f} GiB ({r['after_RssAnon'] / gib:.2f} + {r['after_RssFile'] / gib:.2f}) "
+              f"| {r['used_VmRSS'] / gib:.2f} GiB |")
     a.out.parent.mkdir(parents=True, exist_ok=True)
     a.out.write_text(json.dumps(rows, indent=1))
     print(f"\nwrote {a.out}")

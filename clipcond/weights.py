@@ -72,6 +72,53 @@ def detect_format(keys: list[str], source: str) -> str:
                        f"{[sig for _, sig, _ in FORMATS.values()]} (first keys: {keys[:5]})")
 
 
+class SafetensorsFile:
+    """Tensors of a ``.safetensors`` file, each read on demand with plain reads into its own memory.
+
+    Not memory-mapped: a mapping keeps every page read resident in the process, so the pieces
+    that are converted (q, k and v fused into one tensor, a dtype cast) would be held twice, as
+    the new tensor and as mapped file pages. Read this way, the loaded weights are the only copy.
+    """
+
+    def __init__(self, path: Path) -> None:
+        from clipcond.store import SAFETENSORS_DTYPES
+
+        self.path, self.file = path, open(path, "rb")  # noqa: SIM115 (closed by close())
+        size = os.fstat(self.file.fileno()).st_size
+        try:
+            n = int.from_bytes(self.file.read(8), "little")
+            if not 2 <= n <= size - 8:
+                raise ValueError(f"header length {n} does not fit the file's {size} bytes")
+            header = json.loads(self.file.read(n))
+            self.start = 8 + n
+            codes = {code: dtype for dtype, code in SAFETENSORS_DTYPES.items()}
+            self.tensors = {key: (codes[v["dtype"]], tuple(v["shape"]), tuple(v["data_offsets"]))
+                            for key, v in header.items() if key != "__metadata__"}
+        except (ValueError, KeyError, TypeError) as err:  # JSONDecodeError is a ValueError
+            self.file.close()
+            raise WeightsError(f"{path}: not a readable safetensors file ({type(err).__name__}: {err})") from err
+        for key, (dtype, shape, (begin, end)) in self.tensors.items():
+            if end - begin != dtype.itemsize * torch.Size(shape).numel() or self.start + end > size:
+                self.file.close()
+                raise WeightsError(f"{path}: tensor {key!r} ({dtype}, {list(shape)}) at bytes {begin}:{end} does not "
+                                   f"fit the file ({size - self.start} data bytes): truncated or damaged")
+
+    def keys(self) -> list[str]:
+        return list(self.tensors)
+
+    def read(self, key: str) -> torch.Tensor:
+        dtype, shape, (begin, end) = self.tensors[key]
+        out = torch.empty(shape, dtype=dtype)
+        view = memoryview(out.reshape(-1).view(torch.uint8).numpy())
+        self.file.seek(self.start + begin)
+        if self.file.readinto(view) != end - begin:
+            raise WeightsError(f"{self.path}: tensor {key!r} is cut short: the file changed while it was read")
+        return out
+
+    def close(self) -> None:
+        self.file.close()
+
+
 class StateReader:
     """Lazy, read-only access to the tensors of one or more checkpoint files (shards)."""
 
@@ -83,11 +130,10 @@ class StateReader:
 
     def _open(self, file: Path, stack: ExitStack) -> None:
         if file.suffix in SAFE_SUFFIXES:
-            from safetensors import safe_open
-
-            handle = stack.enter_context(safe_open(str(file), framework="pt"))
-            for key in handle.keys():  # noqa: SIM118 (safe_open is not a Mapping)
-                self._read[key] = lambda k=key, h=handle: h.get_tensor(k)
+            handle = SafetensorsFile(file)
+            stack.callback(handle.close)
+            for key in handle.keys():
+                self._read[key] = lambda k=key, h=handle: h.read(k)
             return
         if file.suffix not in PICKLE_SUFFIXES:
             raise WeightsError(f"{file}: unknown weights file type {file.suffix!r}; "

@@ -241,6 +241,36 @@ def test_missing_unexpected_and_misshapen_tensors_are_named(tiny, tmp_path):
         TextConditioner.from_pretrained("tiny-sd2", weights="/nonexistent/x")
 
 
+def test_safetensors_reader_equals_the_library_and_names_damage(tmp_path):
+    # clipcond reads .safetensors with plain reads (no memory map: see SafetensorsFile).
+    from contextlib import ExitStack
+
+    from clipcond.weights import SafetensorsFile
+
+    g = torch.Generator().manual_seed(0)
+    tensors = {"f32": torch.randn(3, 4, generator=g), "f16": torch.randn(5, generator=g).half(),
+               "bf16": torch.randn(2, 3, generator=g).bfloat16(), "i64": torch.arange(7), "scalar": torch.tensor(2.5),
+               "empty": torch.zeros(0, 4)}
+    path = tmp_path / "all.safetensors"
+    save_file(tensors, path, metadata={"format": "pt"})
+    with ExitStack() as stack:
+        reader = StateReader([path], stack)
+        assert sorted(reader.keys()) == sorted(tensors)
+        for key, expected in load_file(path).items():
+            got = reader.read(key)
+            assert got.dtype == expected.dtype and torch.equal(got, expected), key
+    data = path.read_bytes()
+    (tmp_path / "cut.safetensors").write_bytes(data[:-10])
+    with pytest.raises(WeightsError, match=r"cut\.safetensors: tensor '\w+' .* does not fit the file .*truncated"):
+        SafetensorsFile(tmp_path / "cut.safetensors")
+    (tmp_path / "junk.safetensors").write_bytes(b"\x10" + b"\x00" * 7 + b"not json at all!")
+    with pytest.raises(WeightsError, match=r"junk\.safetensors: not a readable safetensors file \(JSONDecodeError"):
+        SafetensorsFile(tmp_path / "junk.safetensors")
+    (tmp_path / "tiny.safetensors").write_bytes(b"\xff" * 4)
+    with pytest.raises(WeightsError, match=r"tiny\.safetensors: not a readable safetensors file .*header length"):
+        TextConditioner.from_pretrained("tiny-sd2", weights=tmp_path / "tiny.safetensors")
+
+
 def clipcond_spec(name: str, **tower_changes):
     from clipcond.specs import get_spec
 

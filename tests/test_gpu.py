@@ -54,13 +54,17 @@ def test_precompute_on_cuda_counts_idle_within_waits_and_matches_tc(tmp_path):
     records = []
     handler = logging.Handler()
     handler.emit = records.append
-    logging.getLogger("clipcond.precompute").addHandler(handler)
-    logging.getLogger("clipcond.precompute").setLevel(logging.INFO)
+    log = logging.getLogger("clipcond.precompute")
+    level = log.level
+    log.addHandler(handler)
+    log.setLevel(logging.INFO)
     try:
         precompute(tc, PrecomputeJob(input=path, out=tmp_path / "store", batch_size=64, progress=False))
     finally:
-        logging.getLogger("clipcond.precompute").removeHandler(handler)
+        log.removeHandler(handler)
+        log.setLevel(level)
     [stats] = [r.pipeline_stats for r in records if hasattr(r, "pipeline_stats")]
     assert stats.device_idle <= stats.waiting_tokens + stats.waiting_writer + 1e-9
     store = EmbeddingStore(tmp_path / "store")
-    torch.testing.assert_close(store[5]["sequence"].cuda(), tc([captions[5]]).sequence[0], atol=2e-3, rtol=2e-3)
+    # float16 at batch 64 against batch 1: other GEMM kernels, so a float16-sized tolerance.
+    torch.testing.assert_close(store[5]["sequence"].cuda(), tc([captions[5]]).sequence[0], atol=1e-2, rtol=1e-2)

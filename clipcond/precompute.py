@@ -23,7 +23,7 @@ import json
 import logging
 import os
 from collections.abc import Callable, Iterator
-from contextlib import contextmanager
+from contextlib import closing, contextmanager
 from dataclasses import dataclass
 from datetime import timedelta
 from pathlib import Path
@@ -40,6 +40,7 @@ from clipcond.store import (
     MANIFEST,
     NULL,
     TMP_MARK,
+    StoreLock,
     read_manifest,
     shard_name,
     store_problems,
@@ -203,13 +204,11 @@ def check_compatible(existing: dict, plan: dict, out: Path) -> None:
 
 
 def _existing_manifest(out: Path) -> dict | None:
-    if out.exists() and not out.is_dir():
-        raise ValueError(f"--out {out} is a file; the store is a folder")
-    out.mkdir(parents=True, exist_ok=True)
     if (out / MANIFEST).is_file():
         return read_manifest(out)
     # A run killed before its first manifest leaves at most the index, the null and temporaries.
-    foreign = sorted(p.name for p in out.iterdir() if p.name not in (INDEX, NULL) and TMP_MARK not in p.name)
+    foreign = sorted(p.name for p in out.iterdir()
+                     if p.name not in (INDEX, NULL, StoreLock.NAME) and TMP_MARK not in p.name)
     if foreign:
         raise ValueError(f"{out} is not empty and holds no {MANIFEST} (it has {foreign[:5]}): not a clipcond "
                          "store; write to a new or empty --out")
@@ -240,10 +239,15 @@ def _done_shards(out: Path, plan: dict, existing: dict | None) -> dict[int, dict
     return done
 
 
-def prepare(tc: TextConditioner, job: PrecomputeJob, scan: Scan) -> tuple[dict, dict[int, dict]]:
-    """Check or start the store: ``(plan, shards already done)``; writes the index, null and manifest."""
+def prepare(tc: TextConditioner, job: PrecomputeJob, scan: Scan, lock: StoreLock) -> tuple[dict, dict[int, dict]]:
+    """Lock, then check or start the store: ``(plan, shards already done)``; writes the index, null and manifest."""
     out = job.out
-    existing = _existing_manifest(out)
+    if out.exists() and not out.is_dir():
+        raise ValueError(f"--out {out} is a file; the store is a folder")
+    out.mkdir(parents=True, exist_ok=True)
+    _existing_manifest(out)  # a folder that is not a store is refused before a lock file lands in it
+    lock.acquire()
+    existing = _existing_manifest(out)  # read again: no other run can be writing it from here on
     shard_size = job.shard_size or (existing or {}).get("shard_size") or default_shard_size(tc, job.batch_size)
     plan = plan_manifest(tc, job, scan, shard_size)
     if existing is not None:
@@ -293,13 +297,13 @@ def precompute(tc: TextConditioner, job: PrecomputeJob) -> dict:
     if tc.spec.long_prompts != "truncate":
         raise ValueError(f"precompute stores [{tc.max_length}, D] sequences; encoder {tc.spec.name!r} has "
                          f"long_prompts={tc.spec.long_prompts!r}: load it with long_prompts='truncate'")
-    ranks = Ranks.from_env()
-    with process_group(ranks):
+    ranks, lock = Ranks.from_env(), StoreLock(job.out)  # rank 0 holds the lock for the whole job
+    with process_group(ranks), closing(lock):
         main = ranks.rank == 0
         scan = scan_captions(job.input, column=job.column, id_column=job.id_column, limit=job.limit,
                              progress=job.progress and main)
         ranks.check_same((scan.sha256, tc.fingerprint, str(tc.dtype)), "input sha256, weights fingerprint, dtype")
-        plan, done = ranks.on_main(lambda: prepare(tc, job, scan))
+        plan, done = ranks.on_main(lambda: prepare(tc, job, scan, lock))
         todo = [k for k in range(plan["num_shards"]) if k % ranks.world == ranks.rank and k not in done]
         logger.info("rank %d/%d: %d shards to encode (%d of %d done before)", ranks.rank, ranks.world, len(todo),
                     len(done), plan["num_shards"])

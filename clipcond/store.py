@@ -13,6 +13,7 @@ Layout (format 1), one folder:
 - ``null.safetensors``: the encoder's null conditioning (``sequence [1, 77, D]``, ``pooled [1, P]``);
 - ``manifest.json``: encoder spec, weights fingerprint, dtype, counts, every file's size and
   sha256, the clipcond version and ``complete``.
+- ``.clipcond.lock``: locked by the run writing the store (``StoreLock``); holds its pid and host.
 
 Every file is written under a temporary name, fsynced and renamed (``atomic_write``), so a file
 that exists under its final name is whole. Opening a store checks the manifest and file sizes
@@ -59,6 +60,49 @@ def sha256_file(path: Path, chunk: int = 1 << 22) -> str:
         while block := f.read(chunk):
             digest.update(block)
     return digest.hexdigest()
+
+
+class StoreLock:
+    """One writer per store: an exclusive ``flock`` on ``OUT/.clipcond.lock``.
+
+    The kernel drops it when the process ends, however it ends (SIGKILL included), so a killed
+    run never blocks its rerun. Where the filesystem has no locks (or there is no ``fcntl``), the
+    run goes on unlocked, with a warning.
+    """
+
+    NAME = ".clipcond.lock"
+
+    def __init__(self, folder: Path) -> None:
+        self.folder, self.path, self.fd = folder, folder / self.NAME, None
+
+    def acquire(self) -> None:
+        try:
+            import fcntl
+        except ImportError:  # Windows
+            logger.warning("%s: no file locks on this platform; run one precompute per store at a time", self.folder)
+            return
+        fd = os.open(self.path, os.O_RDWR | os.O_CREAT, 0o644)
+        try:
+            fcntl.flock(fd, fcntl.LOCK_EX | fcntl.LOCK_NB)
+        except BlockingIOError:
+            holder = os.pread(fd, 200, 0).decode(errors="replace").strip() or "unknown process"
+            os.close(fd)
+            raise ValueError(f"{self.folder} is being written by another clipcond precompute ({holder}); wait for "
+                             "it to finish, or write to another --out") from None
+        except OSError as err:  # e.g. ENOLCK on some network filesystems
+            os.close(fd)
+            logger.warning("%s: cannot lock (%s); run one precompute per store at a time", self.folder, err)
+            return
+        import socket
+
+        os.ftruncate(fd, 0)
+        os.pwrite(fd, f"pid {os.getpid()} on {socket.gethostname()}".encode(), 0)
+        self.fd = fd
+
+    def close(self) -> None:
+        if self.fd is not None:
+            os.close(self.fd)  # closing the last descriptor drops the lock
+            self.fd = None
 
 
 def temporary(path: Path) -> Path:

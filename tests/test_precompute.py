@@ -136,9 +136,10 @@ def test_limit_and_resume_of_a_complete_store_changes_nothing(tmp_path, sd15):
     out = tmp_path / "store"
     first = run(sd15, path, out, limit=5, shard_size=2)
     assert first["rows"] == 5 and first["input"]["limit"] == 5
-    stamps = {p.name: p.stat().st_mtime_ns for p in out.iterdir() if p.name != MANIFEST}
+    rewritten = [MANIFEST, ".clipcond.lock"]  # the lock file records each run's pid
+    stamps = {p.name: p.stat().st_mtime_ns for p in out.iterdir() if p.name not in rewritten}
     assert run(sd15, path, out, limit=5) == first  # --shard-size omitted: the store's own
-    assert stamps == {p.name: p.stat().st_mtime_ns for p in out.iterdir() if p.name != MANIFEST}
+    assert stamps == {p.name: p.stat().st_mtime_ns for p in out.iterdir() if p.name not in rewritten}
 
 
 def test_resume_repairs_what_a_crash_leaves(tmp_path, sd15):
@@ -365,3 +366,25 @@ def test_cli_prints_the_store_and_reports_errors(tmp_path, capsys):
     assert f"rows {len(CAPTIONS)}: {len(set(CAPTIONS))} unique" in text and "complete" in text
     assert main(["precompute", "--encoder", "tiny-sd2", "--input", str(path), "--out", str(out)]) == 2
     assert "clipcond precompute: error: " in capsys.readouterr().err
+
+
+def test_a_second_run_on_the_same_store_is_refused_while_the_first_holds_it(tmp_path, sd15):
+    from clipcond.store import StoreLock
+
+    path = write_input(tmp_path, "txt", CAPTIONS)
+    out = tmp_path / "store"
+    out.mkdir()
+    first = StoreLock(out)  # what a running precompute holds (its own open file: flock conflicts)
+    first.acquire()
+    try:
+        with pytest.raises(ValueError, match=rf"{out} is being written by another clipcond precompute "
+                                             rf"\(pid {os.getpid()} on .+\); wait for it"):
+            run(sd15, path, out)
+    finally:
+        first.close()
+    assert run(sd15, path, out)["complete"]  # released: the next run proceeds (a killed run releases too)
+    (tmp_path / "other").mkdir()
+    (tmp_path / "other" / "notes.txt").write_text("mine")
+    with pytest.raises(ValueError, match="not a clipcond store"):
+        run(sd15, path, tmp_path / "other")
+    assert sorted(p.name for p in (tmp_path / "other").iterdir()) == ["notes.txt"]  # no lock file left there

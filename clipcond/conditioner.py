@@ -112,8 +112,8 @@ class TextConditioner(nn.Module):
         second a graph with a dynamic batch dimension that every later size reuses.
         ``mode="reduce-overhead"`` adds CUDA graphs on a GPU (one recording per batch size); their
         outputs live in a pool the next call overwrites, so on CUDA outputs are cloned. Parameter
-        names, the fingerprint and ``state_dict()`` are unchanged. Worth it on a GPU at small
-        batches, where launch overhead dominates; on a CPU the gain is a few percent.
+        names, the fingerprint and ``state_dict()`` are unchanged. Meant for GPUs at small batches,
+        where launch overhead dominates; on a CPU it gained nothing measurable (README).
         """
         for tower in self.towers:
             tower.compile(**options)

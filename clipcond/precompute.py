@@ -203,16 +203,15 @@ def check_compatible(existing: dict, plan: dict, out: Path) -> None:
                          + f"\nwrite to another --out, or delete {out} to start over")
 
 
-def _existing_manifest(out: Path) -> dict | None:
+def _refuse_foreign(out: Path) -> None:
+    """A folder without a manifest must be empty, or what a killed run leaves: index, null, temporaries."""
     if (out / MANIFEST).is_file():
-        return read_manifest(out)
-    # A run killed before its first manifest leaves at most the index, the null and temporaries.
+        return
     foreign = sorted(p.name for p in out.iterdir()
                      if p.name not in (INDEX, NULL, StoreLock.NAME) and TMP_MARK not in p.name)
     if foreign:
         raise ValueError(f"{out} is not empty and holds no {MANIFEST} (it has {foreign[:5]}): not a clipcond "
                          "store; write to a new or empty --out")
-    return None
 
 
 def _shard_rows(plan: dict, k: int) -> tuple[int, int]:
@@ -245,9 +244,9 @@ def prepare(tc: TextConditioner, job: PrecomputeJob, scan: Scan, lock: StoreLock
     if out.exists() and not out.is_dir():
         raise ValueError(f"--out {out} is a file; the store is a folder")
     out.mkdir(parents=True, exist_ok=True)
-    _existing_manifest(out)  # a folder that is not a store is refused before a lock file lands in it
+    _refuse_foreign(out)  # before a lock file lands in it
     lock.acquire()
-    existing = _existing_manifest(out)  # read again: no other run can be writing it from here on
+    existing = read_manifest(out) if (out / MANIFEST).is_file() else None  # no other run writes it now
     shard_size = job.shard_size or (existing or {}).get("shard_size") or default_shard_size(tc, job.batch_size)
     plan = plan_manifest(tc, job, scan, shard_size)
     if existing is not None:

@@ -23,6 +23,7 @@ import torch
 from clipcond.convert import HF_TEXT, OPENCLIP_IGNORED_PREFIXES, OPENCLIP_TEXT, Rule, convert_state, count_blocks
 from clipcond.errors import WeightsError
 from clipcond.specs import EncoderSpec, TowerSpec
+from clipcond.store import SAFETENSORS_DTYPES, raw_bytes
 
 logger = logging.getLogger(__name__)
 
@@ -81,8 +82,6 @@ class SafetensorsFile:
     """
 
     def __init__(self, path: Path) -> None:
-        from clipcond.store import SAFETENSORS_DTYPES
-
         self.path, self.file = path, open(path, "rb")  # noqa: SIM115 (closed by close())
         size = os.fstat(self.file.fileno()).st_size
         try:
@@ -109,9 +108,8 @@ class SafetensorsFile:
     def read(self, key: str) -> torch.Tensor:
         dtype, shape, (begin, end) = self.tensors[key]
         out = torch.empty(shape, dtype=dtype)
-        view = memoryview(out.reshape(-1).view(torch.uint8).numpy())
         self.file.seek(self.start + begin)
-        if self.file.readinto(view) != end - begin:
+        if self.file.readinto(raw_bytes(out)) != end - begin:  # straight into out's memory
             raise WeightsError(f"{self.path}: tensor {key!r} is cut short: the file changed while it was read")
         return out
 

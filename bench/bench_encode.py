@@ -39,7 +39,7 @@ from typing import TYPE_CHECKING
 if TYPE_CHECKING:
     import torch
 
-    from clipcond import EncoderSpec
+    from clipcond import EncoderSpec, TowerSpec
 
 # --- knobs ---------------------------------------------------------------------------------
 DEVICE = "auto"  # "auto": cuda when available, else cpu
@@ -77,11 +77,17 @@ def block_flops(width: int, mlp_width: int, tokens: int) -> int:
     return 2 * tokens * (4 * width * width + 2 * width * mlp_width) + 2 * 2 * tokens * tokens * width
 
 
+def diffusers_dropped(tower: TowerSpec) -> int:
+    """Blocks diffusers' pipeline folder of ``tower`` leaves out: SD 2.x's ViT-H copy holds 23 of 24
+    (its spec says None: decided from the weights on load), every other tower all of them."""
+    return 1 if tower.hf_dropped_layers is None else tower.hf_dropped_layers
+
+
 def encoder_flops(spec: EncoderSpec, batch: int, *, naive: bool = False) -> int:
     """FLOPs of one batch: the blocks clipcond runs, or (``naive``) every block the HF model holds."""
     total = 0
     for tower in spec.towers:
-        blocks = tower.layers - tower.hf_dropped_layers if naive else tower.blocks_needed
+        blocks = tower.layers - diffusers_dropped(tower) if naive else tower.blocks_needed
         total += blocks * block_flops(tower.width, tower.mlp_width, spec.max_length)
     return total * batch
 
@@ -189,7 +195,7 @@ def build_clipcond(spec: EncoderSpec, device: str, dtype: torch.dtype,
                    compile_mode: str | None = None) -> Callable[[list[str]], object]:
     """``TextConditioner(spec, towers)`` over seeded random towers, built in ``dtype``, no hub."""
     from clipcond import TextConditioner
-    from clipcond.conditioner import random_tower
+    from clipcond.model import random_tower
 
     with default_dtype(dtype):
         towers = [random_tower(tower, seed=i) for i, tower in enumerate(spec.towers)]
@@ -208,7 +214,7 @@ def build_naive(spec: EncoderSpec, device: str, dtype: torch.dtype, folder: Path
         config = CLIPTextConfig(
             vocab_size=tower.vocab_size, hidden_size=tower.width, intermediate_size=tower.mlp_width,
             # diffusers' SD2 folders hold 23 of ViT-H's 24 blocks; everything else the full tower.
-            num_hidden_layers=tower.layers - tower.hf_dropped_layers, num_attention_heads=tower.heads,
+            num_hidden_layers=tower.layers - diffusers_dropped(tower), num_attention_heads=tower.heads,
             max_position_embeddings=tower.context_length, hidden_act=tower.activation,
             projection_dim=tower.projection_dim or tower.width,
         )
@@ -222,18 +228,18 @@ def build_naive(spec: EncoderSpec, device: str, dtype: torch.dtype, folder: Path
 
     @torch.no_grad()
     def encode(prompts: list[str]) -> tuple[torch.Tensor, torch.Tensor]:
-        sequences, pooled = [], None
+        sequences, pooled = [], []
         for i, (tokenizer, model, tower) in enumerate(parts):
             ids = tokenizer(prompts, padding="max_length", max_length=spec.max_length, truncation=True,
                             return_tensors="pt").input_ids
             out = model(ids.to(device), output_hidden_states=True)
-            sequence = out.hidden_states[tower.hidden_layer + tower.hf_dropped_layers]  # [B, 77, W]
+            sequence = out.hidden_states[tower.hidden_layer + diffusers_dropped(tower)]  # [B, 77, W]
             if tower.final_norm:
                 sequence = getattr(model, "text_model", model).final_layer_norm(sequence)  # transformers 5: flat
             sequences.append(sequence)
-            if i == spec.pooled_tower:
-                pooled = out[0] if tower.pooled == "projected" else out.pooler_output  # [B, P]
-        return torch.cat(sequences, dim=-1), pooled
+            if i in spec.pooled_towers:
+                pooled.append(out[0] if tower.pooled == "projected" else out.pooler_output)  # [B, P_i]
+        return torch.cat(sequences, dim=-1), torch.cat(pooled, dim=-1)
 
     return encode
 

@@ -69,6 +69,7 @@ def captions(n: int, duplicates: float) -> list[str]:
 
 def random_pipeline(root: Path, encoder: str, dtype: torch.dtype) -> Path:
     """A diffusers-layout folder of random transformers towers with ``encoder``'s sizes and SD tokenizers."""
+    from bench_encode import diffusers_dropped
     from transformers import CLIPTextConfig, CLIPTextModel, CLIPTextModelWithProjection
 
     import clipcond
@@ -78,7 +79,7 @@ def random_pipeline(root: Path, encoder: str, dtype: torch.dtype) -> Path:
     for i, tower in enumerate(spec.towers):
         config = CLIPTextConfig(
             vocab_size=tower.vocab_size, hidden_size=tower.width, intermediate_size=tower.mlp_width,
-            num_hidden_layers=tower.layers - tower.hf_dropped_layers, num_attention_heads=tower.heads,
+            num_hidden_layers=tower.layers - diffusers_dropped(tower), num_attention_heads=tower.heads,
             hidden_act=tower.activation, projection_dim=tower.projection_dim or tower.width)
         torch.manual_seed(SEED + i)
         model = (CLIPTextModelWithProjection if tower.pooled == "projected" else CLIPTextModel)._from_config(

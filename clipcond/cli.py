@@ -42,7 +42,8 @@ def _cmd_encode(args: argparse.Namespace) -> int:
                        for t in spec.towers)
     print(f"encoder {spec.name}: {towers}")
     print(f"sequence {tuple(c.sequence.shape)} {c.sequence.dtype} on {c.sequence.device}; "
-          f"pooled {tuple(c.pooled.shape)} from tower {spec.pooled_tower} ({spec.towers[spec.pooled_tower].pooled})")
+          f"pooled {tuple(c.pooled.shape)} from tower(s) "
+          f"{', '.join(f'{i} ({spec.towers[i].pooled})' for i in spec.pooled_towers)}")
     tokens = tc.tokenize(prompts)[0]
     for i, prompt in enumerate(prompts):
         n_tokens = int(tokens.eos[i]) + 1
@@ -57,8 +58,6 @@ def _cmd_encode(args: argparse.Namespace) -> int:
 
 
 def _cmd_download(args: argparse.Namespace) -> int:
-    from pathlib import Path
-
     from clipcond.weights import download, hf_weight_files
 
     spec = get_spec(args.encoder)
@@ -67,9 +66,14 @@ def _cmd_download(args: argparse.Namespace) -> int:
         print(f"{spec.name} has no published weights", file=sys.stderr)
         return 2
     root = download(spec, repo, revision=args.revision)
-    for tower in spec.towers:
-        for file in hf_weight_files(Path(root) / tower.hub_subfolder):
-            print(f"{repo}/{tower.hub_subfolder}/{file.name}: {file.stat().st_size / 1e6:.1f} MB ({file})")
+    if root.is_file():  # an open_clip checkpoint
+        files = [root]
+    else:
+        folders = [root / t.hub_subfolder for t in spec.towers if (root / t.hub_subfolder).is_dir()] or [root]
+        files = [f for folder in folders for f in hf_weight_files(folder)]
+    for file in files:
+        relative = file.relative_to(root.parent if root.is_file() else root)
+        print(f"{repo}/{relative}: {file.stat().st_size / 1e6:.1f} MB ({file})")
     return 0
 
 
@@ -108,7 +112,8 @@ def _cmd_inspect(args: argparse.Namespace) -> int:
         print(f"{path}: {description}, {len(keys)} tensors")
         for comp in components:
             n = sum(k.startswith(comp.prefix) for k in keys)
-            print(f"  text tower {comp.kind!r} under {comp.prefix or '(root)'!r}: {n} tensors ({comp.layout} layout)")
+            print(f"  text tower {comp.family!r} under {comp.prefix or '(root)'!r}: {n} tensors "
+                  f"({comp.layout} layout)")
     return 0
 
 

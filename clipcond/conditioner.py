@@ -13,22 +13,19 @@ import hashlib
 import logging
 import os
 from collections.abc import Mapping, Sequence
-from typing import Literal
 
 import torch
 from torch import nn
 
 from clipcond.conditioning import Conditioning
 from clipcond.errors import WeightsError
-from clipcond.model import TextTransformer
-from clipcond.prompts import parse_emphasis, token_windows
-from clipcond.specs import EncoderSpec, TowerSpec, get_spec
+from clipcond.model import TextTransformer, random_tower, tower_from_state
+from clipcond.prompts import WeightStyle, apply_weights, parse_emphasis, token_windows
+from clipcond.specs import EncoderSpec, get_spec
 from clipcond.tokenizer import ClipTokenizer, Tokens, check_prompts
 from clipcond.weights import load_towers
 
 logger = logging.getLogger(__name__)
-
-WeightStyle = Literal["a1111", "comfy"]
 
 
 class TextConditioner(nn.Module):
@@ -65,19 +62,29 @@ class TextConditioner(nn.Module):
         device: str | torch.device = "cpu",
         dtype: torch.dtype = torch.float32,
         revision: str | None = None,
+        pretrained: str | None = None,
         **overrides: object,
     ) -> TextConditioner:
-        """A conditioner for a registered name (or alias, or spec), with its weights.
+        """A conditioner for a registered name (or alias, ``open_clip:MODEL``, spec file or spec), with its weights.
 
         ``weights``: None for the name's hub source; a diffusers pipeline folder, transformers
-        folder, open_clip checkpoint, SD/SDXL single file, or hub repo id. ``overrides`` derive a
-        variant (``clip_skip=1``, ``pooled="projected"``, ``null="zeros"``, ...; see
-        ``EncoderSpec.replace``). ``tiny-*`` specs without weights get seeded random weights.
+        folder (``CLIPModel`` included), open_clip checkpoint, SD/SDXL single file, or hub repo id.
+        ``pretrained``: an open_clip tag of an ``open_clip:MODEL`` name (``"laion2b_s32b_b82k"``),
+        resolved through open_clip's pretrained table. ``overrides`` derive a variant
+        (``clip_skip=1``, ``pooled="projected"``, ``final_norm=False``, ``null="zeros"``, ...; see
+        ``EncoderSpec.replace``). Specs that name no weights (``tiny-*``) get seeded random weights.
         """
         spec = get_spec(name)
         if overrides:
             spec = spec.replace(**overrides)
-        loaded = load_towers(spec, weights, dtype=dtype, revision=revision)
+        files = {}
+        if pretrained is not None:
+            from clipcond.openclip import pretrained_source
+
+            if weights is not None:
+                raise ValueError(f"give weights= or pretrained=, not both (got {weights!r} and {pretrained!r})")
+            weights, files["open_clip_files"] = pretrained_source(spec, pretrained)
+        loaded = load_towers(spec, weights, dtype=dtype, revision=revision, **files)
         if loaded is None:
             logger.info("%s names no published weights: seeded random weights (tests and demos)", spec.name)
             towers = [random_tower(t, seed=i).to(dtype) for i, t in enumerate(spec.towers)]
@@ -97,7 +104,7 @@ class TextConditioner(nn.Module):
         emb = load_embedding(path, token)
         if emb.token in self.added:
             raise ValueError(f"{path}: token {emb.token!r} is already loaded; pass token= to rename it")
-        rows = [tower_rows(t, emb.vectors, path) for t in self.spec.towers]
+        rows = [emb.rows_for(t, path) for t in self.spec.towers]
         if len({len(r) for r in rows}) != 1:
             raise WeightsError(f"{path}: towers get different vector counts {[len(r) for r in rows]}")
         towers = [tower.with_extra_tokens(r) for tower, r in zip(self.towers, rows, strict=True)]
@@ -182,14 +189,15 @@ class TextConditioner(nn.Module):
     @torch.no_grad()
     def encode_tokens(self, tokens: Sequence[Tokens]) -> Conditioning:
         """The forward from ``tokenize()``'s output, e.g. tokenized ahead on another thread."""
-        sequences, pooled = [], None
-        for i, (tower, tok) in enumerate(zip(self.towers, tokens, strict=True)):
-            sequence, tower_pooled = self._run(tower, tok.ids, tok.eos)  # [B, L, W], [B, P] | None
-            sequences.append(sequence)
-            if i == self.spec.pooled_tower:
-                pooled = tower_pooled
-        sequence = sequences[0] if len(sequences) == 1 else torch.cat(sequences, dim=-1)  # [B, L, D]
-        return Conditioning(sequence, pooled)
+        return self._assemble([self._run(tower, t.ids, t.eos) for tower, t in zip(self.towers, tokens, strict=True)])
+
+    def _assemble(self, parts: Sequence[tuple[torch.Tensor, torch.Tensor | None]]) -> Conditioning:
+        """The one place towers' outputs become a Conditioning: sequences [N, L, W_i] concatenated along
+        features, the pooled vectors [N, P_i] of ``spec.pooled_towers`` concatenated in their order."""
+        sequences = [sequence for sequence, _ in parts]
+        pooled = [parts[i][1] for i in self.spec.pooled_towers]
+        cat = (lambda ts: ts[0] if len(ts) == 1 else torch.cat(ts, dim=-1))  # noqa: E731
+        return Conditioning(cat(sequences), cat(pooled))  # [N, L, D], [N, P]
 
     @torch.no_grad()
     def weighted(self, prompts: str | Sequence[str], *, style: WeightStyle = "a1111") -> Conditioning:
@@ -215,16 +223,16 @@ class TextConditioner(nn.Module):
         k = max(w.k for w in windows)  # the two SDXL tokenizers may disagree on rare input
         windows = [w if w.k == k else token_windows(batch, tok.encode, length=length, pad_id=tok.pad_id, k=k)
                    for w, tok in zip(windows, self.tokenizers, strict=True)]
-        sequences, pooled = [], None
+        parts = []
         for i, (tower, w) in enumerate(zip(self.towers, windows, strict=True)):
-            sequence, tower_pooled = self._run(tower, w.ids, w.eos)  # [B*k, L, W]
+            sequence, pooled = self._run(tower, w.ids, w.eos)  # [B*k, L, W], [B*k, P] | None
             if style is not None:
                 empty = self._empty().sequence[..., self._feature_slice(i)]  # [1, L, W]
                 sequence = apply_weights(sequence, w.weights.to(self.device), style=style, empty=empty)
-            sequences.append(sequence.reshape(len(batch), k * length, -1))  # [B, k*L, W]
-            if i == self.spec.pooled_tower:
-                pooled = tower_pooled.reshape(len(batch), k, -1)[:, 0]  # [B, P], first window
-        return Conditioning(torch.cat(sequences, dim=-1) if len(sequences) > 1 else sequences[0], pooled)
+            sequence = sequence.reshape(len(batch), k * length, -1)  # [B, k*L, W]
+            first = None if pooled is None else pooled.reshape(len(batch), k, -1)[:, 0]  # [B, P]: the first window's
+            parts.append((sequence, first))
+        return self._assemble(parts)
 
     def _run(self, tower: TextTransformer, ids: torch.Tensor, eos: torch.Tensor) -> tuple[torch.Tensor, ...]:
         """One tower's forward on the conditioner's device (the only place towers are called)."""
@@ -274,10 +282,7 @@ class TextConditioner(nn.Module):
     def _empty(self) -> Conditioning:
         """The empty prompt's encoding, one window (the "empty" null, and the padding window)."""
         if self._empty_cache is None:
-            tokens = self.tokenize([""])
-            parts = [self._run(tower, t.ids, t.eos) for tower, t in zip(self.towers, tokens, strict=True)]
-            sequence = torch.cat([seq for seq, _ in parts], dim=-1)
-            self._empty_cache = Conditioning(sequence, parts[self.spec.pooled_tower][1])
+            self._empty_cache = self.encode_tokens(self.tokenize([""]))
         return self._empty_cache
 
     def encode(
@@ -323,32 +328,8 @@ def added_ids(vocab_size: int, added: Mapping[str, int]) -> dict[str, list[int]]
     return out
 
 
-def tower_rows(tower: TowerSpec, vectors: Mapping[str, torch.Tensor], path: object) -> torch.Tensor:
-    """The vectors of an embedding file that belong to ``tower`` (SDXL by key, otherwise by width)."""
-    key = "clip_l" if tower.tokenizer == "hf" else "clip_g"
-    candidates = [v for k, v in vectors.items() if k == key or (k == "*" and v.shape[-1] == tower.width)]
-    if not candidates:
-        widths = {k: v.shape[-1] for k, v in vectors.items()}
-        raise WeightsError(f"{path}: no vectors for tower {tower.name!r} (width {tower.width}); the file holds "
-                           f"{widths}: it was trained for another encoder")
-    return candidates[0]
-
-
 def len_tokens(c: Conditioning) -> int:
     return c.sequence.shape[1]
-
-
-def apply_weights(z: torch.Tensor, weights: torch.Tensor, *, style: WeightStyle, empty: torch.Tensor) -> torch.Tensor:
-    """Per-token prompt weights on ``z`` [N, L, W] (``weights`` [N, L], ``empty`` [1, L, W])."""
-    w = weights.to(z.dtype)[..., None]  # [N, L, 1]
-    if style == "a1111":
-        mean = z.mean(dim=(1, 2), keepdim=True)  # [N, 1, 1]
-        weighted = z * w
-        weighted = weighted * (mean / weighted.mean(dim=(1, 2), keepdim=True))
-        # Windows without emphasis stay bit-exact (and a zero-mean window cannot turn into NaN).
-        return torch.where((w == 1).all(dim=1, keepdim=True), z, weighted)
-    # Weight 1 keeps z bit-exact: z_empty + 1 * (z - z_empty) is not z in floating point.
-    return torch.where(w == 1, z, empty + w * (z - empty))
 
 
 def warn_truncated(tokens: Tokens, max_length: int) -> None:
@@ -356,25 +337,3 @@ def warn_truncated(tokens: Tokens, max_length: int) -> None:
         # diffusers' wording, so that users who grep for it find it.
         logger.warning("The following part of prompt[%d] was truncated because CLIP can only handle "
                        "sequences up to %d tokens: %r", row, max_length, dropped)
-
-
-def tower_from_state(tower: TowerSpec, state: dict[str, torch.Tensor]) -> TextTransformer:
-    """Build on the meta device and adopt the loaded tensors: no second copy of the weights."""
-    with torch.device("meta"):
-        model = TextTransformer(tower)
-    model.load_state_dict(state, strict=True, assign=True)
-    return model
-
-
-def random_tower(tower: TowerSpec, *, seed: int) -> TextTransformer:
-    """Seeded random weights without touching the global RNG: std 0.02, LayerNorms near identity
-    (weight 1 + 0.1 N, bias 0.1 N: like trained CLIP, the final LN then has a non-zero mean)."""
-    generator = torch.Generator().manual_seed(seed)
-    model = TextTransformer(tower)
-    with torch.no_grad():
-        for name, param in model.named_parameters():
-            is_norm = "ln_" in name or "norm" in name
-            param.normal_(0.0, 0.1 if is_norm else 0.02, generator=generator)
-            if is_norm and name.endswith("weight"):
-                param.add_(1.0)
-    return model

@@ -15,7 +15,11 @@ from pathlib import Path
 import torch
 
 from clipcond.errors import WeightsError
+from clipcond.specs import TowerSpec
 from clipcond.weights import PICKLE_SUFFIXES, load_pickle
+
+# The keys of SDXL-style embedding files (A1111, kohya), by TowerSpec.family.
+TI_KEYS = {"clip": "clip_l", "open_clip": "clip_g"}
 
 
 @dataclass(frozen=True, slots=True)
@@ -24,6 +28,16 @@ class Embedding:
 
     token: str  # the trigger word; A1111 uses the file name, diffusers its key
     vectors: dict[str, torch.Tensor]  # [n, W] each
+
+    def rows_for(self, tower: TowerSpec, path: object) -> torch.Tensor:
+        """The vectors that belong to ``tower`` [n, W]: SDXL-style files by the tower's family, others by width."""
+        key = TI_KEYS[tower.family]
+        candidates = [v for k, v in self.vectors.items() if k == key or (k == "*" and v.shape[-1] == tower.width)]
+        if not candidates:
+            widths = {k: v.shape[-1] for k, v in self.vectors.items()}
+            raise WeightsError(f"{path}: no vectors for tower {tower.name!r} (width {tower.width}); the file holds "
+                               f"{widths}: it was trained for another encoder")
+        return candidates[0]
 
 
 def load_embedding(path: str | os.PathLike[str], token: str | None = None) -> Embedding:

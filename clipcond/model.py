@@ -121,3 +121,25 @@ class TextTransformer(nn.Module):
         if pooled_from == "projected":
             pooled = self.text_projection(pooled)  # [B, P]
         return sequence, pooled
+
+
+def tower_from_state(tower: TowerSpec, state: dict[str, torch.Tensor]) -> TextTransformer:
+    """Build on the meta device and adopt the loaded tensors: no second copy of the weights."""
+    with torch.device("meta"):
+        model = TextTransformer(tower)
+    model.load_state_dict(state, strict=True, assign=True)
+    return model
+
+
+def random_tower(tower: TowerSpec, *, seed: int) -> TextTransformer:
+    """Seeded random weights without touching the global RNG: std 0.02, LayerNorms near identity
+    (weight 1 + 0.1 N, bias 0.1 N: like trained CLIP, the final LN then has a non-zero mean)."""
+    generator = torch.Generator().manual_seed(seed)
+    model = TextTransformer(tower)
+    with torch.no_grad():
+        for name, param in model.named_parameters():
+            is_norm = "ln_" in name or "norm" in name
+            param.normal_(0.0, 0.1 if is_norm else 0.02, generator=generator)
+            if is_norm and name.endswith("weight"):
+                param.add_(1.0)
+    return model

@@ -17,7 +17,6 @@ over ``datasets.map``) and kohya sd-scripts' ``--cache_text_encoder_outputs``, a
 
 from __future__ import annotations
 
-import dataclasses
 import hashlib
 import json
 import logging
@@ -167,7 +166,7 @@ def plan_manifest(tc: TextConditioner, job: PrecomputeJob, scan: Scan, shard_siz
     unique = len(scan.captions)
     return {
         "format": FORMAT, "format_version": FORMAT_VERSION, "clipcond_version": __version__, "complete": False,
-        "encoder": json.loads(json.dumps(dataclasses.asdict(tc.spec))),  # as read back: tuples are lists
+        "encoder": tc.spec.to_dict(),  # as read back: tuples are lists
         "fingerprint": tc.fingerprint,
         "dtype": str(tc.dtype).removeprefix("torch."),
         "sequence_shape": [tc.max_length, tc.sequence_dim], "pooled_dim": tc.pooled_dim,

@@ -11,11 +11,13 @@ from __future__ import annotations
 import re
 from collections.abc import Callable, Sequence
 from dataclasses import dataclass
+from typing import Literal
 
 import torch
 
 from clipcond.specs import BOS_ID, EOS_ID
 
+WeightStyle = Literal["a1111", "comfy"]
 BREAK = None  # a fragment weight of None marks A1111's BREAK: start a new window
 
 _ATTENTION = re.compile(r"""
@@ -130,3 +132,16 @@ def token_windows(
             ids[p * k + j, :2] = torch.tensor([BOS_ID, EOS_ID])
     eos = (ids == EOS_ID).int().argmax(dim=1)
     return Windows(ids=ids, eos=eos, weights=weights, k=k)
+
+
+def apply_weights(z: torch.Tensor, weights: torch.Tensor, *, style: WeightStyle, empty: torch.Tensor) -> torch.Tensor:
+    """Per-token prompt weights on ``z`` [N, L, W] (``weights`` [N, L], ``empty`` [1, L, W])."""
+    w = weights.to(z.dtype)[..., None]  # [N, L, 1]
+    if style == "a1111":
+        mean = z.mean(dim=(1, 2), keepdim=True)  # [N, 1, 1]
+        weighted = z * w
+        weighted = weighted * (mean / weighted.mean(dim=(1, 2), keepdim=True))
+        # Windows without emphasis stay bit-exact (and a zero-mean window cannot turn into NaN).
+        return torch.where((w == 1).all(dim=1, keepdim=True), z, weighted)
+    # Weight 1 keeps z bit-exact: z_empty + 1 * (z - z_empty) is not z in floating point.
+    return torch.where(w == 1, z, empty + w * (z - empty))

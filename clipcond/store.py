@@ -35,7 +35,7 @@ import torch
 from torch.utils.data import Dataset, default_collate
 
 from clipcond.conditioning import Conditioning
-from clipcond.specs import EncoderSpec, TowerSpec
+from clipcond.specs import EncoderSpec, spec_from_dict
 
 logger = logging.getLogger(__name__)
 
@@ -216,11 +216,6 @@ def id_hash(key: str | bytes) -> int:
     """A stable signed 64-bit hash of an id (Python's ``hash`` is salted per process)."""
     data = key.encode() if isinstance(key, str) else key
     return int.from_bytes(hashlib.blake2b(data, digest_size=8).digest(), "little", signed=True)
-
-
-def spec_from_dict(data: dict) -> EncoderSpec:
-    """The ``EncoderSpec`` a manifest recorded with ``dataclasses.asdict``."""
-    return EncoderSpec(**{**data, "towers": tuple(TowerSpec(**t) for t in data["towers"])})
 
 
 # --- verification -----------------------------------------------------------------------

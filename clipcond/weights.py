@@ -22,6 +22,7 @@ import torch
 
 from clipcond.convert import HF_TEXT, OPENCLIP_IGNORED_PREFIXES, OPENCLIP_TEXT, Rule, convert_state, count_blocks
 from clipcond.errors import WeightsError
+from clipcond.openclip import OPEN_CLIP_FILES
 from clipcond.specs import EncoderSpec, TowerSpec
 from clipcond.store import SAFETENSORS_DTYPES, raw_bytes
 
@@ -36,9 +37,9 @@ HF_INDEX_FILES = ("model.safetensors.index.json", "pytorch_model.bin.index.json"
 
 @dataclass(frozen=True, slots=True)
 class Component:
-    """One text tower inside a checkpoint: which embedder, under which key prefix, in which layout."""
+    """One text tower inside a checkpoint: its model family, key prefix and key layout."""
 
-    kind: str  # "hf": ldm/sgm FrozenCLIPEmbedder (CLIP ViT-L); "open_clip": FrozenOpenCLIPEmbedder(2)
+    family: str  # a TowerSpec.family, or "*": any tower (a file of one unnamed tower)
     prefix: str
     layout: str  # "hf" or "open_clip": the key table
 
@@ -46,14 +47,17 @@ class Component:
 # Format detection: one table of signature key prefixes, checked in order.
 FORMATS: dict[str, tuple[str, str, tuple[Component, ...]]] = {
     "sdxl": ("an SDXL single-file checkpoint", "conditioner.embedders.1.model.", (
-        Component("hf", "conditioner.embedders.0.transformer.", "hf"),
+        Component("clip", "conditioner.embedders.0.transformer.", "hf"),
         Component("open_clip", "conditioner.embedders.1.model.", "open_clip"))),
     "sd2": ("an SD 2.x single-file checkpoint", "cond_stage_model.model.", (
         Component("open_clip", "cond_stage_model.model.", "open_clip"),)),
     "sd1": ("an SD 1.x single-file checkpoint", "cond_stage_model.transformer.", (
-        Component("hf", "cond_stage_model.transformer.", "hf"),)),
+        Component("clip", "cond_stage_model.transformer.", "hf"),)),
     "open_clip": ("an open_clip checkpoint", "transformer.resblocks.", (
-        Component("open_clip", "", "open_clip"),)),
+        Component("*", "", "open_clip"),)),
+    # open_clip's CustomTextCLIP (custom_text=True configs: EVA, ViTamin, MobileCLIP) keeps the tower under text.
+    "open_clip_custom_text": ("an open_clip checkpoint (CustomTextCLIP)", "text.transformer.resblocks.", (
+        Component("*", "text.", "open_clip"),)),
     "hf": ("a transformers CLIP text-model file", "text_model.encoder.layers.", (Component("*", "", "hf"),)),
     "hf5": ("a transformers CLIP text-model file", "encoder.layers.", (Component("*", "", "hf"),)),
 }
@@ -62,6 +66,9 @@ HF_ANY = Component("*", "", "hf")  # a transformers file or folder: any tower, i
 # Full CLIP checkpoints hold the image tower too; a conditioner ignores it.
 IGNORED_PREFIXES = {"hf": ("vision_model.", "visual_projection.", "logit_scale"),
                     "open_clip": OPENCLIP_IGNORED_PREFIXES}
+FAMILY_NAMES = {"clip": "CLIP ViT-L", "open_clip": "OpenCLIP"}
+# Keys of the text tower in a transformers CLIPModel / CLIPTextModel(WithProjection) file.
+HF_TEXT_PREFIXES = ("text_model.", "text_projection.", "embeddings.", "encoder.", "final_layer_norm.")
 
 
 def detect_format(keys: list[str], source: str) -> str:
@@ -169,40 +176,69 @@ def load_pickle(file: Path) -> dict[str, object]:
     return state
 
 
+def text_shards(index: dict) -> list[str]:
+    """Shards of a sharded transformers checkpoint holding text-tower tensors (of a CLIPModel: not the vision ones)."""
+    weight_map = index["weight_map"]
+    return sorted({shard for key, shard in weight_map.items() if key.startswith(HF_TEXT_PREFIXES)})
+
+
 def hf_weight_files(folder: Path) -> list[Path]:
-    """The weight file(s) of a transformers model folder, safetensors first; shards via the index."""
+    """The weight file(s) of a transformers model folder, safetensors first; of shards, those with text tensors."""
     for name in HF_INDEX_FILES:
         if (folder / name).is_file():
-            shards = sorted(set(json.loads((folder / name).read_text())["weight_map"].values()))
-            return [folder / s for s in shards]
+            return [folder / s for s in text_shards(json.loads((folder / name).read_text()))]
     for name in HF_WEIGHT_FILES:
         if (folder / name).is_file():
             return [folder / name]
     raise WeightsError(f"{folder}: no weights file; expected one of {list(HF_WEIGHT_FILES + HF_INDEX_FILES)}")
 
 
-def tower_from_hf_config(tower: TowerSpec, folder: Path) -> TowerSpec:
+def tower_from_hf_config(tower: TowerSpec, folder: Path, reader: StateReader) -> TowerSpec:
     """The tower's sizes from a transformers ``config.json``: a name fixes semantics, not size."""
     path = folder / "config.json"
     try:
-        config = json.loads(path.read_text())
+        full = json.loads(path.read_text())
     except (OSError, ValueError) as err:
         raise WeightsError(f"{path}: cannot read a transformers config: {err}") from err
-    config = config.get("text_config", config)  # a full CLIPModel folder
+    config = full.get("text_config", full)  # a full CLIPModel folder: the projection size is at the top
     act = config.get("hidden_act", "quick_gelu")
     if act != tower.activation:
         # The one architectural fact that tells OpenAI CLIP (SD 1.x) from OpenCLIP (SD 2.x, SDXL bigG).
         raise WeightsError(f"{path}: hidden_act {act!r}, but tower {tower.name!r} is trained with "
                            f"{tower.activation!r}: these weights belong to another encoder")
     try:
+        stored, width = config["num_hidden_layers"], config["hidden_size"]
+        dropped = dropped_layers(tower, stored, width, folder, reader)
         return tower.replace(
-            width=config["hidden_size"], layers=config["num_hidden_layers"] + tower.hf_dropped_layers,
+            width=width, layers=stored + dropped, hf_dropped_layers=dropped,
             heads=config["num_attention_heads"], mlp_width=config["intermediate_size"],
             vocab_size=config.get("vocab_size", 49408), context_length=config.get("max_position_embeddings", 77),
-            projection_dim=config.get("projection_dim", tower.projection_dim) if tower.projection_dim else None,
+            projection_dim=full.get("projection_dim", tower.projection_dim) if tower.projection_dim else None,
         )
     except KeyError as err:
         raise WeightsError(f"{path}: config has no {err.args[0]!r}") from err
+
+
+def dropped_layers(tower: TowerSpec, stored: int, width: int, folder: Path, reader: StateReader) -> int:
+    """How many final blocks a transformers folder leaves out: diffusers' SD2 copy 1, a full tower 0.
+
+    From the weights: a reference-size tower says it by its block count (ViT-H: 23 or 24); a
+    text projection is never in diffusers' copy (a CLIPTextModel); a folder of a diffusers pipeline
+    (model_index.json beside it) is that copy. Anything else cannot be told apart: an error.
+    """
+    if tower.hf_dropped_layers is not None:  # the spec's fact, or the user's override
+        return tower.hf_dropped_layers
+    if width == tower.width and stored in (tower.layers, tower.layers - 1):
+        return tower.layers - stored
+    if any(k.removeprefix("text_model.").startswith("text_projection.") for k in reader.keys()):
+        return 0
+    if (folder.parent / "model_index.json").is_file():
+        return 1
+    raise WeightsError(
+        f"{folder}: a {stored}-block, {width}-wide transformers tower for {tower.name!r}, which diffusers ships "
+        f"without its last block (SD 2.x text_encoder/); these weights cannot tell whether that block was left out. "
+        f"Pass hf_dropped_layers=1 if they are such a copy (read at its last block), hf_dropped_layers=0 if they are "
+        f"the full tower (read at its penultimate block)")
 
 
 @dataclass(frozen=True, slots=True)
@@ -216,11 +252,13 @@ class TowerSource:
 
 
 def load_towers(
-    spec: EncoderSpec, weights: str | os.PathLike[str] | None, *, dtype: torch.dtype, revision: str | None = None
+    spec: EncoderSpec, weights: str | os.PathLike[str] | None, *, dtype: torch.dtype, revision: str | None = None,
+    open_clip_files: tuple[str, ...] = OPEN_CLIP_FILES,
 ) -> list[tuple[TowerSpec, dict[str, torch.Tensor]]] | None:
     """Each tower of ``spec`` sized to the weights found, with its canonical state dict.
 
     ``None`` when ``spec`` names no weights at all (the ``tiny-*`` specs without ``weights=``).
+    ``open_clip_files``: the file names an open_clip hub repo is searched for (a tag may name one).
     """
     if weights is None:
         if spec.hub_repo is None:
@@ -230,7 +268,7 @@ def load_towers(
     if not path.exists():
         if not isinstance(weights, str) or weights.count("/") != 1 or weights.startswith((".", "/", "~")):
             raise WeightsError(f"weights={str(weights)!r}: no such file or folder, and not a hub repo id ('org/name')")
-        path = download(spec, weights, revision=revision)
+        path = download(spec, weights, revision=revision, open_clip_files=open_clip_files)
     with ExitStack() as stack:
         readers: dict[tuple[Path, ...], StateReader] = {}
 
@@ -239,36 +277,54 @@ def load_towers(
                 readers[files] = StateReader(list(files), stack)
             return readers[files]
 
-        sources = folder_sources(spec, path) if path.is_dir() else file_sources(spec, path, reader((path,)))
+        sources = folder_sources(spec, path, reader) if path.is_dir() else file_sources(spec, path, reader((path,)))
         return [(src.tower, read_tower(src, reader(src.files), dtype)) for src in sources]
 
 
-def folder_sources(spec: EncoderSpec, folder: Path) -> list[TowerSource]:
-    """Towers of a diffusers pipeline folder (``text_encoder*/``) or of one transformers model folder."""
+def folder_sources(spec: EncoderSpec, folder: Path, reader: Callable[[tuple[Path, ...]], StateReader]
+                   ) -> list[TowerSource]:
+    """Towers of a diffusers pipeline folder (``text_encoder*/``), a transformers model folder (CLIPModel
+    included) or a folder holding an open_clip checkpoint (a clone of an open_clip hub repo)."""
     subfolders = [folder / t.hub_subfolder for t in spec.towers]
-    if len(spec.towers) == 1 and (folder / "config.json").is_file() and not subfolders[0].is_dir():
-        tower = tower_from_hf_config(spec.towers[0], folder)
-        return [TowerSource(tower, tuple(hf_weight_files(folder)), HF_ANY, f"transformers folder {folder}")]
+    if len(spec.towers) == 1 and not subfolders[0].is_dir():
+        single = single_tower_file(spec, folder)
+        if single is not None:
+            return file_sources(spec, single, reader((single,)))
+        if (folder / "config.json").is_file():
+            files = tuple(hf_weight_files(folder))
+            tower = tower_from_hf_config(spec.towers[0], folder, reader(files))
+            return [TowerSource(tower, files, HF_ANY, f"transformers folder {folder}")]
     sources = []
     for tower, sub in zip(spec.towers, subfolders, strict=True):
         if not (sub / "config.json").is_file():
             raise WeightsError(
                 f"{folder}: no {sub.name}/config.json for tower {tower.name!r} of encoder {spec.name!r}; expected a "
-                f"diffusers pipeline folder ({', '.join(t.hub_subfolder + '/' for t in spec.towers)}) "
-                f"or a transformers model folder (config.json)")
-        sources.append(TowerSource(tower_from_hf_config(tower, sub), tuple(hf_weight_files(sub)), HF_ANY, str(sub)))
+                f"diffusers pipeline folder ({', '.join(t.hub_subfolder + '/' for t in spec.towers)}), a "
+                f"transformers model folder (config.json) or an open_clip checkpoint ({', '.join(OPEN_CLIP_FILES)})")
+        files = tuple(hf_weight_files(sub))
+        sources.append(TowerSource(tower_from_hf_config(tower, sub, reader(files)), files, HF_ANY, str(sub)))
     return sources
+
+
+def single_tower_file(spec: EncoderSpec, folder: Path) -> Path | None:
+    """The open_clip checkpoint of a folder that is a clone of an open_clip hub repo, for open_clip towers.
+
+    Such repos (laion's) also hold a transformers copy: an open_clip tower reads open_clip's own file.
+    """
+    if spec.towers[0].family != "open_clip" and (folder / "config.json").is_file():
+        return None
+    return next((folder / f for f in OPEN_CLIP_FILES if (folder / f).is_file()), None)
 
 
 def file_sources(spec: EncoderSpec, file: Path, reader: StateReader) -> list[TowerSource]:
     """Towers of one checkpoint file, matched to the spec's towers by embedder kind."""
     description, _, components = FORMATS[detect_format(reader.keys(), str(file))]
-    held = " + ".join("OpenCLIP" if c.kind == "open_clip" else "CLIP ViT-L" for c in components if c.kind != "*")
+    held = " + ".join(FAMILY_NAMES[c.family] for c in components if c.family != "*")
     sources, free = [], list(components)
     for tower in spec.towers:
-        match = next((c for c in free if c.kind in ("*", tower.tokenizer)), None)
+        match = next((c for c in free if c.family in ("*", tower.family)), None)
         if match is None:
-            needs = " + ".join("OpenCLIP" if t.tokenizer == "open_clip" else "CLIP ViT-L" for t in spec.towers)
+            needs = " + ".join(FAMILY_NAMES[t.family] for t in spec.towers)
             raise WeightsError(f"{file} is {description} (text towers: {held or 'one, unnamed'}); "
                                f"encoder {spec.name!r} needs {needs}: these weights belong to another encoder")
         free.remove(match)
@@ -288,7 +344,7 @@ def read_tower(src: TowerSource, reader: StateReader, dtype: torch.dtype) -> dic
             keys[key[len(prefix):].removeprefix("text_model.") if layout == "hf" else key[len(prefix):]] = key
     table = TABLES[layout]
     present = count_blocks(keys, table)
-    stored = src.tower.layers - (src.tower.hf_dropped_layers if layout == "hf" else 0)
+    stored = src.tower.layers - (src.tower.hf_dropped_layers or 0 if layout == "hf" else 0)
     if present != stored:
         raise WeightsError(f"{src.description}: holds {present} transformer blocks, tower {src.tower.name!r} "
                            f"expects {stored}: these weights belong to another encoder or size")
@@ -299,32 +355,86 @@ def read_tower(src: TowerSource, reader: StateReader, dtype: torch.dtype) -> dic
 
 
 
-def download(spec: EncoderSpec, repo: str, *, revision: str | None = None) -> Path:
-    """Fetch only the text-encoder config and weights of a diffusers pipeline repo; cache first.
+def download(spec: EncoderSpec, repo: str, *, revision: str | None = None,
+             open_clip_files: tuple[str, ...] = OPEN_CLIP_FILES) -> Path:
+    """Fetch only the text-encoder files of a hub repo; the local Hugging Face cache first.
 
-    Honours ``HF_HUB_OFFLINE``, ``HF_HOME`` and ``HF_HUB_CACHE`` through huggingface_hub.
-    Returns the snapshot folder, laid out as a (partial) diffusers pipeline folder.
+    The repo may be a diffusers pipeline (``text_encoder*/``), an open_clip repo (for a single
+    open_clip tower: ``open_clip_model.safetensors``, else the ``.bin``), or a transformers repo
+    (``config.json`` beside the weights; of a sharded CLIPModel, only the shards with text tensors).
+    Returns the snapshot folder, or the open_clip file. Honours ``HF_HUB_OFFLINE``, ``HF_HOME`` and
+    ``HF_HUB_CACHE`` through huggingface_hub.
     """
-    from huggingface_hub import hf_hub_download
-    from huggingface_hub.errors import EntryNotFoundError, LocalEntryNotFoundError
+    hub = Hub(repo, revision)
+    if len(spec.towers) > 1:
+        return hub.pipeline(spec)
+    tower = spec.towers[0]
+    attempts = [lambda: hub.pipeline(spec)]
+    if tower.family == "open_clip":
+        attempts.append(lambda: hub.first(open_clip_files))
+    attempts.append(hub.transformers)
+    for attempt in attempts:
+        found = attempt()
+        if found is not None:
+            return found
+    layouts = [f"{tower.hub_subfolder}/config.json", *(open_clip_files if tower.family == "open_clip" else ()),
+               "config.json with weights"]
+    raise WeightsError(f"{repo}: none of {', '.join(layouts)} found on the hub or in the local Hugging Face cache "
+                       f"(HF_HUB_OFFLINE={os.environ.get('HF_HUB_OFFLINE', '0')}); run `clipcond download "
+                       f"{spec.name}` with network, or pass weights=PATH")
 
-    root = None
-    for tower in spec.towers:
-        sub = tower.hub_subfolder
+
+class Hub:
+    """One hub repo at one revision, read through huggingface_hub (cache first)."""
+
+    def __init__(self, repo: str, revision: str | None) -> None:
+        self.repo, self.revision = repo, revision
+
+    def get(self, name: str, subfolder: str | None = None) -> Path | None:
+        """A file of the repo, from the cache or downloaded; None if the repo (or the cache, offline) lacks it."""
+        from huggingface_hub import hf_hub_download
+        from huggingface_hub.errors import EntryNotFoundError, LocalEntryNotFoundError
+
         try:
-            root = Path(hf_hub_download(repo, "config.json", subfolder=sub, revision=revision)).parent.parent
-        except LocalEntryNotFoundError as err:
-            raise WeightsError(f"{repo}/{sub}: not in the local Hugging Face cache and the hub cannot be reached "
-                               f"(HF_HUB_OFFLINE={os.environ.get('HF_HUB_OFFLINE', '0')}); run "
-                               f"`clipcond download {spec.name}` with network, or pass weights=PATH") from err
-        for name in HF_WEIGHT_FILES:
-            try:
-                path = hf_hub_download(repo, name, subfolder=sub, revision=revision)
-            except (EntryNotFoundError, LocalEntryNotFoundError):
-                continue
-            logger.info("%s/%s/%s: %.1f MB at %s", repo, sub, name, os.path.getsize(path) / 1e6, path)
-            break
-        else:
-            raise WeightsError(f"{repo}/{sub}: none of {list(HF_WEIGHT_FILES)} found on the hub or in the cache")
-    assert root is not None  # spec.towers is never empty
-    return root
+            path = Path(hf_hub_download(self.repo, name, subfolder=subfolder, revision=self.revision))
+        except (EntryNotFoundError, LocalEntryNotFoundError):
+            return None
+        logger.info("%s/%s: %.1f MB at %s", self.repo, f"{subfolder}/{name}" if subfolder else name,
+                    path.stat().st_size / 1e6, path)
+        return path
+
+    def first(self, names: tuple[str, ...], subfolder: str | None = None) -> Path | None:
+        return next((path for name in names if (path := self.get(name, subfolder)) is not None), None)
+
+    def pipeline(self, spec: EncoderSpec) -> Path | None:
+        """A diffusers pipeline's text_encoder*/ folders: config and weights of each, nothing else."""
+        root = None
+        for tower in spec.towers:
+            config = self.get("config.json", tower.hub_subfolder)
+            if config is None:
+                if len(spec.towers) == 1:
+                    return None  # not a pipeline repo: the caller tries other layouts
+                raise WeightsError(f"{self.repo}/{tower.hub_subfolder}/config.json: not on the hub, or not in the "
+                                   f"local Hugging Face cache (HF_HUB_OFFLINE={os.environ.get('HF_HUB_OFFLINE', '0')})"
+                                   f"; run `clipcond download {spec.name}` with network, or pass weights=PATH")
+            if self.first(HF_WEIGHT_FILES, tower.hub_subfolder) is None:
+                raise WeightsError(f"{self.repo}/{tower.hub_subfolder}: none of {list(HF_WEIGHT_FILES)} found on the "
+                                   f"hub or in the cache")
+            root = config.parent.parent
+        return root
+
+    def transformers(self) -> Path | None:
+        """A transformers repo's config and weights; of a sharded checkpoint only the shards with text tensors."""
+        config = self.get("config.json")
+        if config is None:
+            return None
+        for name in HF_INDEX_FILES:
+            index = self.get(name)
+            if index is not None:
+                for shard in text_shards(json.loads(index.read_text())):
+                    if self.get(shard) is None:
+                        raise WeightsError(f"{self.repo}/{shard}: listed in {name} but not found")
+                return config.parent
+        if self.first(HF_WEIGHT_FILES) is None:
+            raise WeightsError(f"{self.repo}: config.json but none of {list(HF_WEIGHT_FILES)}")
+        return config.parent

@@ -41,7 +41,7 @@ def test_aliases(alias, name):
 @pytest.mark.parametrize("name", sorted(TABLE))
 def test_tiny_specs_keep_the_semantics(name):
     real, tiny = get_spec(name), get_spec(f"tiny-{name}")
-    assert (real.null, real.pooled_tower, real.max_length) == (tiny.null, tiny.pooled_tower, tiny.max_length)
+    assert (real.null, real.pooled_towers, real.max_length) == (tiny.null, tiny.pooled_towers, tiny.max_length)
     for r, t in zip(real.towers, tiny.towers, strict=True):
         differ = {f.name for f in dataclasses.fields(r) if getattr(r, f.name) != getattr(t, f.name)}
         assert differ <= SIZE_FIELDS, differ
@@ -54,7 +54,7 @@ def test_pooled_sources_and_blocks_needed():
     assert sd2.towers[0].pooled == "sequence_eos" and sd2.towers[0].blocks_needed == 23  # never the 24th
     assert bigg.towers[0].pooled == "projected" and bigg.towers[0].blocks_needed == 32
     assert sdxl.towers[0].pooled is None and sdxl.towers[0].blocks_needed == 11  # penultimate, no pooled
-    assert sdxl.pooled_tower == 1 and sdxl.towers[1] == bigg.towers[0]
+    assert sdxl.pooled_towers == (1,) and sdxl.towers[1] == bigg.towers[0]
 
 
 def test_overrides_derive_variants_without_touching_the_registry():
@@ -77,7 +77,7 @@ def test_overrides_derive_variants_without_touching_the_registry():
     ({"clip_skip": 12}, r"tower spec 'clip-vit-l-14': hidden_layer must be in \[-12, -1\] .*got -13"),
     ({"clip_skip": -1}, r"encoder spec 'clip-vit-l-14': clip_skip must be >= 0, got -1"),
     ({"clip_skip": 1, "hidden_layer": -2}, "give clip_skip or hidden_layer, not both"),
-    ({"pooled": "mean"}, r"pooled must be one of \('final_eos', 'sequence_eos', 'projected'\)"),
+    ({"pooled": "mean"}, r"pooled must be one of \('final_eos', 'sequence_eos', 'projected', None\), got 'mean'"),
     ({"null": "random"}, r"null must be one of \('empty', 'zeros'\), got 'random'"),
     ({"max_length": 100}, r"max_length must be in \[2, 77\]"),
     ({"pad_id": 50000}, r"pad_id must be a token id in \[0, 49408\), got 50000"),

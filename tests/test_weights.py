@@ -156,7 +156,9 @@ def test_hub_revision_and_missing_cache_error(tiny, tmp_path):
     result = _offline(tmp_path, code)
     assert result.returncode == 0, result.stderr[-2000:]
     assert "(1, 77, 32)" in result.stdout
-    assert "ERR stabilityai/stable-diffusion-2-1/text_encoder: not in the local Hugging Face cache" in result.stdout
+    assert ("ERR stabilityai/stable-diffusion-2-1: none of text_encoder/config.json, open_clip_model.safetensors, "
+            "open_clip_pytorch_model.bin, config.json with weights found on the hub or in the local Hugging Face "
+            "cache") in result.stdout
     assert "HF_HUB_OFFLINE=1" in result.stdout
 
 

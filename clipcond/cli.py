@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import argparse
+import json
 import logging
 import sys
 from collections.abc import Sequence
@@ -13,6 +14,11 @@ DTYPES = ("float32", "float16", "bfloat16")
 
 
 def _cmd_list(args: argparse.Namespace) -> int:
+    if args.json:  # a spec file a lab can edit and pass back as --encoder FILE
+        print(json.dumps(get_spec(args.json).to_dict(), indent=2))
+        return 0
+    if args.open_clip:
+        return _list_open_clip()
     aliases: dict[str, list[str]] = {}
     for alias, name in ALIASES.items():
         aliases.setdefault(name, []).append(alias)
@@ -23,13 +29,30 @@ def _cmd_list(args: argparse.Namespace) -> int:
     return 0
 
 
+def _list_open_clip() -> int:
+    from clipcond.openclip import list_open_clip
+
+    models = list_open_clip()
+    print(f"{'open_clip model':36} {'ok':3}  pretrained tags, or why its text tower does not qualify")
+    for m in models:
+        print(f"{m.name:36} {'no' if m.problems else 'yes':3}  "
+              f"{'; '.join(m.problems) if m.problems else ', '.join(m.tags) or '(no pretrained tags)'}")
+    print(f"{sum(not m.problems for m in models)} of {len(models)} qualify: "
+          f"TextConditioner.from_pretrained('open_clip:MODEL', pretrained=TAG)")
+    return 0
+
+
 def _load(args: argparse.Namespace):  # noqa: ANN202 (imports torch lazily)
     import torch
 
     from clipcond.conditioner import TextConditioner
 
-    tc = TextConditioner.from_pretrained(args.encoder, weights=args.weights, device=args.device,
-                                         dtype=getattr(torch, args.dtype))
+    if args.open_clip_config:
+        import open_clip
+
+        open_clip.add_model_config(args.open_clip_config)
+    tc = TextConditioner.from_pretrained(args.encoder, weights=args.weights, pretrained=args.pretrained,
+                                         device=args.device, dtype=getattr(torch, args.dtype))
     return tc.compile(mode=args.compile) if getattr(args, "compile", None) else tc
 
 
@@ -121,11 +144,17 @@ def build_parser() -> argparse.ArgumentParser:
     parser = argparse.ArgumentParser(prog="clipcond", description=__doc__)
     parser.add_argument("-v", "--verbose", action="store_true", help="log at INFO level")
     sub = parser.add_subparsers(dest="command", required=True)
-    sub.add_parser("list", help="registered encoders and aliases")
+    ls = sub.add_parser("list", help="registered encoders and aliases")
+    ls.add_argument("--open-clip", action="store_true", help="which open_clip models qualify as open_clip:MODEL")
+    ls.add_argument("--json", metavar="NAME", help="write NAME's spec as JSON (edit it, pass it as --encoder FILE)")
 
     def model_args(p: argparse.ArgumentParser) -> None:
-        p.add_argument("--encoder", required=True, help="registered name or alias (clipcond list)")
+        p.add_argument("--encoder", required=True,
+                       help="registered name or alias (clipcond list), open_clip:MODEL, or a spec .json file")
         p.add_argument("--weights", help="local folder/file or hub repo id (default: the name's hub repo)")
+        p.add_argument("--pretrained", metavar="TAG", help="open_clip pretrained tag of an open_clip:MODEL encoder")
+        p.add_argument("--open-clip-config", metavar="PATH",
+                       help="an open_clip model config JSON (or a folder of them) for --encoder open_clip:NAME")
         p.add_argument("--device", default="cpu")
         p.add_argument("--dtype", default="float32", choices=DTYPES)
 

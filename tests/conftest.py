@@ -18,7 +18,6 @@ import torch
 from safetensors.torch import load_file, save_file
 
 import clipcond
-from clipcond.tokenizer import write_hf_tokenizer
 
 BASE_PROMPTS = [
     "a photo of a cat",
@@ -36,10 +35,27 @@ BASE_PROMPTS = [
 
 
 def hf_tokenizer(folder: Path, pad_token: str):
-    """transformers' CLIPTokenizer over a folder written as the SD repos publish it."""
+    """transformers' CLIPTokenizer over a folder written as the SD repos publish it.
+
+    The files come from open_clip's own BPE tables, not clipcond's writer, so that the reference
+    cannot share a bug with the code it checks.
+    """
+    from open_clip.tokenizer import SimpleTokenizer
     from transformers import CLIPTokenizer
 
-    return CLIPTokenizer.from_pretrained(write_hf_tokenizer(folder, pad_token=pad_token))
+    oc = SimpleTokenizer()
+    names = {"<start_of_text>": "<|startoftext|>", "<end_of_text>": "<|endoftext|>"}  # the HF spelling
+    vocab = {names.get(token, token): i for token, i in oc.encoder.items()}
+    assert (vocab["<|startoftext|>"], vocab["<|endoftext|>"], len(vocab)) == (49406, 49407, 49408)
+    merges = [" ".join(pair) for pair, _ in sorted(oc.bpe_ranks.items(), key=lambda item: item[1])]
+    folder.mkdir(parents=True, exist_ok=True)
+    (folder / "vocab.json").write_text(json.dumps(vocab))
+    (folder / "merges.txt").write_text("\n".join(["#version: 0.2", *merges]) + "\n", encoding="utf-8")
+    config = {"tokenizer_class": "CLIPTokenizer", "model_max_length": 77, "do_lower_case": True,
+              "bos_token": "<|startoftext|>", "eos_token": "<|endoftext|>", "unk_token": "<|endoftext|>",
+              "pad_token": pad_token}
+    (folder / "tokenizer_config.json").write_text(json.dumps(config, indent=2))
+    return CLIPTokenizer.from_pretrained(folder)
 
 
 def hf_text_model(tower: clipcond.TowerSpec, *, layers: int, projection: bool, seed: int):

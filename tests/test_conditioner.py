@@ -7,6 +7,7 @@ import logging
 import open_clip
 import pytest
 import torch
+from safetensors.torch import save_file
 
 import clipcond
 from clipcond import Conditioning, TextConditioner
@@ -211,17 +212,23 @@ def test_conditioning_rows_to_and_cat():
         c.sequence = c.sequence  # frozen
 
 
-def test_pooled_reads_first_eos_not_argmax():
-    # Textual-inversion ids above 49407 must not move the pooled read (argmax would).
-    tc = TextConditioner.from_pretrained("tiny-sdxl-refiner")
-    tower = tc.towers[0]
-    tokens = tc.tokenize(["a cat"])[0]
-    _, pooled = tower(tokens.ids, tokens.eos)
-    ids = tokens.ids.clone()
-    ids[0, 1] = 49407  # an EOS earlier than the real one: "first EOS" reads here
-    _, moved = tower(ids, (ids[0] == 49407).nonzero()[0])
-    assert not torch.allclose(pooled, moved)
-    assert tokens.eos.tolist() == [3]
+def test_pooled_reads_first_eos_not_argmax(tiny, tmp_path):
+    # Catches pooling at argmax(ids) (transformers' legacy pooler): textual-inversion ids above 49407 win it.
+    vectors = torch.randn(2, 32)  # multi-vector: ids 49408, 49409
+    file = tmp_path / "learned_embeds.safetensors"
+    save_file({"<tok>": vectors}, file)
+    prompts = ["a photo of <tok> on a mat", "<tok>", "a cat"]
+    tc = TextConditioner.from_pretrained("sd15", weights=tiny.sd15).with_textual_inversion(file)
+    # The reference: diffusers' own textual inversion on the saved pipeline, read at the first EOS by hand.
+    pipe = tiny.pipeline("sd15")
+    pipe.load_textual_inversion(str(file))
+    ids = pipe.tokenizer(pipe.maybe_convert_prompt(prompts, pipe.tokenizer), padding="max_length", max_length=77,
+                         truncation=True, return_tensors="pt").input_ids
+    assert torch.equal(tc.tokenize(prompts)[0].ids, ids) and ids.max() == 49409
+    first_eos = [row.index(49407) for row in ids.tolist()]
+    assert first_eos == [9, 3, 3] and ids.argmax(1).tolist() == [5, 2, 3]  # argmax moves the read on TI rows
+    expected = pipe.text_encoder(ids).last_hidden_state[torch.arange(3), first_eos]  # after final_layer_norm
+    torch.testing.assert_close(tc(prompts).pooled, expected, **TOL)
 
 
 def test_list_encoders_and_from_pretrained_unknown_name():

@@ -56,15 +56,25 @@ def test_open_clip_flavour_equals_open_clip_tokenize():
     assert torch.equal(ours.ids, open_clip.tokenize(prompts))
 
 
-def test_eos_is_first_eos_position_and_truncation_keeps_eos_last():
-    prompts = varied_prompts(200, seed=2)
-    for kind, pad in (("hf", 49407), ("open_clip", 0)):
-        tokens = ClipTokenizer(kind, pad_id=pad)(prompts)
-        first_eos = (tokens.ids == 49407).int().argmax(dim=1)
-        assert torch.equal(tokens.eos, first_eos)
-        long_rows = [row for row, _ in tokens.truncated]
-        assert long_rows and all(tokens.ids[r, 76] == 49407 and tokens.eos[r] == 76 for r in long_rows)
-        assert (tokens.ids[:, 0] == 49406).all()
+# Prompt -> its first EOS position, counted by hand: BOS, then the prompt's BPE tokens (75 at most).
+FIRST_EOS = {"": 1, "a running dog": 4, "a photo of a cat": 6, "word " * 100: 76}
+LITERAL_EOS = {"hf": "a cat <|endoftext|> on a mat", "open_clip": "a cat <end_of_text> on a mat"}  # first EOS: 3
+
+
+@pytest.mark.parametrize(("kind", "pad"), [("hf", 49407), ("open_clip", 0)])
+def test_eos_is_first_eos_position_and_truncation_keeps_eos_last(tiny, kind, pad):
+    # Catches eos read at the last EOS or at BOS + length: a literal end-of-text in the prompt ends it there.
+    prompts = [*FIRST_EOS, LITERAL_EOS[kind], *varied_prompts(200, seed=2)]
+    tokens = ClipTokenizer(kind, pad_id=pad)(prompts)
+    reference = hf_ids(tiny.tok_l, prompts) if kind == "hf" else open_clip.tokenize(prompts)
+    assert torch.equal(tokens.ids, reference)
+    first_eos = [row.index(49407) for row in reference.tolist()]
+    assert first_eos[:5] == [*FIRST_EOS.values(), 3]
+    assert reference[4, 3:8].tolist() == [49407, 525, 320, 9063, 49407]  # "on a mat" follows the literal EOS
+    assert tokens.eos.tolist() == first_eos
+    long_rows = [row for row, _ in tokens.truncated]
+    assert 3 in long_rows and all(tokens.ids[r, 76] == 49407 and tokens.eos[r] == 76 for r in long_rows)
+    assert (tokens.ids[:, 0] == 49406).all()
 
 
 def test_truncated_text_is_the_dropped_tail():

@@ -199,3 +199,22 @@ def test_wrong_size_checkpoint_names_the_tensors(registered):
     _, files = registered["tiny-oc-quickgelu"]
     with pytest.raises(WeightsError, match="holds 3 transformer blocks, tower 'tiny-oc-gelu' expects 4"):
         TextConditioner.from_pretrained("open_clip:tiny-oc-gelu", weights=files["safetensors"])
+
+
+def test_cli_reads_a_users_open_clip_config(tmp_path, capsys):
+    # --open-clip-config registers a config open_clip has never seen, then open_clip:NAME resolves it.
+    config = {"embed_dim": 16, "vision_cfg": VISION, "text_cfg": {"width": 32, "heads": 4, "layers": 2}}
+    (tmp_path / "lab-clip-v3.json").write_text(json.dumps(config))
+    torch.manual_seed(0)
+    open_clip.add_model_config(tmp_path / "lab-clip-v3.json")
+    model = open_clip.create_model("lab-clip-v3").eval()
+    save_file({k: v.contiguous() for k, v in model.state_dict().items()}, tmp_path / "lab.safetensors")
+    open_clip.factory._MODEL_CONFIGS.pop("lab-clip-v3")  # as in a fresh process: only the flag registers it
+    with pytest.raises(KeyError, match="unknown open_clip model 'lab-clip-v3'"):
+        get_spec("open_clip:lab-clip-v3")
+    assert main(["encode", "--encoder", "open_clip:lab-clip-v3", "--open-clip-config",
+                 str(tmp_path / "lab-clip-v3.json"), "--weights", str(tmp_path / "lab.safetensors"), "a cat"]) == 0
+    out = capsys.readouterr().out
+    assert "encoder open_clip:lab-clip-v3" in out and "pooled (1, 16)" in out
+    expected = model.encode_text(open_clip.tokenize(["a cat"]))[0].norm()
+    assert f"|pooled| {expected:.4f}" in out

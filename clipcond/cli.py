@@ -104,13 +104,37 @@ def _cmd_precompute(args: argparse.Namespace) -> int:
     from clipcond.precompute import PrecomputeJob, Ranks, precompute, rank_device
     from clipcond.store import describe_store
 
-    job = PrecomputeJob(input=args.input, out=args.out, column=args.column, id_column=args.id_column,
-                        limit=args.limit, batch_size=args.batch_size, shard_size=args.shard_size)
+    job = PrecomputeJob(input=args.input, out=args.out, column=args.column or ["caption"], id_column=args.id_column,
+                        limit=args.limit, batch_size=args.batch_size, shard_size=args.shard_size, part=args.part)
     args.device = rank_device(args.device)
     manifest = precompute(_load(args), job)
     if Ranks.from_env().rank == 0:
-        print("\n".join(describe_store(job.out, manifest)))
+        run = manifest["run"]
+        print(f"{run['encoded']} encoded, {run['reused']} reused")
+        if run.get("waiting"):
+            print(f"part {job.part[0]}/{job.part[1]} done; the last part to finish publishes the store")
+        else:
+            print("\n".join(describe_store(job.out, manifest)))
     return 0
+
+
+def _cmd_gc(args: argparse.Namespace) -> int:
+    from clipcond.gc import collect
+
+    result = collect(args.out)
+    print(f"{args.out}: {result.removed} unreferenced embeddings removed ({result.rewritten} shards rewritten, "
+          f"{result.deleted} deleted), {result.kept} kept")
+    return 0
+
+
+def _part(text: str) -> tuple[int, int]:
+    try:
+        i, n = (int(x) for x in text.split("/"))
+    except ValueError:
+        raise argparse.ArgumentTypeError(f"--part must be I/N (e.g. 0/4), got {text!r}") from None
+    if not 0 <= i < n:
+        raise argparse.ArgumentTypeError(f"--part I/N needs 0 <= I < N, got {text!r}")
+    return i, n
 
 
 def _cmd_inspect(args: argparse.Namespace) -> int:
@@ -168,17 +192,25 @@ def build_parser() -> argparse.ArgumentParser:
     pre = sub.add_parser("precompute", help="encode a caption dataset into a sharded, resumable embedding store "
                          "(torchrun --nproc-per-node N -m clipcond precompute ... splits it by rank)")
     model_args(pre)
-    pre.add_argument("--input", required=True, help=".txt (a caption per line), .jsonl, .csv, .parquet, or a "
-                     "Hugging Face dataset folder (save_to_disk)")
-    pre.add_argument("--column", default="caption", help="caption column (default: caption)")
-    pre.add_argument("--id-column", help="unique id column, for EmbeddingStore.by_id")
-    pre.add_argument("--out", required=True, help="store folder; rerun the same command to resume it")
+    pre.add_argument("--input", required=True, action="append",
+                     help=".txt (a caption per line), .jsonl, .csv, .parquet, webdataset .tar, or a Hugging Face "
+                     "dataset folder (save_to_disk); repeat it or use a glob ('data/*.parquet'): sorted path order")
+    pre.add_argument("--column", action="append",
+                     help="caption column (default: caption; tars: txt, or json:FIELD); repeat it for caption "
+                     "variants, or name a list-valued column")
+    pre.add_argument("--id-column", help="unique id column, for EmbeddingStore.by_id (tars: their __key__)")
+    pre.add_argument("--out", required=True, help="store folder; rerun to resume it, or with a grown or changed "
+                     "input to encode only the captions it lacks")
+    pre.add_argument("--part", type=_part, metavar="I/N", help="encode part I of N (0-based) into the same --out, "
+                     "e.g. a Slurm array task or a Kubernetes indexed Job; the last part to finish publishes")
     pre.add_argument("--batch-size", type=int, default=128)
     pre.add_argument("--limit", type=int, help="encode only the first LIMIT rows")
     pre.add_argument("--shard-size", type=int, help="unique embeddings per shard (default: about 256 MiB a shard)")
     pre.add_argument("--compile", nargs="?", const="default", metavar="MODE",
                      choices=("default", "reduce-overhead", "max-autotune", "max-autotune-no-cudagraphs"),
                      help="torch.compile the towers (MODE: default, or reduce-overhead for CUDA graphs)")
+    gc = sub.add_parser("gc", help="remove embeddings no row of a store refers to any more (after inputs shrank)")
+    gc.add_argument("out")
     ins = sub.add_parser("inspect", help="what a checkpoint file holds, or describe and verify an embedding store")
     ins.add_argument("path")
     return parser

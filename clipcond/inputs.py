@@ -1,33 +1,40 @@
 """Caption tables read in bounded batches, and the deduplicating first pass of ``clipcond precompute``.
 
 Inputs: ``.txt`` (a caption per line), ``.jsonl`` (a JSON object per line), ``.csv`` (pyarrow's
-streaming reader), ``.parquet`` (``pyarrow.parquet.ParquetFile.iter_batches``) and a folder written
-by Hugging Face ``datasets``' ``save_to_disk`` (memory-mapped Arrow). No reader holds more than
-``READ_BATCH`` rows, so the pass over a million-row table keeps memory flat but for what
-deduplication must keep: one copy of each unique caption, and 8 bytes a row for the index
-(plus the id bytes with an id column).
+streaming reader), ``.parquet`` (``pyarrow.parquet.ParquetFile.iter_batches``), a folder written
+by Hugging Face ``datasets``' ``save_to_disk`` (memory-mapped Arrow), and webdataset ``.tar``
+shards as img2dataset writes them (``<key>.txt``, ``<key>.json``, images: streamed, images
+skipped unread; the id is the sample's ``__key__``). Several files (``--input`` repeated or a glob)
+are read in sorted path order as one table. A row may hold several captions (variants): several
+caption columns, or one list-valued column. No reader holds more than ``READ_BATCH`` rows, so the
+pass over a million-row table keeps memory flat but for what deduplication must keep: one copy of
+each unique caption, and 8 bytes a row and variant for the index (plus the id bytes).
 """
 
 from __future__ import annotations
 
 import csv
+import glob
 import hashlib
 import importlib
 import itertools
 import json
+import tarfile
 from array import array
-from collections.abc import Iterable, Iterator
+from collections.abc import Iterable, Iterator, Sequence
 from dataclasses import dataclass
 from pathlib import Path
 
 import numpy as np
 import torch
 
-from clipcond.store import id_hash
+from clipcond.files import id_hash
 
 READ_BATCH = 8192  # rows per batch read from the input
-Batch = tuple[list[str], list[str] | None]  # captions, ids (None without an id column)
-SUFFIXES = (".txt", ".jsonl", ".csv", ".parquet")
+Batch = tuple[list[tuple[str, ...]], list[str] | None]  # each row's captions (k variants), ids (None: no ids)
+SUFFIXES = (".txt", ".jsonl", ".csv", ".parquet", ".tar")
+TAR_KEY = "__key__"  # a webdataset sample's id: its members' shared path before the first dot
+TAR_DEFAULT_COLUMN = "txt"
 
 
 def _require(names: Iterable[str], columns: list[str], source: object) -> None:
@@ -52,15 +59,20 @@ def _strings(values: list, column: str, first_row: int, source: object, *, ids: 
     return out
 
 
-def _txt(path: Path, column: str, id_column: str | None) -> Iterator[tuple[list, list | None]]:
+Columns = tuple[list[list], list | None]  # values of each caption column, ids
+
+
+def _txt(path: Path, columns: list[str], id_column: str | None) -> Iterator[Columns]:
     if id_column is not None:
         raise ValueError(f"{path}: a .txt input has no columns, so no --id-column; use .jsonl, .csv or .parquet")
+    if len(columns) > 1:
+        raise ValueError(f"{path}: a .txt input has one caption a line, so one --column; got {columns}")
     with open(path, encoding="utf-8") as f:  # universal newlines: "\r\n" files read like "\n" ones
         while lines := list(itertools.islice(f, READ_BATCH)):
-            yield [line.removesuffix("\n") for line in lines], None
+            yield [[line.removesuffix("\n") for line in lines]], None
 
 
-def _jsonl(path: Path, column: str, id_column: str | None) -> Iterator[tuple[list, list | None]]:
+def _jsonl(path: Path, columns: list[str], id_column: str | None) -> Iterator[Columns]:
     with open(path, encoding="utf-8") as f:
         numbered = ((n, line) for n, line in enumerate(f, start=1) if line.strip())  # blank lines are not rows
         while chunk := list(itertools.islice(numbered, READ_BATCH)):
@@ -72,14 +84,14 @@ def _jsonl(path: Path, column: str, id_column: str | None) -> Iterator[tuple[lis
                     raise ValueError(f"{path} line {n}: not JSON ({err})") from err
                 if not isinstance(record, dict):
                     raise ValueError(f"{path} line {n}: expected a JSON object, got {type(record).__name__}")
-                _require(record, [column] + ([id_column] if id_column else []), f"{path} line {n}")
+                _require(record, columns + ([id_column] if id_column else []), f"{path} line {n}")
                 records.append(record)
-            yield [r[column] for r in records], [r[id_column] for r in records] if id_column else None
+            yield [[r[c] for r in records] for c in columns], [r[id_column] for r in records] if id_column else None
 
 
-def _arrow(batches: Iterable, column: str, id_column: str | None) -> Iterator[tuple[list, list | None]]:
+def _arrow(batches: Iterable, columns: list[str], id_column: str | None) -> Iterator[Columns]:
     for batch in batches:
-        yield batch[column].to_pylist(), batch[id_column].to_pylist() if id_column else None
+        yield [batch[c].to_pylist() for c in columns], batch[id_column].to_pylist() if id_column else None
 
 
 def _need(module: str, path: Path, package: str):  # noqa: ANN202 (optional modules)
@@ -89,30 +101,30 @@ def _need(module: str, path: Path, package: str):  # noqa: ANN202 (optional modu
         raise ModuleNotFoundError(f"reading {path} needs {package}: pip install {package}") from err
 
 
-def _csv(path: Path, column: str, id_column: str | None) -> Iterator[tuple[list, list | None]]:
+def _csv(path: Path, columns: list[str], id_column: str | None) -> Iterator[Columns]:
     pa, pv = _need("pyarrow", path, "pyarrow"), _need("pyarrow.csv", path, "pyarrow")
 
-    columns = [column] + ([id_column] if id_column else [])
+    wanted = columns + ([id_column] if id_column else [])
     with open(path, encoding="utf-8", newline="") as f:
-        _require(next(csv.reader(f), []), columns, path)
+        _require(next(csv.reader(f), []), wanted, path)
     reader = pv.open_csv(
         path,
         # Quoted captions may hold newlines; only the columns we read are parsed, all as text
         # ("00123" stays an id, not the number 123), empty cells stay "" rather than null.
         parse_options=pv.ParseOptions(newlines_in_values=True),
-        convert_options=pv.ConvertOptions(include_columns=columns, column_types=dict.fromkeys(columns, pa.string()),
+        convert_options=pv.ConvertOptions(include_columns=wanted, column_types=dict.fromkeys(wanted, pa.string()),
                                           strings_can_be_null=False),
     )
-    yield from _arrow(reader, column, id_column)
+    yield from _arrow(reader, columns, id_column)
 
 
-def _parquet(path: Path, column: str, id_column: str | None) -> Iterator[tuple[list, list | None]]:
+def _parquet(path: Path, columns: list[str], id_column: str | None) -> Iterator[Columns]:
     pq = _need("pyarrow.parquet", path, "pyarrow")
 
-    columns = [column] + ([id_column] if id_column else [])
+    wanted = columns + ([id_column] if id_column else [])
     parquet = pq.ParquetFile(path)
-    _require(parquet.schema_arrow.names, columns, path)
-    yield from _arrow(parquet.iter_batches(batch_size=READ_BATCH, columns=columns), column, id_column)
+    _require(parquet.schema_arrow.names, wanted, path)
+    yield from _arrow(parquet.iter_batches(batch_size=READ_BATCH, columns=wanted), columns, id_column)
 
 
 def _load_dataset(path: Path):  # noqa: ANN202 (datasets is optional)
@@ -126,43 +138,178 @@ def _load_dataset(path: Path):  # noqa: ANN202 (datasets is optional)
     return ds
 
 
-def _hf_dataset(path: Path, column: str, id_column: str | None) -> Iterator[tuple[list, list | None]]:
+def _hf_dataset(path: Path, columns: list[str], id_column: str | None) -> Iterator[Columns]:
     ds = _load_dataset(path)
-    columns = [column] + ([id_column] if id_column else [])
-    _require(ds.column_names, columns, path)
-    for batch in ds.select_columns(columns).iter(batch_size=READ_BATCH):
-        yield batch[column], batch[id_column] if id_column else None
+    wanted = columns + ([id_column] if id_column else [])
+    _require(ds.column_names, wanted, path)
+    for batch in ds.select_columns(list(dict.fromkeys(wanted))).iter(batch_size=READ_BATCH):
+        yield [batch[c] for c in columns], batch[id_column] if id_column else None
 
 
-def row_count_hint(path: Path) -> int | None:
-    """Rows in the input if its metadata says so cheaply (parquet, datasets), for the progress bar."""
+def _tar_samples(path: Path, extensions: set[str]) -> Iterator[tuple[str, dict[str, bytes]]]:
+    """``(__key__, {extension: bytes})`` of each sample of a webdataset tar, read as a stream.
+
+    Members of a sample are consecutive (webdataset's rule); only ``extensions`` are read, the
+    rest (images) are skipped without being decoded. A key seen again later is an error.
+    """
+    key, members, seen = None, {}, set()
+    try:
+        with tarfile.open(path, "r|*") as tar:
+            for member in tar:
+                if not member.isfile():
+                    continue
+                folder, _, name = member.name.rpartition("/")
+                stem, dot, ext = name.partition(".")
+                if not dot or stem.startswith("."):
+                    continue  # no extension (webdataset skips these too), or a hidden file
+                sample = f"{folder}/{stem}" if folder else stem
+                if sample != key:
+                    if key is not None:
+                        yield key, members
+                    if sample in seen:
+                        raise ValueError(f"{path}: sample {sample!r} appears twice (its members are not "
+                                         "consecutive, or the key repeats): __key__ must be unique")
+                    key, members = sample, {}
+                    seen.add(sample)
+                if ext in extensions:
+                    data = tar.extractfile(member).read()
+                    if len(data) != member.size:
+                        raise tarfile.ReadError(f"member {member.name} is cut short")
+                    members[ext] = data
+            if key is not None:
+                yield key, members
+    except (tarfile.TarError, EOFError, OSError) as err:
+        where = f" at sample {key!r}" if key is not None else ""
+        raise ValueError(f"{path}: truncated or damaged tar{where} ({type(err).__name__}: {err})") from err
+
+
+def _tar_field(path: Path, key: str, members: dict[str, bytes], column: str) -> object:
+    ext, _, field = column.partition(":")
+    if ext not in members:
+        raise ValueError(f"{path}: sample {key!r} has no .{ext} member (column {column!r}); its members: "
+                         f"{sorted(members) or 'none read'}")
+    try:
+        text = members[ext].decode("utf-8")
+    except UnicodeDecodeError as err:
+        raise ValueError(f"{path}: sample {key!r}: {key}.{ext} is not UTF-8 text ({err})") from err
+    if not field:
+        return text
+    try:
+        record = json.loads(text)
+    except json.JSONDecodeError as err:
+        raise ValueError(f"{path}: sample {key!r}: {key}.{ext} is not JSON ({err})") from err
+    if not isinstance(record, dict) or field not in record:
+        raise ValueError(f"{path}: sample {key!r}: {key}.{ext} has no field {field!r}")
+    return record[field]
+
+
+def _tar(path: Path, columns: list[str], id_column: str | None) -> Iterator[Columns]:
+    """A webdataset shard: ``--column txt`` (a member extension) or ``json:FIELD``; ids are the ``__key__``s."""
+    if id_column not in (None, TAR_KEY):
+        raise ValueError(f"{path}: the id of a tar sample is its {TAR_KEY}; --id-column must be omitted or "
+                         f"{TAR_KEY!r}, got {id_column!r}")
+    extensions = {c.partition(":")[0] for c in columns}
+    samples = _tar_samples(path, extensions)
+    while chunk := list(itertools.islice(samples, READ_BATCH)):
+        yield [[_tar_field(path, key, members, c) for key, members in chunk] for c in columns], [k for k, _ in chunk]
+
+
+def row_count_hint(paths: Sequence[Path]) -> int | None:
+    """Rows in the inputs if their metadata says so cheaply (parquet, datasets), for the progress bar."""
+    total = 0
+    for path in paths:
+        if path.is_dir():
+            total += _load_dataset(path).num_rows
+        elif path.suffix.lower() == ".parquet":
+            total += _need("pyarrow.parquet", path, "pyarrow").ParquetFile(path).metadata.num_rows
+        else:
+            return None
+    return total
+
+
+READERS = {".txt": _txt, ".jsonl": _jsonl, ".csv": _csv, ".parquet": _parquet, ".tar": _tar}
+
+
+def expand_inputs(inputs: str | Path | Sequence[str | Path]) -> list[Path]:
+    """Input files and folders: globs expanded; all of them in sorted path order, each once."""
+    items = [inputs] if isinstance(inputs, str | Path) else list(inputs)
+    paths: set[Path] = set()
+    for item in items:
+        text = str(item)
+        if glob.has_magic(text):
+            matches = glob.glob(text)
+            if not matches:
+                raise FileNotFoundError(f"--input {text!r} matches no file")
+            paths.update(Path(m) for m in matches)
+        else:
+            paths.add(Path(text))
+    if not paths:
+        raise ValueError("no --input given")
+    return sorted(paths)
+
+
+def _reader(path: Path):  # noqa: ANN202
     if path.is_dir():
-        return _load_dataset(path).num_rows
-    if path.suffix.lower() == ".parquet":
-        return _need("pyarrow.parquet", path, "pyarrow").ParquetFile(path).metadata.num_rows
-    return None
-
-
-def read_captions(path: str | Path, *, column: str = "caption", id_column: str | None = None) -> Iterator[Batch]:
-    """``(captions, ids)`` batches of at most ``READ_BATCH`` rows, values checked and ids as strings."""
-    path = Path(path)
-    readers = {".txt": _txt, ".jsonl": _jsonl, ".csv": _csv, ".parquet": _parquet}
-    if path.is_dir():
-        reader = _hf_dataset
-    elif path.suffix.lower() not in readers:
+        return _hf_dataset
+    if path.suffix.lower() not in READERS:
         raise ValueError(f"{path}: unknown input type {path.suffix!r}; expected one of {SUFFIXES} "
                          "or a folder written by datasets' save_to_disk")
-    elif not path.is_file():
+    if not path.is_file():
         raise FileNotFoundError(f"{path}: no such input file")
-    else:
-        reader = readers[path.suffix.lower()]
-    row = 0
-    for captions, ids in reader(path, column, id_column):
-        captions = _strings(captions, column, row, path)
-        if id_column is not None:
-            ids = _strings(ids, id_column, row, path, ids=True)
-        row += len(captions)
-        yield captions, ids
+    return READERS[path.suffix.lower()]
+
+
+def _variants(values: list[list], columns: list[str], first_row: int, source: object, k: int | None
+              ) -> list[tuple[str, ...]]:
+    """Each row's captions: one per column, or the items of one list-valued column (k of them in every row)."""
+    if len(columns) > 1:
+        checked = [_strings(v, c, first_row, source) for v, c in zip(values, columns, strict=True)]
+        return list(zip(*checked, strict=True))
+    rows = []
+    for i, value in enumerate(values[0]):
+        if isinstance(value, list | tuple):
+            items = _strings(list(value), columns[0], first_row + i, source)
+            if not items or (k is not None and len(items) != k):
+                raise ValueError(f"{source} row {first_row + i}: column {columns[0]!r} holds {len(items)} "
+                                 f"captions, the rows before it {k}: every row needs the same number of variants")
+            k = len(items)
+            rows.append(tuple(items))
+        else:
+            if k not in (None, 1):
+                raise ValueError(f"{source} row {first_row + i}: column {columns[0]!r} holds a single caption, "
+                                 f"the rows before it lists of {k}")
+            k = 1
+            rows.append(tuple(_strings([value], columns[0], first_row + i, source)))
+    return rows
+
+
+def read_captions(path: str | Path | Sequence[str | Path], *, column: str | Sequence[str] = "caption",
+                  id_column: str | None = None) -> Iterator[Batch]:
+    """``(rows, ids)`` batches of at most ``READ_BATCH`` rows over every input file in sorted order;
+    each row a tuple of its k captions (variants), values checked, ids as strings."""
+    columns = [column] if isinstance(column, str) else list(column)
+    if not columns:
+        raise ValueError("at least one --column is needed")
+    k = None if len(columns) == 1 else len(columns)
+    with_ids = None
+    for file in expand_inputs(path):
+        reader = _reader(file)
+        tar = reader is _tar
+        # Tars default to the .txt member, as img2dataset writes the caption.
+        file_columns = [TAR_DEFAULT_COLUMN if c == "caption" else c for c in columns] if tar else columns
+        row = 0
+        for values, ids in reader(file, file_columns, id_column):
+            rows = _variants(values, file_columns, row, file, k)
+            k = len(rows[0]) if rows else k
+            if with_ids is not None and with_ids != (ids is not None):
+                raise ValueError(f"{file}: rows {'without' if ids is None else 'with'} ids after rows "
+                                 f"{'with' if with_ids else 'without'} them: tars (ids = {TAR_KEY}) and tables "
+                                 "without --id-column cannot be mixed")
+            with_ids = ids is not None
+            if ids is not None:
+                ids = _strings(ids, TAR_KEY if tar else id_column, row, file, ids=True)
+            row += len(rows)
+            yield rows, ids
 
 
 # --- the first pass: deduplication ---------------------------------------------------------
@@ -195,17 +342,23 @@ class _Ids:
         return bytes(self.blob[self.offsets[row] : self.offsets[row + 1]])
 
 
+def caption_key(caption: str) -> bytes:
+    """What a store addresses an embedding by: 16 bytes of BLAKE2b of the caption's UTF-8 text."""
+    return hashlib.blake2b(caption.encode(), digest_size=16).digest()
+
+
 @dataclass
 class Scan:
     """The input as precompute needs it: unique captions in order of first appearance, and the index."""
 
-    captions: list[str]  # [U]
-    rows: torch.Tensor  # [N] int64: input row -> index into captions
-    ids: dict[str, torch.Tensor] | None  # the id tensors of index.safetensors
+    captions: list[str]  # [U]: every distinct caption of every variant, in row-major order of appearance
+    rows: torch.Tensor  # [N, k] int64: input row, variant -> index into captions
+    ids: dict[str, torch.Tensor] | None  # the id tensors of the index
     sha256: str  # of every caption (and id), length-prefixed, in row order: the input's identity
 
-    def index_tensors(self) -> dict[str, torch.Tensor]:
-        return {"rows": self.rows, **(self.ids or {})}
+    @property
+    def variants(self) -> int:
+        return self.rows.shape[1]
 
 
 def _update(digest: hashlib._Hash, data: bytes) -> None:
@@ -213,29 +366,33 @@ def _update(digest: hashlib._Hash, data: bytes) -> None:
     digest.update(data)
 
 
-def scan_captions(path: str | Path, *, column: str = "caption", id_column: str | None = None,
-                  limit: int | None = None, progress: bool = False) -> Scan:
+def scan_captions(path: str | Path | Sequence[str | Path], *, column: str | Sequence[str] = "caption",
+                  id_column: str | None = None, limit: int | None = None, progress: bool = False) -> Scan:
     """One streaming pass: dedup (first appearance wins, so it is deterministic), index, ids, input sha256."""
     from tqdm.auto import tqdm
 
     unique: dict[str, int] = {}
-    rows, digest, ids = array("q"), hashlib.sha256(), _Ids() if id_column else None
-    total = row_count_hint(Path(path)) if progress else None
+    rows, digest, ids, k, n = array("q"), hashlib.sha256(), None, 1, 0
+    total = row_count_hint(expand_inputs(path)) if progress else None
     total = min(total, limit) if total is not None and limit is not None else total or limit
     with tqdm(total=total, desc="scan", unit="row", unit_scale=True, disable=None if progress else True) as bar:
-        for captions, batch_ids in read_captions(path, column=column, id_column=id_column):
+        for batch, batch_ids in read_captions(path, column=column, id_column=id_column):
             if limit is not None:
-                captions = captions[: limit - len(rows)]
-            for i, caption in enumerate(captions):
-                rows.append(unique.setdefault(caption, len(unique)))
-                _update(digest, caption.encode())
-                if ids is not None:
+                batch = batch[: limit - n]
+            for i, captions in enumerate(batch):
+                k = len(captions)
+                for caption in captions:
+                    rows.append(unique.setdefault(caption, len(unique)))
+                    _update(digest, caption.encode())
+                if batch_ids is not None:
+                    ids = ids or _Ids()
                     ids.add(batch_ids[i].encode())
                     _update(digest, batch_ids[i].encode())
-            bar.update(len(captions))
-            if limit is not None and len(rows) >= limit:
+            n += len(batch)
+            bar.update(len(batch))
+            if limit is not None and n >= limit:
                 break
     if not rows:
         raise ValueError(f"{path}: no rows to encode" + (" (--limit 0)" if limit == 0 else ""))
-    return Scan(list(unique), _int64(rows),
-                ids.tensors(path, id_column) if ids is not None else None, digest.hexdigest())
+    return Scan(list(unique), _int64(rows).view(n, k),
+                ids.tensors(path, id_column or TAR_KEY) if ids is not None else None, digest.hexdigest())

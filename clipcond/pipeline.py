@@ -39,7 +39,7 @@ POLL = 0.1  # seconds between checks that another stage has not failed
 DRAIN_POLL = 0.001  # while the device still has work queued: how often to ask whether it finished
 DELAY_ENV = "CLIPCOND_PRECOMPUTE_BATCH_DELAY"  # seconds to sleep after each batch: lets tests SIGKILL mid-run
 
-Shard = tuple[int, int, int]  # (k, first unique row, stop)
+Shard = tuple[int, int, int]  # (k, first slot, stop): captions[slot] is encoded into slot
 
 
 def sidecar_name(k: int) -> str:
@@ -185,7 +185,7 @@ class _ShardFile:
 
     def __init__(self, out: Path, shard: Shard, like: Conditioning, meta: dict[str, object]) -> None:
         self.k, self.start, self.stop = shard
-        self.path = out / shard_name(self.k)
+        self.path, self.plan = out / shard_name(self.k), meta.get("plan")
         n, self.dtype, self.row_shape = self.stop - self.start, like.dtype, like.sequence.shape[1:]
         self.pooled = torch.empty((n, like.pooled.shape[1]), dtype=self.dtype)  # [n, P]
         self.filled = self.truncated = 0
@@ -236,7 +236,7 @@ class _ShardFile:
             os.fsync(self.file.fileno())
             self.file.close()
             entry = {"file": self.path.name, "bytes": self.size, "sha256": self.digest.hexdigest(),
-                     "start": self.start, "stop": self.stop, "truncated": self.truncated}
+                     "start": self.start, "stop": self.stop, "truncated": self.truncated, "plan": self.plan}
             atomic_write(out / sidecar_name(self.k), json.dumps(entry).encode())
             publish(self.tmp, self.path)
         except BaseException:

@@ -21,16 +21,18 @@ import hashlib
 import json
 import logging
 import os
-from collections.abc import Callable, Iterator
+from array import array
+from collections.abc import Callable, Iterator, Sequence
 from contextlib import closing, contextmanager
 from dataclasses import dataclass
 from datetime import timedelta
 from pathlib import Path
 from typing import TYPE_CHECKING, TypeVar
 
+import torch
 import torch.distributed as dist
 
-from clipcond.inputs import Scan, scan_captions
+from clipcond.inputs import Scan, caption_key, expand_inputs, scan_captions
 from clipcond.pipeline import encode_shards
 from clipcond.store import (
     FORMAT,
@@ -40,7 +42,9 @@ from clipcond.store import (
     NULL,
     TMP_MARK,
     StoreLock,
+    index_name,
     read_manifest,
+    read_tensors,
     shard_name,
     store_problems,
     write_json,
@@ -56,20 +60,22 @@ T = TypeVar("T")
 TARGET_SHARD_BYTES = 256 * 2**20  # default shard size: few files, yet one shard re-encodes in seconds
 # Ranks wait at barriers for the slowest one; gloo's 30-minute default is shorter than a big job.
 BARRIER_TIMEOUT = timedelta(hours=48)
-IDENTITY = ("format_version", "encoder", "fingerprint", "dtype", "rows", "unique", "shard_size")
 
 
 @dataclass(frozen=True, slots=True, kw_only=True)
 class PrecomputeJob:
     """What to encode and where; the encoder is the ``TextConditioner`` passed beside it."""
 
-    input: Path  # .txt / .jsonl / .csv / .parquet, or a saved Hugging Face dataset folder
-    out: Path  # the store folder (created; resumed when it holds a store of the same job)
-    column: str = "caption"
-    id_column: str | None = None  # ids for EmbeddingStore.by_id; must be unique
+    # .txt / .jsonl / .csv / .parquet / webdataset .tar, or a saved Hugging Face dataset folder; several
+    # (and globs) read as one table in sorted path order
+    input: Path | Sequence[Path | str]
+    out: Path  # the store folder (created; grown when it holds a store of the same encoder)
+    column: str | Sequence[str] = "caption"  # several: each row's caption variants (or one list column)
+    id_column: str | None = None  # ids for EmbeddingStore.by_id; must be unique (tars: their __key__)
     limit: int | None = None  # encode only the first rows of the input
     batch_size: int = 128
     shard_size: int | None = None  # unique embeddings per shard; None: the store's own, else ~256 MiB
+    part: tuple[int, int] | None = None  # (i, n): encode part i of n; the last part to finish publishes
     progress: bool = True  # tqdm bars (rank 0, terminals only)
 
     def __post_init__(self) -> None:
@@ -77,8 +83,15 @@ class PrecomputeJob:
             value = getattr(self, field)
             if value is not None and value < low:
                 raise ValueError(f"PrecomputeJob.{field} must be >= {low}, got {value}")
-        object.__setattr__(self, "input", Path(self.input))
+        if self.part is not None and not (len(self.part) == 2 and 0 <= self.part[0] < self.part[1]):
+            raise ValueError(f"PrecomputeJob.part must be (i, n) with 0 <= i < n, got {self.part}")
+        inputs = [self.input] if isinstance(self.input, str | os.PathLike) else list(self.input)
+        object.__setattr__(self, "input", Path(inputs[0]) if len(inputs) == 1 else tuple(map(Path, inputs)))
         object.__setattr__(self, "out", Path(self.out))
+
+    @property
+    def columns(self) -> tuple[str, ...]:
+        return (self.column,) if isinstance(self.column, str) else tuple(self.column)
 
 
 # --- ranks ------------------------------------------------------------------------------
@@ -160,28 +173,80 @@ def default_shard_size(tc: TextConditioner, batch_size: int) -> int:
     return rows - rows % batch_size if rows >= batch_size else rows  # whole batches: no short batch per shard
 
 
-def plan_manifest(tc: TextConditioner, job: PrecomputeJob, scan: Scan, shard_size: int) -> dict:
+def _digest(*parts: object) -> str:
+    return hashlib.sha256(json.dumps(parts, sort_keys=True).encode()).hexdigest()[:16]
+
+
+@dataclass
+class Layout:
+    """Where each unique caption of the input lives after this run (rank 0 only: never broadcast)."""
+
+    keep: list[dict]  # the base store's shards kept, as their manifest entries
+    slot_keys: torch.Tensor  # [slots, 16] uint8: each slot's caption key (zeros where no shard holds it)
+    slots: torch.Tensor  # [U] int64: the slot of each unique caption
+    missing: list[int]  # unique captions this run encodes (indices into scan.captions), in slot order
+    dropped: list[str]  # damaged base shards left out (their captions, if still used, are encoded again)
+
+
+def assign_slots(out: Path, base: dict | None, scan: Scan, checksums: bool = False) -> Layout:
+    """Captions the base store holds keep their slots; the others get new slots after its last one."""
+    keep, dropped, slot_of = [], [], {}
+    slot_keys = torch.zeros(0, 16, dtype=torch.uint8)
+    if base is not None:
+        slot_keys = read_tensors(out / base["index"]["file"], ["keys"])["keys"]  # [slots, 16]
+        for entry in base["shards"]:
+            if store_problems(out, {"complete": True, "shards": [entry]}, checksums=checksums):
+                dropped.append(entry["file"])
+                continue
+            keep.append(entry)
+            for slot in range(entry["start"], entry["stop"]):
+                slot_of[bytes(slot_keys[slot].numpy())] = slot
+        for name in dropped:
+            logger.warning("%s: damaged or missing; its captions are encoded again", out / name)
+    first_new = base["slots"] if base is not None else 0
+    slots, missing, new_keys = array("q"), [], []
+    for u, caption in enumerate(scan.captions):
+        key = caption_key(caption)
+        slot = slot_of.get(key)
+        if slot is None:
+            slot = slot_of[key] = first_new + len(missing)
+            missing.append(u)
+            new_keys.append(key)
+        slots.append(slot)
+    if new_keys:
+        fresh = torch.frombuffer(bytearray(b"".join(new_keys)), dtype=torch.uint8).view(-1, 16)
+        slot_keys = torch.cat([slot_keys, fresh])
+    return Layout(keep, slot_keys, torch.tensor(slots, dtype=torch.long), missing, dropped)
+
+
+def store_identity(tc: TextConditioner, shard_size: int) -> dict:
+    """What a store is bound to: the encoder's semantics, its weights, dtype, shards' size (not the input)."""
+    return {"encoder": tc.spec.to_dict(), "fingerprint": tc.fingerprint, "dtype": str(tc.dtype).removeprefix("torch."),
+            "sequence_shape": [tc.max_length, tc.sequence_dim], "pooled_dim": tc.pooled_dim, "shard_size": shard_size}
+
+
+def plan_manifest(tc: TextConditioner, job: PrecomputeJob, scan: Scan, shard_size: int, base: dict | None,
+                  layout: Layout) -> dict:
+    """The manifest this run publishes, but for the index and the new shards' entries; ``new_shards`` lists them."""
     from clipcond import __version__
 
-    unique = len(scan.captions)
+    first_slot, next_shard = (base["slots"], base["next_shard"]) if base is not None else (0, 0)
+    missing = len(layout.missing)
+    # Which caption goes to which shard and batch follows from these: parts and reruns agree on it.
+    plan_id = _digest(base["generation"] if base else None, shard_size, scan.sha256, missing)
+    new = [[next_shard + i, first_slot + a, first_slot + min(a + shard_size, missing)]
+           for i, a in enumerate(range(0, missing, shard_size))]
+    inputs = {"paths": [str(p) for p in expand_inputs(job.input)], "columns": list(job.columns),
+              "id_column": job.id_column, "limit": job.limit, "sha256": scan.sha256}
     return {
         "format": FORMAT, "format_version": FORMAT_VERSION, "clipcond_version": __version__, "complete": False,
-        "encoder": tc.spec.to_dict(),  # as read back: tuples are lists
-        "fingerprint": tc.fingerprint,
-        "dtype": str(tc.dtype).removeprefix("torch."),
-        "sequence_shape": [tc.max_length, tc.sequence_dim], "pooled_dim": tc.pooled_dim,
-        "input": {"path": str(job.input), "column": job.column, "id_column": job.id_column, "limit": job.limit,
-                  "sha256": scan.sha256},
-        "rows": len(scan.rows), "unique": unique, "shard_size": shard_size, "num_shards": -(-unique // shard_size),
-        "truncated": 0, "index": None, "null": None, "shards": [],
+        **store_identity(tc, shard_size), "input": inputs, "has_ids": scan.ids is not None,
+        "rows": len(scan.rows), "variants": scan.variants, "unique": len(scan.captions),
+        "slots": first_slot + missing, "next_shard": next_shard + len(new), "num_shards": len(layout.keep) + len(new),
+        "plan": plan_id, "generation": _digest(plan_id, inputs), "new_shards": new,
+        "run": {"encoded": missing, "reused": len(scan.captions) - missing},  # this run's, never written
+        "truncated": 0, "index": None, "null": None, "shards": list(layout.keep),
     }
-
-
-def _identity(manifest: dict) -> dict:
-    identity = {**{k: manifest[k] for k in IDENTITY}, "input sha256": manifest["input"]["sha256"]}
-    # As the fingerprint: descriptive spec fields (source, hub_repo) may change between releases.
-    identity["encoder"] = {k: v for k, v in identity["encoder"].items() if k not in ("source", "hub_repo")}
-    return identity
 
 
 def _short(value: object) -> str:
@@ -193,10 +258,16 @@ def _short(value: object) -> str:
 
 
 def check_compatible(existing: dict, plan: dict, out: Path) -> None:
-    """Refuse to resume a store made with other weights, spec, dtype, input or shard size."""
-    old, new = _identity(existing), _identity(plan)
-    diffs = [f"{key}: the store has {_short(old.get(key))}, this run {_short(new[key])}"
-             for key in new if old.get(key) != new[key]]
+    """Refuse to add to a store made with other weights, spec, dtype or shard size (any input is fine)."""
+    if existing.get("format_version") != FORMAT_VERSION:
+        raise ValueError(f"{out} is a version-{existing.get('format_version')} store (clipcond "
+                         f"{existing.get('clipcond_version')}): EmbeddingStore still reads it, but it cannot grow. "
+                         f"Convert it by running this precompute into a new --out, then replace {out} with it")
+    # Descriptive spec fields (source, hub_repo) may change between releases, as in the fingerprint.
+    old, new = ({k: v for k, v in m["encoder"].items() if k not in ("source", "hub_repo")} for m in (existing, plan))
+    diffs = [f"encoder: the store has {_short(old)}, this run {_short(new)}"] if old != new else []
+    diffs += [f"{key}: the store has {_short(existing.get(key))}, this run {_short(plan[key])}"
+              for key in ("fingerprint", "dtype", "shard_size") if existing.get(key) != plan[key]]
     if diffs:
         raise ValueError(f"{out} holds a store made differently; refusing to add to it:\n  " + "\n  ".join(diffs)
                          + f"\nwrite to another --out, or delete {out} to start over")
@@ -206,21 +277,20 @@ def _refuse_foreign(out: Path) -> None:
     """A folder without a manifest must be empty, or what a killed run leaves: index, null, temporaries."""
     if (out / MANIFEST).is_file():
         return
-    foreign = sorted(p.name for p in out.iterdir()
-                     if p.name not in (INDEX, NULL, StoreLock.NAME) and TMP_MARK not in p.name)
+    foreign = sorted(p.name for p in out.iterdir() if not _ours(p.name))
     if foreign:
         raise ValueError(f"{out} is not empty and holds no {MANIFEST} (it has {foreign[:5]}): not a clipcond "
                          "store; write to a new or empty --out")
 
 
-def _shard_rows(plan: dict, k: int) -> tuple[int, int]:
-    size = plan["shard_size"]
-    return k * size, min((k + 1) * size, plan["unique"])
+def _ours(name: str) -> bool:
+    return (name in (INDEX, NULL, MANIFEST, StoreLock.NAME) or TMP_MARK in name
+            or (name.startswith(("shard-", "index-")) and name.endswith((".safetensors", ".json"))))
 
 
 def _done_shards(out: Path, plan: dict, existing: dict | None) -> dict[int, dict]:
-    """Shards whose file is whole (its size as recorded); the rest are encoded (again)."""
-    expected = {shard_name(k): k for k in range(plan["num_shards"])}
+    """New shards of this plan whose file is whole (its size as recorded); the rest are encoded (again)."""
+    expected = {shard_name(k): (k, start, stop) for k, start, stop in plan["new_shards"]}
     entries = list((existing or {}).get("shards", []))
     for sidecar in sorted(out.glob("shard-*.json")):
         try:
@@ -229,89 +299,161 @@ def _done_shards(out: Path, plan: dict, existing: dict | None) -> dict[int, dict
             continue  # never half-written (atomic), but re-encoding is always safe
     done = {}
     for entry in entries:
-        k = expected.get(entry.get("file"))
+        k, *rows = expected.get(entry.get("file"), (None, None, None))
         path = out / str(entry.get("file"))
-        if (k is not None and (entry.get("start"), entry.get("stop")) == _shard_rows(plan, k)
+        if (k is not None and [entry.get("start"), entry.get("stop")] == rows and entry.get("plan") == plan["plan"]
                 and path.is_file() and path.stat().st_size == entry.get("bytes")):
             done[k] = entry
     return done
 
 
-def prepare(tc: TextConditioner, job: PrecomputeJob, scan: Scan, lock: StoreLock) -> tuple[dict, dict[int, dict]]:
-    """Lock, then check or start the store: ``(plan, shards already done)``; writes the index, null and manifest."""
+def _clean(out: Path, plan: dict, base: dict | None) -> None:
+    """Remove what no version of the store refers to: temporaries, and shards and sidecars of other plans."""
+    keep = {e["file"] for e in (base or {}).get("shards", [])} | {shard_name(k) for k, _, _ in plan["new_shards"]}
+    keep |= {n.replace(".safetensors", ".json") for n in keep}
+    for path in out.iterdir():
+        if TMP_MARK in path.name or (path.name.startswith("shard-") and path.name not in keep):
+            path.unlink(missing_ok=True)
+
+
+def prepare(tc: TextConditioner, job: PrecomputeJob, scan: Scan, lock: StoreLock) -> tuple[dict, Layout]:
+    """Lock, then check or start the store: ``(plan, layout)``; a new store gets an incomplete manifest."""
     out = job.out
     if out.exists() and not out.is_dir():
         raise ValueError(f"--out {out} is a file; the store is a folder")
     out.mkdir(parents=True, exist_ok=True)
     _refuse_foreign(out)  # before a lock file lands in it
-    lock.acquire()
+    lock.acquire(wait=job.part is not None)
     existing = read_manifest(out) if (out / MANIFEST).is_file() else None  # no other run writes it now
     shard_size = job.shard_size or (existing or {}).get("shard_size") or default_shard_size(tc, job.batch_size)
-    plan = plan_manifest(tc, job, scan, shard_size)
     if existing is not None:
-        check_compatible(existing, plan, out)
-    done = _done_shards(out, plan, existing)
-    if existing and existing["complete"] and len(done) == plan["num_shards"] and not store_problems(out, existing):
+        check_compatible(existing, store_identity(tc, shard_size), out)
+    base = existing if existing and existing["complete"] else None  # incremental runs never unmark a store
+    layout = assign_slots(out, base, scan)
+    plan = plan_manifest(tc, job, scan, shard_size, base, layout)
+    null_entry = (base or existing or {}).get("null")
+    if not null_entry or store_problems(out, {"complete": True, "shards": [], "null": null_entry}):
+        # The null depends on the encoder alone: rewritten, it is the same bytes the manifest records.
+        null = tc.null(1)
+        null_entry = write_tensors(out, NULL, {"sequence": null.sequence.cpu(), "pooled": null.pooled.cpu()})
+    plan["null"] = null_entry
+    if base is not None and base["input"] == plan["input"] and not layout.missing and not layout.dropped:
         logger.info("%s is complete already: nothing to encode", out)
-        return existing, done
-    for tmp in out.glob(f".*{TMP_MARK}*"):
-        tmp.unlink(missing_ok=True)  # left by a killed run; one run per store at a time
-    if existing and existing["complete"]:
-        # Repairing a complete store: it stops being one before its index and null are rewritten,
-        # so that a run killed in between is not taken for complete with stale checksums.
-        write_json(out / MANIFEST, {**existing, "complete": False})
-    plan["index"] = write_tensors(out, INDEX, scan.index_tensors())
-    null = tc.null(1)
-    plan["null"] = write_tensors(out, NULL, {"sequence": null.sequence.cpu(), "pooled": null.pooled.cpu()})
-    plan["shards"] = [done[k] for k in sorted(done)]
-    write_json(out / MANIFEST, plan)
-    return plan, done
+        return {**base, "new_shards": [], "run": plan["run"]}, layout
+    _clean(out, plan, base)
+    if base is None:  # a new store: refused as incomplete until its last shard is in
+        done = _done_shards(out, plan, existing)
+        write_json(out / MANIFEST, _written({**plan, "shards": [done[k] for k in sorted(done)]}))
+    return plan, layout
 
 
-def finalize(out: Path, plan: dict) -> dict:
-    """All ranks are done: record every shard and ``complete``, then drop the sidecars."""
-    done = _done_shards(out, plan, plan)
-    missing = [k for k in range(plan["num_shards"]) if k not in done]
+def _written(plan: dict) -> dict:
+    """The manifest as written: without what only this run needs to know."""
+    return {k: v for k, v in plan.items() if k not in ("new_shards", "run")}
+
+
+def finalize(out: Path, plan: dict, layout: Layout, scan: Scan, *, parts: bool = False) -> dict | None:
+    """Every new shard is written: publish the index, then the manifest (the new version, atomically).
+
+    With parts, the last part to finish does it; an earlier one returns None.
+    """
+    existing = read_manifest(out) if (out / MANIFEST).is_file() else None
+    if existing is not None and existing["complete"] and existing.get("generation") == plan["generation"]:
+        return {**existing, "run": plan["run"]}  # another part published this very version
+    done = _done_shards(out, plan, existing)
+    missing = [k for k, _, _ in plan["new_shards"] if k not in done]
     if missing:
+        if parts:
+            return None
         raise RuntimeError(f"{out}: {len(missing)} shards were written by no rank (first: {missing[:10]})")
-    manifest = {**plan, "complete": True, "shards": [done[k] for k in range(plan["num_shards"])]}
-    manifest["truncated"] = sum(entry.get("truncated", 0) for entry in manifest["shards"])
+    index = {"rows": layout.slots[scan.rows], "keys": layout.slot_keys, **(scan.ids or {})}  # rows [N, k] slots
+    manifest = _written(plan)
+    manifest["shards"] = [*layout.keep, *(done[k] for k, _, _ in plan["new_shards"])]
+    manifest["index"] = write_tensors(out, index_name(plan["generation"]), index)
+    manifest.update(complete=True, truncated=sum(entry.get("truncated", 0) for entry in manifest["shards"]))
     write_json(out / MANIFEST, manifest)
     for sidecar in out.glob("shard-*.json"):
         sidecar.unlink(missing_ok=True)
     if manifest["truncated"]:
         logger.warning("%d unique captions were longer than %d tokens and were truncated, as diffusers does",
                        manifest["truncated"], manifest["sequence_shape"][0])
-    return manifest
+    return {**manifest, "run": plan["run"]}
 
 
 # --- the job ----------------------------------------------------------------------------
 def precompute(tc: TextConditioner, job: PrecomputeJob) -> dict:
-    """Encode ``job.input`` with ``tc`` into the store ``job.out``, resuming it; returns its manifest.
+    """Encode ``job.input`` with ``tc`` into the store ``job.out``, adding to it; returns its manifest.
 
+    Captions the store holds already are not encoded again (``manifest["encoded"]``, ``["reused"]``).
     Under torchrun every rank calls this with its own ``tc`` (see ``rank_device``); all ranks read
     the input (it must be the same everywhere) and ``job.out`` must be one folder that all ranks see.
+    With ``job.part = (i, n)`` this process encodes part i of n and the last part to finish publishes
+    the store (its manifest says ``complete`` then; earlier parts return it incomplete).
     """
     if tc.spec.long_prompts != "truncate":
         raise ValueError(f"precompute stores [{tc.max_length}, D] sequences; encoder {tc.spec.name!r} has "
                          f"long_prompts={tc.spec.long_prompts!r}: load it with long_prompts='truncate'")
     ranks, lock = Ranks.from_env(), StoreLock(job.out)  # rank 0 holds the lock for the whole job
+    if job.part is not None and ranks.world > 1:
+        raise ValueError("--part splits a job across independent processes; under torchrun the ranks split it")
+    part, parts = job.part or (ranks.rank, ranks.world)
     with process_group(ranks), closing(lock):
         main = ranks.rank == 0
-        scan = scan_captions(job.input, column=job.column, id_column=job.id_column, limit=job.limit,
+        scan = scan_captions(job.input, column=job.columns, id_column=job.id_column, limit=job.limit,
                              progress=job.progress and main)
         ranks.check_same((scan.sha256, tc.fingerprint, str(tc.dtype)), "input sha256, weights fingerprint, dtype")
-        plan, done = ranks.on_main(lambda: prepare(tc, job, scan, lock))
-        todo = [k for k in range(plan["num_shards"]) if k % ranks.world == ranks.rank and k not in done]
-        logger.info("rank %d/%d: %d shards to encode (%d of %d done before)", ranks.rank, ranks.world, len(todo),
-                    len(done), plan["num_shards"])
+        layout: list[Layout] = []  # rank 0's, filled by prepare (too big to broadcast)
+        plan = ranks.on_main(lambda: _remember(prepare(tc, job, scan, lock), layout))
+        if job.part is not None:
+            lock.close()  # parts encode side by side; the lock is taken again to publish
+        done = _done_shards(job.out, plan, None) if plan["new_shards"] else {}
+        todo = [s for i, s in enumerate(plan["new_shards"]) if i % parts == part and s[0] not in done]
+        logger.info("%s %d/%d: %d shards to encode (%d of %d new shards done before); %d new captions, %d found "
+                    "in the store", "part" if job.part else "rank", part, parts, len(todo), len(done),
+                    len(plan["new_shards"]), plan["run"]["encoded"], plan["run"]["reused"])
         if todo:
-            shards = [(k, *_shard_rows(plan, k)) for k in todo]
             meta = {"format": FORMAT, "format_version": FORMAT_VERSION, "encoder": plan["encoder"]["name"],
-                    "fingerprint": plan["fingerprint"], "dtype": plan["dtype"],
-                    "input_sha256": plan["input"]["sha256"]}
-            stats = encode_shards(tc, scan.captions, shards, job.out, batch_size=job.batch_size, meta=meta,
-                                  progress=job.progress and main)
-            logger.info("rank %d: %s", ranks.rank, stats.summary(), extra={"pipeline_stats": stats})
+                    "fingerprint": plan["fingerprint"], "dtype": plan["dtype"], "plan": plan["plan"]}
+            captions = SlotCaptions(scan.captions, layout[0].missing if layout else _missing(scan, plan, job),
+                                    plan["slots"] - plan["run"]["encoded"])
+            stats = encode_shards(tc, captions, [tuple(s) for s in todo], job.out, batch_size=job.batch_size,
+                                  meta=meta, progress=job.progress and main)
+            logger.info("%s %d: %s", "part" if job.part else "rank", part, stats.summary(),
+                        extra={"pipeline_stats": stats})
         ranks.barrier()
-        return ranks.on_main(lambda: finalize(job.out, plan))
+        if not plan["new_shards"] and plan["complete"]:
+            return {k: v for k, v in plan.items() if k != "new_shards"}
+        if job.part is not None:
+            lock.acquire(wait=True)
+        manifest = ranks.on_main(lambda: finalize(job.out, plan, layout[0], scan, parts=job.part is not None))
+        if manifest is None:
+            logger.info("part %d/%d done; the store is published by the last part to finish", part, parts)
+            return {**read_manifest(job.out), "run": {**plan["run"], "waiting": True}}
+        return manifest
+
+
+def _remember(result: tuple[dict, Layout], box: list[Layout]) -> dict:
+    plan, layout = result
+    box.append(layout)
+    return plan
+
+
+def _missing(scan: Scan, plan: dict, job: PrecomputeJob) -> list[int]:
+    """Ranks other than 0: the unique captions rank 0 found missing, from the same scan and store."""
+    base = read_manifest(job.out) if plan["shards"] else None
+    return assign_slots(job.out, base if base and base["complete"] else None, scan).missing
+
+
+class SlotCaptions(Sequence[str]):
+    """Captions by slot for the pipeline: slot ``first + i`` holds ``captions[missing[i]]``."""
+
+    def __init__(self, captions: list[str], missing: list[int], first: int) -> None:
+        self.captions, self.missing, self.first = captions, missing, first
+
+    def __len__(self) -> int:
+        return self.first + len(self.missing)
+
+    def __getitem__(self, i: int | slice) -> str | list[str]:  # type: ignore[override]
+        if isinstance(i, slice):
+            return [self.captions[u] for u in self.missing[i.start - self.first : i.stop - self.first]]
+        return self.captions[self.missing[i - self.first]]

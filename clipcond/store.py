@@ -30,38 +30,53 @@ from collections import OrderedDict
 from collections.abc import Sequence
 from dataclasses import dataclass
 from pathlib import Path
+from typing import Literal
 
 import torch
 from torch.utils.data import Dataset, default_collate
 
 from clipcond.conditioning import Conditioning
+from clipcond.files import (  # noqa: F401 (re-exported: the store's writers use them through this module)
+    SAFETENSORS_DTYPES,
+    TMP_MARK,
+    atomic_write,
+    file_entry,
+    id_hash,
+    publish,
+    raw_bytes,
+    safetensors_header,
+    sha256_file,
+    temporary,
+    tensor_bytes,
+    write_file,
+    write_json,
+    write_tensors,
+)
 from clipcond.specs import EncoderSpec, spec_from_dict
 
 logger = logging.getLogger(__name__)
 
 FORMAT = "clipcond-embeddings"
-FORMAT_VERSION = 1
+FORMAT_VERSION = 2
+READ_VERSIONS = (1, 2)  # version 1: one input, rows [N], shards numbered by shard_size (read-only here)
 MANIFEST = "manifest.json"
-INDEX = "index.safetensors"
+INDEX = "index.safetensors"  # version 1's only index
 NULL = "null.safetensors"
-TMP_MARK = ".tmp-"  # ".<final name>.tmp-<pid>": what a killed writer leaves behind
 MAX_OPEN_SHARDS = 64  # memory maps kept open per process (DataLoader worker)
 REPAIR_HINT = "delete the damaged file(s) and rerun the same `clipcond precompute` command to re-encode them"
 
 
 def shard_name(k: int) -> str:
+    """Shard numbers are never reused in a store (gc writes new ones): a name always means the same rows."""
     return f"shard-{k:05d}.safetensors"
 
 
+def index_name(generation: str) -> str:
+    """Each version of a store has its own index; readers of an older version keep theirs until gc."""
+    return f"index-{generation}.safetensors"
+
+
 # --- files ------------------------------------------------------------------------------
-def sha256_file(path: Path, chunk: int = 1 << 22) -> str:
-    digest = hashlib.sha256()
-    with open(path, "rb") as f:
-        while block := f.read(chunk):
-            digest.update(block)
-    return digest.hexdigest()
-
-
 class StoreLock:
     """One writer per store: an exclusive ``flock`` on ``OUT/.clipcond.lock``.
 
@@ -75,7 +90,8 @@ class StoreLock:
     def __init__(self, folder: Path) -> None:
         self.folder, self.path, self.fd = folder, folder / self.NAME, None
 
-    def acquire(self) -> None:
+    def acquire(self, *, wait: bool = False) -> None:
+        """Take the lock; ``wait``: block until the holder lets go (parts take it only briefly)."""
         try:
             import fcntl
         except ImportError:  # Windows
@@ -83,7 +99,7 @@ class StoreLock:
             return
         fd = os.open(self.path, os.O_RDWR | os.O_CREAT, 0o644)
         try:
-            fcntl.flock(fd, fcntl.LOCK_EX | fcntl.LOCK_NB)
+            fcntl.flock(fd, fcntl.LOCK_EX if wait else fcntl.LOCK_EX | fcntl.LOCK_NB)
         except BlockingIOError:
             holder = os.pread(fd, 200, 0).decode(errors="replace").strip() or "unknown process"
             os.close(fd)
@@ -103,83 +119,6 @@ class StoreLock:
         if self.fd is not None:
             os.close(self.fd)  # closing the last descriptor drops the lock
             self.fd = None
-
-
-def temporary(path: Path) -> Path:
-    """Where ``path`` is written before it is renamed into place (cleaned up by the next run)."""
-    return path.with_name(f".{path.name}{TMP_MARK}{os.getpid()}")
-
-
-def publish(tmp: Path, path: Path) -> None:
-    """Rename a written, fsynced ``tmp`` over ``path`` and fsync the folder."""
-    os.replace(tmp, path)
-    fd = os.open(path.parent, os.O_RDONLY)
-    try:
-        os.fsync(fd)  # the rename itself must survive a power cut, not only the bytes
-    finally:
-        os.close(fd)
-
-
-def atomic_write(path: Path, data: bytes) -> None:
-    """Write ``data`` to a temporary file, fsync it, rename it over ``path``, fsync the folder."""
-    tmp = temporary(path)
-    with open(tmp, "wb") as f:
-        f.write(data)
-        f.flush()
-        os.fsync(f.fileno())
-    publish(tmp, path)
-
-
-def file_entry(name: str, data: bytes) -> dict[str, object]:
-    """The manifest entry of a file: name, size and sha256 (what verification checks)."""
-    return {"file": name, "bytes": len(data), "sha256": hashlib.sha256(data).hexdigest()}
-
-
-def write_file(root: Path, name: str, data: bytes) -> dict[str, object]:
-    """``atomic_write`` and the file's manifest entry."""
-    atomic_write(root / name, data)
-    return file_entry(name, data)
-
-
-SAFETENSORS_DTYPES = {torch.float64: "F64", torch.float32: "F32", torch.float16: "F16", torch.bfloat16: "BF16",
-                      torch.int64: "I64", torch.int32: "I32", torch.int16: "I16", torch.int8: "I8",
-                      torch.uint8: "U8", torch.bool: "BOOL"}
-
-
-def safetensors_header(tensors: dict[str, tuple[torch.dtype, tuple[int, ...]]], metadata: dict[str, str]) -> bytes:
-    """The header of a safetensors file holding ``tensors`` (name: dtype, shape) back to back in this order.
-
-    For files written piece by piece (their shapes known up front); any safetensors reader opens them.
-    """
-    header: dict[str, object] = {"__metadata__": metadata}
-    offset = 0
-    for name, (dtype, shape) in tensors.items():
-        size = dtype.itemsize * int(torch.Size(shape).numel())
-        header[name] = {"dtype": SAFETENSORS_DTYPES[dtype], "shape": list(shape),
-                        "data_offsets": [offset, offset + size]}
-        offset += size
-    text = json.dumps(header, separators=(",", ":")).encode()
-    text += b" " * (-len(text) % 8)  # the data starts 8-byte aligned, as safetensors writes it
-    return len(text).to_bytes(8, "little") + text
-
-
-def raw_bytes(tensor: torch.Tensor) -> memoryview:
-    """A CPU tensor's bytes in memory order (bfloat16 included), without a copy when contiguous."""
-    return memoryview(tensor.contiguous().reshape(-1).view(torch.uint8).numpy())
-
-
-def tensor_bytes(tensors: dict[str, torch.Tensor], metadata: dict[str, str] | None = None) -> bytes:
-    from safetensors.torch import save
-
-    return save({k: v.contiguous() for k, v in tensors.items()}, metadata=metadata)
-
-
-def write_tensors(root: Path, name: str, tensors: dict[str, torch.Tensor]) -> dict[str, object]:
-    return write_file(root, name, tensor_bytes(tensors))
-
-
-def write_json(path: Path, obj: object) -> None:
-    atomic_write(path, json.dumps(obj, indent=1).encode())
 
 
 def read_tensors(path: Path, keys: Sequence[str] | None = None) -> dict[str, torch.Tensor]:
@@ -206,16 +145,10 @@ def read_manifest(root: Path) -> dict:
         raise ValueError(f"{path}: not valid JSON ({err})") from err
     if manifest.get("format") != FORMAT:
         raise ValueError(f"{path}: format is {manifest.get('format')!r}, expected {FORMAT!r}")
-    if manifest.get("format_version") != FORMAT_VERSION:
+    if manifest.get("format_version") not in READ_VERSIONS:
         raise ValueError(f"{path}: store format version {manifest.get('format_version')} (clipcond "
-                         f"{manifest.get('clipcond_version')}); this clipcond reads version {FORMAT_VERSION}")
+                         f"{manifest.get('clipcond_version')}); this clipcond reads versions {READ_VERSIONS}")
     return manifest
-
-
-def id_hash(key: str | bytes) -> int:
-    """A stable signed 64-bit hash of an id (Python's ``hash`` is salted per process)."""
-    data = key.encode() if isinstance(key, str) else key
-    return int.from_bytes(hashlib.blake2b(data, digest_size=8).digest(), "little", signed=True)
 
 
 # --- verification -----------------------------------------------------------------------
@@ -269,13 +202,17 @@ def describe_store(root: Path, manifest: dict) -> list[str]:
     seq, inp = m["sequence_shape"], m["input"]
     disk = sum(e["bytes"] for e in [*m["shards"], m.get("index") or {"bytes": 0}, m.get("null") or {"bytes": 0}])
     ids = f"ids from column {inp['id_column']!r}" if inp.get("id_column") else "no ids (look rows up by position)"
+    paths = inp.get("paths") or [inp["path"]]
+    columns = inp.get("columns") or [inp["column"]]
+    variants = f", {m['variants']} variants a row" if m.get("variants", 1) > 1 else ""
     return [
         f"{root}: clipcond embedding store (format {m['format_version']}, clipcond {m['clipcond_version']}), "
         + ("complete" if m["complete"] else "INCOMPLETE"),
         f"  encoder {m['encoder']['name']}: sequence {seq}, pooled [{m['pooled_dim']}], {m['dtype']}; "
         f"weights fingerprint {m['fingerprint'][:16]}",
-        f"  rows {rows}: {unique} unique ({100 * (rows - unique) / rows:.1f}% duplicates), {ids}",
-        f"  input {inp['path']} column {inp['column']!r}, sha256 {inp['sha256'][:16]}",
+        f"  rows {rows}{variants}: {unique} unique captions, {ids}",
+        f"  input {paths[0]}{f' (+{len(paths) - 1} more)' if len(paths) > 1 else ''} column(s) "
+        f"{', '.join(map(repr, columns))}, sha256 {inp['sha256'][:16]}",
         f"  shards {len(m['shards'])}/{m['num_shards']} of up to {m['shard_size']} embeddings, {_size(disk)} on disk; "
         f"{m.get('truncated', 0)} unique captions truncated to {seq[0]} tokens",
     ]
@@ -314,12 +251,15 @@ class EmbeddingStore(Dataset):
         self.path = Path(path)
         self.manifest = read_manifest(self.path)
         _raise_problems(self.path, store_problems(self.path, self.manifest, checksums=verify))
-        self._rows = read_tensors(self.path / INDEX, ["rows"])["rows"]  # [N] int64
+        self._index = self.path / self.manifest["index"]["file"]
+        rows = read_tensors(self._index, ["rows"])["rows"]
+        self._rows = rows if rows.ndim == 2 else rows[:, None]  # [N, k] slots; version 1: [N]
         if len(self._rows) != self.manifest["rows"]:
-            raise ValueError(f"{self.path / INDEX}: {len(self._rows)} rows, the manifest says {self.manifest['rows']}")
+            raise ValueError(f"{self._index}: {len(self._rows)} rows, the manifest says {self.manifest['rows']}")
         null = read_tensors(self.path / NULL)
         self._null = Conditioning(null["sequence"], null["pooled"])  # [1, L, D], [1, P]
         self._files = [self.path / entry["file"] for entry in self.manifest["shards"]]
+        self._starts = torch.tensor([entry["start"] for entry in self.manifest["shards"]], dtype=torch.long)  # [S]
         self._ids: dict[str, torch.Tensor] | None = None
         self._handles: OrderedDict[int, object] = OrderedDict()
         self._pid = os.getpid()
@@ -349,9 +289,22 @@ class EmbeddingStore(Dataset):
                 f"encoder={self.manifest['encoder']['name']!r}, dtype={self.manifest['dtype']})")
 
     # --- rows ----------------------------------------------------------------------------
+    @property
+    def variants(self) -> int:
+        """Captions a row holds (``--column`` given k times, or a list column); ``store[i]`` is variant 0."""
+        return self._rows.shape[1]
+
     def __getitem__(self, row: int) -> dict[str, torch.Tensor | int]:
+        return self.get(row)
+
+    def get(self, row: int, variant: int = 0) -> dict[str, torch.Tensor | int]:
+        """Row ``row``'s embedding of caption variant ``variant``: ``{"sequence", "pooled", "row"}``."""
         row = self._check_row(row)
-        shard, local = divmod(int(self._rows[row]), self.manifest["shard_size"])
+        if not 0 <= variant < self.variants:
+            raise IndexError(f"variant {variant} is out of range: store {self.path} has {self.variants} a row")
+        slot = int(self._rows[row, variant])
+        shard = int(torch.searchsorted(self._starts, slot, right=True)) - 1  # the shard whose slots hold it
+        local = slot - int(self._starts[shard])
         handle = self._shard(shard)
         try:
             sequence = handle.get_slice("sequence")[local]  # [L, D]
@@ -374,6 +327,9 @@ class EmbeddingStore(Dataset):
             self._handles, self._pid = OrderedDict(), os.getpid()
         handle = self._handles.get(k)
         if handle is None:
+            if not self._files[k].exists():
+                raise FileNotFoundError(f"{self._files[k]}: removed since this EmbeddingStore was opened "
+                                        f"(`clipcond gc` rewrote the store); open {self.path} again")
             handle = self._handles[k] = _open_shard(self._files[k])
             if len(self._handles) > MAX_OPEN_SHARDS:
                 self._handles.popitem(last=False)
@@ -400,7 +356,7 @@ class EmbeddingStore(Dataset):
                 return row
             pos += 1
         raise KeyError(f"id {key!r} is not in store {self.path} "
-                       f"({len(self)} rows, ids from column {self.manifest['input']['id_column']!r})")
+                       f"({len(self)} rows, ids from column {self.manifest['input']['id_column'] or '__key__'!r})")
 
     def by_id(self, key: str | int) -> dict[str, torch.Tensor | int]:
         """``store[store.row_of(key)]``."""
@@ -414,10 +370,13 @@ class EmbeddingStore(Dataset):
 
     def _load_ids(self) -> dict[str, torch.Tensor]:
         if self._ids is None:
-            if not self.manifest["input"].get("id_column"):
+            if not self.manifest.get("has_ids", bool(self.manifest["input"].get("id_column"))):
                 raise ValueError(f"store {self.path} has no ids: it was precomputed without --id-column; "
                                  "index it by row number instead")
-            self._ids = read_tensors(self.path / INDEX, ["id_bytes", "id_offsets", "id_sorted_hash", "id_sorted_rows"])
+            if not self._index.exists():
+                raise FileNotFoundError(f"{self._index}: removed since this EmbeddingStore was opened "
+                                        f"(`clipcond gc` rewrote the store); open {self.path} again")
+            self._ids = read_tensors(self._index, ["id_bytes", "id_offsets", "id_sorted_hash", "id_sorted_rows"])
         return self._ids
 
     # --- null, dropout, verification ----------------------------------------------------
@@ -425,10 +384,17 @@ class EmbeddingStore(Dataset):
         """The encoder's null conditioning as stored (``""`` encoded, or SDXL's zeros), ``batch_size`` rows."""
         return Conditioning(self._null.sequence.repeat(batch_size, 1, 1), self._null.pooled.repeat(batch_size, 1))
 
-    def collate(self, drop_prob: float = 0.0, *, seed: int = 0, epoch: int = 0) -> CaptionDropout:
-        """A DataLoader ``collate_fn`` dropping rows to the stored null; see ``CaptionDropout``."""
+    def collate(self, drop_prob: float = 0.0, *, seed: int = 0, epoch: int = 0,
+                variant: int | Literal["random"] = 0) -> CaptionDropout:
+        """A DataLoader ``collate_fn`` dropping rows to the stored null; see ``CaptionDropout``.
+
+        ``variant="random"``: each row gets one of its caption variants, chosen per (seed, epoch, row).
+        """
+        if variant != "random" and not (isinstance(variant, int) and 0 <= variant < self.variants):
+            raise ValueError(f"variant must be 'random' or in [0, {self.variants}), got {variant!r}")
         null = self._null
-        return CaptionDropout(null.sequence[0], null.pooled[0], drop_prob=drop_prob, seed=seed, epoch=epoch)
+        return CaptionDropout(null.sequence[0], null.pooled[0], drop_prob=drop_prob, seed=seed, epoch=epoch,
+                              variant=variant, store=self if variant != 0 else None)
 
     def verify(self) -> None:
         """Check every file's size and sha256 (reads the whole store); ``ValueError`` naming bad files."""
@@ -441,7 +407,8 @@ class CaptionDropout:
 
     Row ``r`` is dropped in epoch ``e`` when ``u(seed, e, r) < drop_prob``, ``u`` a hash-based
     uniform in [0, 1): the choice depends on nothing else (not batch size, shuffling, worker count),
-    so it is reproducible and changes every epoch. Call ``set_epoch(e)`` before iterating the
+    so it is reproducible and changes every epoch. ``variant="random"`` picks each row's caption
+    variant the same way (an independent uniform per (seed, epoch, row)). Call ``set_epoch(e)`` before iterating the
     DataLoader each epoch; workers copy the collate_fn when an epoch's iterator starts, so with
     ``persistent_workers=True`` build a new DataLoader (or collate) per epoch instead.
     The batch gains ``"dropped"`` ``[B]`` bool.
@@ -452,6 +419,8 @@ class CaptionDropout:
     drop_prob: float = 0.0
     seed: int = 0
     epoch: int = 0
+    variant: int | Literal["random"] = 0  # which caption variant each row gets (store items are variant 0)
+    store: EmbeddingStore | None = None  # reads the other variants
 
     def __post_init__(self) -> None:
         if not 0.0 <= self.drop_prob <= 1.0:
@@ -460,18 +429,30 @@ class CaptionDropout:
     def set_epoch(self, epoch: int) -> None:
         self.epoch = epoch
 
+    def _uniform(self, rows: Sequence[int] | torch.Tensor, salt: str = "") -> list[float]:
+        rows = rows.tolist() if isinstance(rows, torch.Tensor) else list(rows)
+        return [int.from_bytes(hashlib.blake2b(f"{self.seed}/{self.epoch}/{r}{salt}".encode(), digest_size=8)
+                               .digest(), "little") / 2**64 for r in rows]
+
     def dropped(self, rows: Sequence[int] | torch.Tensor) -> torch.Tensor:
         """``[B]`` bool: which of these input rows this epoch replaces by the null conditioning."""
-        rows = rows.tolist() if isinstance(rows, torch.Tensor) else list(rows)
-        u = [int.from_bytes(hashlib.blake2b(f"{self.seed}/{self.epoch}/{r}".encode(), digest_size=8).digest(),
-                            "little") / 2**64 for r in rows]
-        return torch.tensor(u, dtype=torch.float64) < self.drop_prob
+        return torch.tensor(self._uniform(rows), dtype=torch.float64) < self.drop_prob
+
+    def variants(self, rows: Sequence[int] | torch.Tensor) -> list[int]:
+        """The caption variant of each row this epoch: fixed, or uniform per (seed, epoch, row)."""
+        if self.variant != "random":
+            return [self.variant] * len(rows)
+        k = self.store.variants
+        return [min(int(u * k), k - 1) for u in self._uniform(rows, "/variant")]
 
     def __call__(self, items: list[dict]) -> dict:
         missing = {"sequence", "pooled", "row"} - set(items[0]) if items else set()
         if missing:
             raise TypeError(f"CaptionDropout needs items with 'sequence', 'pooled' and 'row' (EmbeddingStore "
                             f"items), got keys {sorted(items[0])}")
+        if self.store is not None:  # items are variant 0: read the chosen variants instead
+            items = [self.store.get(item["row"], v) if v else item
+                     for item, v in zip(items, self.variants([item["row"] for item in items]), strict=True)]
         batch = default_collate(items)
         mask = self.dropped(batch["row"])  # [B]
         if mask.any():

@@ -22,9 +22,9 @@ import torch
 
 from clipcond.convert import HF_TEXT, OPENCLIP_IGNORED_PREFIXES, OPENCLIP_TEXT, Rule, convert_state, count_blocks
 from clipcond.errors import WeightsError
+from clipcond.files import SAFETENSORS_DTYPES, raw_bytes
 from clipcond.openclip import OPEN_CLIP_FILES
 from clipcond.specs import EncoderSpec, TowerSpec
-from clipcond.store import SAFETENSORS_DTYPES, raw_bytes
 
 logger = logging.getLogger(__name__)
 

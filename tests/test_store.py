@@ -131,7 +131,7 @@ def test_caption_dropout_statistics_and_reproducibility(store):
 def test_inspect_describes_and_verifies(store_dir, capsys):
     assert main(["inspect", str(store_dir)]) == 0
     out = capsys.readouterr().out
-    assert "rows 400: 150 unique (62.5% duplicates), ids from column 'key'" in out
+    assert "rows 400: 150 unique captions, ids from column 'key'" in out
     assert "encoder tiny-sdxl: sequence [77, 80], pooled [48], float32" in out
     assert "verified every file's size and sha256" in out
 

@@ -1,0 +1,118 @@
+"""``clipcond gc OUT``: drop the embeddings no row of a store refers to any more.
+
+An incremental ``precompute`` never deletes: captions that left the input keep their rows in the
+shards (a reader of the previous version may still want them). ``collect`` removes them: a shard
+whose embeddings are all unreferenced is deleted, one partly referenced is rewritten under a new
+shard number (names are never reused, so a name always means the same rows), then the new index
+and manifest are published atomically, and only then are the old files deleted. Killed at any
+point, the store is the old version or the new one, and the next run (gc or precompute) removes
+what the killed one left.
+"""
+
+from __future__ import annotations
+
+import json
+import logging
+import os
+from dataclasses import dataclass
+from pathlib import Path
+
+import torch
+
+from clipcond.files import TMP_MARK, tensor_bytes, write_file, write_json
+from clipcond.store import (
+    FORMAT_VERSION,
+    MANIFEST,
+    StoreLock,
+    index_name,
+    read_manifest,
+    read_tensors,
+    shard_name,
+    store_problems,
+)
+
+logger = logging.getLogger(__name__)
+
+
+@dataclass(frozen=True, slots=True)
+class Collected:
+    removed: int  # embeddings removed
+    kept: int  # embeddings left
+    rewritten: int  # shards rewritten without their unreferenced rows
+    deleted: int  # shards deleted whole
+
+
+def collect(out: str | os.PathLike[str]) -> Collected:
+    """Remove unreferenced embeddings from the complete store ``out`` (holding its lock)."""
+    out = Path(out)
+    lock = StoreLock(out)
+    lock.acquire()
+    try:
+        manifest = read_manifest(out)
+        if manifest["format_version"] != FORMAT_VERSION or not manifest["complete"]:
+            raise ValueError(f"{out}: gc needs a complete version-{FORMAT_VERSION} store (this one: version "
+                             f"{manifest['format_version']}, {'complete' if manifest['complete'] else 'incomplete'})")
+        problems = store_problems(out, manifest)
+        if problems:
+            raise ValueError(f"{out}: damaged, gc would lose rows: {problems[0]}; rerun `clipcond precompute` first")
+        _remove_unlisted(out, manifest)
+        index = read_tensors(out / manifest["index"]["file"])
+        new, result = _compact(out, manifest, index)
+        if new is None:
+            logger.info("%s: every stored embedding is referenced; nothing to remove", out)
+            return result
+        write_json(out / MANIFEST, new)  # the commit point: before it the old version, after it the new
+        _remove_unlisted(out, new)
+        return result
+    finally:
+        lock.close()
+
+
+def _compact(out: Path, manifest: dict, index: dict[str, torch.Tensor]) -> tuple[dict | None, Collected]:
+    rows, keys = index["rows"], index["keys"]  # [N, k] slots, [slots, 16]
+    referenced = torch.zeros(manifest["slots"], dtype=torch.bool)
+    referenced[rows.flatten()] = True
+    remap = torch.arange(manifest["slots"])  # old slot -> new slot
+    shards, new_keys = [], []
+    slots, next_shard, rewritten, deleted, removed = manifest["slots"], manifest["next_shard"], 0, 0, 0
+    for entry in manifest["shards"]:
+        used = referenced[entry["start"] : entry["stop"]]  # [n]
+        if used.all():
+            shards.append(entry)
+            continue
+        removed += int((~used).sum())
+        if not used.any():
+            deleted += 1
+            continue
+        old = used.nonzero().flatten() + entry["start"]  # [m] slots kept
+        tensors = read_tensors(out / entry["file"], ["sequence", "pooled"])
+        local = old - entry["start"]
+        name = shard_name(next_shard)
+        meta = {"gc_of": entry["file"], "start": slots, "stop": slots + len(old)}
+        data = tensor_bytes({"sequence": tensors["sequence"][local], "pooled": tensors["pooled"][local]},
+                            {"clipcond": json.dumps(meta, sort_keys=True)})
+        shards.append({**write_file(out, name, data), "start": slots, "stop": slots + len(old),
+                       "truncated": 0, "plan": f"gc:{manifest['generation']}"})
+        remap[old] = torch.arange(slots, slots + len(old))
+        new_keys.append(keys[old])
+        slots, next_shard, rewritten = slots + len(old), next_shard + 1, rewritten + 1
+    kept = int(referenced.sum())
+    result = Collected(removed=removed, kept=kept, rewritten=rewritten, deleted=deleted)
+    if not removed:
+        return None, result
+    generation = f"gc{manifest['generation'][:14]}"
+    new_index = {**index, "rows": remap[rows], "keys": torch.cat([keys, *new_keys])}
+    shards.sort(key=lambda entry: entry["start"])  # readers find a slot's shard by bisection
+    new = {**manifest, "shards": shards, "slots": slots, "next_shard": next_shard, "generation": generation,
+           "index": write_file(out, index_name(generation), tensor_bytes(new_index)),
+           "truncated": sum(entry.get("truncated", 0) for entry in shards)}
+    return new, result
+
+
+def _remove_unlisted(out: Path, manifest: dict) -> None:
+    """Shards and indexes the manifest does not list (old versions, a killed run's files), and temporaries."""
+    listed = {entry["file"] for entry in manifest["shards"]} | {manifest["index"]["file"]}
+    for path in out.iterdir():
+        name = path.name
+        if TMP_MARK in name or (name.startswith(("shard-", "index-")) and name not in listed):
+            path.unlink(missing_ok=True)

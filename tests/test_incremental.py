@@ -1,0 +1,284 @@
+"""A store that grows with its dataset: incremental runs, gc, parts, variants, sharded and tar inputs.
+
+Every store made incrementally is compared row for row with a fresh store of the same final input,
+and both with ``tc(captions)`` computed in the same test.
+"""
+
+from __future__ import annotations
+
+import io
+import json
+import shutil
+import signal
+import tarfile
+from pathlib import Path
+
+import pytest
+import torch
+from test_precompute import PRECOMPUTE, cli, finished, run, wait_for, write_input
+
+import clipcond.gc as gc_module
+from clipcond import EmbeddingStore, TextConditioner
+from clipcond.cli import main
+from clipcond.gc import collect
+from clipcond.pipeline import DELAY_ENV
+from clipcond.store import MANIFEST
+
+TOL = {"atol": 1e-5, "rtol": 1e-5}
+BASE = [f"a photo of thing number {i}" for i in range(30)]
+
+
+@pytest.fixture(scope="module")
+def tc() -> TextConditioner:
+    return TextConditioner.from_pretrained("tiny-sd15")
+
+
+def rows_of(store: EmbeddingStore, variant: int = 0) -> tuple[torch.Tensor, torch.Tensor]:
+    items = [store.get(i, variant) for i in range(len(store))]
+    return torch.stack([r["sequence"] for r in items]), torch.stack([r["pooled"] for r in items])
+
+
+def assert_same_rows(a: EmbeddingStore, b: EmbeddingStore) -> None:
+    assert len(a) == len(b) and a.variants == b.variants
+    for v in range(a.variants):
+        for x, y in zip(rows_of(a, v), rows_of(b, v), strict=True):
+            torch.testing.assert_close(x, y, **TOL)
+
+
+def shard_bytes(out: Path) -> dict[str, bytes]:
+    return {p.name: p.read_bytes() for p in sorted(out.glob("shard-*.safetensors"))}
+
+
+@pytest.mark.parametrize("change", ["grown", "shrunk", "edited"])
+def test_incremental_run_equals_a_fresh_store_and_leaves_old_shards_alone(tmp_path, tc, change):
+    ids = list(range(len(BASE)))
+    first = write_input(tmp_path / "v1", "jsonl", BASE, ids=ids)
+    out = tmp_path / "store"
+    run(tc, first, out, shard_size=8, id_column="id")
+    old = shard_bytes(out)
+    captions, new_ids = {
+        "grown": (BASE + ["a new caption", "another new one", BASE[0]], ids + [100, 101, 102]),
+        "shrunk": (BASE[:10], ids[:10]),
+        "edited": (BASE[:5] + ["a photo of thing numbr 5"] + BASE[6:], ids),  # one typo fixed the other way
+    }[change]
+    second = write_input(tmp_path / "v2", "jsonl", captions, ids=new_ids)
+    manifest = run(tc, second, out, id_column="id")
+    encoded = {"grown": 2, "shrunk": 0, "edited": 1}[change]
+    assert manifest["run"] == {"encoded": encoded, "reused": len(set(captions)) - encoded}
+    assert {k: v for k, v in shard_bytes(out).items() if k in old} == old  # byte-identical, none rewritten
+    run(tc, second, tmp_path / "fresh", id_column="id")
+    store = EmbeddingStore(out, verify=True)
+    assert_same_rows(store, EmbeddingStore(tmp_path / "fresh"))
+    sequence, pooled = rows_of(store)
+    direct = tc(captions)
+    torch.testing.assert_close(sequence, direct.sequence, **TOL)
+    torch.testing.assert_close(pooled, direct.pooled, **TOL)
+    assert [store.id_of(i) for i in range(len(store))] == [str(i) for i in new_ids]
+    if change == "shrunk":  # rows and ids that left the input are gone from the index
+        with pytest.raises(KeyError, match="id 20 is not in store"):
+            store.row_of(20)
+
+
+def test_reader_keeps_its_version_through_an_incremental_run_and_gc(tmp_path, tc):
+    out = tmp_path / "store"
+    run(tc, write_input(tmp_path / "v1", "jsonl", BASE, ids=list(range(30))), out, shard_size=8, id_column="id")
+    before = EmbeddingStore(out)
+    old_rows = rows_of(before)
+    run(tc, write_input(tmp_path / "v2", "jsonl", BASE[20:] + ["new"], ids=list(range(20, 31))), out, id_column="id")
+    assert len(before) == 30 and before.row_of(3) == 3  # still the old version, ids included
+    torch.testing.assert_close(rows_of(before)[0], old_rows[0], atol=0, rtol=0)
+    assert len(EmbeddingStore(out)) == 11
+    # gc drops captions 0-19: the old reader either still reads its open shards or says to reopen.
+    untouched = EmbeddingStore(out)
+    collected = collect(out)
+    assert (collected.removed, collected.kept) == (20, 11)
+    # One that had its shards open keeps reading them (deleted files stay readable while mapped)...
+    torch.testing.assert_close(rows_of(before)[0], old_rows[0], atol=0, rtol=0)
+    # ...one that had not says so, rather than read another row's data from a reused name.
+    with pytest.raises(FileNotFoundError, match="removed since this EmbeddingStore was opened .*open .* again"):
+        untouched[0]
+    after = EmbeddingStore(out, verify=True)
+    direct = tc(BASE[20:] + ["new"])
+    torch.testing.assert_close(rows_of(after)[0], direct.sequence, **TOL)
+    assert after.manifest["slots"] - after.manifest["shards"][0]["start"] >= 11
+
+
+def test_gc_removes_exactly_the_unreferenced_and_a_second_gc_does_nothing(tmp_path, tc):
+    out = tmp_path / "store"
+    run(tc, write_input(tmp_path / "v1", "txt", BASE), out, shard_size=8)
+    run(tc, write_input(tmp_path / "v2", "txt", BASE[::3]), out)
+    stored = sum(e["stop"] - e["start"] for e in json.loads((out / MANIFEST).read_text())["shards"])
+    assert stored == 30  # incremental runs never delete
+    assert main(["gc", str(out)]) == 0
+    manifest = json.loads((out / MANIFEST).read_text())
+    assert sum(e["stop"] - e["start"] for e in manifest["shards"]) == 10
+    assert collect(out).removed == 0
+    torch.testing.assert_close(rows_of(EmbeddingStore(out, verify=True))[1], tc(BASE[::3]).pooled, **TOL)
+    assert sorted(p.name for p in out.iterdir() if p.name.startswith("index-")) == [manifest["index"]["file"]]
+
+
+@pytest.mark.parametrize("crash", ["write_file", "write_json", "_remove_unlisted"])
+def test_gc_killed_at_each_step_then_rerun_equals_an_uninterrupted_gc(tmp_path, tc, monkeypatch, crash):
+    out = tmp_path / "store"
+    run(tc, write_input(tmp_path / "v1", "txt", BASE), out, shard_size=8)
+    run(tc, write_input(tmp_path / "v2", "txt", BASE[::3]), out)
+    clean = tmp_path / "clean"
+    shutil.copytree(out, clean)
+    collect(clean)
+    calls = {"n": 0}
+    original = getattr(gc_module, crash)
+
+    def dies(*args, **kwargs):  # the process dies here: what it wrote before stays on disk
+        calls["n"] += 1
+        if calls["n"] == 2 or crash != "write_file":
+            raise KeyboardInterrupt
+        return original(*args, **kwargs)
+
+    monkeypatch.setattr(gc_module, crash, dies)
+    with pytest.raises(KeyboardInterrupt):
+        collect(out)
+    monkeypatch.undo()
+    EmbeddingStore(out, verify=True)  # the old version or the new one, never a mix
+    collect(out)
+    assert json.loads((out / MANIFEST).read_text()) == json.loads((clean / MANIFEST).read_text())
+    assert sorted(p.name for p in out.iterdir()) == sorted(p.name for p in clean.iterdir())
+    assert shard_bytes(out) == shard_bytes(clean)
+
+
+def test_sigkill_during_an_incremental_run_then_rerun(tmp_path):
+    base = tmp_path / "base"
+    first = write_input(tmp_path / "v1", "jsonl", [f"caption number {i}" for i in range(40)], ids=list(range(40)))
+    finished(cli(*PRECOMPUTE, "--input", str(first), "--id-column", "id", "--out", str(base)))
+    grown = write_input(tmp_path / "v2", "jsonl", [f"caption number {i}" for i in range(100)], ids=list(range(100)))
+    args = [*PRECOMPUTE, "--input", str(grown), "--id-column", "id"]
+    clean, out = tmp_path / "clean", tmp_path / "killed"
+    shutil.copytree(base, clean)
+    shutil.copytree(base, out)
+    assert "60 encoded, 40 reused" in finished(cli(*args, "--out", str(clean)))
+    before = (out / MANIFEST).read_bytes()
+    proc = cli(*args, "--out", str(out), env={DELAY_ENV: "0.05"})
+    wait_for(lambda: len(list(out.glob("shard-*.safetensors"))) >= 14, proc)
+    proc.send_signal(signal.SIGKILL)
+    proc.wait()
+    assert (out / MANIFEST).read_bytes() == before  # readers still see the old, complete version
+    assert len(EmbeddingStore(out)) == 40
+    finished(cli(*args, "--out", str(out)))
+    assert json.loads((out / MANIFEST).read_text()) == json.loads((clean / MANIFEST).read_text())
+    assert shard_bytes(out) == shard_bytes(clean)  # nothing stored twice, every shard as a clean run's
+    EmbeddingStore(out, verify=True)
+
+
+def test_parts_in_any_order_killed_and_rerun_equal_a_single_run(tmp_path):
+    path = write_input(tmp_path, "jsonl", [f"caption number {i % 50}" for i in range(60)], ids=list(range(60)))
+    args = [*PRECOMPUTE, "--input", str(path), "--id-column", "id"]
+    single, out = tmp_path / "single", tmp_path / "parts"
+    finished(cli(*args, "--out", str(single)))
+    assert "part 2/4 done" in finished(cli(*args, "--out", str(out), "--part", "2/4"))
+    with pytest.raises(ValueError, match="incomplete"):
+        EmbeddingStore(out)  # refused until the last part is in
+    proc = cli(*args, "--out", str(out), "--part", "0/4", env={DELAY_ENV: "0.05"})
+    wait_for(lambda: len(list(out.glob("shard-*.safetensors"))) >= 5, proc)
+    proc.send_signal(signal.SIGKILL)
+    proc.wait()
+    for proc in [cli(*args, "--out", str(out), "--part", p) for p in ("3/4", "0/4")]:  # at once
+        assert "done; the last part to finish publishes" in finished(proc)
+    assert "clipcond embedding store (format 2" in finished(cli(*args, "--out", str(out), "--part", "1/4"))
+    assert json.loads((out / MANIFEST).read_text()) == json.loads((single / MANIFEST).read_text())
+    assert shard_bytes(out) == shard_bytes(single)
+    EmbeddingStore(out, verify=True)
+
+
+def test_variants_store_each_distinct_caption_once(tmp_path, tc):
+    import pyarrow as pa
+    import pyarrow.parquet as pq
+
+    short = ["a cat", "a dog", "a cat", "a bird"]
+    long = ["a fluffy cat on a sofa", "a dog", "a cat in the sun", "a small bird on a branch"]
+    both = [[s, v] for s, v in zip(short, long, strict=True)]
+    pq.write_table(pa.table({"short": short, "long": long, "both": both}), tmp_path / "data.parquet")
+    by_columns = run(tc, tmp_path / "data.parquet", tmp_path / "a", column=["short", "long"])
+    by_list = run(tc, tmp_path / "data.parquet", tmp_path / "b", column="both")
+    assert by_columns["unique"] == by_list["unique"] == 6 and by_columns["variants"] == 2
+    store = EmbeddingStore(tmp_path / "a")
+    assert_same_rows(store, EmbeddingStore(tmp_path / "b"))
+    torch.testing.assert_close(rows_of(store, 1)[0], tc(long).sequence, **TOL)
+    torch.testing.assert_close(store[0]["pooled"], tc(short[:1]).pooled[0], **TOL)
+    with pytest.raises(IndexError, match="variant 2 is out of range"):
+        store.get(0, variant=2)
+    # A random variant per (seed, epoch, row): the same whatever the batches and workers.
+    collate = store.collate(0.0, seed=3, variant="random")
+    picked = collate.variants(range(4))
+    batch = collate([store[i] for i in range(4)])
+    for i, v in enumerate(picked):
+        torch.testing.assert_close(batch["pooled"][i], store.get(i, v)["pooled"], atol=0, rtol=0)
+    loader = torch.utils.data.DataLoader(store, batch_size=2, num_workers=2, collate_fn=collate)
+    loaded = torch.cat([b["pooled"] for b in loader])
+    torch.testing.assert_close(loaded, batch["pooled"], atol=0, rtol=0)
+    assert {tuple(store.collate(seed=s, variant="random").variants(range(4))) for s in range(8)} != {tuple(picked)}
+
+
+def test_globbed_parquet_shards_read_in_sorted_order(tmp_path, tc):
+    import pyarrow as pa
+    import pyarrow.parquet as pq
+
+    (tmp_path / "data").mkdir()
+    for name, part in (("b", BASE[10:]), ("a", BASE[:10])):
+        pq.write_table(pa.table({"caption": part}), tmp_path / "data" / f"{name}.parquet")
+    manifest = run(tc, [str(tmp_path / "data" / "*.parquet")], tmp_path / "store")
+    assert manifest["input"]["paths"] == [str(tmp_path / "data" / f"{n}.parquet") for n in "ab"]
+    torch.testing.assert_close(rows_of(EmbeddingStore(tmp_path / "store"))[1], tc(BASE).pooled, **TOL)
+
+
+# --- webdataset tars, as img2dataset writes them -----------------------------------------------
+def write_tar(path: Path, samples: list[dict[str, bytes]], *, cut: int | None = None) -> Path:
+    buffer = io.BytesIO()
+    with tarfile.open(fileobj=buffer, mode="w") as tar:
+        for sample in samples:
+            key = sample["__key__"].decode()
+            for ext, data in sample.items():
+                if ext != "__key__":
+                    info = tarfile.TarInfo(f"{key}.{ext}")
+                    info.size = len(data)
+                    tar.addfile(info, io.BytesIO(data))
+    data = buffer.getvalue()
+    path.write_bytes(data[:cut] if cut else data)
+    return path
+
+
+def sample(i: int, caption: str, **extra: bytes) -> dict[str, bytes]:
+    return {"__key__": f"{i:09d}".encode(), "jpg": bytes([i % 256]) * 5000, "txt": caption.encode(),
+            "json": json.dumps({"caption": caption.upper(), "key": f"{i:09d}"}).encode(), **extra}
+
+
+def test_tar_shards_by_txt_and_by_json_field_with_keys(tmp_path, tc):
+    for t in range(2):
+        write_tar(tmp_path / f"{t:05d}.tar", [sample(10 * t + i, BASE[10 * t + i]) for i in range(10)])
+    glob = str(tmp_path / "*.tar")
+    run(tc, glob, tmp_path / "txt")
+    run(tc, glob, tmp_path / "both", column=["txt", "json:caption"])
+    store = EmbeddingStore(tmp_path / "both")
+    torch.testing.assert_close(rows_of(store)[1], tc(BASE[:20]).pooled, **TOL)
+    torch.testing.assert_close(rows_of(store, 1)[1], tc([c.upper() for c in BASE[:20]]).pooled, **TOL)
+    torch.testing.assert_close(rows_of(EmbeddingStore(tmp_path / "txt"))[0], rows_of(store)[0], atol=0, rtol=0)
+    assert store.by_id("000000013")["row"] == 13
+
+
+@pytest.mark.parametrize(("samples", "cut", "message"), [
+    ([sample(0, "a"), {"__key__": b"000000001", "jpg": b"x"}], None,
+     r"00000.tar: sample '000000001' has no .txt member"),
+    ([sample(0, "a"), sample(1, "b", txt=b"caf\xe9")], None,
+     r"00000.tar: sample '000000001': 000000001.txt is not UTF-8"),
+    ([sample(0, "a"), sample(1, "b"), sample(0, "c")], None, r"00000.tar: sample '000000000' appears twice"),
+    ([sample(i, f"caption {i}") for i in range(3)], 5000 * 2 + 2000, r"00000.tar: truncated or damaged tar at sample"),
+])
+def test_tar_errors_name_the_shard_and_the_key(tmp_path, tc, samples, cut, message):
+    write_tar(tmp_path / "00000.tar", samples, cut=cut)
+    with pytest.raises(ValueError, match=message):
+        run(tc, tmp_path / "00000.tar", tmp_path / "store")
+
+
+def test_a_key_repeated_across_tars_is_an_error(tmp_path, tc):
+    write_tar(tmp_path / "00000.tar", [sample(0, "a"), sample(1, "b")])
+    write_tar(tmp_path / "00001.tar", [sample(1, "c")])
+    with pytest.raises(ValueError, match=r"id column '__key__' repeats id '000000001' \(rows 1 and 2\)"):
+        run(tc, str(tmp_path / "*.tar"), tmp_path / "store")

@@ -105,7 +105,8 @@ def _cmd_precompute(args: argparse.Namespace) -> int:
     from clipcond.store import describe_store
 
     job = PrecomputeJob(input=args.input, out=args.out, column=args.column or ["caption"], id_column=args.id_column,
-                        limit=args.limit, batch_size=args.batch_size, shard_size=args.shard_size, part=args.part)
+                        limit=args.limit, batch_size=args.batch_size, shard_size=args.shard_size, part=args.part,
+                        verify=args.verify)
     args.device = rank_device(args.device)
     manifest = precompute(_load(args), job)
     if Ranks.from_env().rank == 0:
@@ -201,6 +202,8 @@ def build_parser() -> argparse.ArgumentParser:
     pre.add_argument("--id-column", help="unique id column, for EmbeddingStore.by_id (tars: their __key__)")
     pre.add_argument("--out", required=True, help="store folder; rerun to resume it, or with a grown or changed "
                      "input to encode only the captions it lacks")
+    pre.add_argument("--verify", action="store_true", help="check every stored shard's sha256 first and encode "
+                     "the damaged ones again")
     pre.add_argument("--part", type=_part, metavar="I/N", help="encode part I of N (0-based) into the same --out, "
                      "e.g. a Slurm array task or a Kubernetes indexed Job; the last part to finish publishes")
     pre.add_argument("--batch-size", type=int, default=128)

@@ -85,11 +85,11 @@ def _compact(out: Path, manifest: dict, index: dict[str, torch.Tensor]) -> tuple
             deleted += 1
             continue
         old = used.nonzero().flatten() + entry["start"]  # [m] slots kept
-        tensors = read_tensors(out / entry["file"], ["sequence", "pooled"])
+        tensors = read_tensors(out / entry["file"], ["sequence", "pooled", "check"])
         local = old - entry["start"]
         name = shard_name(next_shard)
         meta = {"gc_of": entry["file"], "start": slots, "stop": slots + len(old)}
-        data = tensor_bytes({"sequence": tensors["sequence"][local], "pooled": tensors["pooled"][local]},
+        data = tensor_bytes({name: tensors[name][local] for name in ("sequence", "pooled", "check")},
                             {"clipcond": json.dumps(meta, sort_keys=True)})
         shards.append({**write_file(out, name, data), "start": slots, "stop": slots + len(old),
                        "truncated": 0, "plan": f"gc:{manifest['generation']}"})

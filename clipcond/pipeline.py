@@ -27,7 +27,15 @@ from typing import TYPE_CHECKING
 import torch
 
 from clipcond.conditioning import Conditioning
-from clipcond.store import atomic_write, publish, raw_bytes, safetensors_header, shard_name, temporary
+from clipcond.store import (
+    atomic_write,
+    publish,
+    raw_bytes,
+    row_checksums,
+    safetensors_header,
+    shard_name,
+    temporary,
+)
 from clipcond.tokenizer import Tokens
 
 if TYPE_CHECKING:
@@ -188,12 +196,15 @@ class _ShardFile:
         self.path, self.plan = out / shard_name(self.k), meta.get("plan")
         n, self.dtype, self.row_shape = self.stop - self.start, like.dtype, like.sequence.shape[1:]
         self.pooled = torch.empty((n, like.pooled.shape[1]), dtype=self.dtype)  # [n, P]
+        self.check = torch.empty(n, dtype=torch.int64)  # [n] row checksums, verified on every read
         self.filled = self.truncated = 0
         # One metadata key: several would be written in hash order, and equal stores should be equal bytes.
         about = json.dumps({**meta, "start": self.start, "stop": self.stop}, sort_keys=True)
         header = safetensors_header({"sequence": (self.dtype, (n, *self.row_shape)),
-                                     "pooled": (self.dtype, tuple(self.pooled.shape))}, {"clipcond": about})
-        self.expected_size = len(header) + self.dtype.itemsize * n * (self.row_shape.numel() + self.pooled.shape[1])
+                                     "pooled": (self.dtype, tuple(self.pooled.shape)),
+                                     "check": (torch.int64, (n,))}, {"clipcond": about})
+        self.expected_size = (len(header) + self.dtype.itemsize * n * (self.row_shape.numel() + self.pooled.shape[1])
+                              + 8 * n)
         self.tmp = temporary(self.path)
         self.file = open(self.tmp, "wb")  # noqa: SIM115 (closed in finish() or abort())
         self.digest = hashlib.sha256()
@@ -221,6 +232,7 @@ class _ShardFile:
             shown = ", ".join(f"{captions[i][:60]!r}" for i in bad[:3])
             raise ValueError(f"{len(bad)} captions encode to inf/NaN in {sequence.dtype} (unique rows "
                              f"{bad[:10]}: {shown}): the encoder overflows; encode in bfloat16 or float32")
+        self.check[rows] = row_checksums(sequence, self.pooled[rows])
         self._write(raw_bytes(sequence))
         self.filled += len(cond)
         self.truncated += truncated
@@ -229,6 +241,7 @@ class _ShardFile:
     def finish(self, out: Path) -> None:
         try:
             self._write(raw_bytes(self.pooled))
+            self._write(raw_bytes(self.check))
             if self.size != self.expected_size:
                 raise RuntimeError(f"{self.path.name}: wrote {self.size} bytes, its header describes "
                                    f"{self.expected_size}")

@@ -76,6 +76,7 @@ class PrecomputeJob:
     batch_size: int = 128
     shard_size: int | None = None  # unique embeddings per shard; None: the store's own, else ~256 MiB
     part: tuple[int, int] | None = None  # (i, n): encode part i of n; the last part to finish publishes
+    verify: bool = False  # check every stored shard's sha256 first; damaged shards are encoded again
     progress: bool = True  # tqdm bars (rank 0, terminals only)
 
     def __post_init__(self) -> None:
@@ -194,13 +195,13 @@ def assign_slots(out: Path, base: dict | None, scan: Scan, checksums: bool = Fal
     slot_keys = torch.zeros(0, 16, dtype=torch.uint8)
     if base is not None:
         slot_keys = read_tensors(out / base["index"]["file"], ["keys"])["keys"]  # [slots, 16]
+        raw = slot_keys.numpy().tobytes()
         for entry in base["shards"]:
             if store_problems(out, {"complete": True, "shards": [entry]}, checksums=checksums):
                 dropped.append(entry["file"])
                 continue
             keep.append(entry)
-            for slot in range(entry["start"], entry["stop"]):
-                slot_of[bytes(slot_keys[slot].numpy())] = slot
+            slot_of.update((raw[16 * slot : 16 * slot + 16], slot) for slot in range(entry["start"], entry["stop"]))
         for name in dropped:
             logger.warning("%s: damaged or missing; its captions are encoded again", out / name)
     first_new = base["slots"] if base is not None else 0
@@ -307,9 +308,9 @@ def _done_shards(out: Path, plan: dict, existing: dict | None) -> dict[int, dict
     return done
 
 
-def _clean(out: Path, plan: dict, base: dict | None) -> None:
-    """Remove what no version of the store refers to: temporaries, and shards and sidecars of other plans."""
-    keep = {e["file"] for e in (base or {}).get("shards", [])} | {shard_name(k) for k, _, _ in plan["new_shards"]}
+def _clean(out: Path, plan: dict, kept: list[dict]) -> None:
+    """Remove temporaries, damaged shards, and shards and sidecars of other plans (a killed run's)."""
+    keep = {e["file"] for e in kept} | {shard_name(k) for k, _, _ in plan["new_shards"]}
     keep |= {n.replace(".safetensors", ".json") for n in keep}
     for path in out.iterdir():
         if TMP_MARK in path.name or (path.name.startswith("shard-") and path.name not in keep):
@@ -329,7 +330,7 @@ def prepare(tc: TextConditioner, job: PrecomputeJob, scan: Scan, lock: StoreLock
     if existing is not None:
         check_compatible(existing, store_identity(tc, shard_size), out)
     base = existing if existing and existing["complete"] else None  # incremental runs never unmark a store
-    layout = assign_slots(out, base, scan)
+    layout = assign_slots(out, base, scan, checksums=job.verify)
     plan = plan_manifest(tc, job, scan, shard_size, base, layout)
     null_entry = (base or existing or {}).get("null")
     if not null_entry or store_problems(out, {"complete": True, "shards": [], "null": null_entry}):
@@ -340,7 +341,7 @@ def prepare(tc: TextConditioner, job: PrecomputeJob, scan: Scan, lock: StoreLock
     if base is not None and base["input"] == plan["input"] and not layout.missing and not layout.dropped:
         logger.info("%s is complete already: nothing to encode", out)
         return {**base, "new_shards": [], "run": plan["run"]}, layout
-    _clean(out, plan, base)
+    _clean(out, plan, layout.keep)
     if base is None:  # a new store: refused as incomplete until its last shard is in
         done = _done_shards(out, plan, existing)
         write_json(out / MANIFEST, _written({**plan, "shards": [done[k] for k in sorted(done)]}))

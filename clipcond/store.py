@@ -26,6 +26,7 @@ import bisect
 import hashlib
 import json
 import logging
+import math
 import os
 from collections import OrderedDict
 from collections.abc import Sequence
@@ -35,7 +36,7 @@ from typing import Literal
 
 import numpy as np
 import torch
-from torch.utils.data import Dataset, default_collate
+from torch.utils.data import Dataset, default_collate, get_worker_info
 
 from clipcond.conditioning import Conditioning
 from clipcond.files import (  # noqa: F401 (re-exported: the store's writers use them through this module)
@@ -227,27 +228,25 @@ def inspect_store(root: Path) -> tuple[list[str], list[str]]:
 
 
 # --- reading ----------------------------------------------------------------------------
-_MIX = 0x9E3779B97F4A7C15  # an odd constant: a swapped sequence and pooled sum gives another checksum
+_MIX = np.uint64(0x9E3779B97F4A7C15)  # odd: a sequence sum moved into the pooled one gives another checksum
 
 
 def _word_sums(rows: torch.Tensor) -> np.ndarray:
     """[n] uint64: each row's bytes as little-endian 64-bit words, summed mod 2^64 (a short tail zero-padded)."""
-    data = rows.reshape(len(rows), -1).view(torch.uint8).numpy()  # [n, bytes]
-    pad = -data.shape[1] % 8
-    if pad:
-        data = np.concatenate([data, np.zeros((len(data), pad), dtype=np.uint8)], axis=1)
-    return data.view("<u8").sum(axis=1, dtype=np.uint64)
+    data = rows.contiguous().view(torch.uint8).numpy().reshape(len(rows), -1)  # [n, bytes], no copy
+    if data.shape[1] % 8:
+        data = np.concatenate([data, np.zeros((len(data), -data.shape[1] % 8), dtype=np.uint8)], axis=1)
+    return data.view("<u8").sum(axis=1, dtype=np.uint64)  # unsigned: wraps silently, as a checksum should
 
 
 def row_checksums(sequence: torch.Tensor, pooled: torch.Tensor) -> torch.Tensor:
     """[n] int64 checksums of rows ``sequence`` [n, L, D] and ``pooled`` [n, P], as shards store them.
 
-    A sum of 64-bit words: ~6 µs for an SDXL float16 row (CRC32: 68 µs), so a read checks every row
-    it serves. It catches what damages a file in place, bit rot and torn writes (any change to one
-    word, any overwritten block but with probability 2^-64), not a deliberate forgery.
+    A sum of 64-bit words: ~8 µs for an SDXL float16 row in cache (CRC32: 68 µs), so a read checks
+    every row it serves. It catches what damages a file in place, bit rot and torn writes (any change
+    to one word; any overwritten block but with probability 2^-64), not a deliberate forgery.
     """
-    with np.errstate(over="ignore"):
-        mixed = _word_sums(sequence.contiguous()) + _word_sums(pooled.contiguous()) * np.uint64(_MIX)
+    mixed = _word_sums(sequence) + _word_sums(pooled) * _MIX
     return torch.from_numpy(mixed.view(np.int64))
 
 
@@ -283,14 +282,19 @@ class ShardView:
 
         self.path = path
 
-    def row(self, local: int, what: str) -> tuple[torch.Tensor, torch.Tensor]:
-        """Row ``local`` [L, D], [P], its checksum verified; ``what`` names it in the error."""
+    def row(self, local: int, what: str, *, verify: bool = True) -> tuple[torch.Tensor, torch.Tensor]:
+        """Row ``local`` [L, D], [P] as views, its checksum verified; ``what`` names it in the error."""
         sequence, pooled = self.tensors["sequence"][local], self.tensors["pooled"][local]
+        if verify:
+            self.verify(local, sequence, pooled, what)
+        return sequence, pooled
+
+    def verify(self, local: int, sequence: torch.Tensor, pooled: torch.Tensor, what: str) -> None:
+        """``sequence`` [L, D] and ``pooled`` [P] (row ``local`` or a copy of it) match the stored checksum."""
         check = self.tensors.get("check")
         if check is not None and int(row_checksums(sequence[None], pooled[None])[0]) != int(check[local]):
             raise ValueError(f"{self.path} row {local} ({what}): checksum mismatch, the shard is damaged on disk; "
                              f"rerun `clipcond precompute` with --verify to re-encode the damaged shards")
-        return sequence, pooled
 
 
 class EmbeddingStore(Dataset):
@@ -306,8 +310,9 @@ class EmbeddingStore(Dataset):
     (or ``verify()``) also checks every file's sha256, which reads the whole store.
     """
 
-    def __init__(self, path: str | os.PathLike[str], *, verify: bool = False) -> None:
+    def __init__(self, path: str | os.PathLike[str], *, verify: bool = False, verify_rows: bool = True) -> None:
         self.path = Path(path)
+        self.verify_rows = verify_rows  # check each row's checksum as it is read
         self.manifest = read_manifest(self.path)
         _raise_problems(self.path, store_problems(self.path, self.manifest, checksums=verify))
         self._index = self.path / self.manifest["index"]["file"]
@@ -362,11 +367,41 @@ class EmbeddingStore(Dataset):
         row = self._check_row(row)
         if not 0 <= variant < self.variants:
             raise IndexError(f"variant {variant} is out of range: store {self.path} has {self.variants} a row")
+        shard, local = self._locate(row, variant)
+        sequence, pooled = self._shard(shard).row(local, f"store row {row}, variant {variant}",
+                                                  verify=self.verify_rows)  # [L, D], [P]
+        return {"sequence": sequence, "pooled": pooled, "row": row}
+
+    def _locate(self, row: int, variant: int) -> tuple[int, int]:
         slot = int(self._slots[row, variant])
         shard = bisect.bisect_right(self._starts, slot) - 1  # the shard whose slots hold it
-        local = slot - self._starts[shard]
-        sequence, pooled = self._shard(shard).row(local, f"store row {row}, variant {variant}")  # [L, D], [P]
-        return {"sequence": sequence, "pooled": pooled, "row": row}
+        return shard, slot - self._starts[shard]
+
+    def __getitems__(self, rows: Sequence[int]) -> Rows:
+        """A DataLoader's batched fetch: the rows copied once into ``[B, L, D]`` / ``[B, P]`` tensors, each
+        checksum computed on the copy while it is in cache (reading each row once, not twice).
+
+        Returns per-row items (views of the batch), so any ``collate_fn`` works; ``store.collate()``
+        takes the batch as it is instead of stacking the rows again.
+        """
+        rows = [self._check_row(r) for r in rows]
+        first = self._null
+        sequence = _batch_tensor((len(rows), *first.sequence.shape[1:]), first.sequence.dtype)  # [B, L, D]
+        pooled = _batch_tensor((len(rows), first.pooled.shape[1]), first.pooled.dtype)  # [B, P]
+        located = [self._locate(row, 0) for row in rows]
+        for i in sorted(range(len(rows)), key=located.__getitem__):  # in file order: readahead helps a cold read
+            seq_row, pooled_row = self._shard(located[i][0]).row(located[i][1], "", verify=False)
+            sequence[i].copy_(seq_row)
+            pooled[i].copy_(pooled_row)
+        if self.verify_rows:  # one pass over the batch: no per-row call overhead
+            got = row_checksums(sequence, pooled).tolist()
+            for i, (shard, local) in enumerate(located):
+                view = self._shard(shard)
+                if "check" in view.tensors and got[i] != int(view.tensors["check"][local]):
+                    view.verify(local, sequence[i], pooled[i], f"store row {rows[i]}, variant 0")  # raises
+        items = Rows({"sequence": sequence[i], "pooled": pooled[i], "row": row} for i, row in enumerate(rows))
+        items.batch = {"sequence": sequence, "pooled": pooled, "row": torch.tensor(rows)}
+        return items
 
     def _check_row(self, row: int) -> int:
         try:
@@ -461,6 +496,21 @@ class EmbeddingStore(Dataset):
         _raise_problems(self.path, store_problems(self.path, self.manifest, checksums=True))
 
 
+def _batch_tensor(shape: tuple[int, ...], dtype: torch.dtype) -> torch.Tensor:
+    """An empty batch tensor; in a DataLoader worker, straight in shared memory (as default_collate makes
+    its batches), so that handing it to the main process copies nothing."""
+    if get_worker_info() is None:
+        return torch.empty(shape, dtype=dtype)
+    storage = torch.empty(0, dtype=dtype)._typed_storage()._new_shared(math.prod(shape))
+    return torch.empty(0, dtype=dtype).new(storage).view(shape)
+
+
+class Rows(list):
+    """``EmbeddingStore.__getitems__``'s items, with ``batch``: the same rows already stacked."""
+
+    batch: dict[str, torch.Tensor]
+
+
 @dataclass
 class CaptionDropout:
     """``collate_fn`` for store items: ``default_collate``, then rows replaced by the null conditioning.
@@ -513,7 +563,8 @@ class CaptionDropout:
         if self.store is not None:  # items are variant 0: read the chosen variants instead
             items = [self.store.get(item["row"], v) if v else item
                      for item, v in zip(items, self.variants([item["row"] for item in items]), strict=True)]
-        batch = default_collate(items)
+        # A batched fetch stacked the rows already: take its tensors rather than copying every row again.
+        batch = dict(items.batch) if isinstance(items, Rows) else default_collate(items)
         mask = self.dropped(batch["row"])  # [B]
         if mask.any():
             batch["sequence"][mask] = self.null_sequence.to(batch["sequence"].dtype)

@@ -59,3 +59,10 @@ def test_cfg_inference_example_matches_the_pipelines_text_path():
         assert number(diff + r"clipcond prompt_embeds vs the pipeline's text path: (\S+)", out) <= EQUAL
         assert number(diff + r"hand-written CFG sampler vs the pipeline's latents: (\S+)", out) <= EQUAL
         assert number(diff + r"other prompts \(must be > 0\): (\S+)", out) > 1e-3  # the text reaches the image
+
+
+def test_webdataset_example_joins_every_sample_once_by_key():
+    pytest.importorskip("webdataset")
+    out = run_example("webdataset_latents.py", "--workers", "2")
+    assert "joined 24 samples (24 distinct keys) by __key__ across 2 workers" in out
+    assert "every sample's latent and conditioning equal its own (direct encoding)" in out

@@ -20,7 +20,8 @@ from torch import nn
 from clipcond.conditioning import Conditioning
 from clipcond.errors import WeightsError
 from clipcond.model import TextTransformer, random_tower, tower_from_state
-from clipcond.prompts import WeightStyle, apply_weights, parse_emphasis, token_windows
+from clipcond.prompts import Emphasis, WeightStyle, apply_weights, frame
+from clipcond.reading import read_windows
 from clipcond.specs import EncoderSpec, get_spec
 from clipcond.tokenizer import ClipTokenizer, Tokens, check_prompts
 from clipcond.weights import load_towers
@@ -181,7 +182,7 @@ class TextConditioner(nn.Module):
         if not prompts:
             return self._zeros(0)
         if self.spec.long_prompts == "chunk":
-            return self._encode_windows([[(p, 1.0)] for p in prompts], style=None)
+            return self._encode_windows(prompts, style=None)
         tokens = self.tokenize(prompts)
         warn_truncated(tokens[0], self.max_length)
         return self.encode_tokens(tokens)
@@ -200,37 +201,52 @@ class TextConditioner(nn.Module):
         return Conditioning(cat(sequences), cat(pooled))  # [N, L, D], [N, P]
 
     @torch.no_grad()
-    def weighted(self, prompts: str | Sequence[str], *, style: WeightStyle = "a1111") -> Conditioning:
-        """Encode A1111 emphasis syntax: ``(word:1.3)``, ``(word)``, ``[word]``, ``\\(``, ``BREAK``.
+    def weighted(self, prompts: str | Sequence[str], *, style: WeightStyle = "a1111", comma_backtrack: int = 20,
+                 emphasis: Emphasis = "original") -> Conditioning:
+        """Prompts read with a tool's syntax and arithmetic, exactly as that tool computes them.
 
-        ``style="a1111"`` multiplies each token's row by its weight and restores the window's mean
-        (A1111; the mean is per prompt and window, which is A1111's for a batch of one);
-        ``style="comfy"`` moves it from the empty prompt's row: ``z_empty + w * (z - z_empty)``
-        (ComfyUI, compel). Always chunked (75-token windows); weight 1.0 everywhere equals the
-        plain encoding exactly; the pooled vector is the unweighted first window's (compel#96).
+        ``style="a1111"``: AUTOMATIC1111 (``(word:1.3)``, ``(word)``, ``[word]``, ``\\(``, ``BREAK``);
+        75-token chunks with comma back-tracking (``comma_backtrack`` tokens, A1111's default 20; 0 turns
+        it off), a textual-inversion word never split, no empty trailing chunk; ``emphasis="original"``
+        multiplies each token's row by its weight and restores the window's mean (per prompt and window,
+        as A1111 encodes one prompt at a time), ``"no_norm"`` only multiplies (A1111's advice for SDXL).
+        ``style="comfy"``: ComfyUI's ``CLIPTextEncode``: its parser, its tokenization and chunk rule,
+        ``z_empty + w * (z - z_empty)``, ``embedding:name`` for textual inversion. Weight 1.0 everywhere
+        equals the plain encoding exactly; the pooled vector is the first window's, unweighted.
         """
         if style not in ("a1111", "comfy"):
             raise ValueError(f"style must be 'a1111' or 'comfy', got {style!r}")
+        if emphasis not in ("original", "no_norm"):
+            raise ValueError(f"emphasis must be 'original' or 'no_norm', got {emphasis!r}")
+        if not 0 <= comma_backtrack <= 74:
+            raise ValueError(f"comma_backtrack must be in [0, 74] (A1111's slider), got {comma_backtrack}")
         prompts = check_prompts(prompts)
         if not prompts:
             return self._zeros(0)
-        return self._encode_windows([parse_emphasis(p) for p in prompts], style=style)
+        return self._encode_windows(prompts, style=style, comma_backtrack=comma_backtrack, emphasis=emphasis)
 
-    def _encode_windows(self, batch: list[list[tuple[str, float | None]]], style: WeightStyle | None) -> Conditioning:
+    def _plain_tokenizer(self, i: int) -> ClipTokenizer:
+        """Tower ``i``'s padding with transformers' tokenization and no added words (ComfyUI's SDTokenizer)."""
+        return ClipTokenizer("hf", pad_id=self.spec.towers[i].pad_id, max_length=self.max_length)
+
+    def _encode_windows(self, prompts: list[str], *, style: WeightStyle | None, comma_backtrack: int = 20,
+                        emphasis: Emphasis = "original") -> Conditioning:
         """Each tower over the same number k of 77-token windows per prompt -> [B, 77 * k, D]."""
         length = self.max_length
-        windows = [token_windows(batch, tok.encode, length=length, pad_id=tok.pad_id) for tok in self.tokenizers]
-        k = max(w.k for w in windows)  # the two SDXL tokenizers may disagree on rare input
-        windows = [w if w.k == k else token_windows(batch, tok.encode, length=length, pad_id=tok.pad_id, k=k)
-                   for w, tok in zip(windows, self.tokenizers, strict=True)]
+        per_tower = [read_windows(prompts, tok, style=style, comma_backtrack=comma_backtrack,
+                                  plain=self._plain_tokenizer(i) if style == "comfy" else None)
+                     for i, tok in enumerate(self.tokenizers)]
+        k = max(len(w) for windows in per_tower for w in windows)  # SDXL's two tokenizers may disagree: pad
         parts = []
-        for i, (tower, w) in enumerate(zip(self.towers, windows, strict=True)):
+        for i, (tower, tok, windows) in enumerate(zip(self.towers, self.tokenizers, per_tower, strict=True)):
+            w = frame(windows, length=length, pad_id=tok.pad_id, k=k)
             sequence, pooled = self._run(tower, w.ids, w.eos)  # [B*k, L, W], [B*k, P] | None
             if style is not None:
                 empty = self._empty().sequence[..., self._feature_slice(i)]  # [1, L, W]
-                sequence = apply_weights(sequence, w.weights.to(self.device), style=style, empty=empty)
-            sequence = sequence.reshape(len(batch), k * length, -1)  # [B, k*L, W]
-            first = None if pooled is None else pooled.reshape(len(batch), k, -1)[:, 0]  # [B, P]: the first window's
+                sequence = apply_weights(sequence, w.weights.to(self.device), style=style, empty=empty,
+                                         emphasis=emphasis)
+            sequence = sequence.reshape(len(prompts), k * length, -1)  # [B, k*L, W]
+            first = None if pooled is None else pooled.reshape(len(prompts), k, -1)[:, 0]  # [B, P]: the first window's
             parts.append((sequence, first))
         return self._assemble(parts)
 

@@ -185,7 +185,29 @@ class ClipTokenizer:
         return rows
 
     def decode(self, ids: Sequence[int]) -> str:
-        return self._tok.decode(list(ids), skip_special_tokens=False).replace("</w>", " ").strip()
+        """Text of BPE ids; the vectors of an added word read as the word (once, however many it has)."""
+        words = {i: word for word, vector_ids in self.added.items() for i in vector_ids}
+        first = {word: vector_ids[0] for word, vector_ids in self.added.items() if vector_ids}
+        parts, run, previous = [], [], None
+        for i in ids:
+            word = words.get(i)
+            if word is None:
+                run.append(i)
+            elif i == first[word] or word != previous:  # a word's first vector, or a word cut before it
+                parts += [self._tok.decode(run, skip_special_tokens=False), word + "</w>"]
+                run = []
+            previous = word
+        parts.append(self._tok.decode(run, skip_special_tokens=False))
+        return " ".join("".join(parts).replace("</w>", " ").split())
+
+    @property
+    def comma(self) -> int:
+        """The id of ``,</w>``, where A1111 lets a full window break (comma back-tracking)."""
+        return self._tok.token_to_id(",</w>")
+
+    def groups(self) -> dict[int, int]:
+        """The first vector id of each added word -> its vector count (words A1111 never splits)."""
+        return {ids[0]: len(ids) for ids in self.added.values() if ids}
 
     def __call__(self, prompts: str | Sequence[str]) -> Tokens:
         import torch

@@ -22,7 +22,15 @@ LONG = ("an extremely detailed matte painting of a sprawling city at dusk, " * 1
     ("a (((house:1.3)) [on] a (hill:0.5), sun, (((sky))).",
      [("a ", 1.0), ("house", 1.5730000000000004), (" ", 1.1), ("on", 1.0), (" a ", 1.1), ("hill", 0.55),
       (", sun, ", 1.1), ("sky", 1.4641000000000006), (".", 1.1)]),
-    ("a cat BREAK a dog", [("a cat", 1.0), ("", None), ("a dog", 1.0)]),
+    # Facts of A1111's parser beyond its doctests: BREAK is an entry ["BREAK", -1], which brackets multiply
+    # too (then it is the word BREAK); unmatched closers stay text; equal weights merge.
+    ("a cat BREAK a dog", [("a cat", 1.0), ("BREAK", -1.0), ("a dog", 1.0)]),
+    ("a cat BREAK", [("a cat", 1.0), ("BREAK", -1.0), ("", 1.0)]),
+    ("(a BREAK b)", [("a", 1.1), ("BREAK", -1.1), ("b", 1.1)]),
+    ("aBREAK b", [("aBREAK b", 1.0)]),
+    ("a b)", [("a b)", 1.0)]),
+    ("(a:0)", [("a", 0.0)]),
+    ("( a ) b", [(" a ", 1.1), (" b", 1.0)]),
     ("", [("", 1.0)]),
 ])
 def test_parse_emphasis_matches_a1111(text, expected):

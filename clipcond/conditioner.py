@@ -27,6 +27,7 @@ from clipcond.tokenizer import ClipTokenizer, Tokens, check_prompts
 from clipcond.weights import load_towers
 
 logger = logging.getLogger(__name__)
+Segments = list[tuple[int, Conditioning]]  # (end step, inclusive; the conditioning in force until then)
 
 
 class TextConditioner(nn.Module):
@@ -224,6 +225,46 @@ class TextConditioner(nn.Module):
         if not prompts:
             return self._zeros(0)
         return self._encode_windows(prompts, style=style, comma_backtrack=comma_backtrack, emphasis=emphasis)
+
+    @torch.no_grad()
+    def schedule(self, prompt: str, steps: int, *, style: WeightStyle = "a1111", hires_steps: int | None = None,
+                 **weighting: object) -> Segments | list[tuple[float, Segments]]:
+        """A1111 prompt editing (``[from:to:0.4]``, ``[to:12]``, ``[from::0.6]``) and alternation (``[cat|dog]``).
+
+        ``[(end_step, Conditioning), ...]``: ``end_step`` inclusive, steps counted as A1111's
+        ``get_learned_conditioning_prompt_schedules`` counts them (a sampler at 0-based step ``i`` uses the
+        first segment with ``end_step >= i``); each segment's text read with ``weighted(..., style=style)``.
+        With ``AND``, one such list per sub-prompt with its weight: ``[(weight, segments), ...]``.
+        """
+        from clipcond.schedules import prompt_schedule, split_and
+
+        parts = split_and(prompt)
+
+        def segments(text: str) -> list[tuple[int, Conditioning]]:
+            plan = prompt_schedule(text, steps, hires_steps=hires_steps)
+            encoded = self.weighted([t for _, t in plan], style=style, **weighting)
+            return [(end, encoded[i : i + 1]) for i, (end, _) in enumerate(plan)]
+
+        if len(parts) == 1 and parts[0][0] == 1.0:
+            return segments(parts[0][1])
+        return [(weight, segments(text)) for weight, text in parts]
+
+    @torch.no_grad()
+    def blend(self, prompts: Sequence[str], weights: Sequence[float], *, style: WeightStyle | None = None,
+              **weighting: object) -> Conditioning:
+        """``Σ w_i · c_i`` over sequence and pooled, the weights as given (``(1 - a) c_cat + a c_dog``).
+
+        Chunked prompts are padded to the same number of windows first (with the empty prompt's, as
+        ``pad_chunks``); ``style`` reads each prompt with that tool's syntax (``weighted``).
+        """
+        prompts = check_prompts(prompts)
+        if len(prompts) != len(weights) or not prompts:
+            raise ValueError(f"blend needs one weight per prompt, got {len(prompts)} prompts and {len(weights)} "
+                             "weights")
+        parts = self.pad_chunks(*(self.weighted(p, style=style, **weighting) if style else self(p) for p in prompts))
+        sequence = sum(w * c.sequence for w, c in zip(weights, parts, strict=True))
+        pooled = sum(w * c.pooled for w, c in zip(weights, parts, strict=True))
+        return Conditioning(sequence, pooled)
 
     def _plain_tokenizer(self, i: int) -> ClipTokenizer:
         """Tower ``i``'s padding with transformers' tokenization and no added words (ComfyUI's SDTokenizer)."""

@@ -62,7 +62,10 @@ def _comfy(prompt: str, plain: ClipTokenizer, tokenizer: ClipTokenizer) -> list[
         items: list[str | tuple[int, ...]] = [parts[0]]  # texts and embeddings' vector ids, in order
         for part in parts[1:]:
             name, leftover = _embedding_name(part)
-            vectors = tokenizer.added.get(name) or tokenizer.added.get(name.rstrip(","))
+            vectors = tokenizer.added.get(name)
+            if vectors is None and name.rstrip(",") != name:  # "embedding:lab," : the comma stays text
+                name, leftover = name.rstrip(","), name[len(name.rstrip(",")) :] + leftover
+                vectors = tokenizer.added.get(name)
             if vectors is None:
                 logger.warning("embedding:%s is not loaded (with_textual_inversion); ignored, as ComfyUI ignores it",
                                name)

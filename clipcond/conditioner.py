@@ -214,9 +214,11 @@ class TextConditioner(nn.Module):
         ``style="comfy"``: ComfyUI's ``CLIPTextEncode``: its parser, its tokenization and chunk rule,
         ``z_empty + w * (z - z_empty)``, ``embedding:name`` for textual inversion. Weight 1.0 everywhere
         equals the plain encoding exactly; the pooled vector is the first window's, unweighted.
+        ``style="compel"``: compel (``word++``, ``(words)1.3``, ``.blend()``, ``.and()``, its masked
+        down-weighting, its pooled vector from the raw string): see clipcond/compel_style.py.
         """
-        if style not in ("a1111", "comfy"):
-            raise ValueError(f"style must be 'a1111' or 'comfy', got {style!r}")
+        if style not in ("a1111", "comfy", "compel"):
+            raise ValueError(f"style must be 'a1111', 'comfy' or 'compel', got {style!r}")
         if emphasis not in ("original", "no_norm"):
             raise ValueError(f"emphasis must be 'original' or 'no_norm', got {emphasis!r}")
         if not 0 <= comma_backtrack <= 74:
@@ -224,6 +226,11 @@ class TextConditioner(nn.Module):
         prompts = check_prompts(prompts)
         if not prompts:
             return self._zeros(0)
+        if style == "compel":
+            from clipcond.compel_style import CompelReader
+
+            read = CompelReader(self)
+            return Conditioning.cat(self.pad_chunks(*(read(p) for p in prompts)))
         return self._encode_windows(prompts, style=style, comma_backtrack=comma_backtrack, emphasis=emphasis)
 
     @torch.no_grad()

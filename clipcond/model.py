@@ -39,10 +39,13 @@ class Attention(nn.Module):
         self.qkv = nn.Linear(width, 3 * width)  # rows: q, k, v (open_clip's in_proj order)
         self.out = nn.Linear(width, width)
 
-    def forward(self, x: torch.Tensor) -> torch.Tensor:
+    def forward(self, x: torch.Tensor, mask: torch.Tensor | None = None) -> torch.Tensor:
         b, t, w = x.shape
         q, k, v = self.qkv(x).view(b, t, 3, self.heads, w // self.heads).permute(2, 0, 3, 1, 4)  # 3x [B, H, T, hd]
-        y = F.scaled_dot_product_attention(q, k, v, is_causal=True)  # [B, H, T, hd]
+        if mask is None:
+            y = F.scaled_dot_product_attention(q, k, v, is_causal=True)  # [B, H, T, hd]
+        else:  # [B, 1, T, T] bool: causal and the keys an attention mask keeps (transformers' attention_mask)
+            y = F.scaled_dot_product_attention(q, k, v, attn_mask=mask)
         return self.out(y.transpose(1, 2).reshape(b, t, w))
 
 
@@ -65,8 +68,8 @@ class Block(nn.Module):
         self.ln_2 = nn.LayerNorm(spec.width, eps=LAYER_NORM_EPS)
         self.mlp = MLP(spec.width, spec.mlp_width, spec.activation)
 
-    def forward(self, x: torch.Tensor) -> torch.Tensor:
-        x = x + self.attn(self.ln_1(x))
+    def forward(self, x: torch.Tensor, mask: torch.Tensor | None = None) -> torch.Tensor:
+        x = x + self.attn(self.ln_1(x), mask)
         return x + self.mlp(self.ln_2(x))
 
 
@@ -101,11 +104,18 @@ class TextTransformer(nn.Module):
         new.token_embedding = nn.Embedding.from_pretrained(torch.cat([table, rows.to(table)]), freeze=True)
         return new
 
-    def forward(self, ids: torch.Tensor, eos: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor | None]:
+    def forward(self, ids: torch.Tensor, eos: torch.Tensor, keep: torch.Tensor | None = None
+                ) -> tuple[torch.Tensor, torch.Tensor | None]:
+        """``keep`` [B, L] bool: the keys every position may attend to besides causality (compel masks a
+        down-weighted fragment out this way, as transformers' ``attention_mask``); None: all."""
         x = self.token_embedding(ids) + self.position_embedding[: ids.shape[1]]  # [B, L, W]
+        mask = None
+        if keep is not None:
+            causal = torch.ones(ids.shape[1], ids.shape[1], dtype=torch.bool, device=ids.device).tril()
+            mask = (causal & keep[:, None, None, :].bool())  # [B, 1, L, L]
         sequence = x if self.spec.sequence_blocks == 0 else None
         for i, block in enumerate(self.blocks, start=1):
-            x = block(x)
+            x = block(x, mask)
             if i == self.spec.sequence_blocks:
                 sequence = x
         if self.spec.final_norm:

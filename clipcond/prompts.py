@@ -21,7 +21,7 @@ import torch
 
 from clipcond.specs import BOS_ID, EOS_ID
 
-WeightStyle = Literal["a1111", "comfy"]
+WeightStyle = Literal["a1111", "comfy", "compel"]
 Emphasis = Literal["original", "no_norm"]
 ROOM = 75  # tokens a window holds between its BOS and EOS
 

@@ -200,6 +200,10 @@ class ClipTokenizer:
         parts.append(self._tok.decode(run, skip_special_tokens=False))
         return " ".join("".join(parts).replace("</w>", " ").split())
 
+    def tokens(self, ids: Sequence[int]) -> list[str]:
+        """The BPE strings of ``ids`` (``"cat</w>"``), as transformers' ``convert_ids_to_tokens``."""
+        return [self._tok.id_to_token(i) or "" for i in ids]
+
     @property
     def comma(self) -> int:
         """The id of ``,</w>``, where A1111 lets a full window break (comma back-tracking)."""

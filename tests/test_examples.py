@@ -66,3 +66,10 @@ def test_webdataset_example_joins_every_sample_once_by_key():
     out = run_example("webdataset_latents.py", "--workers", "2")
     assert "joined 24 samples (24 distinct keys) by __key__ across 2 workers" in out
     assert "every sample's latent and conditioning equal its own (direct encoding)" in out
+
+
+def test_prompt_schedule_example_switches_at_a1111_s_step():
+    out = run_example("prompt_schedule.py")
+    # [cat:dog:0.5] at 20 steps: A1111 uses "cat" for denoiser calls 0..10 and "dog" from call 11.
+    assert "applied: from call 0: 'a photo of a cat on a mat'; from call 11: 'a photo of a dog on a mat'" in out
+    assert "20 of 20 UNet calls conditioned on their A1111 segment" in out

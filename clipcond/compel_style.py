@@ -1,0 +1,155 @@
+"""``weighted(..., style="compel")``: compel's syntax and arithmetic on clipcond's towers.
+
+The prompt is parsed by compel's own ``PromptParser`` (``pip install compel``: its grammar is
+compel's definition, so it is used, not re-written); the embeddings follow compel's
+``EmbeddingsProvider`` as ``CompelForSD`` / ``CompelForSDXL`` configure it (long prompts chunked,
+``SplitLongTextMode.SENTENCES``, ``DownweightMode.MASK``), computed by the conditioner's towers:
+
+- each fragment tokenized on its own by transformers' CLIPTokenizer (every tower; padding the
+  tower's), the tokens concatenated; beyond 75 tokens, chunks split after the last ``.`` within 75,
+  else the last ``.`` ``,`` ``;`` ``:``, else the last word end, else at 75;
+- a weight ``w != 1``: ``z_empty + (z - z_empty) * w`` per token, ``z_empty`` the empty prompt's
+  window; a fragment with ``w < 1`` is also blended with the prompt encoded with that fragment
+  attention-masked out: ``(z + Σ λ_i z_i) / (1 + Σ λ_i)``, ``λ_i = tan((1 - w_i) π / 2)``;
+- ``("a", "b").blend(0.7, 0.3)``: the weighted sum (normalised unless ``no_normalize``);
+  ``("a", "b").and()``: concatenated along the tokens (a weight pulls a part from the empty prompt);
+- the pooled vector is read from the raw prompt string, syntax included, truncated to 75 tokens:
+  what compel returns (compel#96).
+"""
+
+from __future__ import annotations
+
+import math
+from typing import TYPE_CHECKING
+
+import torch
+
+from clipcond.conditioning import Conditioning
+from clipcond.prompts import ROOM
+from clipcond.specs import BOS_ID, EOS_ID
+from clipcond.tokenizer import ClipTokenizer
+
+if TYPE_CHECKING:
+    from clipcond.conditioner import TextConditioner
+
+LENGTH = ROOM + 2
+_SENTENCE = {".</w>"}
+_PHRASE = {".</w>", ",</w>", ";</w>", ":</w>"}
+
+
+def parse(prompt: str):  # noqa: ANN201 (compel's Conjunction)
+    try:
+        from compel.prompt_parser import PromptParser
+    except ModuleNotFoundError as err:
+        raise ModuleNotFoundError("style='compel' reads prompts with compel's own parser: pip install compel") from err
+    return PromptParser().parse_conjunction(prompt)
+
+
+def _split_point(tokens: list[str]) -> int:
+    """compel's ``_find_next_best_split_point`` in SENTENCES mode, over more than 75 remaining tokens."""
+    window = tokens[:ROOM]
+    for marks in (_SENTENCE, _PHRASE):
+        for i in range(len(window) - 1, -1, -1):
+            if window[i] in marks:
+                return i + 1
+    for i in range(len(window) - 1, -1, -1):
+        if window[i].endswith("</w>"):
+            return i + 1
+    return ROOM
+
+
+class CompelReader:
+    """compel's encoding of one prompt at a time, every tower of ``tc``."""
+
+    def __init__(self, tc: TextConditioner) -> None:
+        self.tc = tc
+        self.tokenizers = [ClipTokenizer("hf", pad_id=t.pad_id, max_length=tc.max_length) for t in tc.spec.towers]
+
+    def __call__(self, prompt: str) -> Conditioning:
+        conjunction = parse(prompt)
+        parts = []
+        for part, weight in zip(conjunction.prompts, conjunction.weights, strict=True):
+            c = self._prompt_object(part)  # [1, 77 k, D]
+            if weight != 1:
+                empty = self.tc.pad_chunks(self.tc._empty(), Conditioning(c, self.tc._empty().pooled))[0].sequence
+                c = empty + (c - empty) * weight
+            parts.append(c)
+        return Conditioning(torch.cat(parts, dim=1), self._pooled(prompt))
+
+    def _prompt_object(self, part) -> torch.Tensor:  # noqa: ANN001 (FlattenedPrompt or Blend)
+        from compel.prompt_parser import Blend
+
+        if isinstance(part, Blend):
+            conds = [Conditioning(self._flattened(p), self.tc._empty().pooled) for p in part.prompts]
+            conds = self.tc.pad_chunks(*conds)
+            weights = torch.tensor(part.weights, dtype=conds[0].sequence.dtype)
+            if part.normalize_weights:
+                weights = weights / weights.sum()
+            return sum(w * c.sequence for w, c in zip(weights, conds, strict=True))
+        return self._flattened(part)
+
+    def _flattened(self, prompt) -> torch.Tensor:  # noqa: ANN001 (compel's FlattenedPrompt)
+        fragments = [(f.text, f.weight) for f in prompt.children] or [("", 1.0)]
+        towers = [self._tower(i, fragments) for i in range(len(self.tc.towers))]
+        k = max(t.shape[1] for t in towers) // LENGTH  # the towers' tokenizers may disagree: pad (CompelForSDXL)
+        empty = self.tc._empty().sequence
+        padded = []
+        for i, t in enumerate(towers):
+            filler = empty[..., self.tc._feature_slice(i)].repeat(1, k - t.shape[1] // LENGTH, 1)
+            padded.append(torch.cat([t, filler], dim=1))
+        return torch.cat(padded, dim=-1)
+
+    def _tower(self, i: int, fragments: list[tuple[str, float]]) -> torch.Tensor:
+        tok = self.tokenizers[i]
+        ids, weights, owner = [], [], []
+        for f, (encoded, (_, weight)) in enumerate(zip(tok.encode([t for t, _ in fragments]), fragments, strict=True)):
+            ids += encoded
+            weights += [float(weight)] * len(encoded)
+            owner += [f] * len(encoded)
+        tokens = tok.tokens(ids)
+        chunks, start = [], 0
+        while True:  # compel chunks after the last "." (then , ; :, then a word end) within 75 tokens
+            cut = _split_point(tokens[start:]) if len(ids) - start > ROOM else len(ids) - start
+            chunks.append((start, start + cut))
+            start += cut
+            if start >= len(ids):
+                break
+        frame_ids = torch.full((len(chunks), LENGTH), tok.pad_id, dtype=torch.long)
+        frame_w = torch.ones(len(chunks), LENGTH)
+        position = {}  # flat token index -> its (chunk, column)
+        for c, (a, b) in enumerate(chunks):
+            frame_ids[c, : b - a + 2] = torch.tensor([BOS_ID, *ids[a:b], EOS_ID])
+            frame_w[c, 1 : b - a + 1] = torch.tensor(weights[a:b])
+            position.update({j: c * LENGTH + 1 + j - a for j in range(a, b)})
+        base = self._weighted(i, frame_ids, frame_w, None)  # [k, 77, W]
+        embeddings, lambdas = [base], [1.0]
+        for f, (_, weight) in enumerate(fragments):
+            members = [position[j] for j, o in enumerate(owner) if o == f]
+            if weight >= 1 or not members:
+                continue
+            keep = torch.ones(len(chunks) * LENGTH, dtype=torch.bool)
+            keep[members[0] : members[-1] + 1] = False  # the fragment's span, chunk markers between included...
+            keep[0::LENGTH] = keep[LENGTH - 1 :: LENGTH] = True  # ...but every chunk's first and last position kept
+            embeddings.append(self._weighted(i, frame_ids, frame_w, keep.view(len(chunks), LENGTH)))
+            lambdas.append(math.tan((1.0 - max(1e-5, weight)) * math.pi / 2))
+        if len(embeddings) == 1:
+            return base.reshape(1, -1, base.shape[-1])
+        w = torch.tensor(lambdas, dtype=base.dtype)
+        w = w / w.sum()
+        mixed = sum(wi * e for wi, e in zip(w, embeddings, strict=True))
+        return mixed.reshape(1, -1, base.shape[-1])
+
+    def _weighted(self, i: int, ids: torch.Tensor, w: torch.Tensor, keep: torch.Tensor | None) -> torch.Tensor:
+        tc = self.tc
+        eos = (ids == EOS_ID).int().argmax(dim=1)
+        z, _ = tc.towers[i](tc._put(ids), tc._put(eos), None if keep is None else tc._put(keep))  # [k, 77, W]
+        weights = w.to(z)[..., None]
+        if bool((weights == 1).all()):
+            return z
+        empty = tc._empty().sequence[..., tc._feature_slice(i)]  # [1, 77, W]
+        return torch.where(weights == 1, z, empty + (z - empty) * weights)
+
+    def _pooled(self, prompt: str) -> torch.Tensor:
+        """compel's pooled vector: the raw prompt, syntax and all, through each pooled tower (compel#96)."""
+        tokens = [tok([prompt]) for tok in self.tokenizers]
+        return self.tc.encode_tokens(tokens).pooled

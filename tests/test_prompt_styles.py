@@ -247,3 +247,43 @@ def test_truncation_warning_names_a_multi_vector_word(tmp_path, sd15, caplog):
     with caplog.at_level(logging.WARNING):
         tc("cat " * 73 + "<lab> on a mat")  # 73 + 4 vectors: the cut falls inside the word
     assert "'<lab> on a mat'" in caplog.text
+
+
+# --- compel, compared with compel itself on the same weights ---------------------------------------
+COMPEL_PROMPTS = [
+    "a cat++ on a mat", "a (red cat)1.3 on a mat", "a cat-- on a mat", "fire (flames)0.2 and smoke",
+    "a (red)0.5 (cat)1.2, (blurry)--", '("a cat", "a dog").blend(0.7, 0.3)',
+    '("a cat", "a dog").blend(1, 1, no_normalize)',
+    '("a cat", "a (dog)++").and()', '("a cat", "a dog").and(1, 0.5)',
+    "a photo of a cat. " * 20 + "(red)0.5 dog",  # chunked after the last "." within 75 tokens
+    "a photo, of a cat, " * 18 + "dog++",  # no ".": after the last ","
+    "word " * 160 + "(end)0.7",  # neither: after a word end
+]
+
+
+@pytest.mark.parametrize("prompt", COMPEL_PROMPTS)
+def test_compel_style_equals_compel_sd15(tiny, prompt):
+    compel = pytest.importorskip("compel")
+    pipe = tiny.pipeline("sd15")
+    reference = compel.Compel(tokenizer=pipe.tokenizer, text_encoder=pipe.text_encoder, truncate_long_prompts=False)
+    with torch.no_grad():
+        expected = reference(prompt)
+    got = TextConditioner.from_pretrained("sd15", weights=tiny.sd15).weighted(prompt, style="compel")
+    torch.testing.assert_close(got.sequence, expected, **TOL)
+
+
+@pytest.mark.parametrize("prompt", [p for p in COMPEL_PROMPTS if "and(" not in p])
+def test_compel_style_equals_compel_for_sdxl_pooled_included(tiny, prompt):
+    compel = pytest.importorskip("compel")
+    with torch.no_grad():
+        expected = compel.CompelForSDXL(tiny.pipeline("sdxl"))(prompt)
+    got = TextConditioner.from_pretrained("sdxl", weights=tiny.sdxl).weighted(prompt, style="compel")
+    torch.testing.assert_close(got.sequence, expected.embeds, **TOL)
+    # compel#96: compel's pooled vector is the raw string's, syntax included, not the parsed text's.
+    torch.testing.assert_close(got.pooled, expected.pooled_embeds, **TOL)
+
+
+def test_compel_pooled_quirk_is_the_raw_string(sdxl):
+    pytest.importorskip("compel")
+    assert not torch.allclose(sdxl.weighted("(test)0.9", style="compel").pooled, sdxl("test").pooled)
+    assert torch.equal(sdxl.weighted("test", style="compel").pooled, sdxl("test").pooled)

@@ -130,5 +130,5 @@ def test_encode_with_dropout_in_chunk_mode():
 
 def test_weighted_rejects_unknown_style():
     tc = TextConditioner.from_pretrained("tiny-sd15")
-    with pytest.raises(ValueError, match="style must be 'a1111' or 'comfy', got 'compel'"):
-        tc.weighted(["a"], style="compel")
+    with pytest.raises(ValueError, match="style must be 'a1111', 'comfy' or 'compel', got 'invokeai'"):
+        tc.weighted(["a"], style="invokeai")

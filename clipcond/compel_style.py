@@ -6,7 +6,8 @@ compel's definition, so it is used, not re-written); the embeddings follow compe
 ``SplitLongTextMode.SENTENCES``, ``DownweightMode.MASK``), computed by the conditioner's towers:
 
 - each fragment tokenized on its own by transformers' CLIPTokenizer (every tower; padding the
-  tower's), the tokens concatenated; beyond 75 tokens, chunks split after the last ``.`` within 75,
+  tower's; a tower padded with 0 pads with ``"!"``, so a literal ``!`` is 0 there, diffusers#4153),
+  the tokens concatenated; beyond 75 tokens, chunks split after the last ``.`` within 75,
   else the last ``.`` ``,`` ``;`` ``:``, else the last word end, else at 75;
 - a weight ``w != 1``: ``z_empty + (z - z_empty) * w`` per token, ``z_empty`` the empty prompt's
   window; a fragment with ``w < 1`` is also blended with the prompt encoded with that fragment
@@ -63,7 +64,10 @@ class CompelReader:
 
     def __init__(self, tc: TextConditioner) -> None:
         self.tc = tc
-        self.tokenizers = [ClipTokenizer("hf", pad_id=t.pad_id, max_length=tc.max_length) for t in tc.spec.towers]
+        # The pipelines' transformers tokenizers compel is given: those padding with 0 do it with "!" as their
+        # pad token, which turns every literal "!" into 0 too.
+        self.tokenizers = [ClipTokenizer("hf", pad_id=t.pad_id, max_length=tc.max_length, bang_pad=t.pad_id == 0)
+                           for t in tc.spec.towers]
 
     def __call__(self, prompt: str) -> Conditioning:
         conjunction = parse(prompt)

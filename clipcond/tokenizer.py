@@ -159,17 +159,23 @@ class ClipTokenizer:
         pad_id: int,
         max_length: int = 77,
         added: Mapping[str, Sequence[int]] | None = None,
+        bang_pad: bool = False,
     ) -> None:
-        """``added`` maps new words (textual-inversion tokens) to the ids they expand to."""
+        """``added`` maps new words (textual-inversion tokens) to the ids they expand to. ``bang_pad``:
+        ``"!"`` is a special token, as in the transformers tokenizers shipped with SD 2.x and SDXL's
+        ``tokenizer_2`` (their pad token), so every literal ``!`` is id 0 (diffusers#4153; compel reads so)."""
         if kind not in _SPECIALS:
             raise ValueError(f"tokenizer kind must be one of {sorted(_SPECIALS)}, got {kind!r}")
         self.kind, self.pad_id, self.max_length = kind, pad_id, max_length
         self.added = {word: tuple(ids) for word, ids in (added or {}).items()}
         self._tok, self._expand = _rust_tokenizer(kind), {}
-        if self.added:
+        if self.added or bang_pad:
             from tokenizers import AddedToken, Tokenizer
 
             self._tok = Tokenizer.from_str(self._tok.to_str())  # the shared instance stays untouched
+        if bang_pad:
+            self._tok.add_special_tokens([AddedToken("!", normalized=False)])  # "!" is id 0 in the vocabulary
+        if self.added:
             # Both flavours lower-case before matching, so the word is matched lower-cased.
             self._tok.add_tokens([AddedToken(word.lower(), normalized=True) for word in self.added])
             self._expand = {self._tok.token_to_id(word.lower()): ids for word, ids in self.added.items()}

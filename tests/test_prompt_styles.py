@@ -258,6 +258,7 @@ COMPEL_PROMPTS = [
     "a photo of a cat. " * 20 + "(red)0.5 dog",  # chunked after the last "." within 75 tokens
     "a photo, of a cat, " * 18 + "dog++",  # no ".": after the last ","
     "word " * 160 + "(end)0.7",  # neither: after a word end
+    "wow! a (cat)1.2!!",  # SDXL's tokenizer_2 pads with "!": there a literal "!" is id 0 (diffusers#4153)
 ]
 
 

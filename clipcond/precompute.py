@@ -189,15 +189,20 @@ class Layout:
     dropped: list[str]  # damaged base shards left out (their captions, if still used, are encoded again)
 
 
-def assign_slots(out: Path, base: dict | None, scan: Scan, checksums: bool = False) -> Layout:
-    """Captions the base store holds keep their slots; the others get new slots after its last one."""
+def assign_slots(out: Path, base: dict | None, scan: Scan, checksums: bool = False,
+                 kept: list[dict] | None = None) -> Layout:
+    """Captions the base store holds keep their slots; the others get new slots after its last one.
+
+    ``kept``: the base shards to keep, as rank 0 decided (other ranks must not judge the files again).
+    """
     keep, dropped, slot_of = [], [], {}
     slot_keys = torch.zeros(0, 16, dtype=torch.uint8)
     if base is not None:
         slot_keys = read_tensors(out / base["index"]["file"], ["keys"])["keys"]  # [slots, 16]
         raw = slot_keys.numpy().tobytes()
         for entry in base["shards"]:
-            if store_problems(out, {"complete": True, "shards": [entry]}, checksums=checksums):
+            if (entry not in kept) if kept is not None else store_problems(
+                    out, {"complete": True, "shards": [entry]}, checksums=checksums):
                 dropped.append(entry["file"])
                 continue
             keep.append(entry)
@@ -442,7 +447,7 @@ def _remember(result: tuple[dict, Layout], box: list[Layout]) -> dict:
 def _missing(scan: Scan, plan: dict, job: PrecomputeJob) -> list[int]:
     """Ranks other than 0: the unique captions rank 0 found missing, from the same scan and store."""
     base = read_manifest(job.out) if plan["shards"] else None
-    return assign_slots(job.out, base if base and base["complete"] else None, scan).missing
+    return assign_slots(job.out, base if base and base["complete"] else None, scan, kept=plan["shards"]).missing
 
 
 class SlotCaptions(Sequence[str]):

@@ -307,3 +307,20 @@ def test_a_damaged_row_is_caught_on_read_and_verify_re_encodes_exactly_its_shard
     assert not shard.exists() and {k: v for k, v in shard_bytes(out).items() if k in clean} == {
         k: v for k, v in clean.items() if k != shard.name}
     torch.testing.assert_close(rows_of(repaired)[0], tc(BASE).sequence, **TOL)
+
+
+def test_torchrun_incremental_equals_one_process(tmp_path):
+    # An incremental run split across ranks: each encodes its share of the captions rank 0 found missing.
+    first = write_input(tmp_path / "v1", "jsonl", [f"caption number {i}" for i in range(30)], ids=list(range(30)))
+    grown = write_input(tmp_path / "v2", "jsonl", [f"caption number {i}" for i in range(70)], ids=list(range(70)))
+    base = tmp_path / "base"
+    finished(cli(*PRECOMPUTE, "--input", str(first), "--id-column", "id", "--out", str(base)))
+    one, two = tmp_path / "one", tmp_path / "two"
+    shutil.copytree(base, one)
+    shutil.copytree(base, two)
+    args = [*PRECOMPUTE, "--input", str(grown), "--id-column", "id"]
+    finished(cli(*args, "--out", str(one)))
+    run_module = ["-m", "torch.distributed.run", "--standalone", "--nproc-per-node", "2"]
+    assert "40 encoded, 30 reused" in finished(cli(*run_module, *args, "--out", str(two)))
+    assert json.loads((two / MANIFEST).read_text()) == json.loads((one / MANIFEST).read_text())
+    assert shard_bytes(two) == shard_bytes(one)

@@ -26,7 +26,7 @@ from typing import TYPE_CHECKING
 import torch
 
 from clipcond.conditioning import Conditioning
-from clipcond.prompts import ROOM
+from clipcond.prompts import ROOM, apply_weights
 from clipcond.specs import BOS_ID, EOS_ID
 from clipcond.tokenizer import ClipTokenizer
 
@@ -74,8 +74,8 @@ class CompelReader:
         parts = []
         for part, weight in zip(conjunction.prompts, conjunction.weights, strict=True):
             c = self._prompt_object(part)  # [1, 77 k, D]
-            if weight != 1:
-                empty = self.tc.pad_chunks(self.tc._empty(), Conditioning(c, self.tc._empty().pooled))[0].sequence
+            if weight != 1:  # the whole part pulled from the empty prompt, its windows repeated to c's length
+                empty = self.tc._empty().sequence.repeat(1, c.shape[1] // LENGTH, 1)
                 c = empty + (c - empty) * weight
             parts.append(c)
         return Conditioning(torch.cat(parts, dim=1), self._pooled(prompt))
@@ -144,14 +144,12 @@ class CompelReader:
         return mixed.reshape(1, -1, base.shape[-1])
 
     def _weighted(self, i: int, ids: torch.Tensor, w: torch.Tensor, keep: torch.Tensor | None) -> torch.Tensor:
+        """compel's ``build_weighted_embedding_tensor``: ComfyUI's arithmetic too (``apply_weights``)."""
         tc = self.tc
         eos = (ids == EOS_ID).int().argmax(dim=1)
-        z, _ = tc.towers[i](tc._put(ids), tc._put(eos), None if keep is None else tc._put(keep))  # [k, 77, W]
-        weights = w.to(z)[..., None]
-        if bool((weights == 1).all()):
-            return z
+        z, _ = tc._run(tc.towers[i], ids, eos, keep)  # [k, 77, W]
         empty = tc._empty().sequence[..., tc._feature_slice(i)]  # [1, 77, W]
-        return torch.where(weights == 1, z, empty + (z - empty) * weights)
+        return apply_weights(z, w.to(z.device), style="comfy", empty=empty)
 
     def _pooled(self, prompt: str) -> torch.Tensor:
         """compel's pooled vector: the raw prompt, syntax and all, through each pooled tower (compel#96)."""

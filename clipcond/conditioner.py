@@ -298,9 +298,11 @@ class TextConditioner(nn.Module):
             parts.append((sequence, first))
         return self._assemble(parts)
 
-    def _run(self, tower: TextTransformer, ids: torch.Tensor, eos: torch.Tensor) -> tuple[torch.Tensor, ...]:
-        """One tower's forward on the conditioner's device (the only place towers are called)."""
-        out = tower(self._put(ids), self._put(eos))
+    def _run(self, tower: TextTransformer, ids: torch.Tensor, eos: torch.Tensor,
+             keep: torch.Tensor | None = None) -> tuple[torch.Tensor, ...]:
+        """One tower's forward on the conditioner's device (the only place towers are called); ``keep``
+        [B, L] bool: an attention mask over the keys (compel's down-weighting), see TextTransformer."""
+        out = tower(self._put(ids), self._put(eos), None if keep is None else self._put(keep))
         # Compiled on a GPU, the outputs may live in a CUDA graph's pool that the next call overwrites
         # (mode="reduce-overhead", backend="cudagraphs", inductor's config): one copy, cheap next to the forward.
         graphs = self._compiled is not None and self.device.type == "cuda"

@@ -390,7 +390,8 @@ def finalize(out: Path, plan: dict, layout: Layout, scan: Scan, *, parts: bool =
 def precompute(tc: TextConditioner, job: PrecomputeJob) -> dict:
     """Encode ``job.input`` with ``tc`` into the store ``job.out``, adding to it; returns its manifest.
 
-    Captions the store holds already are not encoded again (``manifest["encoded"]``, ``["reused"]``).
+    Captions the store holds already are not encoded again (the returned ``manifest["run"]`` counts
+    ``encoded`` and ``reused``; it is not written to disk).
     Under torchrun every rank calls this with its own ``tc`` (see ``rank_device``); all ranks read
     the input (it must be the same everywhere) and ``job.out`` must be one folder that all ranks see.
     With ``job.part = (i, n)`` this process encodes part i of n and the last part to finish publishes

@@ -184,8 +184,9 @@ def main() -> None:
               f"{ratio:.2f} | {r['warm']:,.0f} |")
     print(f"\nstore.by_id (row included, warm): {by_id[True]:,.0f} lookups/s with the row's checksum verified, "
           f"{by_id[False]:,.0f} without (verify_rows=False); row checksum on a cached row: {check_us:.1f} µs")
-    results = {"args": {k: str(v) for k, v in vars(a).items()}, "sequential_bytes_per_s": seq, "limit_rows_per_s": limit,
-               "row_bytes": row_bytes, "table": table, "by_id_per_s": by_id, "checksum_us": check_us}
+    results = {"args": {k: str(v) for k, v in vars(a).items()}, "sequential_bytes_per_s": seq,
+               "limit_rows_per_s": limit, "row_bytes": row_bytes, "table": table, "by_id_per_s": by_id,
+               "checksum_us": check_us}
     a.out.parent.mkdir(parents=True, exist_ok=True)
     a.out.write_text(json.dumps(results, indent=1))
     print(f"\nwrote {a.out}")

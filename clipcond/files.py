@@ -10,6 +10,7 @@ from __future__ import annotations
 import hashlib
 import json
 import os
+from collections.abc import Iterable, Iterator
 from pathlib import Path
 
 import torch
@@ -96,6 +97,44 @@ def tensor_bytes(tensors: dict[str, torch.Tensor], metadata: dict[str, str] | No
 
 def write_tensors(root: Path, name: str, tensors: dict[str, torch.Tensor]) -> dict[str, object]:
     return write_file(root, name, tensor_bytes(tensors))
+
+
+def file_chunks(path: Path, chunk: int = 1 << 24) -> Iterator[bytes]:
+    """A file's bytes in pieces (copying a file into another without holding it)."""
+    with open(path, "rb") as f:
+        while block := f.read(chunk):
+            yield block
+
+
+def write_streamed(root: Path, name: str, tensors: dict[str, tuple[torch.dtype, tuple[int, ...], Iterable]]
+                   ) -> dict[str, object]:
+    """``write_tensors`` for tensors too big to hold twice: each given as (dtype, shape, its bytes in pieces).
+
+    Written atomically, as ``atomic_write``; returns the file's manifest entry (size and sha256).
+    """
+    path, digest, size = root / name, hashlib.sha256(), 0
+    tmp = temporary(path)
+
+    def put(data: memoryview | bytes) -> None:
+        nonlocal size
+        f.write(data)
+        digest.update(data)
+        size += len(data)
+
+    with open(tmp, "wb") as f:
+        put(safetensors_header({k: (dtype, shape) for k, (dtype, shape, _) in tensors.items()}, {}))
+        for key, (dtype, shape, pieces) in tensors.items():
+            start, expected = size, dtype.itemsize * int(torch.Size(shape).numel())
+            for piece in map(memoryview, pieces):
+                if piece.nbytes:  # an empty array's view has no bytes to cast
+                    put(piece.cast("B"))
+            if size - start != expected:
+                raise ValueError(f"{path}: tensor {key!r} got {size - start} bytes, its shape {list(shape)} needs "
+                                 f"{expected}")
+        f.flush()
+        os.fsync(f.fileno())
+    publish(tmp, path)
+    return {"file": name, "bytes": size, "sha256": digest.hexdigest()}
 
 
 def write_json(path: Path, obj: object) -> None:

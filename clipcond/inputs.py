@@ -1,4 +1,4 @@
-"""Caption tables read in bounded batches, and the deduplicating first pass of ``clipcond precompute``.
+"""Caption tables read in bounded batches: what the first pass of ``clipcond precompute`` reads (scan.py).
 
 Inputs: ``.txt`` (a caption per line), ``.jsonl`` (a JSON object per line), ``.csv`` (pyarrow's
 streaming reader), ``.parquet`` (``pyarrow.parquet.ParquetFile.iter_batches``), a folder written
@@ -6,29 +6,19 @@ by Hugging Face ``datasets``' ``save_to_disk`` (memory-mapped Arrow), and webdat
 shards as img2dataset writes them (``<key>.txt``, ``<key>.json``, images: streamed, images
 skipped unread; the id is the sample's ``__key__``). Several files (``--input`` repeated or a glob)
 are read in sorted path order as one table. A row may hold several captions (variants): several
-caption columns, or one list-valued column. No reader holds more than ``READ_BATCH`` rows, so the
-pass over a million-row table keeps memory flat but for what deduplication must keep: one copy of
-each unique caption, and 8 bytes a row and variant for the index (plus the id bytes).
+caption columns, or one list-valued column. No reader holds more than ``READ_BATCH`` rows.
 """
 
 from __future__ import annotations
 
 import csv
 import glob
-import hashlib
 import importlib
 import itertools
 import json
 import tarfile
-from array import array
 from collections.abc import Iterable, Iterator, Sequence
-from dataclasses import dataclass
 from pathlib import Path
-
-import numpy as np
-import torch
-
-from clipcond.files import id_hash
 
 READ_BATCH = 8192  # rows per batch read from the input
 Batch = tuple[list[tuple[str, ...]], list[str] | None]  # each row's captions (k variants), ids (None: no ids)
@@ -122,7 +112,7 @@ def _parquet(path: Path, columns: list[str], id_column: str | None) -> Iterator[
     pq = _need("pyarrow.parquet", path, "pyarrow")
 
     wanted = columns + ([id_column] if id_column else [])
-    parquet = pq.ParquetFile(path)
+    parquet = pq.ParquetFile(path, pre_buffer=False)  # pre-buffering keeps what it read: ~30 bytes a row
     _require(parquet.schema_arrow.names, wanted, path)
     yield from _arrow(parquet.iter_batches(batch_size=READ_BATCH, columns=wanted), columns, id_column)
 
@@ -310,89 +300,3 @@ def read_captions(path: str | Path | Sequence[str | Path], *, column: str | Sequ
                 ids = _strings(ids, TAR_KEY if tar else id_column, row, file, ids=True)
             row += len(rows)
             yield rows, ids
-
-
-# --- the first pass: deduplication ---------------------------------------------------------
-def _int64(values: array) -> torch.Tensor:
-    return torch.from_numpy(np.frombuffer(values, dtype=np.int64).copy())  # no per-element Python loop
-
-
-class _Ids:
-    """Ids in row order as one UTF-8 blob with offsets, and their hashes for the sorted lookup table."""
-
-    def __init__(self) -> None:
-        self.blob, self.offsets, self.hashes = bytearray(), array("q", [0]), array("q")
-
-    def add(self, key: bytes) -> None:
-        self.blob += key
-        self.offsets.append(len(self.blob))
-        self.hashes.append(id_hash(key))
-
-    def tensors(self, source: object, column: str) -> dict[str, torch.Tensor]:
-        sorted_hash, order = torch.sort(_int64(self.hashes), stable=True)  # [N], [N]
-        for i in (sorted_hash[1:] == sorted_hash[:-1]).nonzero().flatten().tolist():
-            a, b = int(order[i]), int(order[i + 1])
-            if self._key(a) == self._key(b):
-                raise ValueError(f"{source}: id column {column!r} repeats id {self._key(a).decode()!r} "
-                                 f"(rows {a} and {b}); ids must be unique to look rows up by id")
-        return {"id_bytes": torch.from_numpy(np.frombuffer(bytes(self.blob), dtype=np.uint8).copy()),
-                "id_offsets": _int64(self.offsets), "id_sorted_hash": sorted_hash, "id_sorted_rows": order}
-
-    def _key(self, row: int) -> bytes:
-        return bytes(self.blob[self.offsets[row] : self.offsets[row + 1]])
-
-
-def caption_key(caption: str) -> bytes:
-    """What a store addresses an embedding by: 16 bytes of BLAKE2b of the caption's UTF-8 text."""
-    return hashlib.blake2b(caption.encode(), digest_size=16).digest()
-
-
-@dataclass
-class Scan:
-    """The input as precompute needs it: unique captions in order of first appearance, and the index."""
-
-    captions: list[str]  # [U]: every distinct caption of every variant, in row-major order of appearance
-    rows: torch.Tensor  # [N, k] int64: input row, variant -> index into captions
-    ids: dict[str, torch.Tensor] | None  # the id tensors of the index
-    sha256: str  # of every caption (and id), length-prefixed, in row order: the input's identity
-
-    @property
-    def variants(self) -> int:
-        return self.rows.shape[1]
-
-
-def _update(digest: hashlib._Hash, data: bytes) -> None:
-    digest.update(len(data).to_bytes(8, "little"))
-    digest.update(data)
-
-
-def scan_captions(path: str | Path | Sequence[str | Path], *, column: str | Sequence[str] = "caption",
-                  id_column: str | None = None, limit: int | None = None, progress: bool = False) -> Scan:
-    """One streaming pass: dedup (first appearance wins, so it is deterministic), index, ids, input sha256."""
-    from tqdm.auto import tqdm
-
-    unique: dict[str, int] = {}
-    rows, digest, ids, k, n = array("q"), hashlib.sha256(), None, 1, 0
-    total = row_count_hint(expand_inputs(path)) if progress else None
-    total = min(total, limit) if total is not None and limit is not None else total or limit
-    with tqdm(total=total, desc="scan", unit="row", unit_scale=True, disable=None if progress else True) as bar:
-        for batch, batch_ids in read_captions(path, column=column, id_column=id_column):
-            if limit is not None:
-                batch = batch[: limit - n]
-            for i, captions in enumerate(batch):
-                k = len(captions)
-                for caption in captions:
-                    rows.append(unique.setdefault(caption, len(unique)))
-                    _update(digest, caption.encode())
-                if batch_ids is not None:
-                    ids = ids or _Ids()
-                    ids.add(batch_ids[i].encode())
-                    _update(digest, batch_ids[i].encode())
-            n += len(batch)
-            bar.update(len(batch))
-            if limit is not None and n >= limit:
-                break
-    if not rows:
-        raise ValueError(f"{path}: no rows to encode" + (" (--limit 0)" if limit == 0 else ""))
-    return Scan(list(unique), _int64(rows).view(n, k),
-                ids.tensors(path, id_column or TAR_KEY) if ids is not None else None, digest.hexdigest())

@@ -21,7 +21,6 @@ import hashlib
 import json
 import logging
 import os
-from array import array
 from collections.abc import Callable, Iterator, Sequence
 from contextlib import closing, contextmanager
 from dataclasses import dataclass
@@ -29,11 +28,14 @@ from datetime import timedelta
 from pathlib import Path
 from typing import TYPE_CHECKING, TypeVar
 
+import numpy as np
 import torch
 import torch.distributed as dist
 
-from clipcond.inputs import Scan, caption_key, expand_inputs, scan_captions
+from clipcond.files import file_chunks, write_streamed
+from clipcond.inputs import expand_inputs
 from clipcond.pipeline import encode_shards
+from clipcond.scan import CHUNK, CaptionTexts, Scan, remove_stale, scan_captions
 from clipcond.store import (
     FORMAT,
     FORMAT_VERSION,
@@ -183,46 +185,54 @@ class Layout:
     """Where each unique caption of the input lives after this run (rank 0 only: never broadcast)."""
 
     keep: list[dict]  # the base store's shards kept, as their manifest entries
-    slot_keys: torch.Tensor  # [slots, 16] uint8: each slot's caption key (zeros where no shard holds it)
-    slots: torch.Tensor  # [U] int64: the slot of each unique caption
-    missing: list[int]  # unique captions this run encodes (indices into scan.captions), in slot order
+    base_keys: np.ndarray  # [base slots, 16] uint8: their caption keys (new slots': scan.keys[missing])
+    slots: np.ndarray  # [U] int64: the slot of each unique caption
+    missing: np.ndarray  # [M] int64: unique captions this run encodes (in slot order: first_new + i)
     dropped: list[str]  # damaged base shards left out (their captions, if still used, are encoded again)
 
 
-def assign_slots(out: Path, base: dict | None, scan: Scan, checksums: bool = False,
-                 kept: list[dict] | None = None) -> Layout:
-    """Captions the base store holds keep their slots; the others get new slots after its last one.
-
-    ``kept``: the base shards to keep, as rank 0 decided (other ranks must not judge the files again).
-    """
-    keep, dropped, slot_of = [], [], {}
-    slot_keys = torch.zeros(0, 16, dtype=torch.uint8)
+def assign_slots(out: Path, base: dict | None, scan: Scan, checksums: bool = False) -> Layout:
+    """Captions the base store holds keep their slots; the others get new slots after its last one."""
+    keep, dropped = [], []
+    slot_keys = np.zeros((0, 16), dtype=np.uint8)
     if base is not None:
-        slot_keys = read_tensors(out / base["index"]["file"], ["keys"])["keys"]  # [slots, 16]
-        raw = slot_keys.numpy().tobytes()
+        slot_keys = read_tensors(out / base["index"]["file"], ["keys"])["keys"].numpy()  # [slots, 16]
         for entry in base["shards"]:
-            if (entry not in kept) if kept is not None else store_problems(
-                    out, {"complete": True, "shards": [entry]}, checksums=checksums):
+            if store_problems(out, {"complete": True, "shards": [entry]}, checksums=checksums):
+                logger.warning("%s: damaged or missing; its captions are encoded again", out / entry["file"])
                 dropped.append(entry["file"])
-                continue
-            keep.append(entry)
-            slot_of.update((raw[16 * slot : 16 * slot + 16], slot) for slot in range(entry["start"], entry["stop"]))
-        for name in dropped:
-            logger.warning("%s: damaged or missing; its captions are encoded again", out / name)
+            else:
+                keep.append(entry)
+    held = np.concatenate([np.arange(e["start"], e["stop"]) for e in keep] or [np.zeros(0, np.int64)])  # [H]
+    found = find_keys(slot_keys[held], scan.keys)  # [U]: index into held, -1 where no kept shard holds it
+    slots = np.full(scan.unique, -1, dtype=np.int64)
+    slots[found >= 0] = held[found[found >= 0]]
+    missing = np.flatnonzero(found < 0)  # [M], ascending: new slots in order of first appearance
+    del found
     first_new = base["slots"] if base is not None else 0
-    slots, missing, new_keys = array("q"), [], []
-    for u, caption in enumerate(scan.captions):
-        key = caption_key(caption)
-        slot = slot_of.get(key)
-        if slot is None:
-            slot = slot_of[key] = first_new + len(missing)
-            missing.append(u)
-            new_keys.append(key)
-        slots.append(slot)
-    if new_keys:
-        fresh = torch.frombuffer(bytearray(b"".join(new_keys)), dtype=torch.uint8).view(-1, 16)
-        slot_keys = torch.cat([slot_keys, fresh])
-    return Layout(keep, slot_keys, torch.tensor(slots, dtype=torch.long), missing, dropped)
+    slots[missing] = np.arange(first_new, first_new + len(missing))
+    return Layout(keep, slot_keys, slots, missing, dropped)
+
+
+def find_keys(table: np.ndarray, keys: np.ndarray) -> np.ndarray:
+    """[len(keys)] int64: the row of ``table`` [T, 16] holding each of ``keys`` [K, 16], or -1 (rows unique)."""
+    found = np.full(len(keys), -1, dtype=np.int64)
+    if not len(table) or not len(keys):
+        return found
+    words, wanted = table.view(np.uint64), keys.view(np.uint64)  # [T, 2], [K, 2]
+    order = np.argsort(words[:, 0])
+    heads = words[order, 0]  # [T] sorted: the first 8 bytes of each key
+    for a in range(0, len(keys), CHUNK):
+        head = wanted[a : a + CHUNK, 0]
+        pos = np.searchsorted(heads, head)  # first table key with this head, if any
+        for step in range(len(table)):  # keys sharing their first 8 bytes (all but never): look further
+            at = np.minimum(pos + step, len(table) - 1)
+            same_head = (pos + step < len(table)) & (heads[at] == head)
+            hit = same_head & (words[order[at], 1] == wanted[a : a + CHUNK, 1]) & (found[a : a + CHUNK] < 0)
+            found[a : a + CHUNK][hit] = order[at][hit]
+            if not same_head.any():
+                break
+    return found
 
 
 def store_identity(tc: TextConditioner, shard_size: int) -> dict:
@@ -246,11 +256,11 @@ def plan_manifest(tc: TextConditioner, job: PrecomputeJob, scan: Scan, shard_siz
               "id_column": job.id_column, "limit": job.limit, "sha256": scan.sha256}
     return {
         "format": FORMAT, "format_version": FORMAT_VERSION, "clipcond_version": __version__, "complete": False,
-        **store_identity(tc, shard_size), "input": inputs, "has_ids": scan.ids is not None,
-        "rows": len(scan.rows), "variants": scan.variants, "unique": len(scan.captions),
+        **store_identity(tc, shard_size), "input": inputs, "has_ids": scan.has_ids,
+        "rows": len(scan.rows), "variants": scan.variants, "unique": scan.unique,
         "slots": first_slot + missing, "next_shard": next_shard + len(new), "num_shards": len(layout.keep) + len(new),
         "plan": plan_id, "generation": _digest(plan_id, inputs), "new_shards": new,
-        "run": {"encoded": missing, "reused": len(scan.captions) - missing},  # this run's, never written
+        "run": {"encoded": missing, "reused": scan.unique - missing},  # this run's, never written
         "truncated": 0, "index": None, "null": None, "shards": list(layout.keep),
     }
 
@@ -313,22 +323,29 @@ def _done_shards(out: Path, plan: dict, existing: dict | None) -> dict[int, dict
     return done
 
 
-def _clean(out: Path, plan: dict, kept: list[dict]) -> None:
-    """Remove temporaries, damaged shards, and shards and sidecars of other plans (a killed run's)."""
+def _clean(out: Path, plan: dict, kept: list[dict], *, temporaries: bool = True) -> None:
+    """Remove damaged shards, shards and sidecars of other plans (a killed run's), killed runs' scan folders,
+    and (``temporaries``: no part of this plan may be writing now) half-written files."""
     keep = {e["file"] for e in kept} | {shard_name(k) for k, _, _ in plan["new_shards"]}
     keep |= {n.replace(".safetensors", ".json") for n in keep}
+    remove_stale(out)
     for path in out.iterdir():
-        if TMP_MARK in path.name or (path.name.startswith("shard-") and path.name not in keep):
+        if path.is_file() and ((temporaries and TMP_MARK in path.name)
+                               or (path.name.startswith("shard-") and path.name not in keep)):
             path.unlink(missing_ok=True)
+
+
+def open_out(job: PrecomputeJob) -> None:
+    """The store folder, made if need be; one holding anything but a store is refused."""
+    if job.out.exists() and not job.out.is_dir():
+        raise ValueError(f"--out {job.out} is a file; the store is a folder")
+    job.out.mkdir(parents=True, exist_ok=True)
+    _refuse_foreign(job.out)  # before a lock file or a scan lands in it
 
 
 def prepare(tc: TextConditioner, job: PrecomputeJob, scan: Scan, lock: StoreLock) -> tuple[dict, Layout]:
     """Lock, then check or start the store: ``(plan, layout)``; a new store gets an incomplete manifest."""
     out = job.out
-    if out.exists() and not out.is_dir():
-        raise ValueError(f"--out {out} is a file; the store is a folder")
-    out.mkdir(parents=True, exist_ok=True)
-    _refuse_foreign(out)  # before a lock file lands in it
     lock.acquire(wait=job.part is not None)
     existing = read_manifest(out) if (out / MANIFEST).is_file() else None  # no other run writes it now
     shard_size = job.shard_size or (existing or {}).get("shard_size") or default_shard_size(tc, job.batch_size)
@@ -343,19 +360,25 @@ def prepare(tc: TextConditioner, job: PrecomputeJob, scan: Scan, lock: StoreLock
         null = tc.null(1)
         null_entry = write_tensors(out, NULL, {"sequence": null.sequence.cpu(), "pooled": null.pooled.cpu()})
     plan["null"] = null_entry
-    if base is not None and base["input"] == plan["input"] and not layout.missing and not layout.dropped:
+    if base is not None and base["input"] == plan["input"] and not len(layout.missing) and not layout.dropped:
         logger.info("%s is complete already: nothing to encode", out)
         return {**base, "new_shards": [], "run": plan["run"]}, layout
-    _clean(out, plan, layout.keep)
+    _clean(out, plan, layout.keep, temporaries=job.part is None)
     if base is None:  # a new store: refused as incomplete until its last shard is in
         done = _done_shards(out, plan, existing)
         write_json(out / MANIFEST, _written({**plan, "shards": [done[k] for k in sorted(done)]}))
+    # The captions to encode, by slot, for the other ranks: spans of the scan's texts (in out, seen by all).
+    scan.spans[layout.missing].tofile(scan.folder.file(TODO))
+    plan["scan"] = scan.folder.path.name
     return plan, layout
+
+
+TODO = "todo"  # in the scan folder: [M, 2] int64 spans of the captions this run encodes, in slot order
 
 
 def _written(plan: dict) -> dict:
     """The manifest as written: without what only this run needs to know."""
-    return {k: v for k, v in plan.items() if k not in ("new_shards", "run")}
+    return {k: v for k, v in plan.items() if k not in ("new_shards", "run", "scan")}
 
 
 def finalize(out: Path, plan: dict, layout: Layout, scan: Scan, *, parts: bool = False) -> dict | None:
@@ -372,18 +395,38 @@ def finalize(out: Path, plan: dict, layout: Layout, scan: Scan, *, parts: bool =
         if parts:
             return None
         raise RuntimeError(f"{out}: {len(missing)} shards were written by no rank (first: {missing[:10]})")
-    index = {"rows": layout.slots[scan.rows], "keys": layout.slot_keys, **(scan.ids or {})}  # rows [N, k] slots
     manifest = _written(plan)
     manifest["shards"] = [*layout.keep, *(done[k] for k, _, _ in plan["new_shards"])]
-    manifest["index"] = write_tensors(out, index_name(plan["generation"]), index)
+    manifest["index"] = write_index(out, index_name(plan["generation"]), layout, scan)
     manifest.update(complete=True, truncated=sum(entry.get("truncated", 0) for entry in manifest["shards"]))
     write_json(out / MANIFEST, manifest)
-    for sidecar in out.glob("shard-*.json"):
-        sidecar.unlink(missing_ok=True)
+    for path in out.iterdir():  # sidecars, and half-written files of killed parts (all parts are done)
+        if path.is_file() and (TMP_MARK in path.name or (path.name.startswith("shard-") and path.suffix == ".json")):
+            path.unlink(missing_ok=True)
     if manifest["truncated"]:
         logger.warning("%d unique captions were longer than %d tokens and were truncated, as diffusers does",
                        manifest["truncated"], manifest["sequence_shape"][0])
     return {**manifest, "run": plan["run"]}
+
+
+def write_index(out: Path, name: str, layout: Layout, scan: Scan) -> dict:
+    """The index: ``rows`` [N, k] slots, ``keys`` [slots, 16], the ids; streamed, never held twice."""
+    flat = scan.rows.reshape(-1)
+
+    def slot_rows() -> Iterator[np.ndarray]:
+        for a in range(0, len(flat), CHUNK):
+            yield layout.slots[flat[a : a + CHUNK]]
+
+    def slot_keys() -> Iterator[np.ndarray]:
+        yield layout.base_keys
+        for a in range(0, len(layout.missing), CHUNK):
+            yield scan.keys[layout.missing[a : a + CHUNK]]
+
+    slots = len(layout.base_keys) + len(layout.missing)
+    tensors = {"rows": (torch.int64, scan.rows.shape, slot_rows()), "keys": (torch.uint8, (slots, 16), slot_keys())}
+    if scan.has_ids:
+        tensors.update((k, (dtype, shape, file_chunks(path))) for k, (dtype, shape, path) in scan.id_tensors().items())
+    return write_streamed(out, name, tensors)
 
 
 # --- the job ----------------------------------------------------------------------------
@@ -392,10 +435,11 @@ def precompute(tc: TextConditioner, job: PrecomputeJob) -> dict:
 
     Captions the store holds already are not encoded again (the returned ``manifest["run"]`` counts
     ``encoded`` and ``reused``; it is not written to disk).
-    Under torchrun every rank calls this with its own ``tc`` (see ``rank_device``); all ranks read
-    the input (it must be the same everywhere) and ``job.out`` must be one folder that all ranks see.
-    With ``job.part = (i, n)`` this process encodes part i of n and the last part to finish publishes
-    the store (its manifest says ``complete`` then; earlier parts return it incomplete).
+    Under torchrun every rank calls this with its own ``tc`` (see ``rank_device``); rank 0 reads the
+    input and the other ranks read the captions they encode from its scan folder in ``job.out``,
+    which must be one folder that all ranks see. With ``job.part = (i, n)`` this process encodes
+    part i of n and the last part to finish publishes the store (its manifest says ``complete``
+    then; earlier parts return it incomplete).
     """
     if tc.spec.long_prompts != "truncate":
         raise ValueError(f"precompute stores [{tc.max_length}, D] sequences; encoder {tc.spec.name!r} has "
@@ -404,63 +448,69 @@ def precompute(tc: TextConditioner, job: PrecomputeJob) -> dict:
     if job.part is not None and ranks.world > 1:
         raise ValueError("--part splits a job across independent processes; under torchrun the ranks split it")
     part, parts = job.part or (ranks.rank, ranks.world)
+    mine: list = []  # rank 0's scan and layout (too big to broadcast)
     with process_group(ranks), closing(lock):
-        main = ranks.rank == 0
-        scan = scan_captions(job.input, column=job.columns, id_column=job.id_column, limit=job.limit,
-                             progress=job.progress and main)
-        ranks.check_same((scan.sha256, tc.fingerprint, str(tc.dtype)), "input sha256, weights fingerprint, dtype")
-        layout: list[Layout] = []  # rank 0's, filled by prepare (too big to broadcast)
-        plan = ranks.on_main(lambda: _remember(prepare(tc, job, scan, lock), layout))
-        if job.part is not None:
-            lock.close()  # parts encode side by side; the lock is taken again to publish
-        done = _done_shards(job.out, plan, None) if plan["new_shards"] else {}
-        todo = [s for i, s in enumerate(plan["new_shards"]) if i % parts == part and s[0] not in done]
-        logger.info("%s %d/%d: %d shards to encode (%d of %d new shards done before); %d new captions, %d found "
-                    "in the store", "part" if job.part else "rank", part, parts, len(todo), len(done),
-                    len(plan["new_shards"]), plan["run"]["encoded"], plan["run"]["reused"])
-        if todo:
-            meta = {"format": FORMAT, "format_version": FORMAT_VERSION, "encoder": plan["encoder"]["name"],
-                    "fingerprint": plan["fingerprint"], "dtype": plan["dtype"], "plan": plan["plan"]}
-            captions = SlotCaptions(scan.captions, layout[0].missing if layout else _missing(scan, plan, job),
-                                    plan["slots"] - plan["run"]["encoded"])
-            stats = encode_shards(tc, captions, [tuple(s) for s in todo], job.out, batch_size=job.batch_size,
-                                  meta=meta, progress=job.progress and main)
-            logger.info("%s %d: %s", "part" if job.part else "rank", part, stats.summary(),
-                        extra={"pipeline_stats": stats})
-        ranks.barrier()
-        if not plan["new_shards"] and plan["complete"]:
-            return {k: v for k, v in plan.items() if k != "new_shards"}
-        if job.part is not None:
-            lock.acquire(wait=True)
-        manifest = ranks.on_main(lambda: finalize(job.out, plan, layout[0], scan, parts=job.part is not None))
-        if manifest is None:
-            logger.info("part %d/%d done; the store is published by the last part to finish", part, parts)
-            return {**read_manifest(job.out), "run": {**plan["run"], "waiting": True}}
-        return manifest
+        try:
+            return _run(tc, job, ranks, lock, part, parts, mine)
+        finally:
+            if mine:
+                mine[0].close()
 
 
-def _remember(result: tuple[dict, Layout], box: list[Layout]) -> dict:
-    plan, layout = result
-    box.append(layout)
+def _start(tc: TextConditioner, job: PrecomputeJob, lock: StoreLock, mine: list) -> dict:
+    """Rank 0 (or a part): the scan, then the plan."""
+    open_out(job)
+    scan = scan_captions(job.input, column=job.columns, id_column=job.id_column, limit=job.limit,
+                         progress=job.progress, folder=job.out)
+    mine.append(scan)
+    plan, layout = prepare(tc, job, scan, lock)
+    mine.append(layout)
     return plan
 
 
-def _missing(scan: Scan, plan: dict, job: PrecomputeJob) -> list[int]:
-    """Ranks other than 0: the unique captions rank 0 found missing, from the same scan and store."""
-    base = read_manifest(job.out) if plan["shards"] else None
-    return assign_slots(job.out, base if base and base["complete"] else None, scan, kept=plan["shards"]).missing
+def _run(tc: TextConditioner, job: PrecomputeJob, ranks: Ranks, lock: StoreLock, part: int, parts: int,
+         mine: list) -> dict:
+    ranks.check_same((tc.fingerprint, str(tc.dtype)), "weights fingerprint, dtype")
+    plan = ranks.on_main(lambda: _start(tc, job, lock, mine))
+    if job.part is not None:
+        lock.close()  # parts encode side by side; the lock is taken again to publish
+    done = _done_shards(job.out, plan, None) if plan["new_shards"] else {}
+    todo = [s for i, s in enumerate(plan["new_shards"]) if i % parts == part and s[0] not in done]
+    logger.info("%s %d/%d: %d shards to encode (%d of %d new shards done before); %d new captions, %d found "
+                "in the store", "part" if job.part else "rank", part, parts, len(todo), len(done),
+                len(plan["new_shards"]), plan["run"]["encoded"], plan["run"]["reused"])
+    if todo:
+        meta = {"format": FORMAT, "format_version": FORMAT_VERSION, "encoder": plan["encoder"]["name"],
+                "fingerprint": plan["fingerprint"], "dtype": plan["dtype"], "plan": plan["plan"]}
+        folder = job.out / plan["scan"]
+        texts = CaptionTexts(folder / "texts", np.fromfile(folder / TODO, dtype=np.int64).reshape(-1, 2))
+        captions = SlotCaptions(texts, plan["slots"] - plan["run"]["encoded"])
+        stats = encode_shards(tc, captions, [tuple(s) for s in todo], job.out, batch_size=job.batch_size,
+                              meta=meta, progress=job.progress and ranks.rank == 0)
+        logger.info("%s %d: %s", "part" if job.part else "rank", part, stats.summary(),
+                    extra={"pipeline_stats": stats})
+    ranks.barrier()
+    if not plan["new_shards"] and plan["complete"]:
+        return _written(plan) | {"run": plan["run"]}
+    if job.part is not None:
+        lock.acquire(wait=True)
+    manifest = ranks.on_main(lambda: finalize(job.out, plan, mine[1], mine[0], parts=job.part is not None))
+    if manifest is None:
+        logger.info("part %d/%d done; the store is published by the last part to finish", part, parts)
+        return {**read_manifest(job.out), "run": {**plan["run"], "waiting": True}}
+    return manifest
 
 
 class SlotCaptions(Sequence[str]):
-    """Captions by slot for the pipeline: slot ``first + i`` holds ``captions[missing[i]]``."""
+    """Captions by slot for the pipeline: slot ``first + i`` holds ``texts[i]``."""
 
-    def __init__(self, captions: list[str], missing: list[int], first: int) -> None:
-        self.captions, self.missing, self.first = captions, missing, first
+    def __init__(self, texts: CaptionTexts, first: int) -> None:
+        self.texts, self.first = texts, first
 
     def __len__(self) -> int:
-        return self.first + len(self.missing)
+        return self.first + len(self.texts)
 
     def __getitem__(self, i: int | slice) -> str | list[str]:  # type: ignore[override]
         if isinstance(i, slice):
-            return [self.captions[u] for u in self.missing[i.start - self.first : i.stop - self.first]]
-        return self.captions[self.missing[i - self.first]]
+            return self.texts[i.start - self.first : i.stop - self.first]
+        return self.texts[i - self.first]

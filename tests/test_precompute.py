@@ -20,9 +20,9 @@ import torch
 
 from clipcond import EmbeddingStore, TextConditioner
 from clipcond.cli import main
-from clipcond.inputs import scan_captions
 from clipcond.pipeline import DELAY_ENV
 from clipcond.precompute import PrecomputeJob, precompute
+from clipcond.scan import PREFIX, ScanFolder, scan_captions
 from clipcond.store import MANIFEST, TMP_MARK
 
 TOL = {"atol": 1e-5, "rtol": 1e-5}  # float32 on CPU; batches differ from the direct call's
@@ -156,8 +156,15 @@ def test_resume_repairs_what_a_crash_leaves(tmp_path, sd15):
     (out / "shard-00004.json").write_text(json.dumps(manifest["shards"][4]))  # a sidecar whose shard...
     (out / "shard-00004.safetensors").unlink()  # ...was killed before its rename
     (out / f".shard-00005.safetensors{TMP_MARK}99999").write_bytes(b"half a shard")
+    killed = out / f"{PREFIX}99999-abc"  # a killed run's scan folder: its lock file held by nobody
+    killed.mkdir()
+    (killed / "lock").touch()
+    (killed / "texts").write_bytes(b"captions")
+    live = ScanFolder.create(out)  # a running part's scan folder (this process holds its lock)
     resumed = run(sd15, path, out)
     assert resumed == clean
+    assert not killed.exists() and (live.path / "lock").exists()
+    live.remove()
     assert not [p for p in out.iterdir() if TMP_MARK in p.name or p.suffix == ".json" and p.name != MANIFEST]
     EmbeddingStore(out, verify=True)
 
@@ -239,19 +246,27 @@ def test_csv_ids_stay_text_and_int_ids_are_found_by_int(tmp_path, sd15):
         store.row_of(123)
 
 
-def test_scan_streams_a_large_table_with_flat_python_memory(tmp_path):
+def test_scan_holds_under_64_bytes_a_row_ids_included_and_no_caption_text(tmp_path):
+    """Issue 11, item 5: the first pass keeps at most 64 bytes a row beyond the unique captions' text
+    (here none of it: texts stay in the scan folder). tracemalloc sees Python's and numpy's allocations."""
     import pyarrow as pa
     import pyarrow.parquet as pq
 
-    n = 200_000
+    n = 200_000  # half the captions unique, long ids: the index and the id table at their largest
+    captions = [f"caption number {i % (n // 2)} of a table that is big enough to measure" for i in range(n)]
+    ids = [f"laion-2b-en/{i:09d}" for i in range(n)]
     path = tmp_path / "big.parquet"
-    pq.write_table(pa.table({"caption": [f"caption {i % 100}" for i in range(n)]}), path, row_group_size=20_000)
+    pq.write_table(pa.table({"caption": captions, "key": ids}), path, row_group_size=20_000)
     tracemalloc.start()
-    scan = scan_captions(path)
-    _, peak = tracemalloc.get_traced_memory()
-    tracemalloc.stop()
-    assert len(scan.rows) == n and len(scan.captions) == 100
-    assert peak < 8 * 2**20, f"scan peaked at {peak / 2**20:.1f} MiB of Python objects for {n} rows"
+    with scan_captions(path, id_column="key", folder=tmp_path) as scan:
+        _, peak = tracemalloc.get_traced_memory()
+        tracemalloc.stop()
+        assert scan.rows.shape == (n, 1) and scan.unique == n // 2 and scan.has_ids
+        assert len(list(tmp_path.glob(".scan*"))) == 1
+        assert list(scan.captions(scan.rows[[0, n - 1], 0])) == [captions[0], captions[n - 1]]
+    batch = 8 * 2**20  # one READ_BATCH of rows as Python objects, and pyarrow's buffers
+    assert peak < 64 * n + batch, f"scan peaked at {peak / n:.0f} bytes a row beyond one batch"
+    assert not list(tmp_path.glob(".scan*")), "the scan folder is removed on close"
 
 
 def test_a_failing_writer_stops_the_pipeline_with_its_error(tmp_path, sd15, monkeypatch):
@@ -338,6 +353,7 @@ def test_torchrun_two_processes_equal_one(tmp_path, kill_input):
     run_module = ["-m", "torch.distributed.run", "--standalone", "--nproc-per-node", "2"]
     output = finished(cli(*run_module, *PRECOMPUTE, "--input", str(path), "--id-column", "id", "--out", str(out)))
     assert "rank 0/2: 13 shards to encode" in output and "rank 1/2: 12 shards to encode" in output
+    assert output.count("scan: 120 rows") == 1  # the input is read once a job: rank 1 reads rank 0's scan
     assert json.loads((out / MANIFEST).read_text()) == clean
     EmbeddingStore(out, verify=True)
     # Rank 0 refuses a store made differently; rank 1 hears of it and stops too (no hang at a barrier).

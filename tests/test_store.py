@@ -202,3 +202,25 @@ def test_streamed_safetensors_are_byte_equal_to_the_library_s(tmp_path, dtype):
     path.write_bytes(streamed(["sequence", "pooled"]))
     loaded = load_file(path)
     assert all(torch.equal(loaded[k], tensors[k]) for k in tensors) and loaded["sequence"].dtype == dtype
+
+
+@pytest.mark.parametrize(("shape", "dtype"), [((3, 77, 64), torch.float16), ((2, 5, 3), torch.float32)])
+def test_row_checksums_are_sums_of_64_bit_words_mod_2_64(shape, dtype):
+    """The format's checksum, computed with Python integers: sequence words + pooled words * MIX, mod 2^64,
+    a short tail zero-padded (float32 [5, 3]: 60 bytes, 4 of them a padded tail); rows read at any offset."""
+    from clipcond.store import row_checksums
+
+    g = torch.Generator().manual_seed(0)
+    sequence = (torch.randn(shape, generator=g) * 1e4).to(dtype)  # big values: every sum wraps
+    pooled = (torch.randn(shape[0], 7, generator=g) * 1e4).to(dtype)
+
+    def words(row: torch.Tensor) -> int:
+        data = bytes(raw_bytes(row))
+        data += b"\0" * (-len(data) % 8)
+        return sum(int.from_bytes(data[i : i + 8], "little") for i in range(0, len(data), 8))
+
+    mix = 0x9E3779B97F4A7C15  # the format's constant (clipcond/store.py _MIX)
+    expected = [(words(s) + words(p) * mix) % 2**64 for s, p in zip(sequence, pooled, strict=True)]
+    got = row_checksums(sequence, pooled).numpy().view("uint64").tolist()
+    assert got == expected
+    assert row_checksums(sequence[1:], pooled[1:]).numpy().view("uint64").tolist() == expected[1:]  # unaligned

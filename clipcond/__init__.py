@@ -14,8 +14,8 @@ from clipcond.specs import EncoderSpec, SpecError, TowerSpec, get_spec, list_enc
 if TYPE_CHECKING:
     from clipcond.conditioner import TextConditioner
     from clipcond.conditioning import Conditioning
+    from clipcond.dataset import EmbeddingStore
     from clipcond.sdxl import added_cond_kwargs, sdxl_refiner_time_ids, sdxl_time_ids
-    from clipcond.store import EmbeddingStore
     from clipcond.tokenizer import ClipTokenizer, Tokens
 
 __version__ = "0.1.0"
@@ -23,7 +23,7 @@ __version__ = "0.1.0"
 _LAZY = {
     "TextConditioner": "clipcond.conditioner",
     "Conditioning": "clipcond.conditioning",
-    "EmbeddingStore": "clipcond.store",
+    "EmbeddingStore": "clipcond.dataset",
     "ClipTokenizer": "clipcond.tokenizer",
     "Tokens": "clipcond.tokenizer",
     "added_cond_kwargs": "clipcond.sdxl",

@@ -102,7 +102,7 @@ def _cmd_download(args: argparse.Namespace) -> int:
 
 def _cmd_precompute(args: argparse.Namespace) -> int:
     from clipcond.precompute import PrecomputeJob, Ranks, precompute, rank_device
-    from clipcond.store import describe_store
+    from clipcond.store import Manifest
 
     job = PrecomputeJob(input=args.input, out=args.out, column=args.column or ["caption"], id_column=args.id_column,
                         limit=args.limit, batch_size=args.batch_size, shard_size=args.shard_size, part=args.part,
@@ -115,7 +115,7 @@ def _cmd_precompute(args: argparse.Namespace) -> int:
         if run.get("waiting"):
             print(f"part {job.part[0]}/{job.part[1]} done; the last part to finish publishes the store")
         else:
-            print("\n".join(describe_store(job.out, manifest)))
+            print("\n".join(Manifest.from_json(manifest).describe(job.out)))
     return 0
 
 

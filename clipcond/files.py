@@ -106,8 +106,8 @@ def file_chunks(path: Path, chunk: int = 1 << 24) -> Iterator[bytes]:
             yield block
 
 
-def write_streamed(root: Path, name: str, tensors: dict[str, tuple[torch.dtype, tuple[int, ...], Iterable]]
-                   ) -> dict[str, object]:
+def write_streamed(root: Path, name: str, tensors: dict[str, tuple[torch.dtype, tuple[int, ...], Iterable]],
+                   metadata: dict[str, str] | None = None) -> dict[str, object]:
     """``write_tensors`` for tensors too big to hold twice: each given as (dtype, shape, its bytes in pieces).
 
     Written atomically, as ``atomic_write``; returns the file's manifest entry (size and sha256).
@@ -122,7 +122,7 @@ def write_streamed(root: Path, name: str, tensors: dict[str, tuple[torch.dtype, 
         size += len(data)
 
     with open(tmp, "wb") as f:
-        put(safetensors_header({k: (dtype, shape) for k, (dtype, shape, _) in tensors.items()}, {}))
+        put(safetensors_header({k: (dtype, shape) for k, (dtype, shape, _) in tensors.items()}, metadata or {}))
         for key, (dtype, shape, pieces) in tensors.items():
             start, expected = size, dtype.itemsize * int(torch.Size(shape).numel())
             for piece in map(memoryview, pieces):

@@ -11,25 +11,16 @@ what the killed one left.
 
 from __future__ import annotations
 
-import json
 import logging
 import os
-from dataclasses import dataclass
+from dataclasses import dataclass, replace
 from pathlib import Path
 
 import torch
 
-from clipcond.files import TMP_MARK, tensor_bytes, write_file, write_json
-from clipcond.store import (
-    FORMAT_VERSION,
-    MANIFEST,
-    StoreLock,
-    index_name,
-    read_manifest,
-    read_tensors,
-    shard_name,
-    store_problems,
-)
+from clipcond.files import TMP_MARK
+from clipcond.scan import remove_stale
+from clipcond.store import FORMAT_VERSION, IndexFormat, Manifest, ShardEntry, ShardFormat, StoreLock, read_tensors
 
 logger = logging.getLogger(__name__)
 
@@ -48,35 +39,34 @@ def collect(out: str | os.PathLike[str]) -> Collected:
     lock = StoreLock(out)
     lock.acquire()
     try:
-        manifest = read_manifest(out)
-        if manifest["format_version"] != FORMAT_VERSION or not manifest["complete"]:
+        manifest = Manifest.read(out)
+        if manifest.format_version != FORMAT_VERSION or not manifest.complete:
             raise ValueError(f"{out}: gc needs a complete version-{FORMAT_VERSION} store (this one: version "
-                             f"{manifest['format_version']}, {'complete' if manifest['complete'] else 'incomplete'})")
-        problems = store_problems(out, manifest)
-        if problems:
+                             f"{manifest.format_version}, {'complete' if manifest.complete else 'incomplete'})")
+        if problems := manifest.problems(out):
             raise ValueError(f"{out}: damaged, gc would lose rows: {problems[0]}; rerun `clipcond precompute` first")
         _remove_unlisted(out, manifest)
-        index = read_tensors(out / manifest["index"]["file"])
+        index = read_tensors(out / manifest.index.file)
         new, result = _compact(out, manifest, index)
         if new is None:
             logger.info("%s: every stored embedding is referenced; nothing to remove", out)
             return result
-        write_json(out / MANIFEST, new)  # the commit point: before it the old version, after it the new
+        new.write(out)  # the commit point: before it the old version, after it the new
         _remove_unlisted(out, new)
         return result
     finally:
         lock.close()
 
 
-def _compact(out: Path, manifest: dict, index: dict[str, torch.Tensor]) -> tuple[dict | None, Collected]:
+def _compact(out: Path, manifest: Manifest, index: dict[str, torch.Tensor]) -> tuple[Manifest | None, Collected]:
     rows, keys = index["rows"], index["keys"]  # [N, k] slots, [slots, 16]
-    referenced = torch.zeros(manifest["slots"], dtype=torch.bool)
+    referenced = torch.zeros(manifest.slots, dtype=torch.bool)
     referenced[rows.flatten()] = True
-    remap = torch.arange(manifest["slots"])  # old slot -> new slot
+    remap = torch.arange(manifest.slots)  # old slot -> new slot
     shards, new_keys = [], []
-    slots, next_shard, rewritten, deleted, removed = manifest["slots"], manifest["next_shard"], 0, 0, 0
-    for entry in manifest["shards"]:
-        used = referenced[entry["start"] : entry["stop"]]  # [n]
+    slots, next_shard, rewritten, deleted, removed = manifest.slots, manifest.next_shard, 0, 0, 0
+    for entry in manifest.shards:
+        used = referenced[entry.start : entry.stop]  # [n]
         if used.all():
             shards.append(entry)
             continue
@@ -84,15 +74,13 @@ def _compact(out: Path, manifest: dict, index: dict[str, torch.Tensor]) -> tuple
         if not used.any():
             deleted += 1
             continue
-        old = used.nonzero().flatten() + entry["start"]  # [m] slots kept
-        tensors = read_tensors(out / entry["file"], ["sequence", "pooled", "check"])
-        local = old - entry["start"]
-        name = shard_name(next_shard)
-        meta = {"gc_of": entry["file"], "start": slots, "stop": slots + len(old)}
-        data = tensor_bytes({name: tensors[name][local] for name in ("sequence", "pooled", "check")},
-                            {"clipcond": json.dumps(meta, sort_keys=True)})
-        shards.append({**write_file(out, name, data), "start": slots, "stop": slots + len(old),
-                       "truncated": 0, "plan": f"gc:{manifest['generation']}"})
+        old = used.nonzero().flatten() + entry.start  # [m] slots kept
+        tensors = read_tensors(out / entry.file, ["sequence", "pooled"])
+        local = old - entry.start
+        meta = {"gc_of": entry.file, "start": slots, "stop": slots + len(old)}
+        written = ShardFormat.write(out, next_shard, tensors["sequence"][local], tensors["pooled"][local], meta)
+        shards.append(ShardEntry(file=written.file, bytes=written.bytes, sha256=written.sha256, start=slots,
+                                 stop=slots + len(old), plan=f"gc:{manifest.generation}"))
         remap[old] = torch.arange(slots, slots + len(old))
         new_keys.append(keys[old])
         slots, next_shard, rewritten = slots + len(old), next_shard + 1, rewritten + 1
@@ -100,19 +88,22 @@ def _compact(out: Path, manifest: dict, index: dict[str, torch.Tensor]) -> tuple
     result = Collected(removed=removed, kept=kept, rewritten=rewritten, deleted=deleted)
     if not removed:
         return None, result
-    generation = f"gc{manifest['generation'][:14]}"
-    new_index = {**index, "rows": remap[rows], "keys": torch.cat([keys, *new_keys])}
-    shards.sort(key=lambda entry: entry["start"])  # readers find a slot's shard by bisection
-    new = {**manifest, "shards": shards, "slots": slots, "next_shard": next_shard, "generation": generation,
-           "index": write_file(out, index_name(generation), tensor_bytes(new_index)),
-           "truncated": sum(entry.get("truncated", 0) for entry in shards)}
-    return new, result
+    generation = f"gc{manifest.generation[:14]}"
+    rows, keys = remap[rows], torch.cat([keys, *new_keys])
+    ids = {name: (index[name].dtype, tuple(index[name].shape), [index[name].numpy()]) for name in IndexFormat.IDS
+           if name in index} or None
+    written = IndexFormat.write(out, generation, (tuple(rows.shape), [rows.numpy()]), (len(keys), [keys.numpy()]), ids)
+    shards.sort(key=lambda entry: entry.start)  # readers find a slot's shard by bisection
+    return replace(manifest, shards=tuple(shards), slots=slots, next_shard=next_shard, generation=generation,
+                   index=written, truncated=sum(entry.truncated for entry in shards)), result
 
 
-def _remove_unlisted(out: Path, manifest: dict) -> None:
-    """Shards and indexes the manifest does not list (old versions, a killed run's files), and temporaries."""
-    listed = {entry["file"] for entry in manifest["shards"]} | {manifest["index"]["file"]}
+def _remove_unlisted(out: Path, manifest: Manifest) -> None:
+    """Shards and indexes the manifest does not list (old versions, a killed run's files), temporaries and
+    killed runs' scan folders."""
+    listed = {entry.file for entry in manifest.shards} | {manifest.index.file}
+    remove_stale(out)
     for path in out.iterdir():
         name = path.name
-        if TMP_MARK in name or (name.startswith(("shard-", "index-")) and name not in listed):
+        if path.is_file() and (TMP_MARK in name or (name.startswith(("shard-", "index-")) and name not in listed)):
             path.unlink(missing_ok=True)

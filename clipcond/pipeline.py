@@ -20,22 +20,15 @@ from collections import deque
 from collections.abc import Callable, Sequence
 from concurrent.futures import ThreadPoolExecutor
 from contextlib import nullcontext
-from dataclasses import dataclass
+from dataclasses import asdict, dataclass
 from pathlib import Path
 from typing import TYPE_CHECKING
 
 import torch
 
 from clipcond.conditioning import Conditioning
-from clipcond.store import (
-    atomic_write,
-    publish,
-    raw_bytes,
-    row_checksums,
-    safetensors_header,
-    shard_name,
-    temporary,
-)
+from clipcond.files import atomic_write, publish, raw_bytes, temporary
+from clipcond.store import ShardEntry, ShardFormat, row_checksums, shard_name
 from clipcond.tokenizer import Tokens
 
 if TYPE_CHECKING:
@@ -198,11 +191,8 @@ class _ShardFile:
         self.pooled = torch.empty((n, like.pooled.shape[1]), dtype=self.dtype)  # [n, P]
         self.check = torch.empty(n, dtype=torch.int64)  # [n] row checksums, verified on every read
         self.filled = self.truncated = 0
-        # One metadata key: several would be written in hash order, and equal stores should be equal bytes.
-        about = json.dumps({**meta, "start": self.start, "stop": self.stop}, sort_keys=True)
-        header = safetensors_header({"sequence": (self.dtype, (n, *self.row_shape)),
-                                     "pooled": (self.dtype, tuple(self.pooled.shape)),
-                                     "check": (torch.int64, (n,))}, {"clipcond": about})
+        header = ShardFormat.header(n, self.dtype, self.row_shape, self.pooled.shape[1],
+                                    {**meta, "start": self.start, "stop": self.stop})
         self.expected_size = (len(header) + self.dtype.itemsize * n * (self.row_shape.numel() + self.pooled.shape[1])
                               + 8 * n)
         self.tmp = temporary(self.path)
@@ -248,9 +238,9 @@ class _ShardFile:
             self.file.flush()
             os.fsync(self.file.fileno())
             self.file.close()
-            entry = {"file": self.path.name, "bytes": self.size, "sha256": self.digest.hexdigest(),
-                     "start": self.start, "stop": self.stop, "truncated": self.truncated, "plan": self.plan}
-            atomic_write(out / sidecar_name(self.k), json.dumps(entry).encode())
+            entry = ShardEntry(file=self.path.name, bytes=self.size, sha256=self.digest.hexdigest(), start=self.start,
+                               stop=self.stop, truncated=self.truncated, plan=self.plan)
+            atomic_write(out / sidecar_name(self.k), json.dumps(asdict(entry)).encode())
             publish(self.tmp, self.path)
         except BaseException:
             self.abort()

@@ -6,6 +6,7 @@ and both with ``tc(captions)`` computed in the same test.
 
 from __future__ import annotations
 
+import importlib
 import io
 import json
 import shutil
@@ -17,7 +18,6 @@ import pytest
 import torch
 from test_precompute import PRECOMPUTE, cli, finished, run, wait_for, write_input
 
-import clipcond.gc as gc_module
 from clipcond import EmbeddingStore, TextConditioner
 from clipcond.cli import main
 from clipcond.gc import collect
@@ -100,7 +100,7 @@ def test_reader_keeps_its_version_through_an_incremental_run_and_gc(tmp_path, tc
     after = EmbeddingStore(out, verify=True)
     direct = tc(BASE[20:] + ["new"])
     torch.testing.assert_close(rows_of(after)[0], direct.sequence, **TOL)
-    assert after.manifest["slots"] - after.manifest["shards"][0]["start"] >= 11
+    assert after.manifest.slots - after.manifest.shards[0].start >= 11
 
 
 def test_gc_removes_exactly_the_unreferenced_and_a_second_gc_does_nothing(tmp_path, tc):
@@ -117,8 +117,11 @@ def test_gc_removes_exactly_the_unreferenced_and_a_second_gc_does_nothing(tmp_pa
     assert sorted(p.name for p in out.iterdir() if p.name.startswith("index-")) == [manifest["index"]["file"]]
 
 
-@pytest.mark.parametrize("crash", ["write_file", "write_json", "_remove_unlisted"])
-def test_gc_killed_at_each_step_then_rerun_equals_an_uninterrupted_gc(tmp_path, tc, monkeypatch, crash):
+# gc writes the rewritten shard, then the index (write_streamed, calls 1 and 2), then the manifest (atomic_write),
+# then removes the old files (_remove_unlisted, called once before it starts too).
+@pytest.mark.parametrize(("crash", "at"), [("clipcond.store.write_streamed", 2), ("clipcond.store.atomic_write", 1),
+                                           ("clipcond.gc._remove_unlisted", 2)])
+def test_gc_killed_at_each_step_then_rerun_equals_an_uninterrupted_gc(tmp_path, tc, monkeypatch, crash, at):
     out = tmp_path / "store"
     run(tc, write_input(tmp_path / "v1", "txt", BASE), out, shard_size=8)
     run(tc, write_input(tmp_path / "v2", "txt", BASE[::3]), out)
@@ -126,15 +129,16 @@ def test_gc_killed_at_each_step_then_rerun_equals_an_uninterrupted_gc(tmp_path, 
     shutil.copytree(out, clean)
     collect(clean)
     calls = {"n": 0}
-    original = getattr(gc_module, crash)
+    module, name = crash.rsplit(".", 1)
+    original = getattr(importlib.import_module(module), name)
 
     def dies(*args, **kwargs):  # the process dies here: what it wrote before stays on disk
         calls["n"] += 1
-        if calls["n"] == 2 or crash != "write_file":
+        if calls["n"] == at:
             raise KeyboardInterrupt
         return original(*args, **kwargs)
 
-    monkeypatch.setattr(gc_module, crash, dies)
+    monkeypatch.setattr(crash, dies)
     with pytest.raises(KeyboardInterrupt):
         collect(out)
     monkeypatch.undo()

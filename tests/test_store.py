@@ -224,3 +224,65 @@ def test_row_checksums_are_sums_of_64_bit_words_mod_2_64(shape, dtype):
     got = row_checksums(sequence, pooled).numpy().view("uint64").tolist()
     assert got == expected
     assert row_checksums(sequence[1:], pooled[1:]).numpy().view("uint64").tolist() == expected[1:]  # unaligned
+
+
+def test_a_version_1_store_is_read_and_refused_growth_with_how_to_convert(tmp_path, tc):
+    """A store as clipcond wrote it before format 2 (the layout of its store.py docstring): shards of
+    ``sequence`` / ``pooled`` only, ``index.safetensors`` with ``rows [N]`` -> unique caption and the id
+    table, a manifest with one input ``path`` and ``column``."""
+    import hashlib
+
+    from safetensors.torch import save_file
+
+    unique = ["a red cube", "a blue ball", "a green cone"]
+    rows, ids = [0, 1, 0, 2, 1], [f"r{i}" for i in range(5)]
+    emb, null = tc(unique), tc.null(1)
+    out = tmp_path / "v1"
+    out.mkdir()
+
+    def saved(name: str, tensors: dict) -> dict:
+        save_file(tensors, str(out / name))
+        data = (out / name).read_bytes()
+        return {"file": name, "bytes": len(data), "sha256": hashlib.sha256(data).hexdigest()}
+
+    hashes = [int.from_bytes(hashlib.blake2b(i.encode(), digest_size=8).digest(), "little", signed=True) for i in ids]
+    order = sorted(range(5), key=hashes.__getitem__)
+    shards = [{**saved(f"shard-{k:05d}.safetensors", {"sequence": emb.sequence[a:b], "pooled": emb.pooled[a:b]}),
+               "start": a, "stop": b, "truncated": 0} for k, (a, b) in enumerate([(0, 2), (2, 3)])]
+    index = saved("index.safetensors", {
+        "rows": torch.tensor(rows), "id_bytes": torch.tensor(list("".join(ids).encode()), dtype=torch.uint8),
+        "id_offsets": torch.tensor([2 * i for i in range(6)]), "id_sorted_hash": torch.tensor(sorted(hashes)),
+        "id_sorted_rows": torch.tensor(order)})
+    manifest = {
+        "format": "clipcond-embeddings", "format_version": 1, "clipcond_version": "0.1.0", "complete": True,
+        "encoder": tc.spec.to_dict(), "fingerprint": tc.fingerprint, "dtype": "float32",
+        "sequence_shape": [77, 80], "pooled_dim": 48,
+        "input": {"path": "captions.jsonl", "column": "caption", "id_column": "id", "limit": None, "sha256": "0" * 64},
+        "rows": 5, "unique": 3, "shard_size": 2, "num_shards": 2, "truncated": 0, "index": index,
+        "null": saved("null.safetensors", {"sequence": null.sequence, "pooled": null.pooled}), "shards": shards}
+    (out / MANIFEST).write_text(json.dumps(manifest))
+
+    store = EmbeddingStore(out, verify=True)
+    assert len(store) == 5 and store.variants == 1 and store.num_unique == 3
+    for row, u in enumerate(rows):
+        item = store[row]
+        assert torch.equal(item["sequence"], emb.sequence[u]) and torch.equal(item["pooled"], emb.pooled[u])
+    assert store.row_of("r3") == 3 and torch.equal(store.by_id("r4")["pooled"], emb.pooled[1])
+    assert torch.equal(store.null(1).sequence, null.sequence)
+    batch = DataLoader(store, batch_size=5, collate_fn=store.collate())
+    assert torch.equal(next(iter(batch))["sequence"], emb.sequence[rows])
+    described = "\n".join(inspected(out))
+    assert "(format 1, clipcond 0.1.0), complete" in described and "rows 5: 3 unique captions" in described
+    captions = tmp_path / "captions.txt"
+    captions.write_text("a red cube\n")
+    with pytest.raises(ValueError, match=r"is a version-1 store \(clipcond 0.1.0\): EmbeddingStore still reads "
+                                         r"it, but it cannot grow. Convert it by running this precompute into a new"):
+        precompute(tc, PrecomputeJob(input=captions, out=out, progress=False))
+
+
+def inspected(out: Path) -> list[str]:
+    from clipcond.store import inspect_store
+
+    lines, problems = inspect_store(out)
+    assert not problems
+    return lines

@@ -1,0 +1,220 @@
+"""What a precompute run will publish: slots for the input's captions, the new shards, the manifest.
+
+Rank 0 (or each part) works this out after the scan (clipcond/scan.py): captions the store holds
+keep their slots, the others get new slots after the last one, cut into new shards of
+``shard_size``. A ``Plan`` is the manifest the run publishes, but for the index and the new
+shards' entries, with what only the run needs (the new shards, its counts, its scan folder).
+Everything here follows from the scan and the store, so parts and reruns agree on it.
+"""
+
+from __future__ import annotations
+
+import hashlib
+import json
+import logging
+from dataclasses import dataclass
+from pathlib import Path
+from typing import TYPE_CHECKING
+
+import numpy as np
+
+from clipcond.files import TMP_MARK
+from clipcond.inputs import expand_inputs
+from clipcond.scan import CHUNK, Scan, remove_stale
+from clipcond.store import (
+    FORMAT_VERSION,
+    MANIFEST,
+    NULL,
+    IndexFormat,
+    Manifest,
+    ShardEntry,
+    Source,
+    StoreLock,
+    read_tensors,
+    shard_name,
+)
+
+if TYPE_CHECKING:
+    from clipcond.conditioner import TextConditioner
+    from clipcond.precompute import PrecomputeJob
+
+logger = logging.getLogger(__name__)
+
+NewShard = tuple[int, int, int]  # (k, first slot, stop)
+
+
+@dataclass
+class Layout:
+    """Where each unique caption of the input lives after this run (rank 0 only: never broadcast)."""
+
+    keep: list[ShardEntry]  # the base store's shards kept
+    base_keys: np.ndarray  # [base slots, 16] uint8: their caption keys (new slots': scan.keys[missing])
+    slots: np.ndarray  # [U] int64: the slot of each unique caption
+    missing: np.ndarray  # [M] int64: unique captions this run encodes (in slot order: first_new + i)
+    dropped: list[str]  # damaged base shards left out (their captions, if still used, are encoded again)
+
+
+def assign_slots(out: Path, base: Manifest | None, scan: Scan, checksums: bool = False) -> Layout:
+    """Captions the base store holds keep their slots; the others get new slots after its last one."""
+    keep, dropped = [], []
+    base_keys = np.zeros((0, 16), dtype=np.uint8)
+    if base is not None:
+        base_keys = read_tensors(out / base.index.file, ["keys"])["keys"].numpy()  # [slots, 16]
+        for entry in base.shards:
+            if entry.problem(out, checksums) is not None:
+                logger.warning("%s: damaged or missing; its captions are encoded again", out / entry.file)
+                dropped.append(entry.file)
+            else:
+                keep.append(entry)
+    held = np.concatenate([np.arange(e.start, e.stop) for e in keep] or [np.zeros(0, np.int64)])  # [H]
+    found = find_keys(base_keys[held], scan.keys)  # [U]: index into held, -1 where no kept shard holds it
+    slots = np.full(scan.unique, -1, dtype=np.int64)
+    slots[found >= 0] = held[found[found >= 0]]
+    missing = np.flatnonzero(found < 0)  # [M], ascending: new slots in order of first appearance
+    del found
+    first_new = base.slots if base is not None else 0
+    slots[missing] = np.arange(first_new, first_new + len(missing))
+    return Layout(keep, base_keys, slots, missing, dropped)
+
+
+def find_keys(table: np.ndarray, keys: np.ndarray) -> np.ndarray:
+    """[len(keys)] int64: the row of ``table`` [T, 16] holding each of ``keys`` [K, 16], or -1 (rows unique)."""
+    found = np.full(len(keys), -1, dtype=np.int64)
+    if not len(table) or not len(keys):
+        return found
+    words, wanted = table.view(np.uint64), keys.view(np.uint64)  # [T, 2], [K, 2]
+    order = np.argsort(words[:, 0])
+    heads = words[order, 0]  # [T] sorted: the first 8 bytes of each key
+    for a in range(0, len(keys), CHUNK):
+        head = wanted[a : a + CHUNK, 0]
+        pos = np.searchsorted(heads, head)  # first table key with this head, if any
+        for step in range(len(table)):  # keys sharing their first 8 bytes (all but never): look further
+            at = np.minimum(pos + step, len(table) - 1)
+            same_head = (pos + step < len(table)) & (heads[at] == head)
+            hit = same_head & (words[order[at], 1] == wanted[a : a + CHUNK, 1]) & (found[a : a + CHUNK] < 0)
+            found[a : a + CHUNK][hit] = order[at][hit]
+            if not same_head.any():
+                break
+    return found
+
+
+@dataclass(frozen=True, slots=True)
+class Plan:
+    """The manifest a run publishes (its ``index`` and new shards' entries still to come), and the run's own facts."""
+
+    manifest: Manifest
+    new_shards: tuple[NewShard, ...]
+    encoded: int  # distinct captions this run encodes
+    reused: int  # distinct captions of the input the store holds already
+    scan: str | None = None  # rank 0's scan folder in the store folder: the captions the other ranks encode
+
+    @property
+    def run(self) -> dict[str, int]:
+        return {"encoded": self.encoded, "reused": self.reused}
+
+    @property
+    def first_new_slot(self) -> int:
+        return self.manifest.slots - self.encoded
+
+
+def _digest(*parts: object) -> str:
+    return hashlib.sha256(json.dumps(parts, sort_keys=True).encode()).hexdigest()[:16]
+
+
+def store_identity(tc: TextConditioner, shard_size: int) -> dict:
+    """What a store is bound to: the encoder's semantics, its weights, dtype, shards' size (not the input)."""
+    return {"encoder": tc.spec.to_dict(), "fingerprint": tc.fingerprint, "dtype": str(tc.dtype).removeprefix("torch."),
+            "sequence_shape": (tc.max_length, tc.sequence_dim), "pooled_dim": tc.pooled_dim, "shard_size": shard_size}
+
+
+def make_plan(tc: TextConditioner, job: PrecomputeJob, scan: Scan, shard_size: int, base: Manifest | None,
+              layout: Layout) -> Plan:
+    from clipcond import __version__
+
+    first_slot, next_shard = (base.slots, base.next_shard) if base is not None else (0, 0)
+    missing = len(layout.missing)
+    # Which caption goes to which shard and batch follows from these: parts and reruns agree on it.
+    plan_id = _digest(base.generation if base else None, shard_size, scan.sha256, missing)
+    new = tuple((next_shard + i, first_slot + a, first_slot + min(a + shard_size, missing))
+                for i, a in enumerate(range(0, missing, shard_size)))
+    source = Source(paths=tuple(str(p) for p in expand_inputs(job.input)), columns=job.columns,
+                    id_column=job.id_column, limit=job.limit, sha256=scan.sha256)
+    manifest = Manifest(
+        clipcond_version=__version__, complete=False, **store_identity(tc, shard_size), input=source,
+        has_ids=scan.has_ids, rows=len(scan.rows), variants=scan.variants, unique=scan.unique,
+        slots=first_slot + missing, next_shard=next_shard + len(new), num_shards=len(layout.keep) + len(new),
+        plan=plan_id, generation=_digest(plan_id, source.to_json()), truncated=0, index=None, null=None,
+        shards=tuple(layout.keep))
+    return Plan(manifest, new, encoded=missing, reused=scan.unique - missing)
+
+
+def _short(value: object) -> str:
+    if isinstance(value, dict):  # an encoder spec: its name and a digest of all its fields
+        digest = hashlib.sha256(json.dumps(value, sort_keys=True).encode()).hexdigest()[:8]
+        return f"spec {value['name']!r} (fields {digest})"
+    text = str(value)
+    return text if len(text) <= 20 else text[:16] + "..."
+
+
+def check_compatible(existing: Manifest, identity: dict, out: Path) -> None:
+    """Refuse to add to a store made with other weights, spec, dtype or shard size (any input is fine)."""
+    if existing.format_version != FORMAT_VERSION:
+        raise ValueError(f"{out} is a version-{existing.format_version} store (clipcond {existing.clipcond_version}): "
+                         f"EmbeddingStore still reads it, but it cannot grow. Convert it by running this precompute "
+                         f"into a new --out, then replace {out} with it")
+    # Descriptive spec fields (source, hub_repo) may change between releases, as in the fingerprint.
+    old, new = ({k: v for k, v in e.items() if k not in ("source", "hub_repo")}
+                for e in (existing.encoder, identity["encoder"]))
+    diffs = [f"encoder: the store has {_short(old)}, this run {_short(new)}"] if old != new else []
+    diffs += [f"{key}: the store has {_short(getattr(existing, key))}, this run {_short(identity[key])}"
+              for key in ("fingerprint", "dtype", "shard_size") if getattr(existing, key) != identity[key]]
+    if diffs:
+        raise ValueError(f"{out} holds a store made differently; refusing to add to it:\n  " + "\n  ".join(diffs)
+                         + f"\nwrite to another --out, or delete {out} to start over")
+
+
+def refuse_foreign(out: Path) -> None:
+    """A folder without a manifest must be empty, or what a killed run leaves: index, null, temporaries."""
+    if (out / MANIFEST).is_file():
+        return
+    foreign = sorted(p.name for p in out.iterdir() if not _ours(p.name))
+    if foreign:
+        raise ValueError(f"{out} is not empty and holds no {MANIFEST} (it has {foreign[:5]}): not a clipcond "
+                         "store; write to a new or empty --out")
+
+
+def _ours(name: str) -> bool:
+    return (name in (IndexFormat.VERSION_1, NULL, MANIFEST, StoreLock.NAME) or TMP_MARK in name
+            or (name.startswith(("shard-", "index-")) and name.endswith((".safetensors", ".json"))))
+
+
+def done_shards(out: Path, plan: Plan, existing: Manifest | None) -> dict[int, ShardEntry]:
+    """New shards of this plan whose file is whole (its size as recorded); the rest are encoded (again)."""
+    expected = {shard_name(k): (k, start, stop) for k, start, stop in plan.new_shards}
+    entries = list(existing.shards if existing is not None else ())
+    for sidecar in sorted(out.glob("shard-*.json")):
+        try:
+            entries.append(ShardEntry.from_json(json.loads(sidecar.read_text())))
+        except (OSError, ValueError, KeyError, TypeError):
+            continue  # never half-written (atomic), but re-encoding is always safe
+    done = {}
+    for entry in entries:
+        k, *rows = expected.get(entry.file, (None, None, None))
+        path = out / entry.file
+        if (k is not None and [entry.start, entry.stop] == rows and entry.plan == plan.manifest.plan
+                and path.is_file() and path.stat().st_size == entry.bytes):
+            done[k] = entry
+    return done
+
+
+def clean(out: Path, plan: Plan, *, temporaries: bool = True) -> None:
+    """Remove damaged shards, shards and sidecars of other plans (a killed run's), killed runs' scan folders,
+    and (``temporaries``: no part of this plan may be writing now) half-written files."""
+    keep = {e.file for e in plan.manifest.shards} | {shard_name(k) for k, _, _ in plan.new_shards}
+    keep |= {n.replace(".safetensors", ".json") for n in keep}
+    remove_stale(out)
+    for path in out.iterdir():
+        if path.is_file() and ((temporaries and TMP_MARK in path.name)
+                               or (path.name.startswith("shard-") and path.name not in keep)):
+            path.unlink(missing_ok=True)
+

@@ -14,11 +14,14 @@ from __future__ import annotations
 import csv
 import glob
 import importlib
+import io
 import itertools
 import json
+import os
 import tarfile
 from collections.abc import Iterable, Iterator, Sequence
 from pathlib import Path
+from typing import BinaryIO
 
 READ_BATCH = 8192  # rows per batch read from the input
 Batch = tuple[list[tuple[str, ...]], list[str] | None]  # each row's captions (k variants), ids (None: no ids)
@@ -136,20 +139,111 @@ def _hf_dataset(path: Path, columns: list[str], id_column: str | None) -> Iterat
         yield [batch[c] for c in columns], batch[id_column] if id_column else None
 
 
+BLOCK = 512  # a tar header, and the unit member data is padded to
+_REGULAR, _PAX, _GNU_LONGNAME = (b"0", b"\0", b"7"), (b"x",), (b"L",)
+
+
+def _tar_members(stream: BinaryIO, extensions: set[str]) -> Iterator[tuple[str, bytes | None]]:
+    """``(name, data)`` of each regular member of a tar stream, ``data`` read only if its extension is
+    wanted (else None: skipped unread). POSIX ustar, pax (``path`` and ``size`` records) and GNU long
+    names; each header's checksum is checked. ~10x faster than ``tarfile``, which parses every field.
+    """
+    pending: dict[str, str] = {}  # pax or GNU overrides for the next member
+    while True:
+        header = stream.read(BLOCK)
+        if len(header) < BLOCK:
+            raise tarfile.ReadError("unexpected end of data" if header else "no end-of-archive marker")
+        if header == bytes(BLOCK):
+            return  # the end-of-archive marker
+        stored = int(header[148:156].split(b"\0", 1)[0].strip() or b"0", 8)
+        if stored != sum(header[:148]) + 256 + sum(header[156:]):  # the checksum field counts as 8 spaces
+            raise tarfile.ReadError("bad header checksum")
+        size = int(pending.pop("size", 0)) or _octal(header[124:136])
+        name = header[:100].split(b"\0", 1)[0].decode("utf-8", "surrogateescape")
+        if header[257:262] == b"ustar" and header[345] != 0:
+            name = header[345:500].split(b"\0", 1)[0].decode("utf-8", "surrogateescape") + "/" + name
+        name = pending.pop("path", name)
+        kind = header[156:157]
+        wanted = kind in _REGULAR and name.rpartition("/")[2].partition(".")[2] in extensions
+        if kind in _PAX or kind in _GNU_LONGNAME or wanted:
+            data = stream.read(size)
+            if len(data) < size:
+                raise tarfile.ReadError(f"member {name} is cut short")
+            stream.read(-size % BLOCK)
+            if kind in _PAX:
+                pending.update(_pax_records(data))
+            elif kind in _GNU_LONGNAME:
+                pending["path"] = data.split(b"\0", 1)[0].decode("utf-8", "surrogateescape")
+            else:
+                yield name, data
+        else:
+            _skip(stream, size + -size % BLOCK, name)
+            if kind in _REGULAR:
+                yield name, None
+
+
+def _octal(field: bytes) -> int:
+    if field[0] & 0x80:  # GNU base-256, for members over 8 GiB
+        return int.from_bytes(field[1:], "big")
+    return int(field.split(b"\0", 1)[0].strip() or b"0", 8)
+
+
+def _pax_records(data: bytes) -> dict[str, str]:
+    """``"%d %s=%s\n"`` records: the ones that matter here are ``path`` and ``size``."""
+    records, pos = {}, 0
+    while pos < len(data) and data[pos:pos + 1] != b"\0":
+        length = int(data[pos : data.index(b" ", pos)])
+        key, _, value = data[data.index(b" ", pos) + 1 : pos + length - 1].partition(b"=")
+        records[key.decode()] = value.decode("utf-8", "surrogateescape")
+        pos += length
+    return {k: v for k, v in records.items() if k in ("path", "size")}
+
+
+def _skip(stream: BinaryIO, n: int, name: str) -> None:
+    if isinstance(stream, io.BufferedReader):  # a plain file: seek, and check that it has the bytes
+        end = stream.tell() + n
+        if end > os.fstat(stream.fileno()).st_size:
+            raise tarfile.ReadError(f"member {name} is cut short")
+        stream.seek(end)
+        return
+    while n > 0:  # a compressed stream: read through
+        chunk = stream.read(min(n, 1 << 20))
+        if not chunk:
+            raise tarfile.ReadError(f"member {name} is cut short")
+        n -= len(chunk)
+
+
+def _open_tar(path: Path) -> BinaryIO:
+    """The tar's bytes: plain, or decompressed as ``tarfile``'s ``r|*`` would (gzip, bzip2, xz)."""
+    with open(path, "rb") as f:
+        magic = f.read(6)
+    if magic.startswith(b"\x1f\x8b"):
+        import gzip
+
+        return gzip.open(path, "rb")
+    if magic.startswith(b"BZh"):
+        import bz2
+
+        return bz2.open(path, "rb")
+    if magic.startswith(b"\xfd7zXZ"):
+        import lzma
+
+        return lzma.open(path, "rb")
+    return open(path, "rb")  # noqa: SIM115 (closed by the caller)
+
+
 def _tar_samples(path: Path, extensions: set[str]) -> Iterator[tuple[str, dict[str, bytes]]]:
     """``(__key__, {extension: bytes})`` of each sample of a webdataset tar, read as a stream.
 
     Members of a sample are consecutive (webdataset's rule); only ``extensions`` are read, the
-    rest (images) are skipped without being decoded. A key seen again later is an error.
+    rest (images) are skipped without being read. A key seen again later is an error.
     """
     key, members, seen = None, {}, set()
     try:
-        with tarfile.open(path, "r|*") as tar:
-            for member in tar:
-                if not member.isfile():
-                    continue
-                folder, _, name = member.name.rpartition("/")
-                stem, dot, ext = name.partition(".")
+        with _open_tar(path) as stream:
+            for name, data in _tar_members(stream, extensions):
+                folder, _, base = name.rpartition("/")
+                stem, dot, ext = base.partition(".")
                 if not dot or stem.startswith("."):
                     continue  # no extension (webdataset skips these too), or a hidden file
                 sample = f"{folder}/{stem}" if folder else stem
@@ -161,14 +255,13 @@ def _tar_samples(path: Path, extensions: set[str]) -> Iterator[tuple[str, dict[s
                                          "consecutive, or the key repeats): __key__ must be unique")
                     key, members = sample, {}
                     seen.add(sample)
-                if ext in extensions:
-                    data = tar.extractfile(member).read()
-                    if len(data) != member.size:
-                        raise tarfile.ReadError(f"member {member.name} is cut short")
+                if data is not None:
                     members[ext] = data
             if key is not None:
                 yield key, members
-    except (tarfile.TarError, EOFError, OSError) as err:
+    except (tarfile.TarError, EOFError, OSError, ValueError, IndexError) as err:
+        if isinstance(err, ValueError) and str(err).startswith(f"{path}: "):
+            raise  # ours, already naming the tar and the key
         where = f" at sample {key!r}" if key is not None else ""
         raise ValueError(f"{path}: truncated or damaged tar{where} ({type(err).__name__}: {err})") from err
 

@@ -281,6 +281,49 @@ def test_tar_errors_name_the_shard_and_the_key(tmp_path, tc, samples, cut, messa
         run(tc, tmp_path / "00000.tar", tmp_path / "store")
 
 
+@pytest.mark.parametrize("fmt", [tarfile.USTAR_FORMAT, tarfile.GNU_FORMAT, tarfile.PAX_FORMAT])
+@pytest.mark.parametrize("compression", ["", "gz"])
+def test_the_tar_reader_reads_what_tarfile_reads(tmp_path, fmt, compression):
+    """clipcond's streaming tar reader against Python's tarfile on the same archives: long names (ustar
+    prefix, GNU ././@LongLink, pax path records), non-ASCII names (pax), empty members, folders and links."""
+    from clipcond.inputs import _open_tar, _tar_members
+
+    folder = "shard/" + "nested-" * 12  # 91 characters: with the file name, over ustar's 100
+    names = ["000000000.txt", "000000000.jpg", f"{folder}/000000001.txt", f"{folder}/000000001.json",
+             "caf\u00e9-000000002.txt" if fmt == tarfile.PAX_FORMAT else "cafe-000000002.txt", "000000003.txt",
+             "l" * 120 + ".txt" if fmt != tarfile.USTAR_FORMAT else "000000004.txt"]
+    path = tmp_path / f"t.tar{'.gz' if compression else ''}"
+    with tarfile.open(path, f"w:{compression}", format=fmt) as tar:
+        for i, name in enumerate(names):
+            data = b"" if name == "000000003.txt" else f"member {i} {name}".encode() * (i + 1)
+            info = tarfile.TarInfo(name)
+            info.size = len(data)
+            tar.addfile(info, io.BytesIO(data))
+        folder_info = tarfile.TarInfo("a-folder")
+        folder_info.type = tarfile.DIRTYPE
+        tar.addfile(folder_info)
+        link = tarfile.TarInfo("000000005.txt")
+        link.type, link.linkname = tarfile.SYMTYPE, "000000000.txt"
+        tar.addfile(link)
+    with tarfile.open(path, "r|*") as tar:
+        expected = [(m.name, tar.extractfile(m).read() if m.name.endswith(".txt") else None)
+                    for m in tar if m.isfile()]
+    with _open_tar(path) as stream:
+        assert list(_tar_members(stream, {"txt"})) == expected
+    assert len(expected) == len(names)
+
+
+def test_a_tar_header_with_a_bad_checksum_is_an_error_naming_the_sample(tmp_path, tc):
+    path = write_tar(tmp_path / "00000.tar", [sample(i, f"caption {i}") for i in range(3)])
+    data = bytearray(path.read_bytes())
+    second = data.index(b"000000001.jpg")  # the header of sample 1's first member
+    data[second + 1] ^= 1  # its name, one bit: the header checksum no longer matches
+    path.write_bytes(bytes(data))
+    with pytest.raises(ValueError, match=r"00000.tar: truncated or damaged tar at sample '000000000' "
+                                         r"\(ReadError: bad header checksum\)"):
+        run(tc, path, tmp_path / "store")
+
+
 def test_a_key_repeated_across_tars_is_an_error(tmp_path, tc):
     write_tar(tmp_path / "00000.tar", [sample(0, "a"), sample(1, "b")])
     write_tar(tmp_path / "00001.tar", [sample(1, "c")])

@@ -19,13 +19,23 @@ from dataclasses import dataclass
 from pathlib import Path
 from typing import Literal
 
+import numpy as np
 import torch
 from torch.utils.data import Dataset, default_collate, get_worker_info
 
 from clipcond.conditioning import Conditioning
 from clipcond.files import SAFETENSORS_DTYPES, id_hash
 from clipcond.specs import EncoderSpec, spec_from_dict
-from clipcond.store import NULL, REPAIR_HINT, IndexFormat, Manifest, ShardFormat, read_tensors, row_checksums
+from clipcond.store import (
+    CHECK_MIX,
+    NULL,
+    REPAIR_HINT,
+    IndexFormat,
+    Manifest,
+    ShardFormat,
+    read_tensors,
+    row_checksums,
+)
 
 MAX_OPEN_SHARDS = 64  # memory maps kept open per process (DataLoader worker)
 
@@ -158,7 +168,7 @@ class EmbeddingStore(Dataset):
 
     def __getitems__(self, rows: Sequence[int]) -> Rows:
         """A DataLoader's batched fetch: the rows copied once into ``[B, L, D]`` / ``[B, P]`` tensors, each
-        checksum computed on the copy while it is in cache (reading each row once, not twice).
+        row's checksum computed on its copy right after it, while it is in cache.
 
         Returns per-row items (views of the batch), so any ``collate_fn`` works; ``store.collate()``
         takes the batch as it is instead of stacking the rows again.
@@ -168,15 +178,20 @@ class EmbeddingStore(Dataset):
         sequence = _batch_tensor((len(rows), *first.sequence.shape[1:]), first.sequence.dtype)  # [B, L, D]
         pooled = _batch_tensor((len(rows), first.pooled.shape[1]), first.pooled.dtype)  # [B, P]
         located = [self._locate(row, 0) for row in rows]
+        words = _words(sequence), _words(pooled)  # [B, W] uint64 views of the batch (None: rows not 8-byte sized)
+        in_cache = self.verify_rows and words[0] is not None and words[1] is not None
+        sums = np.zeros((2, len(rows)), dtype=np.uint64)  # each row's sequence and pooled word sums
         for i in sorted(range(len(rows)), key=located.__getitem__):  # in file order: readahead helps a cold read
             seq_row, pooled_row = self._shard(located[i][0]).row(located[i][1], "", verify=False)
             sequence[i].copy_(seq_row)
             pooled[i].copy_(pooled_row)
-        if self.verify_rows:  # one pass over the batch: no per-row call overhead
-            got = row_checksums(sequence, pooled).tolist()
+            if in_cache:  # summed while the copy is in cache: ~5 µs a row, where a pass from memory costs ~25
+                sums[0, i], sums[1, i] = words[0][i].sum(dtype=np.uint64), words[1][i].sum(dtype=np.uint64)
+        if self.verify_rows:
+            got = (sums[0] + sums[1] * CHECK_MIX).view(np.int64) if in_cache else row_checksums(sequence, pooled)
             for i, (shard, local) in enumerate(located):
                 view = self._shard(shard)
-                if "check" in view.tensors and got[i] != int(view.tensors["check"][local]):
+                if "check" in view.tensors and int(got[i]) != int(view.tensors["check"][local]):
                     view.verify(local, sequence[i], pooled[i], f"store row {rows[i]}, variant 0")  # raises
         items = Rows({"sequence": sequence[i], "pooled": pooled[i], "row": row} for i, row in enumerate(rows))
         items.batch = {"sequence": sequence, "pooled": pooled, "row": torch.tensor(rows)}
@@ -273,6 +288,14 @@ class EmbeddingStore(Dataset):
     def verify(self) -> None:
         """Check every file's size and sha256 (reads the whole store); ``ValueError`` naming bad files."""
         self.manifest.raise_problems(self.path, checksums=True)
+
+
+def _words(batch: torch.Tensor) -> np.ndarray | None:
+    """[B, W] uint64: a contiguous batch's rows as 64-bit words (a view), if each row is a whole number of them."""
+    row_bytes = batch[0].numel() * batch.element_size() if len(batch) else 0
+    if not row_bytes or row_bytes % 8:
+        return None
+    return batch.view(len(batch), -1).view(torch.uint8).numpy().view(np.uint64)
 
 
 def _batch_tensor(shape: tuple[int, ...], dtype: torch.dtype) -> torch.Tensor:

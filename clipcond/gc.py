@@ -20,7 +20,17 @@ import torch
 
 from clipcond.files import TMP_MARK
 from clipcond.scan import remove_stale
-from clipcond.store import FORMAT_VERSION, IndexFormat, Manifest, ShardEntry, ShardFormat, StoreLock, read_tensors
+from clipcond.store import (
+    FORMAT_VERSION,
+    IndexFormat,
+    Manifest,
+    PartsLock,
+    ShardEntry,
+    ShardFormat,
+    StoreLock,
+    read_tensors,
+    row_checksums,
+)
 
 logger = logging.getLogger(__name__)
 
@@ -39,6 +49,7 @@ def collect(out: str | os.PathLike[str]) -> Collected:
     lock = StoreLock(out)
     lock.acquire()
     try:
+        PartsLock.refuse_if_running(out, "gc")
         manifest = Manifest.read(out)
         if manifest.format_version != FORMAT_VERSION or not manifest.complete:
             raise ValueError(f"{out}: gc needs a complete version-{FORMAT_VERSION} store (this one: version "
@@ -75,8 +86,12 @@ def _compact(out: Path, manifest: Manifest, index: dict[str, torch.Tensor]) -> t
             deleted += 1
             continue
         old = used.nonzero().flatten() + entry.start  # [m] slots kept
-        tensors = read_tensors(out / entry.file, ["sequence", "pooled"])
+        tensors = read_tensors(out / entry.file, ShardFormat.TENSORS)
         local = old - entry.start
+        bad = (row_checksums(tensors["sequence"][local], tensors["pooled"][local]) != tensors["check"][local])
+        if bad.any():  # rewritten, a damaged row would get a checksum that matches: refuse instead
+            raise ValueError(f"{out / entry.file}: rows {local[bad].tolist()[:10]} fail their checksum; gc would "
+                             "rewrite them as if whole. Rerun `clipcond precompute ... --verify` first, then gc")
         meta = {"gc_of": entry.file, "start": slots, "stop": slots + len(old)}
         written = ShardFormat.write(out, next_shard, tensors["sequence"][local], tensors["pooled"][local], meta)
         shards.append(ShardEntry(file=written.file, bytes=written.bytes, sha256=written.sha256, start=slots,

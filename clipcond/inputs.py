@@ -151,12 +151,13 @@ def _tar_members(stream: BinaryIO, extensions: set[str]) -> Iterator[tuple[str, 
     pending: dict[str, str] = {}  # pax or GNU overrides for the next member
     while True:
         header = stream.read(BLOCK)
+        if not header or header == bytes(BLOCK):
+            return  # the end-of-archive marker, or the end of a file without one (as tarfile reads it)
         if len(header) < BLOCK:
-            raise tarfile.ReadError("unexpected end of data" if header else "no end-of-archive marker")
-        if header == bytes(BLOCK):
-            return  # the end-of-archive marker
+            raise tarfile.ReadError("unexpected end of data")
         stored = int(header[148:156].split(b"\0", 1)[0].strip() or b"0", 8)
-        if stored != sum(header[:148]) + 256 + sum(header[156:]):  # the checksum field counts as 8 spaces
+        unsigned = sum(header[:148]) + 256 + sum(header[156:])  # the checksum field counts as 8 spaces
+        if stored not in (unsigned, unsigned - 256 * sum(b >= 0x80 for b in header)):  # old tars sum signed bytes
             raise tarfile.ReadError("bad header checksum")
         size = int(pending.pop("size", 0)) or _octal(header[124:136])
         name = header[:100].split(b"\0", 1)[0].decode("utf-8", "surrogateescape")
@@ -192,9 +193,14 @@ def _pax_records(data: bytes) -> dict[str, str]:
     """``"%d %s=%s\n"`` records: the ones that matter here are ``path`` and ``size``."""
     records, pos = {}, 0
     while pos < len(data) and data[pos:pos + 1] != b"\0":
-        length = int(data[pos : data.index(b" ", pos)])
-        key, _, value = data[data.index(b" ", pos) + 1 : pos + length - 1].partition(b"=")
-        records[key.decode()] = value.decode("utf-8", "surrogateescape")
+        space = data.find(b" ", pos)
+        length = int(data[pos:space]) if space > pos and data[pos:space].isdigit() else 0
+        if space < 0 or length <= space - pos or pos + length > len(data) or data[pos + length - 1] != 0x0A:
+            raise tarfile.ReadError(f"damaged pax header record at byte {pos}")
+        key, equals, value = data[space + 1 : pos + length - 1].partition(b"=")
+        if not equals:
+            raise tarfile.ReadError(f"damaged pax header record at byte {pos}")
+        records[key.decode("utf-8", "surrogateescape")] = value.decode("utf-8", "surrogateescape")
         pos += length
     return {k: v for k, v in records.items() if k in ("path", "size")}
 
@@ -244,8 +250,8 @@ def _tar_samples(path: Path, extensions: set[str]) -> Iterator[tuple[str, dict[s
             for name, data in _tar_members(stream, extensions):
                 folder, _, base = name.rpartition("/")
                 stem, dot, ext = base.partition(".")
-                if not dot or stem.startswith("."):
-                    continue  # no extension (webdataset skips these too), or a hidden file
+                if not dot or not stem:
+                    continue  # no extension, or a hidden file such as macOS's ._name (webdataset skips both)
                 sample = f"{folder}/{stem}" if folder else stem
                 if sample != key:
                     if key is not None:

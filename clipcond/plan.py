@@ -20,13 +20,14 @@ import numpy as np
 
 from clipcond.files import TMP_MARK
 from clipcond.inputs import expand_inputs
-from clipcond.scan import CHUNK, Scan, remove_stale
+from clipcond.scan import CHUNK, Scan
 from clipcond.store import (
     FORMAT_VERSION,
     MANIFEST,
     NULL,
     IndexFormat,
     Manifest,
+    PartsLock,
     ShardEntry,
     Source,
     StoreLock,
@@ -106,6 +107,7 @@ class Plan:
     new_shards: tuple[NewShard, ...]
     encoded: int  # distinct captions this run encodes
     reused: int  # distinct captions of the input the store holds already
+    base_generation: str | None  # the store version this run adds to (None: a new store)
     scan: str | None = None  # rank 0's scan folder in the store folder: the captions the other ranks encode
 
     @property
@@ -145,7 +147,8 @@ def make_plan(tc: TextConditioner, job: PrecomputeJob, scan: Scan, shard_size: i
         slots=first_slot + missing, next_shard=next_shard + len(new), num_shards=len(layout.keep) + len(new),
         plan=plan_id, generation=_digest(plan_id, source.to_json()), truncated=0, index=None, null=None,
         shards=tuple(layout.keep))
-    return Plan(manifest, new, encoded=missing, reused=scan.unique - missing)
+    return Plan(manifest, new, encoded=missing, reused=scan.unique - missing,
+                base_generation=base.generation if base else None)
 
 
 def _short(value: object) -> str:
@@ -154,6 +157,14 @@ def _short(value: object) -> str:
         return f"spec {value['name']!r} (fields {digest})"
     text = str(value)
     return text if len(text) <= 20 else text[:16] + "..."
+
+
+def check_unchanged(out: Path, existing: Manifest | None, plan: Plan) -> None:
+    """Before publishing: the store is still the version this run planned from (parts run unlocked)."""
+    now = existing.generation if existing is not None and existing.complete else None
+    if now != plan.base_generation:
+        raise RuntimeError(f"{out} changed while this run encoded: it is now version {now}, this run planned from "
+                           f"{plan.base_generation}. Nothing was published; rerun the same command")
 
 
 def check_compatible(existing: Manifest, identity: dict, out: Path) -> None:
@@ -184,7 +195,7 @@ def refuse_foreign(out: Path) -> None:
 
 
 def _ours(name: str) -> bool:
-    return (name in (IndexFormat.VERSION_1, NULL, MANIFEST, StoreLock.NAME) or TMP_MARK in name
+    return (name in (IndexFormat.VERSION_1, NULL, MANIFEST, StoreLock.NAME, PartsLock.NAME) or TMP_MARK in name
             or (name.startswith(("shard-", "index-")) and name.endswith((".safetensors", ".json"))))
 
 
@@ -208,11 +219,10 @@ def done_shards(out: Path, plan: Plan, existing: Manifest | None) -> dict[int, S
 
 
 def clean(out: Path, plan: Plan, *, temporaries: bool = True) -> None:
-    """Remove damaged shards, shards and sidecars of other plans (a killed run's), killed runs' scan folders,
-    and (``temporaries``: no part of this plan may be writing now) half-written files."""
+    """Remove damaged shards, shards and sidecars of other plans (a killed run's), and (``temporaries``: no
+    part of this plan may be writing now) half-written files."""
     keep = {e.file for e in plan.manifest.shards} | {shard_name(k) for k, _, _ in plan.new_shards}
     keep |= {n.replace(".safetensors", ".json") for n in keep}
-    remove_stale(out)
     for path in out.iterdir():
         if path.is_file() and ((temporaries and TMP_MARK in path.name)
                                or (path.name.startswith("shard-") and path.name not in keep)):

@@ -38,14 +38,25 @@ from clipcond.plan import (
     Plan,
     assign_slots,
     check_compatible,
+    check_unchanged,
     clean,
     done_shards,
     make_plan,
     refuse_foreign,
     store_identity,
 )
-from clipcond.scan import CHUNK, CaptionTexts, Scan, scan_captions
-from clipcond.store import FORMAT, FORMAT_VERSION, MANIFEST, NULL, FileEntry, IndexFormat, Manifest, StoreLock
+from clipcond.scan import CHUNK, CaptionTexts, Scan, remove_stale, scan_captions
+from clipcond.store import (
+    FORMAT,
+    FORMAT_VERSION,
+    MANIFEST,
+    NULL,
+    FileEntry,
+    IndexFormat,
+    Manifest,
+    PartsLock,
+    StoreLock,
+)
 
 if TYPE_CHECKING:
     from clipcond.conditioner import TextConditioner
@@ -178,10 +189,16 @@ def open_out(job: PrecomputeJob) -> None:
     refuse_foreign(job.out)  # before a lock file or a scan lands in it
 
 
-def prepare(tc: TextConditioner, job: PrecomputeJob, scan: Scan, lock: StoreLock) -> tuple[Plan, Layout]:
-    """Lock, then check or start the store: ``(plan, layout)``; a new store gets an incomplete manifest."""
+def prepare(tc: TextConditioner, job: PrecomputeJob, scan: Scan, lock: StoreLock,
+            parts: PartsLock | None = None) -> tuple[Plan, Layout]:
+    """Lock, then check or start the store: ``(plan, layout)``; a new store gets an incomplete manifest.
+
+    A part (``job.part``) joins ``parts`` for its plan: only parts of the same plan run side by side."""
     out = job.out
     lock.acquire(wait=job.part is not None)
+    if job.part is None:
+        PartsLock.refuse_if_running(out, "a run without --part")
+    remove_stale(out)  # killed runs' scan folders (and their copy of the captions)
     existing = Manifest.read(out) if (out / MANIFEST).is_file() else None  # no other run writes it now
     shard_size = job.shard_size or (existing.shard_size if existing else default_shard_size(tc, job.batch_size))
     if existing is not None:
@@ -199,6 +216,8 @@ def prepare(tc: TextConditioner, job: PrecomputeJob, scan: Scan, lock: StoreLock
     if base is not None and base.input == plan.manifest.input and not plan.encoded and not layout.dropped:
         logger.info("%s is complete already: nothing to encode", out)
         return replace(plan, manifest=base, new_shards=()), layout
+    if parts is not None:
+        parts.join(plan.manifest.plan)
     clean(out, plan, temporaries=job.part is None)
     if base is None:  # a new store: refused as incomplete until its last shard is in
         done = done_shards(out, plan, existing)
@@ -219,6 +238,7 @@ def finalize(out: Path, plan: Plan, layout: Layout, scan: Scan, *, parts: bool =
     existing = Manifest.read(out) if (out / MANIFEST).is_file() else None
     if existing is not None and existing.complete and existing.generation == plan.manifest.generation:
         return existing  # another part published this very version
+    check_unchanged(out, existing, plan)
     done = done_shards(out, plan, existing)
     missing = [k for k, _, _ in plan.new_shards if k not in done]
     if missing:
@@ -276,29 +296,31 @@ def precompute(tc: TextConditioner, job: PrecomputeJob) -> dict:
         raise ValueError("--part splits a job across independent processes; under torchrun the ranks split it")
     part, parts = job.part or (ranks.rank, ranks.world)
     mine: list = []  # rank 0's scan and layout (too big to broadcast)
-    with process_group(ranks), closing(lock):
+    with process_group(ranks), closing(lock), closing(PartsLock(job.out)) as running:
         try:
-            return _run(tc, job, ranks, lock, part, parts, mine)
+            return _run(tc, job, ranks, (lock, running), part, parts, mine)
         finally:
             if mine:
                 mine[0].close()
 
 
-def _start(tc: TextConditioner, job: PrecomputeJob, lock: StoreLock, mine: list) -> Plan:
+def _start(tc: TextConditioner, job: PrecomputeJob, locks: tuple[StoreLock, PartsLock], mine: list) -> Plan:
     """Rank 0 (or a part): the scan, then the plan."""
     open_out(job)
     scan = scan_captions(job.input, column=job.columns, id_column=job.id_column, limit=job.limit,
                          progress=job.progress, folder=job.out)
     mine.append(scan)
-    plan, layout = prepare(tc, job, scan, lock)
+    plan, layout = prepare(tc, job, scan, locks[0], locks[1] if job.part is not None else None)
     mine.append(layout)
     return plan
 
 
-def _run(tc: TextConditioner, job: PrecomputeJob, ranks: Ranks, lock: StoreLock, part: int, parts: int,
-         mine: list) -> dict:
+def _run(tc: TextConditioner, job: PrecomputeJob, ranks: Ranks, locks: tuple[StoreLock, PartsLock], part: int,
+         parts: int, mine: list) -> dict:
+    """Scan and plan (rank 0), encode this rank's or part's shards, publish (rank 0, or the last part)."""
+    lock = locks[0]  # the store's: held by rank 0 for the whole job; by parts only to plan and to publish
     ranks.check_same((tc.fingerprint, str(tc.dtype)), "weights fingerprint, dtype")
-    plan: Plan = ranks.on_main(lambda: _start(tc, job, lock, mine))
+    plan: Plan = ranks.on_main(lambda: _start(tc, job, locks, mine))
     m = plan.manifest
     if job.part is not None:
         lock.close()  # parts encode side by side; the lock is taken again to publish

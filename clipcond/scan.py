@@ -37,6 +37,7 @@ from clipcond.inputs import TAR_KEY, expand_inputs, read_captions, row_count_hin
 logger = logging.getLogger(__name__)
 
 PREFIX = f".scan{TMP_MARK}"  # scan folders in a store folder: what a killed run's cleanup recognises
+NEW_PREFIX = f".scan-new{TMP_MARK}"  # a scan folder being made (not yet locked)
 CHUNK = 1 << 20  # rows per step of the chunked numpy passes: bounds their temporaries to a few MiB
 # What the pass writes: name -> numpy dtype of its items (texts and ids: raw UTF-8 bytes back to back).
 FILES = {"texts": np.uint8, "keys": np.uint8, "lengths": np.uint32, "ids": np.uint8, "id_lengths": np.uint32,
@@ -57,9 +58,13 @@ class ScanFolder:
 
     @classmethod
     def create(cls, parent: Path | None) -> ScanFolder:
-        path = Path(tempfile.mkdtemp(prefix=f"{PREFIX}{os.getpid()}-", dir=parent))
-        fd = os.open(path / "lock", os.O_RDWR | os.O_CREAT, 0o644)
-        _try_lock(fd)  # a new folder: nobody else can hold it
+        """Made under another name, locked, then renamed: a folder under ``PREFIX`` is always locked while
+        its run lives, so that ``remove_stale`` can tell a killed run's from a live one's by its lock alone."""
+        new = Path(tempfile.mkdtemp(prefix=f"{NEW_PREFIX}{os.getpid()}-", dir=parent))
+        fd = os.open(new / "lock", os.O_RDWR | os.O_CREAT, 0o644)
+        _try_lock(fd)  # nobody else knows this folder yet
+        path = new.with_name(PREFIX + new.name.removeprefix(NEW_PREFIX))
+        os.rename(new, path)
         return cls(path, fd)
 
     def file(self, name: str) -> Path:
@@ -88,20 +93,25 @@ def _try_lock(fd: int) -> bool:
 
 
 def remove_stale(folder: Path, min_age: float = 60.0) -> None:
-    """Remove the scan folders in ``folder`` that no live process holds (killed runs')."""
+    """Remove the scan folders in ``folder`` that no live process holds (killed runs'), and folders a run
+    was killed while making (older than ``min_age`` seconds)."""
     for path in folder.glob(f"{PREFIX}*"):
-        lock = path / "lock"
         try:
-            fd = os.open(lock, os.O_RDWR)
-        except FileNotFoundError:  # a run killed before its lock existed, or one just starting
-            if time.time() - path.stat().st_mtime > min_age:
-                shutil.rmtree(path, ignore_errors=True)
+            fd = os.open(path / "lock", os.O_RDWR)
+        except FileNotFoundError:  # removed meanwhile by its run (or damaged)
+            shutil.rmtree(path, ignore_errors=True)
             continue
         try:
             if _try_lock(fd):
                 shutil.rmtree(path, ignore_errors=True)
         finally:
             os.close(fd)
+    for path in folder.glob(f"{NEW_PREFIX}*"):
+        try:
+            if time.time() - path.stat().st_mtime > min_age:
+                shutil.rmtree(path, ignore_errors=True)
+        except FileNotFoundError:
+            continue
 
 
 # --- the scan ---------------------------------------------------------------------------

@@ -279,7 +279,7 @@ def shard_name(k: int) -> str:
     return ShardFormat.name(k)
 
 
-_MIX = np.uint64(0x9E3779B97F4A7C15)  # odd: a sequence sum moved into the pooled one gives another checksum
+CHECK_MIX = np.uint64(0x9E3779B97F4A7C15)  # odd: a sequence sum moved into the pooled one gives another checksum
 
 
 def _word_sums(rows: torch.Tensor) -> np.ndarray:
@@ -297,7 +297,7 @@ def row_checksums(sequence: torch.Tensor, pooled: torch.Tensor) -> torch.Tensor:
     every row it serves. It catches what damages a file in place, bit rot and torn writes (any change
     to one word; any overwritten block but with probability 2^-64), not a deliberate forgery.
     """
-    mixed = _word_sums(sequence) + _word_sums(pooled) * _MIX
+    mixed = _word_sums(sequence) + _word_sums(pooled) * CHECK_MIX
     return torch.from_numpy(mixed.view(np.int64))
 
 
@@ -381,6 +381,67 @@ class StoreLock:
             self.fd = None
 
 
+class PartsLock:
+    """Parts of a run (``--part I/N``) encode without holding the store lock; while they run they hold
+    ``OUT/.clipcond.parts`` shared, with their plan in it. A part joins under the store lock, and only
+    parts of the same plan may run together; gc and whole runs refuse a store whose parts are running
+    (they would publish shards under the numbers the parts write)."""
+
+    NAME = ".clipcond.parts"
+
+    def __init__(self, folder: Path) -> None:
+        self.path, self.fd = folder / self.NAME, None
+
+    def join(self, plan: str) -> None:
+        """Hold the file shared for ``plan`` (the caller holds the store lock)."""
+        try:
+            import fcntl
+        except ImportError:
+            return
+        fd = os.open(self.path, os.O_RDWR | os.O_CREAT, 0o644)
+        try:
+            fcntl.flock(fd, fcntl.LOCK_EX | fcntl.LOCK_NB)  # no part running: this plan is the store's now
+            os.ftruncate(fd, 0)
+            os.pwrite(fd, plan.encode(), 0)
+        except BlockingIOError:
+            running = os.pread(fd, 100, 0).decode(errors="replace")
+            if running != plan:
+                os.close(fd)
+                raise ValueError(f"{self.path.parent}: parts of another precompute (plan {running}) are writing this "
+                                 f"store; this one has plan {plan} (other input or options). Let them finish, or "
+                                 "run every part with the same command") from None
+        except OSError:  # no locks on this filesystem
+            os.close(fd)
+            return
+        fcntl.flock(fd, fcntl.LOCK_SH)
+        self.fd = fd
+
+    def close(self) -> None:
+        if self.fd is not None:
+            os.close(self.fd)
+            self.fd = None
+
+    @classmethod
+    def refuse_if_running(cls, folder: Path, what: str) -> None:
+        """Raise if parts are writing the store (the caller holds the store lock, so none can join meanwhile)."""
+        try:
+            import fcntl
+
+            fd = os.open(folder / cls.NAME, os.O_RDWR)
+        except (ImportError, FileNotFoundError):
+            return
+        try:
+            fcntl.flock(fd, fcntl.LOCK_EX | fcntl.LOCK_NB)
+        except BlockingIOError:
+            running = os.pread(fd, 100, 0).decode(errors="replace")
+            raise ValueError(f"{folder}: parts of a precompute (plan {running}) are writing this store; {what} "
+                             "must wait until they finish") from None
+        except OSError:
+            pass
+        finally:
+            os.close(fd)
+
+
 def read_tensors(path: Path, keys: Sequence[str] | None = None) -> dict[str, torch.Tensor]:
     """Tensors of a safetensors file; an unreadable file is a ``ValueError`` naming it."""
     from safetensors import safe_open
@@ -403,4 +464,4 @@ def __getattr__(name: str) -> object:  # the reader moved to clipcond/dataset.py
 
 
 __all__ = ["FORMAT", "FORMAT_VERSION", "MANIFEST", "NULL", "FileEntry", "IndexFormat", "Manifest", "ShardEntry",
-           "ShardFormat", "Source", "StoreLock", "inspect_store", "read_tensors", "row_checksums"]
+           "PartsLock", "ShardFormat", "Source", "StoreLock", "inspect_store", "read_tensors", "row_checksums"]

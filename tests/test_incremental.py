@@ -17,9 +17,11 @@ from pathlib import Path
 import pytest
 import torch
 from test_precompute import PRECOMPUTE, cli, finished, run, wait_for, write_input
+from torch.utils.data import DataLoader
 
 from clipcond import EmbeddingStore, TextConditioner
 from clipcond.cli import main
+from clipcond.files import temporary
 from clipcond.gc import collect
 from clipcond.pipeline import DELAY_ENV
 from clipcond.store import MANIFEST
@@ -117,10 +119,10 @@ def test_gc_removes_exactly_the_unreferenced_and_a_second_gc_does_nothing(tmp_pa
     assert sorted(p.name for p in out.iterdir() if p.name.startswith("index-")) == [manifest["index"]["file"]]
 
 
-# gc writes the rewritten shard, then the index (write_streamed, calls 1 and 2), then the manifest (atomic_write),
-# then removes the old files (_remove_unlisted, called once before it starts too).
-@pytest.mark.parametrize(("crash", "at"), [("clipcond.store.write_streamed", 2), ("clipcond.store.atomic_write", 1),
-                                           ("clipcond.gc._remove_unlisted", 2)])
+# gc writes the rewritten shards (write_streamed, calls 1-4 here), then the index (call 5), then the manifest
+# (atomic_write), then removes the old files (_remove_unlisted, called once before it starts too).
+@pytest.mark.parametrize(("crash", "at"), [("clipcond.store.write_streamed", 2), ("clipcond.store.write_streamed", 5),
+                                           ("clipcond.store.atomic_write", 1), ("clipcond.gc._remove_unlisted", 2)])
 def test_gc_killed_at_each_step_then_rerun_equals_an_uninterrupted_gc(tmp_path, tc, monkeypatch, crash, at):
     out = tmp_path / "store"
     run(tc, write_input(tmp_path / "v1", "txt", BASE), out, shard_size=8)
@@ -135,6 +137,9 @@ def test_gc_killed_at_each_step_then_rerun_equals_an_uninterrupted_gc(tmp_path, 
     def dies(*args, **kwargs):  # the process dies here: what it wrote before stays on disk
         calls["n"] += 1
         if calls["n"] == at:
+            if crash.endswith("write_streamed"):  # dies halfway through writing: a temporary is left
+                assert args[1].startswith("shard-" if at < 5 else "index-"), args[1]
+                temporary(args[0] / args[1]).write_bytes(b"half a file")
             raise KeyboardInterrupt
         return original(*args, **kwargs)
 
@@ -190,6 +195,52 @@ def test_parts_in_any_order_killed_and_rerun_equal_a_single_run(tmp_path):
     assert json.loads((out / MANIFEST).read_text()) == json.loads((single / MANIFEST).read_text())
     assert shard_bytes(out) == shard_bytes(single)
     EmbeddingStore(out, verify=True)
+
+
+def test_while_parts_encode_gc_whole_runs_and_parts_of_another_plan_are_refused(tmp_path, tc, monkeypatch):
+    """Parts encode without the store lock: a gc or a whole run then would publish shards under the numbers
+    the parts are writing, and a part of another input would mix two plans' shards."""
+    import clipcond.precompute as precompute_module
+
+    out = tmp_path / "store"
+    run(tc, write_input(tmp_path / "v1", "txt", BASE), out, shard_size=8)
+    grown = write_input(tmp_path / "v2", "txt", BASE[::3] + ["a new caption", "another one"])
+    other = write_input(tmp_path / "v3", "txt", ["something else entirely"])
+    refusals = []
+    encode = precompute_module.encode_shards
+
+    def meanwhile(*args, **kwargs):  # what others try while this part encodes
+        for attempt in (lambda: collect(out), lambda: run(tc, other, out), lambda: run(tc, other, out, part=(1, 2))):
+            with pytest.raises(ValueError) as err:
+                attempt()
+            refusals.append(str(err.value))
+        return encode(*args, **kwargs)
+
+    monkeypatch.setattr(precompute_module, "encode_shards", meanwhile)
+    run(tc, grown, out, part=(0, 2))
+    assert len(refusals) == 3
+    assert "parts of a precompute (plan " in refusals[0] and "gc must wait until they finish" in refusals[0]
+    assert "a run without --part must wait until they finish" in refusals[1]
+    assert "parts of another precompute (plan " in refusals[2] and "every part with the same command" in refusals[2]
+    monkeypatch.undo()
+    assert run(tc, grown, out, part=(1, 2))["complete"]  # the same plan's other part finishes it
+    assert collect(out).removed == 20  # and, no part running, gc goes ahead
+    torch.testing.assert_close(rows_of(EmbeddingStore(out, verify=True))[0],
+                               tc(BASE[::3] + ["a new caption", "another one"]).sequence, **TOL)
+
+
+def test_gc_refuses_to_rewrite_a_damaged_row_that_is_still_used(tmp_path, tc):
+    out = tmp_path / "store"
+    run(tc, write_input(tmp_path / "v1", "txt", BASE), out, shard_size=8)
+    run(tc, write_input(tmp_path / "v2", "txt", BASE[::3]), out)  # slot 0 still used, shard 0 to be rewritten
+    shard = out / "shard-00000.safetensors"
+    data = bytearray(shard.read_bytes())
+    data[8 + int.from_bytes(data[:8], "little") + 10] ^= 1  # slot 0, one bit
+    shard.write_bytes(bytes(data))
+    with pytest.raises(ValueError, match=r"shard-00000.safetensors: rows \[0\] fail their checksum; gc would "
+                                         r"rewrite them as if whole"):
+        collect(out)
+    assert shard.read_bytes() == bytes(data)  # nothing rewritten
 
 
 def test_variants_store_each_distinct_caption_once(tmp_path, tc):
@@ -313,6 +364,40 @@ def test_the_tar_reader_reads_what_tarfile_reads(tmp_path, fmt, compression):
     assert len(expected) == len(names)
 
 
+def test_the_tar_reader_accepts_what_tarfile_accepts(tmp_path):
+    """Archives tarfile reads that tarfile itself does not write: no end-of-archive blocks, a header checksum
+    summed over signed bytes (old Sun tar), macOS's ._ AppleDouble members (skipped, as webdataset does)."""
+    from clipcond.inputs import _open_tar, _tar_members, _tar_samples
+
+    path = write_tar(tmp_path / "t.tar", [sample(i, f"caption {i}") for i in range(3)])
+    with tarfile.open(path) as tar:
+        last = tar.getmembers()[-1]
+        end = last.offset_data + -(-last.size // 512) * 512
+    data = bytearray(path.read_bytes()[:end])  # every member, no zero blocks after them
+    header = data.index(b"000000001.txt") // 512 * 512
+    data[header + 99] = 0xE9  # a byte >= 0x80 in the name field (after its NUL): summed signed, as old tars did
+    block = data[header : header + 512]
+    signed = sum(b - 256 if b >= 0x80 else b for b in block[:148] + block[156:]) + 256  # the field as 8 spaces
+    data[header + 148 : header + 156] = b"%06o\0 " % signed
+    path.write_bytes(bytes(data))
+    with tarfile.open(path, "r|*") as tar:
+        expected = [(m.name, tar.extractfile(m).read() if m.name.endswith(".txt") else None) for m in tar]
+    with _open_tar(path) as stream:
+        assert list(_tar_members(stream, {"txt"})) == expected and len(expected) == 9
+
+    apple = write_tar(tmp_path / "mac.tar", [{"__key__": b"._000000000", "txt": b"\0\5\x16\7"}, sample(0, "a")])
+    assert [key for key, _ in _tar_samples(apple, {"txt"})] == ["000000000"]
+
+
+def test_a_damaged_pax_record_is_an_error_not_a_hang():
+    from clipcond.inputs import _pax_records
+
+    assert _pax_records(b"18 path=a/b/c.txt\n11 size=42\n") == {"path": "a/b/c.txt", "size": "42"}
+    for damaged in (b"00 path=x\n", b"5 path=a/b/c.txt\n", b"99 path=x\n", b"x path=y\n", b"11 pathxyz\n"):
+        with pytest.raises(tarfile.ReadError, match="damaged pax header record at byte 0"):
+            _pax_records(damaged)
+
+
 def test_a_tar_header_with_a_bad_checksum_is_an_error_naming_the_sample(tmp_path, tc):
     path = write_tar(tmp_path / "00000.tar", [sample(i, f"caption {i}") for i in range(3)])
     data = bytearray(path.read_bytes())
@@ -348,6 +433,9 @@ def test_a_damaged_row_is_caught_on_read_and_verify_re_encodes_exactly_its_shard
     with pytest.raises(ValueError, match=r"shard-00001.safetensors row 3 \(store row 11, variant 0\): checksum "
                                          r"mismatch, the shard is damaged on disk; rerun .* with --verify"):
         store[11]
+    with pytest.raises(ValueError, match=r"shard-00001.safetensors row 3 \(store row 11, variant 0\): checksum"):
+        next(iter(DataLoader(store, batch_size=4, sampler=range(8, 12))))  # the batched fetch checks each row
+    assert len(store.__getitems__([10, 12, 9])) == 3
     assert run(tc, path, out)["run"] == {"encoded": 0, "reused": 30}  # without --verify: sizes only
     assert run(tc, path, out, verify=True)["run"] == {"encoded": 8, "reused": 22}  # that shard's captions
     repaired = EmbeddingStore(out, verify=True)

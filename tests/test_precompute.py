@@ -142,6 +142,11 @@ def test_limit_and_resume_of_a_complete_store_changes_nothing(tmp_path, sd15):
     assert {**again, "run": None} == {**first, "run": None}
     assert first["run"] == {"encoded": 4, "reused": 0} and again["run"] == {"encoded": 0, "reused": 4}
     assert stamps == {p.name: p.stat().st_mtime_ns for p in out.iterdir() if p.name not in rewritten}
+    killed = out / f"{PREFIX}99999-abc"  # a scan killed (say, out of memory) on this complete store...
+    killed.mkdir()
+    (killed / "lock").touch()
+    run(sd15, path, out, limit=5)
+    assert not killed.exists()  # ...is removed by the next run, even one with nothing to do
 
 
 def test_resume_repairs_what_a_crash_leaves(tmp_path, sd15):

@@ -219,7 +219,7 @@ def test_row_checksums_are_sums_of_64_bit_words_mod_2_64(shape, dtype):
         data += b"\0" * (-len(data) % 8)
         return sum(int.from_bytes(data[i : i + 8], "little") for i in range(0, len(data), 8))
 
-    mix = 0x9E3779B97F4A7C15  # the format's constant (clipcond/store.py _MIX)
+    mix = 0x9E3779B97F4A7C15  # the format's constant (clipcond/store.py CHECK_MIX)
     expected = [(words(s) + words(p) * mix) % 2**64 for s, p in zip(sequence, pooled, strict=True)]
     got = row_checksums(sequence, pooled).numpy().view("uint64").tolist()
     assert got == expected

@@ -71,6 +71,7 @@ class ShardView:
                              f"{REPAIR_HINT}") from err
 
         self.path = path
+        self.checks = self.tensors["check"].numpy() if "check" in self.tensors else None  # [n] int64 (version 2)
 
     def row(self, local: int, what: str, *, verify: bool = True) -> tuple[torch.Tensor, torch.Tensor]:
         """Row ``local`` [L, D], [P] as views, its checksum verified; ``what`` names it in the error."""
@@ -188,10 +189,11 @@ class EmbeddingStore(Dataset):
             if in_cache:  # summed while the copy is in cache: ~5 µs a row, where a pass from memory costs ~25
                 sums[0, i], sums[1, i] = words[0][i].sum(dtype=np.uint64), words[1][i].sum(dtype=np.uint64)
         if self.verify_rows:
-            got = (sums[0] + sums[1] * CHECK_MIX).view(np.int64) if in_cache else row_checksums(sequence, pooled)
+            got = ((sums[0] + sums[1] * CHECK_MIX).view(np.int64) if in_cache
+                   else row_checksums(sequence, pooled).numpy())
             for i, (shard, local) in enumerate(located):
                 view = self._shard(shard)
-                if "check" in view.tensors and int(got[i]) != int(view.tensors["check"][local]):
+                if view.checks is not None and got[i] != view.checks[local]:
                     view.verify(local, sequence[i], pooled[i], f"store row {rows[i]}, variant 0")  # raises
         items = Rows({"sequence": sequence[i], "pooled": pooled[i], "row": row} for i, row in enumerate(rows))
         items.batch = {"sequence": sequence, "pooled": pooled, "row": torch.tensor(rows)}

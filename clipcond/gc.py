@@ -49,7 +49,7 @@ def collect(out: str | os.PathLike[str]) -> Collected:
     lock = StoreLock(out)
     lock.acquire()
     try:
-        PartsLock.refuse_if_running(out, "gc")
+        PartsLock.check(out, None, "gc would delete its finished shards and reuse their numbers")
         manifest = Manifest.read(out)
         if manifest.format_version != FORMAT_VERSION or not manifest.complete:
             raise ValueError(f"{out}: gc needs a complete version-{FORMAT_VERSION} store (this one: version "

@@ -17,11 +17,14 @@ import importlib
 import io
 import itertools
 import json
+import logging
 import os
 import tarfile
 from collections.abc import Iterable, Iterator, Sequence
 from pathlib import Path
 from typing import BinaryIO
+
+logger = logging.getLogger(__name__)
 
 READ_BATCH = 8192  # rows per batch read from the input
 Batch = tuple[list[tuple[str, ...]], list[str] | None]  # each row's captions (k variants), ids (None: no ids)
@@ -149,17 +152,25 @@ def _tar_members(stream: BinaryIO, extensions: set[str]) -> Iterator[tuple[str, 
     names; each header's checksum is checked. ~10x faster than ``tarfile``, which parses every field.
     """
     pending: dict[str, str] = {}  # pax or GNU overrides for the next member
+    first = True
     while True:
         header = stream.read(BLOCK)
-        if not header or header == bytes(BLOCK):
-            return  # the end-of-archive marker, or the end of a file without one (as tarfile reads it)
+        if not header and first:
+            raise tarfile.ReadError("empty file")
+        if not header:  # tarfile reads this too; a download cut at a member boundary looks the same
+            logger.warning("%s: no end-of-archive marker after its last member (a cut download?)",
+                           getattr(stream, "name", "a tar"))
+            return
+        if header == bytes(BLOCK):
+            return  # the end-of-archive marker
+        first = False
         if len(header) < BLOCK:
             raise tarfile.ReadError("unexpected end of data")
         stored = int(header[148:156].split(b"\0", 1)[0].strip() or b"0", 8)
         unsigned = sum(header[:148]) + 256 + sum(header[156:])  # the checksum field counts as 8 spaces
         if stored not in (unsigned, unsigned - 256 * sum(b >= 0x80 for b in header)):  # old tars sum signed bytes
             raise tarfile.ReadError("bad header checksum")
-        size = int(pending.pop("size", 0)) or _octal(header[124:136])
+        size = int(pending.pop("size")) if "size" in pending else _octal(header[124:136])
         name = header[:100].split(b"\0", 1)[0].decode("utf-8", "surrogateescape")
         if header[257:262] == b"ustar" and header[345] != 0:
             name = header[345:500].split(b"\0", 1)[0].decode("utf-8", "surrogateescape") + "/" + name
@@ -198,7 +209,7 @@ def _pax_records(data: bytes) -> dict[str, str]:
         if space < 0 or length <= space - pos or pos + length > len(data) or data[pos + length - 1] != 0x0A:
             raise tarfile.ReadError(f"damaged pax header record at byte {pos}")
         key, equals, value = data[space + 1 : pos + length - 1].partition(b"=")
-        if not equals:
+        if not equals or (key == b"size" and not value.isdigit()):
             raise tarfile.ReadError(f"damaged pax header record at byte {pos}")
         records[key.decode("utf-8", "surrogateescape")] = value.decode("utf-8", "surrogateescape")
         pos += length

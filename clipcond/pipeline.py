@@ -28,7 +28,7 @@ import torch
 
 from clipcond.conditioning import Conditioning
 from clipcond.files import atomic_write, publish, raw_bytes, temporary
-from clipcond.store import ShardEntry, ShardFormat, row_checksums, shard_name
+from clipcond.store import Manifest, ShardEntry, ShardFormat, row_checksums, shard_name
 from clipcond.tokenizer import Tokens
 
 if TYPE_CHECKING:
@@ -238,6 +238,15 @@ class _ShardFile:
             self.file.flush()
             os.fsync(self.file.fileno())
             self.file.close()
+            owner = _owner(out, self.path.name, self.plan)
+            if owner == "this plan":  # a duplicate of this part got there first: keep its file (on other
+                self.abort()  # hardware the bytes may differ from ours, and it may be published already)
+                return
+            if owner == "another version":
+                self.abort()
+                raise RuntimeError(f"{out} changed while this run encoded: {self.path.name} was published by another "
+                                   "version of the store (a gc, or a run of other input, where file locks do not "
+                                   "work). Nothing of this run was published; rerun the same command")
             entry = ShardEntry(file=self.path.name, bytes=self.size, sha256=self.digest.hexdigest(), start=self.start,
                                stop=self.stop, truncated=self.truncated, plan=self.plan)
             atomic_write(out / sidecar_name(self.k), json.dumps(asdict(entry)).encode())
@@ -249,6 +258,24 @@ class _ShardFile:
     def abort(self) -> None:
         self.file.close()
         self.tmp.unlink(missing_ok=True)  # gone already if the rename happened
+
+
+def _owner(out: Path, name: str, plan: str | None) -> str | None:
+    """Who has a whole file under this shard's name already: "this plan" (its sidecar, or a complete manifest
+    of this plan, says so), "another version" (a complete manifest of another plan lists it), or None."""
+    try:
+        entry = json.loads((out / name.replace(".safetensors", ".json")).read_text())
+        if entry.get("plan") == plan and (out / name).stat().st_size == entry.get("bytes"):
+            return "this plan"
+    except (OSError, ValueError):
+        pass
+    try:
+        manifest = Manifest.read(out)
+    except (OSError, ValueError):
+        return None
+    if not manifest.complete or all(e.file != name for e in manifest.shards):
+        return None
+    return "this plan" if manifest.plan == plan else "another version"
 
 
 def _write(out: Path, shards: list[Shard], captions: Sequence[str], q: queue.Queue, halt: threading.Event,

@@ -196,8 +196,6 @@ def prepare(tc: TextConditioner, job: PrecomputeJob, scan: Scan, lock: StoreLock
     A part (``job.part``) joins ``parts`` for its plan: only parts of the same plan run side by side."""
     out = job.out
     lock.acquire(wait=job.part is not None)
-    if job.part is None:
-        PartsLock.refuse_if_running(out, "a run without --part")
     remove_stale(out)  # killed runs' scan folders (and their copy of the captions)
     existing = Manifest.read(out) if (out / MANIFEST).is_file() else None  # no other run writes it now
     shard_size = job.shard_size or (existing.shard_size if existing else default_shard_size(tc, job.batch_size))
@@ -217,7 +215,9 @@ def prepare(tc: TextConditioner, job: PrecomputeJob, scan: Scan, lock: StoreLock
         logger.info("%s is complete already: nothing to encode", out)
         return replace(plan, manifest=base, new_shards=()), layout
     if parts is not None:
-        parts.join(plan.manifest.plan)
+        parts.join(plan.manifest.plan, job.part[1])
+    else:
+        PartsLock.check(out, plan.manifest.plan, f"this run has plan {plan.manifest.plan}")
     clean(out, plan, temporaries=job.part is None)
     if base is None:  # a new store: refused as incomplete until its last shard is in
         done = done_shards(out, plan, existing)
@@ -249,6 +249,7 @@ def finalize(out: Path, plan: Plan, layout: Layout, scan: Scan, *, parts: bool =
     manifest = replace(plan.manifest, shards=shards, index=write_index(out, plan, layout, scan), complete=True,
                        truncated=sum(entry.truncated for entry in shards))
     manifest.write(out)
+    PartsLock.finished(out)
     for path in out.iterdir():  # sidecars, and half-written files of killed parts (all parts are done)
         if path.is_file() and (TMP_MARK in path.name or (path.name.startswith("shard-") and path.suffix == ".json")):
             path.unlink(missing_ok=True)

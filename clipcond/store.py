@@ -382,38 +382,41 @@ class StoreLock:
 
 
 class PartsLock:
-    """Parts of a run (``--part I/N``) encode without holding the store lock; while they run they hold
-    ``OUT/.clipcond.parts`` shared, with their plan in it. A part joins under the store lock, and only
-    parts of the same plan may run together; gc and whole runs refuse a store whose parts are running
-    (they would publish shards under the numbers the parts write)."""
+    """A parts job (``--part I/N``) on a store: ``OUT/.clipcond.parts`` holds its plan and N from its first
+    part's start until its last part publishes. Parts encode without the store lock; while they run they
+    hold this file shared. Parts join under the store lock, and only parts of the same plan and N may join;
+    gc and runs of another plan are refused while a parts job is pending (they would reuse the shard
+    numbers its parts write, or delete their finished shards)."""
 
     NAME = ".clipcond.parts"
 
     def __init__(self, folder: Path) -> None:
-        self.path, self.fd = folder / self.NAME, None
+        self.folder, self.path, self.fd = folder, folder / self.NAME, None
 
-    def join(self, plan: str) -> None:
-        """Hold the file shared for ``plan`` (the caller holds the store lock)."""
+    def join(self, plan: str, parts: int) -> None:
+        """Record the job (if it is the first part) and hold the file shared; the caller holds the store lock."""
         try:
             import fcntl
         except ImportError:
             return
+        job = f"{plan} {parts}"
         fd = os.open(self.path, os.O_RDWR | os.O_CREAT, 0o644)
         try:
-            fcntl.flock(fd, fcntl.LOCK_EX | fcntl.LOCK_NB)  # no part running: this plan is the store's now
-            os.ftruncate(fd, 0)
-            os.pwrite(fd, plan.encode(), 0)
-        except BlockingIOError:
-            running = os.pread(fd, 100, 0).decode(errors="replace")
-            if running != plan:
-                os.close(fd)
-                raise ValueError(f"{self.path.parent}: parts of another precompute (plan {running}) are writing this "
-                                 f"store; this one has plan {plan} (other input or options). Let them finish, or "
-                                 "run every part with the same command") from None
-        except OSError:  # no locks on this filesystem
+            pending = os.pread(fd, 200, 0).decode(errors="replace")
+            if pending and pending != job:
+                mine = f"this part has plan {plan} of {parts} parts"
+                raise ValueError(self._refusal(self.folder, fd, pending, mine))
+            if not pending:
+                os.pwrite(fd, job.encode(), 0)
+            fcntl.flock(fd, fcntl.LOCK_SH)
+        except OSError as err:  # e.g. no locks on this filesystem: parts run without the guard
             os.close(fd)
+            logger.warning("%s: cannot hold the parts lock (%s); run gc and other precomputes only after every "
+                           "part has finished", self.folder, err)
             return
-        fcntl.flock(fd, fcntl.LOCK_SH)
+        except ValueError:
+            os.close(fd)
+            raise
         self.fd = fd
 
     def close(self) -> None:
@@ -422,24 +425,42 @@ class PartsLock:
             self.fd = None
 
     @classmethod
-    def refuse_if_running(cls, folder: Path, what: str) -> None:
-        """Raise if parts are writing the store (the caller holds the store lock, so none can join meanwhile)."""
+    def check(cls, folder: Path, plan: str | None, what: str) -> None:
+        """Refuse ``what`` (a run of ``plan``, or gc: None) while a parts job of another plan is pending."""
+        try:
+            fd = os.open(folder / cls.NAME, os.O_RDWR)
+        except FileNotFoundError:
+            return
+        try:
+            pending = os.pread(fd, 200, 0).decode(errors="replace")
+            if pending and (plan is None or pending.split(" ")[0] != plan or cls._running(fd)):
+                raise ValueError(cls._refusal(folder, fd, pending, what))
+        finally:
+            os.close(fd)
+
+    @staticmethod
+    def _running(fd: int) -> bool:
+        """Whether some part holds the file (cannot tell without locks: then assume so)."""
         try:
             import fcntl
 
-            fd = os.open(folder / cls.NAME, os.O_RDWR)
-        except (ImportError, FileNotFoundError):
-            return
-        try:
             fcntl.flock(fd, fcntl.LOCK_EX | fcntl.LOCK_NB)
-        except BlockingIOError:
-            running = os.pread(fd, 100, 0).decode(errors="replace")
-            raise ValueError(f"{folder}: parts of a precompute (plan {running}) are writing this store; {what} "
-                             "must wait until they finish") from None
-        except OSError:
-            pass
-        finally:
-            os.close(fd)
+            fcntl.flock(fd, fcntl.LOCK_UN)
+            return False
+        except (ImportError, OSError):
+            return True
+
+    @classmethod
+    def finished(cls, folder: Path) -> None:
+        """The job's store is published: no parts job is pending any more (the caller holds the store lock)."""
+        (folder / cls.NAME).unlink(missing_ok=True)
+
+    @classmethod
+    def _refusal(cls, folder: Path, fd: int, pending: str, what: str) -> str:
+        plan, _, parts = pending.partition(" ")
+        state = "running" if cls._running(fd) else "pending: none of its parts is running now"
+        return (f"{folder}: a precompute split in {parts} parts (plan {plan}) is {state}; {what}. Finish that job "
+                f"(run its missing parts with the same command) or delete {folder}/{cls.NAME} to abandon it")
 
 
 def read_tensors(path: Path, keys: Sequence[str] | None = None) -> dict[str, torch.Tensor]:

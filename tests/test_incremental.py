@@ -197,36 +197,75 @@ def test_parts_in_any_order_killed_and_rerun_equal_a_single_run(tmp_path):
     EmbeddingStore(out, verify=True)
 
 
-def test_while_parts_encode_gc_whole_runs_and_parts_of_another_plan_are_refused(tmp_path, tc, monkeypatch):
-    """Parts encode without the store lock: a gc or a whole run then would publish shards under the numbers
-    the parts are writing, and a part of another input would mix two plans' shards."""
+def test_a_pending_parts_job_refuses_gc_other_runs_and_other_parts(tmp_path, tc, monkeypatch):
+    """Parts encode without the store lock, and finish one by one: until the last publishes, a gc or a run of
+    another input would delete their finished shards or reuse their numbers, and a part of another plan or
+    another N would mix two jobs' shards."""
     import clipcond.precompute as precompute_module
 
     out = tmp_path / "store"
     run(tc, write_input(tmp_path / "v1", "txt", BASE), out, shard_size=8)
-    grown = write_input(tmp_path / "v2", "txt", BASE[::3] + ["a new caption", "another one"])
+    new = [f"a new caption {i}" for i in range(10)]  # two new shards of 8: one for each part
+    grown = write_input(tmp_path / "v2", "txt", BASE[::3] + new)
     other = write_input(tmp_path / "v3", "txt", ["something else entirely"])
-    refusals = []
+    attempts = {"gc": lambda: collect(out), "other input": lambda: run(tc, other, out),
+                "other plan's part": lambda: run(tc, other, out, part=(1, 2)),
+                "other N": lambda: run(tc, grown, out, part=(1, 4))}
+
+    def refusals() -> dict[str, str]:
+        found = {}
+        for name, attempt in attempts.items():
+            with pytest.raises(ValueError) as err:
+                attempt()
+            found[name] = str(err.value)
+        return found
+
+    seen = {}
     encode = precompute_module.encode_shards
 
     def meanwhile(*args, **kwargs):  # what others try while this part encodes
-        for attempt in (lambda: collect(out), lambda: run(tc, other, out), lambda: run(tc, other, out, part=(1, 2))):
-            with pytest.raises(ValueError) as err:
-                attempt()
-            refusals.append(str(err.value))
+        seen.update(refusals())
         return encode(*args, **kwargs)
 
     monkeypatch.setattr(precompute_module, "encode_shards", meanwhile)
-    run(tc, grown, out, part=(0, 2))
-    assert len(refusals) == 3
-    assert "parts of a precompute (plan " in refusals[0] and "gc must wait until they finish" in refusals[0]
-    assert "a run without --part must wait until they finish" in refusals[1]
-    assert "parts of another precompute (plan " in refusals[2] and "every part with the same command" in refusals[2]
+    assert run(tc, grown, out, part=(0, 2))["run"]["waiting"]
     monkeypatch.undo()
-    assert run(tc, grown, out, part=(1, 2))["complete"]  # the same plan's other part finishes it
-    assert collect(out).removed == 20  # and, no part running, gc goes ahead
+    assert all("a precompute split in 2 parts (plan " in m and " is running; " in m for m in seen.values()), seen
+    assert "gc would delete its finished shards" in seen["gc"] and "this part has plan " in seen["other N"]
+    later = refusals()  # part 0 has finished, part 1 has not started: the job is still pending
+    assert all("is pending: none of its parts is running now" in m for m in later.values()), later
+    assert all(f"delete {out}/.clipcond.parts to abandon it" in m for m in later.values())
+    assert run(tc, grown, out, part=(1, 2))["complete"]  # the same job's other part finishes it
+    assert not (out / ".clipcond.parts").exists()
+    assert collect(out).removed == 20  # and, no job pending, gc goes ahead
     torch.testing.assert_close(rows_of(EmbeddingStore(out, verify=True))[0],
-                               tc(BASE[::3] + ["a new caption", "another one"]).sequence, **TOL)
+                               tc(BASE[::3] + new).sequence, **TOL)
+
+
+def test_a_part_never_publishes_onto_a_version_it_did_not_plan_from(tmp_path, tc, monkeypatch):
+    """Without file locks (some network filesystems) nothing stops a gc while a part encodes: gc publishes a
+    rewritten shard under the number the part writes. The part then refuses to replace it, and to publish."""
+    import clipcond.precompute as precompute_module
+    from clipcond.store import PartsLock
+
+    out = tmp_path / "store"
+    run(tc, write_input(tmp_path / "v1", "txt", BASE), out, shard_size=8)
+    run(tc, write_input(tmp_path / "v2", "txt", BASE[::3]), out)  # 20 embeddings left for gc
+    grown = write_input(tmp_path / "v3", "txt", BASE[::3] + ["a new caption"])
+    monkeypatch.setattr(PartsLock, "join", lambda self, plan, parts: None)  # as where flock is unsupported
+    encode = precompute_module.encode_shards
+
+    def gc_meanwhile(*args, **kwargs):
+        assert collect(out).removed == 20
+        return encode(*args, **kwargs)
+
+    monkeypatch.setattr(precompute_module, "encode_shards", gc_meanwhile)
+    with pytest.raises(RuntimeError, match=r"changed while this run encoded: shard-00004.safetensors was "
+                                           r"published by another version .* Nothing of this run was published"):
+        run(tc, grown, out, part=(0, 1))
+    monkeypatch.undo()
+    EmbeddingStore(out, verify=True)  # gc's version, whole
+    assert run(tc, grown, out)["run"] == {"encoded": 1, "reused": 10}
 
 
 def test_gc_refuses_to_rewrite_a_damaged_row_that_is_still_used(tmp_path, tc):
@@ -237,10 +276,13 @@ def test_gc_refuses_to_rewrite_a_damaged_row_that_is_still_used(tmp_path, tc):
     data = bytearray(shard.read_bytes())
     data[8 + int.from_bytes(data[:8], "little") + 10] ^= 1  # slot 0, one bit
     shard.write_bytes(bytes(data))
+    before = [p.name for p in out.iterdir()]
+    manifest = (out / MANIFEST).read_bytes()
     with pytest.raises(ValueError, match=r"shard-00000.safetensors: rows \[0\] fail their checksum; gc would "
                                          r"rewrite them as if whole"):
         collect(out)
-    assert shard.read_bytes() == bytes(data)  # nothing rewritten
+    assert (out / MANIFEST).read_bytes() == manifest  # the store as it was: no new version,
+    assert set(p.name for p in out.iterdir()) <= set(before)  # no new shard or index left behind
 
 
 def test_variants_store_each_distinct_caption_once(tmp_path, tc):
@@ -389,11 +431,22 @@ def test_the_tar_reader_accepts_what_tarfile_accepts(tmp_path):
     assert [key for key, _ in _tar_samples(apple, {"txt"})] == ["000000000"]
 
 
+def test_an_empty_tar_is_an_error_and_one_without_end_blocks_a_warning(tmp_path, tc, caplog):
+    (tmp_path / "00000.tar").write_bytes(b"")
+    with pytest.raises(ValueError, match=r"00000.tar: truncated or damaged tar \(ReadError: empty file\)"):
+        run(tc, tmp_path / "00000.tar", tmp_path / "store")
+    path = write_tar(tmp_path / "00001.tar", [sample(i, f"caption {i}") for i in range(2)])
+    path.write_bytes(path.read_bytes().rstrip(b"\0") + b"\0" * (-len(path.read_bytes().rstrip(b"\0")) % 512))
+    assert run(tc, path, tmp_path / "cut")["rows"] == 2
+    assert "00001.tar: no end-of-archive marker after its last member" in caplog.text
+
+
 def test_a_damaged_pax_record_is_an_error_not_a_hang():
     from clipcond.inputs import _pax_records
 
     assert _pax_records(b"18 path=a/b/c.txt\n11 size=42\n") == {"path": "a/b/c.txt", "size": "42"}
-    for damaged in (b"00 path=x\n", b"5 path=a/b/c.txt\n", b"99 path=x\n", b"x path=y\n", b"11 pathxyz\n"):
+    for damaged in (b"00 path=x\n", b"5 path=a/b/c.txt\n", b"99 path=x\n", b"x path=y\n", b"11 pathxyz\n",
+                    b"11 size=-1\n"):
         with pytest.raises(tarfile.ReadError, match="damaged pax header record at byte 0"):
             _pax_records(damaged)
 

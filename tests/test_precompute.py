@@ -149,6 +149,22 @@ def test_limit_and_resume_of_a_complete_store_changes_nothing(tmp_path, sd15):
     assert not killed.exists()  # ...is removed by the next run, even one with nothing to do
 
 
+def test_scan_folders_are_locked_before_they_are_named_and_half_made_ones_expire(tmp_path):
+    from clipcond.scan import NEW_PREFIX, remove_stale
+
+    live = ScanFolder.create(tmp_path)
+    assert live.path.name.startswith(PREFIX) and (live.path / "lock").exists()
+    assert not list(tmp_path.glob(f"{NEW_PREFIX}*"))  # renamed once locked
+    half = [tmp_path / f"{NEW_PREFIX}{n}" for n in ("1-old", "2-young")]  # killed while making one
+    for path in half:
+        path.mkdir()
+    os.utime(half[0], (time.time() - 3600,) * 2)
+    remove_stale(tmp_path)
+    assert live.path.exists() and not half[0].exists() and half[1].exists()
+    live.remove()
+    assert not live.path.exists()
+
+
 def test_resume_repairs_what_a_crash_leaves(tmp_path, sd15):
     path = write_input(tmp_path, "txt", CAPTIONS * 3)
     clean = run(sd15, path, tmp_path / "clean", shard_size=2, batch_size=2)

@@ -176,8 +176,10 @@ class EmbeddingStore(Dataset):
         """
         rows = [self._check_row(r) for r in rows]
         first = self._null
-        sequence = _batch_tensor((len(rows), *first.sequence.shape[1:]), first.sequence.dtype)  # [B, L, D]
-        pooled = _batch_tensor((len(rows), first.pooled.shape[1]), first.pooled.dtype)  # [B, P]
+        sequence, pooled, row_ids = _batch_tensors(((len(rows), *first.sequence.shape[1:]), first.sequence.dtype),
+                                                   ((len(rows), first.pooled.shape[1]), first.pooled.dtype),
+                                                   ((len(rows),), torch.int64))  # [B, L, D], [B, P], [B]
+        row_ids.copy_(torch.tensor(rows))
         located = [self._locate(row, 0) for row in rows]
         words = _words(sequence), _words(pooled)  # [B, W] uint64 views of the batch (None: rows not 8-byte sized)
         in_cache = self.verify_rows and words[0] is not None and words[1] is not None
@@ -196,7 +198,7 @@ class EmbeddingStore(Dataset):
                 if view.checks is not None and got[i] != view.checks[local]:
                     view.verify(local, sequence[i], pooled[i], f"store row {rows[i]}, variant 0")  # raises
         items = Rows({"sequence": sequence[i], "pooled": pooled[i], "row": row} for i, row in enumerate(rows))
-        items.batch = {"sequence": sequence, "pooled": pooled, "row": torch.tensor(rows)}
+        items.batch = {"sequence": sequence, "pooled": pooled, "row": row_ids}
         return items
 
     def _check_row(self, row: int) -> int:
@@ -300,13 +302,21 @@ def _words(batch: torch.Tensor) -> np.ndarray | None:
     return batch.view(len(batch), -1).view(torch.uint8).numpy().view(np.uint64)
 
 
-def _batch_tensor(shape: tuple[int, ...], dtype: torch.dtype) -> torch.Tensor:
-    """An empty batch tensor; in a DataLoader worker, straight in shared memory (as default_collate makes
-    its batches), so that handing it to the main process copies nothing."""
+def _batch_tensors(*specs: tuple[tuple[int, ...], torch.dtype]) -> list[torch.Tensor]:
+    """Empty batch tensors of these (shape, dtype)s, views of one buffer; in a DataLoader worker the buffer is
+    in shared memory (as default_collate makes its batches), so that handing the batch to the main process
+    copies nothing and passes one shared segment rather than one per tensor (each costs ~0.5 ms)."""
+    offsets, size = [], 0
+    for shape, dtype in specs:
+        size += -size % 8  # every view 8-byte aligned
+        offsets.append(size)
+        size += math.prod(shape) * dtype.itemsize
     if get_worker_info() is None:
-        return torch.empty(shape, dtype=dtype)
-    storage = torch.empty(0, dtype=dtype)._typed_storage()._new_shared(math.prod(shape))
-    return torch.empty(0, dtype=dtype).new(storage).view(shape)
+        buffer = torch.empty(size, dtype=torch.uint8)
+    else:
+        buffer = torch.empty(0, dtype=torch.uint8).new(torch.UntypedStorage._new_shared(size))
+    return [buffer[a : a + math.prod(shape) * dtype.itemsize].view(dtype).view(shape)
+            for a, (shape, dtype) in zip(offsets, specs, strict=True)]
 
 
 class Rows(list):

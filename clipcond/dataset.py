@@ -27,12 +27,12 @@ from clipcond.conditioning import Conditioning
 from clipcond.files import SAFETENSORS_DTYPES, id_hash
 from clipcond.specs import EncoderSpec, spec_from_dict
 from clipcond.store import (
-    CHECK_MIX,
     NULL,
     REPAIR_HINT,
     IndexFormat,
     Manifest,
     ShardFormat,
+    mix_checksums,
     read_tensors,
     row_checksums,
 )
@@ -191,8 +191,7 @@ class EmbeddingStore(Dataset):
             if in_cache:  # summed while the copy is in cache: ~5 µs a row, where a pass from memory costs ~25
                 sums[0, i], sums[1, i] = words[0][i].sum(dtype=np.uint64), words[1][i].sum(dtype=np.uint64)
         if self.verify_rows:
-            got = ((sums[0] + sums[1] * CHECK_MIX).view(np.int64) if in_cache
-                   else row_checksums(sequence, pooled).numpy())
+            got = mix_checksums(sums[0], sums[1]) if in_cache else row_checksums(sequence, pooled).numpy()
             for i, (shard, local) in enumerate(located):
                 view = self._shard(shard)
                 if view.checks is not None and got[i] != view.checks[local]:

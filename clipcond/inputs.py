@@ -143,7 +143,7 @@ def _hf_dataset(path: Path, columns: list[str], id_column: str | None) -> Iterat
 
 
 BLOCK = 512  # a tar header, and the unit member data is padded to
-_REGULAR, _PAX, _GNU_LONGNAME = (b"0", b"\0", b"7"), (b"x",), (b"L",)
+_REGULAR, _PAX, _GNU_LONGNAME = (b"0", b"\0", b"7"), b"x", b"L"  # header type flags
 
 
 def _tar_members(stream: BinaryIO, extensions: set[str]) -> Iterator[tuple[str, bytes | None]]:
@@ -177,14 +177,14 @@ def _tar_members(stream: BinaryIO, extensions: set[str]) -> Iterator[tuple[str, 
         name = pending.pop("path", name)
         kind = header[156:157]
         wanted = kind in _REGULAR and name.rpartition("/")[2].partition(".")[2] in extensions
-        if kind in _PAX or kind in _GNU_LONGNAME or wanted:
+        if kind in (_PAX, _GNU_LONGNAME) or wanted:
             data = stream.read(size)
             if len(data) < size:
                 raise tarfile.ReadError(f"member {name} is cut short")
             stream.read(-size % BLOCK)
-            if kind in _PAX:
+            if kind == _PAX:
                 pending.update(_pax_records(data))
-            elif kind in _GNU_LONGNAME:
+            elif kind == _GNU_LONGNAME:
                 pending["path"] = data.split(b"\0", 1)[0].decode("utf-8", "surrogateescape")
             else:
                 yield name, data

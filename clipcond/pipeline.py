@@ -28,7 +28,7 @@ import torch
 
 from clipcond.conditioning import Conditioning
 from clipcond.files import atomic_write, publish, raw_bytes, temporary
-from clipcond.store import Manifest, ShardEntry, ShardFormat, row_checksums, shard_name
+from clipcond.store import Manifest, ShardEntry, ShardFormat, row_checksums
 from clipcond.tokenizer import Tokens
 
 if TYPE_CHECKING:
@@ -41,11 +41,6 @@ DRAIN_POLL = 0.001  # while the device still has work queued: how often to ask w
 DELAY_ENV = "CLIPCOND_PRECOMPUTE_BATCH_DELAY"  # seconds to sleep after each batch: lets tests SIGKILL mid-run
 
 Shard = tuple[int, int, int]  # (k, first slot, stop): captions[slot] is encoded into slot
-
-
-def sidecar_name(k: int) -> str:
-    """A shard's manifest entry, written before the shard itself."""
-    return shard_name(k).replace(".safetensors", ".json")
 
 
 @dataclass(slots=True)
@@ -186,7 +181,7 @@ class _ShardFile:
 
     def __init__(self, out: Path, shard: Shard, like: Conditioning, meta: dict[str, object]) -> None:
         self.k, self.start, self.stop = shard
-        self.path, self.plan = out / shard_name(self.k), meta.get("plan")
+        self.path, self.plan = out / ShardFormat.name(self.k), meta.get("plan")
         n, self.dtype, self.row_shape = self.stop - self.start, like.dtype, like.sequence.shape[1:]
         self.pooled = torch.empty((n, like.pooled.shape[1]), dtype=self.dtype)  # [n, P]
         self.check = torch.empty(n, dtype=torch.int64)  # [n] row checksums, verified on every read
@@ -249,7 +244,7 @@ class _ShardFile:
                                    "work). Nothing of this run was published; rerun the same command")
             entry = ShardEntry(file=self.path.name, bytes=self.size, sha256=self.digest.hexdigest(), start=self.start,
                                stop=self.stop, truncated=self.truncated, plan=self.plan)
-            atomic_write(out / sidecar_name(self.k), json.dumps(asdict(entry)).encode())
+            atomic_write(out / ShardFormat.sidecar(self.path.name), json.dumps(asdict(entry)).encode())
             publish(self.tmp, self.path)
         except BaseException:
             self.abort()
@@ -264,7 +259,7 @@ def _owner(out: Path, name: str, plan: str | None) -> str | None:
     """Who has a whole file under this shard's name already: "this plan" (its sidecar, or a complete manifest
     of this plan, says so), "another version" (a complete manifest of another plan lists it), or None."""
     try:
-        entry = json.loads((out / name.replace(".safetensors", ".json")).read_text())
+        entry = json.loads((out / ShardFormat.sidecar(name)).read_text())
         if entry.get("plan") == plan and (out / name).stat().st_size == entry.get("bytes"):
             return "this plan"
     except (OSError, ValueError):

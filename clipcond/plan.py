@@ -29,10 +29,10 @@ from clipcond.store import (
     Manifest,
     PartsLock,
     ShardEntry,
+    ShardFormat,
     Source,
     StoreLock,
     read_tensors,
-    shard_name,
 )
 
 if TYPE_CHECKING:
@@ -201,7 +201,7 @@ def _ours(name: str) -> bool:
 
 def done_shards(out: Path, plan: Plan, existing: Manifest | None) -> dict[int, ShardEntry]:
     """New shards of this plan whose file is whole (its size as recorded); the rest are encoded (again)."""
-    expected = {shard_name(k): (k, start, stop) for k, start, stop in plan.new_shards}
+    expected = {ShardFormat.name(k): (k, start, stop) for k, start, stop in plan.new_shards}
     entries = list(existing.shards if existing is not None else ())
     for sidecar in sorted(out.glob("shard-*.json")):
         try:
@@ -221,8 +221,8 @@ def done_shards(out: Path, plan: Plan, existing: Manifest | None) -> dict[int, S
 def clean(out: Path, plan: Plan, *, temporaries: bool = True) -> None:
     """Remove damaged shards, shards and sidecars of other plans (a killed run's), and (``temporaries``: no
     part of this plan may be writing now) half-written files."""
-    keep = {e.file for e in plan.manifest.shards} | {shard_name(k) for k, _, _ in plan.new_shards}
-    keep |= {n.replace(".safetensors", ".json") for n in keep}
+    keep = {e.file for e in plan.manifest.shards} | {ShardFormat.name(k) for k, _, _ in plan.new_shards}
+    keep |= {ShardFormat.sidecar(n) for n in keep}
     for path in out.iterdir():
         if path.is_file() and ((temporaries and TMP_MARK in path.name)
                                or (path.name.startswith("shard-") and path.name not in keep)):

@@ -204,7 +204,8 @@ def prepare(tc: TextConditioner, job: PrecomputeJob, scan: Scan, lock: StoreLock
     base = existing if existing and existing.complete else None  # incremental runs never unmark a store
     layout = assign_slots(out, base, scan, checksums=job.verify)
     plan = make_plan(tc, job, scan, shard_size, base, layout)
-    null = (base or existing).null if (base or existing) else None
+    current = base or existing
+    null = current.null if current is not None else None
     if null is None or null.problem(out) is not None:
         # The null depends on the encoder alone: rewritten, it is the same bytes the manifest records.
         cond = tc.null(1)

@@ -32,7 +32,6 @@ import numpy as np
 import torch
 
 from clipcond.files import (
-    SAFETENSORS_DTYPES,  # noqa: F401 (the shard reader's dtype table)
     TMP_MARK,  # noqa: F401 (re-exported: what a killed writer leaves behind)
     atomic_write,
     raw_bytes,
@@ -253,6 +252,11 @@ class ShardFormat:
         return f"shard-{k:05d}.safetensors"
 
     @staticmethod
+    def sidecar(name: str) -> str:
+        """A new shard's manifest entry, written beside it (before it is renamed into place) until publication."""
+        return name.replace(".safetensors", ".json")
+
+    @staticmethod
     def header(n: int, dtype: torch.dtype, row_shape: Sequence[int], pooled_dim: int, meta: dict) -> bytes:
         """The header of a shard of ``n`` rows, for a writer that streams the tensors after it."""
         return safetensors_header(ShardFormat._shapes(n, dtype, row_shape, pooled_dim), ShardFormat._about(meta))
@@ -275,10 +279,6 @@ class ShardFormat:
         return {"clipcond": json.dumps(meta, sort_keys=True)}  # one key: equal stores must be equal bytes
 
 
-def shard_name(k: int) -> str:
-    return ShardFormat.name(k)
-
-
 CHECK_MIX = np.uint64(0x9E3779B97F4A7C15)  # odd: a sequence sum moved into the pooled one gives another checksum
 
 
@@ -297,8 +297,12 @@ def row_checksums(sequence: torch.Tensor, pooled: torch.Tensor) -> torch.Tensor:
     every row it serves. It catches what damages a file in place, bit rot and torn writes (any change
     to one word; any overwritten block but with probability 2^-64), not a deliberate forgery.
     """
-    mixed = _word_sums(sequence) + _word_sums(pooled) * CHECK_MIX
-    return torch.from_numpy(mixed.view(np.int64))
+    return torch.from_numpy(mix_checksums(_word_sums(sequence), _word_sums(pooled)))
+
+
+def mix_checksums(sequence_sums: np.ndarray, pooled_sums: np.ndarray) -> np.ndarray:
+    """[n] int64 row checksums from each row's sequence and pooled word sums ([n] uint64 each)."""
+    return (sequence_sums + pooled_sums * CHECK_MIX).view(np.int64)
 
 
 # --- the index --------------------------------------------------------------------------
@@ -405,7 +409,7 @@ class PartsLock:
             pending = os.pread(fd, 200, 0).decode(errors="replace")
             if pending and pending != job:
                 mine = f"this part has plan {plan} of {parts} parts"
-                raise ValueError(self._refusal(self.folder, fd, pending, mine))
+                raise ValueError(self._refusal(self.folder, pending, mine, self._running(fd)))
             if not pending:
                 os.pwrite(fd, job.encode(), 0)
             fcntl.flock(fd, fcntl.LOCK_SH)
@@ -433,8 +437,9 @@ class PartsLock:
             return
         try:
             pending = os.pread(fd, 200, 0).decode(errors="replace")
-            if pending and (plan is None or pending.split(" ")[0] != plan or cls._running(fd)):
-                raise ValueError(cls._refusal(folder, fd, pending, what))
+            running = cls._running(fd)
+            if pending and (plan is None or pending.split(" ")[0] != plan or running):
+                raise ValueError(cls._refusal(folder, pending, what, running))
         finally:
             os.close(fd)
 
@@ -456,9 +461,9 @@ class PartsLock:
         (folder / cls.NAME).unlink(missing_ok=True)
 
     @classmethod
-    def _refusal(cls, folder: Path, fd: int, pending: str, what: str) -> str:
+    def _refusal(cls, folder: Path, pending: str, what: str, running: bool) -> str:
         plan, _, parts = pending.partition(" ")
-        state = "running" if cls._running(fd) else "pending: none of its parts is running now"
+        state = "running" if running else "pending: none of its parts is running now"
         return (f"{folder}: a precompute split in {parts} parts (plan {plan}) is {state}; {what}. Finish that job "
                 f"(run its missing parts with the same command) or delete {folder}/{cls.NAME} to abandon it")
 

@@ -237,3 +237,15 @@ def tiny(tmp_path_factory: pytest.TempPathFactory) -> TinyModels:
 @pytest.fixture(scope="session")
 def prompts() -> list[str]:
     return list(BASE_PROMPTS)
+
+
+@pytest.fixture(scope="module")
+def sd15() -> clipcond.TextConditioner:
+    """The tiny SD 1.5 conditioner (random weights, the real tokenizer), loaded once per test module."""
+    return clipcond.TextConditioner.from_pretrained("tiny-sd15")
+
+
+@pytest.fixture(scope="module")
+def sdxl() -> clipcond.TextConditioner:
+    """The tiny SDXL conditioner, loaded once per test module."""
+    return clipcond.TextConditioner.from_pretrained("tiny-sdxl")

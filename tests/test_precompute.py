@@ -69,16 +69,6 @@ def stacked(store: EmbeddingStore) -> tuple[torch.Tensor, torch.Tensor]:
     return torch.stack([r["sequence"] for r in rows]), torch.stack([r["pooled"] for r in rows])
 
 
-@pytest.fixture(scope="module")
-def sd15() -> TextConditioner:
-    return TextConditioner.from_pretrained("tiny-sd15")
-
-
-@pytest.fixture(scope="module")
-def sdxl() -> TextConditioner:
-    return TextConditioner.from_pretrained("tiny-sdxl")
-
-
 @pytest.mark.parametrize("fmt", FORMATS)
 def test_every_input_format_matches_direct_encoding(tmp_path, sd15, fmt):
     captions = CAPTIONS + ([] if fmt == "txt" else ["two\nlines, quoted"])  # a caption per line in .txt

@@ -22,16 +22,6 @@ from clipcond.tokenizer import ClipTokenizer
 TOL = {"atol": 1e-6, "rtol": 1e-6}
 
 
-@pytest.fixture(scope="module")
-def sd15() -> TextConditioner:
-    return TextConditioner.from_pretrained("tiny-sd15")
-
-
-@pytest.fixture(scope="module")
-def sdxl() -> TextConditioner:
-    return TextConditioner.from_pretrained("tiny-sdxl")
-
-
 def windows(*conds) -> torch.Tensor:
     return torch.cat([c.sequence for c in conds], dim=1)
 

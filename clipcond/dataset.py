@@ -32,6 +32,7 @@ from clipcond.store import (
     IndexFormat,
     Manifest,
     ShardFormat,
+    copy_rows,
     mix_checksums,
     read_tensors,
     row_checksums,
@@ -72,6 +73,8 @@ class ShardView:
 
         self.path = path
         self.checks = self.tensors["check"].numpy() if "check" in self.tensors else None  # [n] int64 (version 2)
+        self.rows = {name: t.view(torch.uint8).numpy().reshape(len(t), math.prod(t.shape[1:]) * t.element_size())
+                     for name, t in self.tensors.items() if name != "check"}  # rows' bytes: [n, bytes] uint8 views
 
     def row(self, local: int, what: str, *, verify: bool = True) -> tuple[torch.Tensor, torch.Tensor]:
         """Row ``local`` [L, D], [P] as views, its checksum verified; ``what`` names it in the error."""
@@ -169,7 +172,7 @@ class EmbeddingStore(Dataset):
 
     def __getitems__(self, rows: Sequence[int]) -> Rows:
         """A DataLoader's batched fetch: the rows copied once into ``[B, L, D]`` / ``[B, P]`` tensors, each
-        row's checksum computed on its copy right after it, while it is in cache.
+        row's checksum computed in the same pass (``copy_rows``) and compared with the shard's.
 
         Returns per-row items (views of the batch), so any ``collate_fn`` works; ``store.collate()``
         takes the batch as it is instead of stacking the rows again.
@@ -181,21 +184,26 @@ class EmbeddingStore(Dataset):
                                                    ((len(rows),), torch.int64))  # [B, L, D], [B, P], [B]
         row_ids.copy_(torch.tensor(rows))
         located = [self._locate(row, 0) for row in rows]
-        words = _words(sequence), _words(pooled)  # [B, W] uint64 views of the batch (None: rows not 8-byte sized)
-        in_cache = self.verify_rows and words[0] is not None and words[1] is not None
-        sums = np.zeros((2, len(rows)), dtype=np.uint64)  # each row's sequence and pooled word sums
-        for i in sorted(range(len(rows)), key=located.__getitem__):  # in file order: readahead helps a cold read
-            seq_row, pooled_row = self._shard(located[i][0]).row(located[i][1], "", verify=False)
-            sequence[i].copy_(seq_row)
-            pooled[i].copy_(pooled_row)
-            if in_cache:  # summed while the copy is in cache: ~5 µs a row, where a pass from memory costs ~25
-                sums[0, i], sums[1, i] = words[0][i].sum(dtype=np.uint64), words[1][i].sum(dtype=np.uint64)
-        if self.verify_rows:
-            got = mix_checksums(sums[0], sums[1]) if in_cache else row_checksums(sequence, pooled).numpy()
-            for i, (shard, local) in enumerate(located):
-                view = self._shard(shard)
-                if view.checks is not None and got[i] != view.checks[local]:
-                    view.verify(local, sequence[i], pooled[i], f"store row {rows[i]}, variant 0")  # raises
+        order = sorted(range(len(rows)), key=located.__getitem__)  # file order: readahead helps a cold read
+        views = {shard: self._shard(shard) for shard, _ in located}
+        if not self.verify_rows:  # torch's copy, nothing summed
+            for i in order:
+                seq_row, pooled_row = views[located[i][0]].row(located[i][1], "", verify=False)
+                sequence[i].copy_(seq_row)
+                pooled[i].copy_(pooled_row)
+        else:
+            sources, destinations = [], []
+            for name, batch in (("sequence", sequence), ("pooled", pooled)):
+                batch_bytes = batch.view(len(rows), -1).view(torch.uint8).numpy()  # [B, row bytes], a view
+                for i in order:
+                    sources.append(views[located[i][0]].rows[name][located[i][1]])
+                    destinations.append(batch_bytes[i])
+            sums = copy_rows(sources, destinations).reshape(2, -1)  # [sequence, pooled] word sums, in file order
+            stored = [views[located[i][0]].checks for i in order]  # None: a version-1 shard, no checksums
+            expected = np.array([0 if c is None else c[located[i][1]] for i, c in zip(order, stored, strict=True)])
+            for k in np.flatnonzero((mix_checksums(sums[0], sums[1]) != expected) & [c is not None for c in stored]):
+                i = order[k]
+                views[located[i][0]].verify(located[i][1], sequence[i], pooled[i], f"store row {rows[i]}, variant 0")
         items = Rows({"sequence": sequence[i], "pooled": pooled[i], "row": row} for i, row in enumerate(rows))
         items.batch = {"sequence": sequence, "pooled": pooled, "row": row_ids}
         return items
@@ -291,14 +299,6 @@ class EmbeddingStore(Dataset):
     def verify(self) -> None:
         """Check every file's size and sha256 (reads the whole store); ``ValueError`` naming bad files."""
         self.manifest.raise_problems(self.path, checksums=True)
-
-
-def _words(batch: torch.Tensor) -> np.ndarray | None:
-    """[B, W] uint64: a contiguous batch's rows as 64-bit words (a view), if each row is a whole number of them."""
-    row_bytes = batch[0].numel() * batch.element_size() if len(batch) else 0
-    if not row_bytes or row_bytes % 8:
-        return None
-    return batch.view(len(batch), -1).view(torch.uint8).numpy().view(np.uint64)
 
 
 def _batch_tensors(*specs: tuple[tuple[int, ...], torch.dtype]) -> list[torch.Tensor]:

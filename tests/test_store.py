@@ -7,6 +7,7 @@ import pickle
 import shutil
 from pathlib import Path
 
+import numpy as np
 import pytest
 import torch
 from torch.utils.data import DataLoader
@@ -226,6 +227,37 @@ def test_row_checksums_are_sums_of_64_bit_words_mod_2_64(shape, dtype):
     assert row_checksums(sequence[1:], pooled[1:]).numpy().view("uint64").tolist() == expected[1:]  # unaligned
 
 
+def test_the_compiled_row_copy_copies_and_sums_like_python_integers():
+    """clipcond._rows (built at install; CI has a compiler, so it must be there): each source copied to its
+    destination and summed as little-endian 64-bit words mod 2^64, a short tail zero-padded; sources at odd
+    addresses and of odd sizes; the pairs shared between 1 to more threads than pairs; sizes checked."""
+    from clipcond import _rows
+
+    rng = np.random.default_rng(0)
+    pool = rng.integers(0, 256, size=1 << 20, dtype=np.uint8)
+    sizes = [0, 1, 7, 8, 9, 63, 64, 65, 1000, 318_464, 2560, 77 * 80 * 4 + 3]
+    sources = [pool[i * 13 + 1 : i * 13 + 1 + n] for i, n in enumerate(sizes)]  # odd offsets: unaligned
+
+    def words(data: bytes) -> int:
+        data += b"\0" * (-len(data) % 8)
+        return sum(int.from_bytes(data[i : i + 8], "little") for i in range(0, len(data), 8)) % 2**64
+
+    expected = [words(bytes(source)) for source in sources]
+    for threads in (1, 2, 3, len(sizes) + 5):
+        destinations = [np.zeros(n, dtype=np.uint8) for n in sizes]
+        sums = np.zeros(len(sizes), dtype=np.uint64)
+        _rows.copy_rows(sources, destinations, sums, threads)
+        assert sums.tolist() == expected
+        assert all(np.array_equal(d, s) for d, s in zip(destinations, sources, strict=True))
+    _rows.copy_rows([], [], np.zeros(0, dtype=np.uint64), 2)
+    with pytest.raises(ValueError, match="copy_rows: source 1 has 1 bytes, its destination 8"):
+        _rows.copy_rows(sources[:2], [np.zeros(0, np.uint8), np.zeros(8, np.uint8)], np.zeros(2, np.uint64), 1)
+    with pytest.raises(ValueError, match="2 sources, 1 destinations and 16 bytes of sums"):
+        _rows.copy_rows(sources[:2], [np.zeros(0, np.uint8)], np.zeros(2, np.uint64), 1)
+    with pytest.raises(BufferError, match="not writable"):
+        _rows.copy_rows([sources[3]], [bytes(8)], np.zeros(1, np.uint64), 1)
+
+
 def test_a_version_1_store_is_read_and_refused_growth_with_how_to_convert(tmp_path, tc):
     """A store as clipcond wrote it before format 2 (the layout of its store.py docstring): shards of
     ``sequence`` / ``pooled`` only, ``index.safetensors`` with ``rows [N]`` -> unique caption and the id
@@ -288,20 +320,22 @@ def inspected(out: Path) -> list[str]:
     return lines
 
 
-@pytest.mark.parametrize("fast", [True, False])
-def test_the_batched_fetch_checks_every_row_on_its_copy(damaged, monkeypatch, fast):
-    """Fast path: each row's words summed right after its copy (a wrong sum would send every row to the slow
-    recheck, counted here); slow path (rows that are no whole number of 8-byte words): one pass after."""
-    from clipcond import dataset
+@pytest.mark.parametrize("compiled", [True, False])
+def test_the_batched_fetch_checks_every_row_on_its_copy(damaged, monkeypatch, compiled):
+    """Compiled: each row summed as it is copied (clipcond._rows); else numpy sums each copy right after it.
+    A wrong sum would send every clean row to the slow recheck, counted here."""
+    from clipcond import dataset, store
 
-    if not fast:
-        monkeypatch.setattr(dataset, "_words", lambda batch: None)
+    if not compiled:
+        monkeypatch.setattr(store, "_rows", None)
     rechecks = []
     verify = dataset.ShardView.verify
     monkeypatch.setattr(dataset.ShardView, "verify", lambda self, *args: (rechecks.append(args), verify(self, *args)))
     store = EmbeddingStore(damaged)
     clean = store.__getitems__(list(range(0, ROWS, 7)))
     assert not rechecks and torch.equal(clean.batch["sequence"][3], store[21]["sequence"])
+    unchecked = EmbeddingStore(damaged, verify_rows=False).__getitems__(list(range(0, ROWS, 7)))  # torch's copy
+    assert all(torch.equal(unchecked.batch[k], clean.batch[k]) for k in ("sequence", "pooled", "row"))
     shard = damaged / "shard-00005.safetensors"
     data = bytearray(shard.read_bytes())
     header = 8 + int.from_bytes(data[:8], "little")

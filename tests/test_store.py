@@ -320,6 +320,31 @@ def inspected(out: Path) -> list[str]:
     return lines
 
 
+def test_a_batch_still_held_is_never_written_over_and_a_dropped_one_is_reused(store_dir):
+    """The main process's batch memory (BatchBuffers): a batch's buffer is handed out again only after every
+    tensor and array of that batch is gone; a batch of another size gets its own."""
+    store = EmbeddingStore(store_dir)
+    expected = {r: store[r]["sequence"].clone() for r in range(40)}
+
+    def fetch(rows: list[int]) -> torch.Tensor:
+        return store.__getitems__(rows).batch["sequence"]
+
+    held = fetch(list(range(0, 8)))
+    held_rows = held[2:5].numpy()  # an array of part of the batch keeps it alive too
+    address, used = held.data_ptr(), set()
+    del held
+    for start in (8, 16, 24):  # a loop holding one batch while the next is fetched
+        batch = fetch(list(range(start, start + 8)))
+        assert batch.data_ptr() != address
+        assert all(torch.equal(batch[i], expected[start + i]) for i in range(8))
+        used.add(batch.data_ptr())
+    assert all(torch.equal(torch.from_numpy(held_rows[i]), expected[2 + i]) for i in range(3))
+    assert len(used) == 2  # the loop's third batch went into the first one's memory
+    del batch
+    assert fetch(list(range(32, 40))).data_ptr() in used  # dropped: its memory is used again
+    assert fetch(list(range(3))).shape == (3, *expected[0].shape)
+
+
 @pytest.mark.parametrize("compiled", [True, False])
 def test_the_batched_fetch_checks_every_row_on_its_copy(damaged, monkeypatch, compiled):
     """Compiled: each row summed as it is copied (clipcond._rows); else numpy sums each copy right after it.

@@ -168,7 +168,7 @@ def _tar_members(stream: BinaryIO, extensions: set[str]) -> Iterator[tuple[str, 
             raise tarfile.ReadError("unexpected end of data")
         stored = int(header[148:156].split(b"\0", 1)[0].strip() or b"0", 8)
         unsigned = sum(header[:148]) + 256 + sum(header[156:])  # the checksum field counts as 8 spaces
-        if stored not in (unsigned, unsigned - 256 * sum(b >= 0x80 for b in header)):  # old tars sum signed bytes
+        if stored != unsigned and stored != unsigned - 256 * sum(b >= 0x80 for b in header):  # old tars: signed
             raise tarfile.ReadError("bad header checksum")
         size = int(pending.pop("size")) if "size" in pending else _octal(header[124:136])
         name = header[:100].split(b"\0", 1)[0].decode("utf-8", "surrogateescape")

@@ -384,14 +384,15 @@ def _variants(values: list[list], columns: list[str], first_row: int, source: ob
 
 
 def read_captions(path: str | Path | Sequence[str | Path], *, column: str | Sequence[str] = "caption",
-                  id_column: str | None = None) -> Iterator[Batch]:
+                  id_column: str | None = None, variants: int | None = None, with_ids: bool | None = None
+                  ) -> Iterator[Batch]:
     """``(rows, ids)`` batches of at most ``READ_BATCH`` rows over every input file in sorted order;
-    each row a tuple of its k captions (variants), values checked, ids as strings."""
+    each row a tuple of its k captions (variants), values checked, ids as strings. ``variants`` and
+    ``with_ids``: what the rows read before these held (a scan reading its inputs file by file)."""
     columns = [column] if isinstance(column, str) else list(column)
     if not columns:
         raise ValueError("at least one --column is needed")
-    k = None if len(columns) == 1 else len(columns)
-    with_ids = None
+    k = variants if len(columns) == 1 else len(columns)
     for file in expand_inputs(path):
         reader = _reader(file)
         tar = reader is _tar
@@ -401,12 +402,21 @@ def read_captions(path: str | Path | Sequence[str | Path], *, column: str | Sequ
         for values, ids in reader(file, file_columns, id_column):
             rows = _variants(values, file_columns, row, file, k)
             k = len(rows[0]) if rows else k
-            if with_ids is not None and with_ids != (ids is not None):
-                raise ValueError(f"{file}: rows {'without' if ids is None else 'with'} ids after rows "
-                                 f"{'with' if with_ids else 'without'} them: tars (ids = {TAR_KEY}) and tables "
-                                 "without --id-column cannot be mixed")
+            check_like_before(file, None, None, with_ids, ids is not None)
             with_ids = ids is not None
             if ids is not None:
                 ids = _strings(ids, TAR_KEY if tar else id_column, row, file, ids=True)
             row += len(rows)
             yield rows, ids
+
+
+def check_like_before(file: Path, variants_before: int | None, variants: int | None, ids_before: bool | None,
+                      has_ids: bool | None) -> None:
+    """Rows of ``file`` hold as many captions as the rows before them, and ids if and only if they did."""
+    if None not in (variants_before, variants) and variants != variants_before:
+        raise ValueError(f"{file}: its rows hold {variants} captions, the rows before it {variants_before}: every "
+                         "row needs the same number of variants")
+    if None not in (ids_before, has_ids) and has_ids != ids_before:
+        raise ValueError(f"{file}: rows {'with' if has_ids else 'without'} ids after rows "
+                         f"{'with' if ids_before else 'without'} them: tars (ids = {TAR_KEY}) and tables "
+                         "without --id-column cannot be mixed")

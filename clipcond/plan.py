@@ -20,7 +20,7 @@ import numpy as np
 
 from clipcond.files import TMP_MARK
 from clipcond.inputs import expand_inputs
-from clipcond.scan import CHUNK, Scan
+from clipcond.scan import CACHE, CHUNK, Scan
 from clipcond.store import (
     FORMAT_VERSION,
     MANIFEST,
@@ -195,7 +195,7 @@ def refuse_foreign(out: Path) -> None:
 
 
 def _ours(name: str) -> bool:
-    return (name in (IndexFormat.VERSION_1, NULL, MANIFEST, StoreLock.NAME, PartsLock.NAME) or TMP_MARK in name
+    return (name in (IndexFormat.VERSION_1, NULL, MANIFEST, StoreLock.NAME, PartsLock.NAME, CACHE) or TMP_MARK in name
             or (name.startswith(("shard-", "index-")) and name.endswith((".safetensors", ".json"))))
 
 

@@ -45,7 +45,7 @@ from clipcond.plan import (
     refuse_foreign,
     store_identity,
 )
-from clipcond.scan import CHUNK, CaptionTexts, Scan, remove_stale, scan_captions
+from clipcond.scan import CACHE, CHUNK, CaptionTexts, Scan, ScanCache, remove_stale, scan_captions
 from clipcond.store import (
     FORMAT,
     FORMAT_VERSION,
@@ -310,7 +310,7 @@ def _start(tc: TextConditioner, job: PrecomputeJob, locks: tuple[StoreLock, Part
     """Rank 0 (or a part): the scan, then the plan."""
     open_out(job)
     scan = scan_captions(job.input, column=job.columns, id_column=job.id_column, limit=job.limit,
-                         progress=job.progress, folder=job.out)
+                         progress=job.progress, folder=job.out, cache=ScanCache(job.out / CACHE))
     mine.append(scan)
     plan, layout = prepare(tc, job, scan, locks[0], locks[1] if job.part is not None else None)
     mine.append(layout)

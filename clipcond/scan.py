@@ -12,11 +12,17 @@ torchrun rank 0 scans and the other ranks read the captions they encode from its
 input is read, and its index held, once per job rather than once per rank. A folder's owner
 holds an exclusive ``flock`` on its ``lock`` file; a folder no process holds is a killed run's
 and the next run removes it (``remove_stale``).
+
+Each input file's share of the pass is also kept in the store folder (``ScanCache``): the next
+run copies it from there instead of reading a file that has not changed, so an update reads only
+new and changed files.
 """
 
 from __future__ import annotations
 
 import hashlib
+import io
+import json
 import logging
 import mmap
 import os
@@ -27,12 +33,13 @@ from collections.abc import Sequence
 from contextlib import ExitStack
 from dataclasses import dataclass
 from pathlib import Path
+from typing import BinaryIO
 
 import numpy as np
 import torch
 
-from clipcond.files import TMP_MARK
-from clipcond.inputs import TAR_KEY, expand_inputs, read_captions, row_count_hint
+from clipcond.files import TMP_MARK, publish, temporary
+from clipcond.inputs import TAR_KEY, check_like_before, expand_inputs, read_captions, row_count_hint
 
 logger = logging.getLogger(__name__)
 
@@ -114,6 +121,128 @@ def remove_stale(folder: Path, min_age: float = 60.0) -> None:
             continue
 
 
+# --- the per-file cache ----------------------------------------------------------------
+CACHE = ".clipcond.scan-cache"  # in a store folder: each input file's share of the last scans
+CACHE_VERSION = 1
+RACY_NS = 2 * 10**9  # a file changed this recently may change again within its mtime's resolution: not cached
+
+
+class ScanCache:
+    """Each input file's share of the scan, kept in the store folder so that an update reads only the
+    files that are new or changed since: its first pass is then proportional to what changed.
+
+    An entry (``<hash of the resolved path and the columns read>.scan``) holds what the pass wrote for the
+    file (texts, keys, lengths, ids) and the file's size, mtime and inode when it was read; it is used
+    only while all three are unchanged. A file modified in place keeps a new mtime (``touch`` one to have
+    it read again); deleting the folder is always safe. Entries are published atomically; a file changed
+    while it was read, or within ``RACY_NS`` of its scan, is not cached.
+    """
+
+    def __init__(self, folder: Path) -> None:
+        self.folder = folder
+
+    def entry(self, file: Path, columns: list[str], id_column: str | None) -> CacheEntry:
+        resolved = file.resolve()
+        name = hashlib.blake2b(json.dumps([str(resolved), columns, id_column]).encode(), digest_size=16).hexdigest()
+        return CacheEntry(self.folder / f"{name}.scan", resolved, _stamp(resolved))
+
+    def prune(self, used: set[Path], min_age: float = 60.0) -> None:
+        """Remove entries but the ``used`` ones whose file is gone or changed (entries of other inputs,
+        unchanged, stay), and what a killed scan left half-written (older than ``min_age`` seconds)."""
+        for path in self.folder.glob("*") if self.folder.is_dir() else ():
+            try:
+                if TMP_MARK in path.name:
+                    if time.time() - path.stat().st_mtime > min_age:
+                        path.unlink(missing_ok=True)
+                    continue
+                if path in used:
+                    continue
+                with open(path, "rb") as f:
+                    header = _entry_header(f, path)
+                file = Path(header["path"]) if header else None
+                if file is None or not file.is_file() or _stamp(file) != header["stamp"]:
+                    path.unlink(missing_ok=True)
+            except OSError:
+                continue
+
+
+@dataclass
+class CacheEntry:
+    path: Path  # the entry
+    file: Path  # the input file, resolved
+    stamp: list[int]  # its size, mtime and inode before it was read
+
+    def read(self, out: dict[str, io.BufferedWriter]) -> tuple[int, int | None, bool | None, bytes] | None:
+        """Append the entry's streams to the pass's files: ``(rows, variants, has ids, sha256)``; None if there
+        is no entry for the file as it is now."""
+        try:
+            f = open(self.path, "rb")
+        except FileNotFoundError:
+            return None
+        with f:
+            header = _entry_header(f, self.path)
+            if header is None or header["stamp"] != self.stamp:
+                return None
+            for name in FILES:
+                _copy(f, out[name], header["bytes"][name])
+        return header["rows"], header["variants"], header["ids"], bytes.fromhex(header["sha256"])
+
+    def write(self, out: dict[str, io.BufferedWriter], marks: dict[str, int], rows: int, variants: int | None,
+              has_ids: bool | None, sha256: bytes) -> None:
+        """Save what the pass wrote for the file since ``marks`` (each stream's size before it)."""
+        if _stamp(self.file) != self.stamp or time.time_ns() - self.stamp[1] < RACY_NS:
+            return
+        for stream in out.values():
+            stream.flush()
+        sizes = {name: out[name].tell() - marks[name] for name in FILES}
+        header = json.dumps({"version": CACHE_VERSION, "path": str(self.file), "stamp": self.stamp, "rows": rows,
+                             "variants": variants, "ids": has_ids, "sha256": sha256.hex(), "bytes": sizes}).encode()
+        tmp = temporary(self.path)
+        try:
+            self.path.parent.mkdir(exist_ok=True)
+            with open(tmp, "wb") as f:
+                f.write(len(header).to_bytes(8, "little") + header)
+                for name in FILES:
+                    with open(out[name].name, "rb") as stream:
+                        stream.seek(marks[name])
+                        _copy(stream, f, sizes[name])
+                f.flush()
+                os.fsync(f.fileno())
+            publish(tmp, self.path)
+        except OSError as err:  # a cache: the scan goes on without it
+            logger.warning("%s: could not save its scan to %s (%s); it will be read again next time", self.file,
+                           self.path.parent, err)
+            tmp.unlink(missing_ok=True)
+
+
+def _stamp(file: Path) -> list[int]:
+    stat = file.stat()
+    return [stat.st_size, stat.st_mtime_ns, stat.st_ino]
+
+
+def _entry_header(f: BinaryIO, path: Path) -> dict | None:
+    """An entry's header, if it is one this version wrote and the file is whole."""
+    try:
+        size = int.from_bytes(f.read(8), "little")
+        if size > 1 << 20:
+            raise ValueError(f"a header of {size} bytes")
+        header = json.loads(f.read(size))
+        whole = f.tell() + sum(header["bytes"][name] for name in FILES) == os.fstat(f.fileno()).st_size
+        return header if header["version"] == CACHE_VERSION and whole else None
+    except (ValueError, KeyError, TypeError):
+        logger.warning("%s: not a scan cache entry; ignored", path)
+        return None
+
+
+def _copy(source: BinaryIO, target: BinaryIO, size: int, chunk: int = 1 << 24) -> None:
+    while size > 0:
+        block = source.read(min(chunk, size))
+        if not block:
+            raise OSError(f"{source.name}: cut short")
+        target.write(block)
+        size -= len(block)
+
+
 # --- the scan ---------------------------------------------------------------------------
 @dataclass
 class Scan:
@@ -124,7 +253,7 @@ class Scan:
     keys: np.ndarray  # [U, 16] uint8: each unique caption's key (``caption_key``)
     spans: np.ndarray  # [U, 2] int64: where each unique caption's UTF-8 text is in the folder's ``texts``
     has_ids: bool  # the folder holds the id tensors of the index (``id_tensors``)
-    sha256: str  # of every caption (and id), length-prefixed, in row order: the input's identity
+    sha256: str  # of each input file's sha256 of its captions (and ids), length-prefixed, in row order
 
     @property
     def variants(self) -> int:
@@ -187,15 +316,16 @@ class CaptionTexts(Sequence[str]):
 
 def scan_captions(path: str | Path | Sequence[str | Path], *, column: str | Sequence[str] = "caption",
                   id_column: str | None = None, limit: int | None = None, progress: bool = False,
-                  folder: Path | None = None) -> Scan:
+                  folder: Path | None = None, cache: ScanCache | None = None) -> Scan:
     """One streaming pass, then deduplication (first appearance wins, so it is deterministic).
 
     The scan's files go to a new folder in ``folder`` (default: the system's temporary folder);
-    ``Scan.close()`` (or ``with``) removes it.
+    ``Scan.close()`` (or ``with``) removes it. With a ``cache``, input files scanned before and unchanged
+    since are not read again (not with ``limit``).
     """
     spill = ScanFolder.create(folder)
     try:
-        n, k, sha256 = _read(spill, path, column, id_column, limit, progress)
+        n, k, sha256 = _read(spill, path, column, id_column, limit, progress, cache if limit is None else None)
         _release_arrow_memory()
         has_ids = spill.file("id_lengths").stat().st_size > 0
         started = time.perf_counter()
@@ -212,41 +342,72 @@ def scan_captions(path: str | Path | Sequence[str | Path], *, column: str | Sequ
 
 
 def _read(spill: ScanFolder, path: str | Path | Sequence[str | Path], column: str | Sequence[str],
-          id_column: str | None, limit: int | None, progress: bool) -> tuple[int, int, str]:
-    """The pass: each batch's texts, keys, lengths and ids appended to the folder's files."""
+          id_column: str | None, limit: int | None, progress: bool, cache: ScanCache | None) -> tuple[int, int, str]:
+    """The pass: each batch's texts, keys, lengths and ids appended to the folder's files, file by file; a
+    file in ``cache`` (unchanged since) is copied from there, a file read is saved there."""
     from tqdm.auto import tqdm
 
-    digest, n, k = hashlib.sha256(), 0, 1
-    total = row_count_hint(expand_inputs(path)) if progress else None
+    columns = [column] if isinstance(column, str) else list(column)
+    digest, n, k, with_ids, used = hashlib.sha256(), 0, None, None, set()
+    files = expand_inputs(path)
+    total = row_count_hint(files) if progress else None
     total = min(total, limit) if total is not None and limit is not None else total or limit
     with ExitStack() as stack:
         out = {name: stack.enter_context(open(spill.file(name), "wb")) for name in FILES}
         bar = stack.enter_context(tqdm(total=total, desc="scan", unit="row", unit_scale=True,
                                        disable=None if progress else True))
-        for batch, batch_ids in read_captions(path, column=column, id_column=id_column):
-            if limit is not None:
-                batch = batch[: limit - n]
-            if not batch:
-                break
-            k = len(batch[0])
-            texts = [caption.encode() for captions in batch for caption in captions]  # row-major
-            out["texts"].write(b"".join(texts))
-            out["keys"].write(b"".join([hashlib.blake2b(t, digest_size=16).digest() for t in texts]))
-            out["lengths"].write(_lengths(texts, "caption"))
-            ids = [key.encode() for key in batch_ids[: len(batch)]] if batch_ids is not None else None
-            if ids is not None:
-                out["ids"].write(b"".join(ids))
-                out["id_lengths"].write(_lengths(ids, "id"))
-                out["id_hashes"].write(b"".join([hashlib.blake2b(i, digest_size=8).digest() for i in ids]))
-            digest.update(b"".join(_identity(texts, ids, k)))
-            n += len(batch)
-            bar.update(len(batch))
-
+        for file in files:
+            entry = cache.entry(file, columns, id_column) if cache is not None and file.is_file() else None
+            found = entry.read(out) if entry is not None else None
+            if found is not None:
+                rows, file_k, file_ids, file_digest = found
+                check_like_before(file, k, file_k, with_ids, file_ids)
+                bar.update(rows)
+            else:
+                marks = {name: f.tell() for name, f in out.items()}
+                rows, file_k, file_ids, file_digest = _read_file(out, file, column, id_column, k, with_ids,
+                                                                 None if limit is None else limit - n, bar)
+                if entry is not None:
+                    entry.write(out, marks, rows, file_k, file_ids, file_digest)
+            if entry is not None:
+                used.add(entry.path)
+            digest.update(file_digest)
+            n += rows
+            k, with_ids = file_k or k, with_ids if file_ids is None else file_ids
             if limit is not None and n >= limit:
                 break
     if not n:
         raise ValueError(f"{path}: no rows to encode" + (" (--limit 0)" if limit == 0 else ""))
+    if cache is not None:
+        cache.prune(used)
     return n, k, digest.hexdigest()
+
+
+def _read_file(out: dict, file: Path, column: str | Sequence[str], id_column: str | None, k: int | None,
+               with_ids: bool | None, limit: int | None, bar) -> tuple[int, int | None, bool | None, bytes]:  # noqa: ANN001
+    """One input file through the pass: ``(rows, variants, has ids, sha256 of its rows)``."""
+    digest, n, file_k, has_ids = hashlib.sha256(), 0, None, None
+    for batch, batch_ids in read_captions(file, column=column, id_column=id_column, variants=k, with_ids=with_ids):
+        if limit is not None:
+            batch = batch[: limit - n]
+        if not batch:
+            break
+        file_k, has_ids = len(batch[0]), batch_ids is not None
+        texts = [caption.encode() for captions in batch for caption in captions]  # row-major
+        out["texts"].write(b"".join(texts))
+        out["keys"].write(b"".join([hashlib.blake2b(t, digest_size=16).digest() for t in texts]))
+        out["lengths"].write(_lengths(texts, "caption"))
+        ids = [key.encode() for key in batch_ids[: len(batch)]] if batch_ids is not None else None
+        if ids is not None:
+            out["ids"].write(b"".join(ids))
+            out["id_lengths"].write(_lengths(ids, "id"))
+            out["id_hashes"].write(b"".join([hashlib.blake2b(i, digest_size=8).digest() for i in ids]))
+        digest.update(b"".join(_identity(texts, ids, file_k)))
+        n += len(batch)
+        bar.update(len(batch))
+        if limit is not None and n >= limit:
+            break
+    return n, file_k, has_ids, digest.digest()
 
 
 def _release_arrow_memory() -> None:

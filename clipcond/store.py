@@ -95,7 +95,8 @@ class ShardEntry(FileEntry):
 
 @dataclass(frozen=True, slots=True, kw_only=True)
 class Source:
-    """The input a store version was made from; ``sha256`` covers every caption and id in row order."""
+    """The input a store version was made from; ``sha256`` covers every caption and id in row order (a sha256
+    of each input file's sha256 of its rows, so that a scan can take an unchanged file's from its cache)."""
 
     paths: tuple[str, ...]
     columns: tuple[str, ...]

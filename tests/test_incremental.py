@@ -9,11 +9,13 @@ from __future__ import annotations
 import importlib
 import io
 import json
+import os
 import shutil
 import signal
 import tarfile
 from pathlib import Path
 
+import numpy as np
 import pytest
 import torch
 from test_precompute import PRECOMPUTE, cli, finished, run, wait_for, write_input
@@ -512,3 +514,119 @@ def test_torchrun_incremental_equals_one_process(tmp_path):
     assert "40 encoded, 30 reused" in finished(cli(*run_module, *args, "--out", str(two)))
     assert json.loads((two / MANIFEST).read_text()) == json.loads((one / MANIFEST).read_text())
     assert shard_bytes(two) == shard_bytes(one)
+
+
+# --- the scan cache: an update reads only new and changed files -------------------------------------
+COLUMNS = ["txt", "json:caption"]
+
+
+def aged(*paths: Path) -> list[Path]:
+    """Files last changed a minute before now: a scan does not cache a file changed within ``RACY_NS``."""
+    for path in paths:
+        past = path.stat().st_mtime_ns - 60 * 10**9
+        os.utime(path, ns=(past, past))
+    return list(paths)
+
+
+def counting_tar_reads(monkeypatch) -> list[str]:
+    """The names of the tars the scan reads (parses), in order."""
+    from clipcond import inputs
+
+    reads, tar = [], inputs.READERS[".tar"]
+
+    def counted(path: Path, *args: object):  # noqa: ANN202
+        reads.append(path.name)
+        yield from tar(path, *args)
+
+    monkeypatch.setitem(inputs.READERS, ".tar", counted)
+    return reads
+
+
+def test_a_scan_from_the_cache_equals_a_scan_of_the_files(tmp_path, monkeypatch):
+    """Every array and file of the scan (texts, keys, lengths, ids, the index, the input's sha256) as a scan
+    without a cache gives, for files all cached, and for a mix of cached and new files."""
+    from clipcond.scan import FILES, ScanCache, scan_captions
+
+    tars = aged(*[write_tar(tmp_path / f"{t:05d}.tar", [sample(10 * t + i, BASE[(7 * t + i) % 30]) for i in range(10)])
+                  for t in range(3)])
+    glob, cache = str(tmp_path / "*.tar"), ScanCache(tmp_path / "cache")
+    reads = counting_tar_reads(monkeypatch)
+
+    def scan(with_cache: bool):  # noqa: ANN202
+        return scan_captions(glob, column=COLUMNS, folder=tmp_path, cache=cache if with_cache else None)
+
+    with scan(True):
+        assert reads == ["00000.tar", "00001.tar", "00002.tar"] and len(list(cache.folder.glob("*.scan"))) == 3
+    tars[1].unlink()  # a mix: 00000 cached, 00003 new
+    aged(write_tar(tmp_path / "00003.tar", [sample(40 + i, f"new caption {i}") for i in range(4)]))
+    for expected_reads in (["00003.tar"], []):
+        reads.clear()
+        with scan(True) as cached, scan(False) as read:
+            assert reads == [*expected_reads, "00000.tar", "00002.tar", "00003.tar"]  # then the uncached scan
+            assert cached.sha256 == read.sha256 and cached.has_ids and read.has_ids
+            for name in ("rows", "keys", "spans"):
+                assert np.array_equal(getattr(cached, name), getattr(read, name)), name
+            for name in [*FILES, "id_offsets", "id_sorted_hash", "id_sorted_rows"]:
+                assert cached.folder.file(name).read_bytes() == read.folder.file(name).read_bytes(), name
+    assert len(list(cache.folder.glob("*.scan"))) == 3  # 00001's entry pruned with its file
+
+
+def test_an_update_reads_only_new_and_changed_files_and_equals_a_fresh_store(tmp_path, tc, monkeypatch):
+    tars = aged(*[write_tar(tmp_path / f"{t:05d}.tar", [sample(10 * t + i, BASE[10 * t + i]) for i in range(10)])
+                  for t in range(2)])
+    glob, out = str(tmp_path / "*.tar"), tmp_path / "store"
+    reads = counting_tar_reads(monkeypatch)
+    run(tc, glob, out, column=COLUMNS)
+    size, inode = tars[0].stat().st_size, tars[0].stat().st_ino
+    with open(tars[0], "r+b") as f:  # edited in place: same size and inode, a new mtime
+        data = f.read().replace(BASE[3].encode(), BASE[3][::-1].encode())
+        f.seek(0)
+        f.write(data)
+    assert (tars[0].stat().st_size, tars[0].stat().st_ino) == (size, inode)
+    aged(tars[0], write_tar(tmp_path / "00002.tar", [sample(20 + i, f"a new caption {i}") for i in range(5)]))
+    reads.clear()
+    assert run(tc, glob, out, column=COLUMNS)["run"]["encoded"] == 1 + 5 * 2  # the edit, and 5 new samples' two
+    assert reads == ["00000.tar", "00002.tar"]
+    reads.clear()
+    fresh = run(tc, glob, tmp_path / "fresh", column=COLUMNS)  # no cache there: every file read
+    assert reads == ["00000.tar", "00001.tar", "00002.tar"]
+    store, reference = EmbeddingStore(out), EmbeddingStore(tmp_path / "fresh")
+    assert_same_rows(store, reference)
+    assert store.manifest.input.sha256 == fresh["input"]["sha256"]
+    assert store.row_of("000000003") == 3 and store.id_of(24) == "000000024"
+
+
+def test_the_scan_cache_is_only_a_cache(tmp_path, monkeypatch, caplog):
+    """A damaged entry is read past (the file is read again and the entry rewritten whole); a half-written one
+    a killed scan left is removed once old; a file changed within RACY_NS of its scan is not cached."""
+    from clipcond.files import temporary
+    from clipcond.scan import ScanCache, scan_captions
+
+    tar = write_tar(tmp_path / "00000.tar", [sample(i, BASE[i]) for i in range(5)])
+    cache = ScanCache(tmp_path / "cache")
+    reads = counting_tar_reads(monkeypatch)
+    scan_captions(str(tar), column=COLUMNS, folder=tmp_path, cache=cache).close()
+    assert not list(cache.folder.glob("*.scan"))  # just written: its mtime could still hide a change
+    aged(tar)
+    scan_captions(str(tar), column=COLUMNS, folder=tmp_path, cache=cache).close()
+    (entry,) = cache.folder.glob("*.scan")
+    whole = entry.read_bytes()
+    entry.write_bytes(whole[:-10])  # cut short
+    leftover = temporary(entry)
+    leftover.write_bytes(whole[:100])
+    aged(leftover)
+    reads.clear()
+    with scan_captions(str(tar), column=COLUMNS, folder=tmp_path, cache=cache) as scan:
+        assert reads == ["00000.tar"] and len(scan.rows) == 5
+    assert entry.read_bytes() == whole and not leftover.exists()
+
+
+def test_rows_of_a_cached_file_must_hold_as_many_variants_as_the_rows_before(tmp_path, tc):
+    lists = tmp_path / "b.jsonl"
+    lists.write_text("".join(json.dumps({"caption": [f"x {i}", f"y {i}", f"z {i}"]}) + "\n" for i in range(3)))
+    aged(lists)
+    run(tc, lists, tmp_path / "store")  # b.jsonl now cached: 3 variants a row
+    pairs = tmp_path / "a.jsonl"
+    pairs.write_text("".join(json.dumps({"caption": [f"x {i}", f"y {i}"]}) + "\n" for i in range(3)))
+    with pytest.raises(ValueError, match=r"b.jsonl: its rows hold 3 captions, the rows before it 2: every row needs"):
+        run(tc, [pairs, lists], tmp_path / "store")

@@ -10,6 +10,7 @@
 #include <Python.h>
 #include <pthread.h>
 #include <stdint.h>
+#include <stdlib.h>
 #include <string.h>
 
 #define MAX_THREADS 64
@@ -47,31 +48,76 @@ WIDEST_VECTORS static uint64_t copy_sum(char *dst, const char *src, size_t n) {
     return sum;
 }
 
-/* The pairs of one call; threads take the next pair until none is left, so a thread that starts late or
- * runs on a busy core does less (a fixed split would wait for it), and pairs are taken in order. */
+/* The pairs of one call. Threads take the next pair until none is left, in order, so a thread that
+ * starts late or runs on a busy core does less. The calling thread waits for the pairs to be done, not
+ * for the helper threads: one that only starts after the last pair was taken finds nothing to do, and
+ * the last thread to leave frees the work (a late helper touches nothing else of the call's). */
 struct work {
     Py_buffer *sources, *destinations;
     uint64_t *sums;
-    Py_ssize_t n, next;
+    Py_ssize_t n, next, done; /* pairs, the next one to take, those copied */
+    int users;                /* threads that may still touch the work */
+    pthread_mutex_t lock;
+    pthread_cond_t all_done;
 };
 
-static void *copy_pairs(void *arg) {
-    struct work *w = arg;
+static void copy_pairs(struct work *w) {
     Py_ssize_t i;
-    while ((i = __atomic_fetch_add(&w->next, 1, __ATOMIC_RELAXED)) < w->n)
+    while ((i = __atomic_fetch_add(&w->next, 1, __ATOMIC_RELAXED)) < w->n) {
         w->sums[i] = copy_sum(w->destinations[i].buf, w->sources[i].buf, (size_t)w->sources[i].len);
+        pthread_mutex_lock(&w->lock); /* also publishes the copy and its sum to the waiting thread */
+        if (++w->done == w->n)
+            pthread_cond_signal(&w->all_done);
+        pthread_mutex_unlock(&w->lock);
+    }
+}
+
+static void leave(struct work *w) {
+    pthread_mutex_lock(&w->lock);
+    int last = --w->users == 0;
+    pthread_mutex_unlock(&w->lock);
+    if (last) {
+        pthread_mutex_destroy(&w->lock);
+        pthread_cond_destroy(&w->all_done);
+        free(w);
+    }
+}
+
+static void *helper(void *arg) {
+    copy_pairs(arg);
+    leave(arg);
     return NULL;
 }
 
-/* Copy on this thread and threads - 1 more; pthread_join makes their copies and sums visible here. */
-static void run_threads(struct work *w, int threads) {
-    pthread_t ids[MAX_THREADS];
-    int started = 0;
-    while (started < threads - 1 && pthread_create(&ids[started], NULL, copy_pairs, w) == 0)
-        started++;
+/* Copy on this thread and up to threads - 1 detached helpers; 0, or -1 without memory. */
+static int run_threads(Py_buffer *sources, Py_buffer *destinations, uint64_t *sums, Py_ssize_t n, int threads) {
+    struct work *w = malloc(sizeof(struct work));
+    if (w == NULL)
+        return -1;
+    *w = (struct work){sources, destinations, sums, n, 0, 0, 1};
+    pthread_mutex_init(&w->lock, NULL);
+    pthread_cond_init(&w->all_done, NULL);
+    pthread_attr_t detached;
+    pthread_attr_init(&detached);
+    pthread_attr_setdetachstate(&detached, PTHREAD_CREATE_DETACHED);
+    for (int t = 1; t < threads; t++) {
+        pthread_t id;
+        pthread_mutex_lock(&w->lock);
+        w->users++;
+        pthread_mutex_unlock(&w->lock);
+        if (pthread_create(&id, &detached, helper, w) != 0) {
+            leave(w); /* not the last: this thread is a user */
+            break;
+        }
+    }
+    pthread_attr_destroy(&detached);
     copy_pairs(w);
-    for (int t = 0; t < started; t++)
-        pthread_join(ids[t], NULL);
+    pthread_mutex_lock(&w->lock);
+    while (w->done < w->n)
+        pthread_cond_wait(&w->all_done, &w->lock);
+    pthread_mutex_unlock(&w->lock);
+    leave(w);
+    return 0;
 }
 
 PyDoc_STRVAR(copy_rows_doc,
@@ -127,10 +173,14 @@ static PyObject *copy_rows(PyObject *module, PyObject *args) {
         threads = (int)n;
     if (threads > MAX_THREADS)
         threads = MAX_THREADS;
-    struct work work = {src, dst, sums.buf, n, 0};
+    int status;
     Py_BEGIN_ALLOW_THREADS
-    run_threads(&work, threads);
+    status = run_threads(src, dst, sums.buf, n, threads);
     Py_END_ALLOW_THREADS
+    if (status < 0) {
+        PyErr_NoMemory();
+        goto done;
+    }
     result = Py_NewRef(Py_None);
 
 done:

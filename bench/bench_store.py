@@ -4,8 +4,8 @@ The same real-size SDXL float16 rows ([77, 2048] + [1280], 318 kB), read in the 
 through a ``DataLoader``, from: the store (clipcond precompute), kohya sd-scripts' ``.npz`` per
 sample (``hidden_state1``, ``hidden_state2``, ``pool2``), SimpleTuner's ``.pt`` per sample
 (``torch.save`` of the tensors) and one ``.safetensors`` per sample. Cold: the page cache of every
-file of that format dropped (``posix_fadvise(DONTNEED)``) and no mapping left open; warm: the
-second pass. The limit is the disk's sequential read rate, measured in the same run. Also:
+file of that format dropped (``posix_fadvise(DONTNEED)``) and no mapping left open; warm: a
+second pass; the median of 3 of each. The limit is the disk's sequential read rate, measured in the same run. Also:
 ``store.by_id`` lookups/s (the row included) and the cost of the per-row checksum.
 
     python bench/bench_store.py                 # 1,536 rows, batch 16, workers 0 and 2
@@ -30,6 +30,7 @@ ROWS = 1536
 BATCH = 16
 WORKERS = (0, 2)
 LOOKUPS = 20_000
+PASSES = 3  # of each format, cold and warm: the table gives their medians
 PAIRS = 10  # checked / unchecked batched-fetch passes, for the checksum's cost
 SEED = 0
 JSON_PATH = Path(__file__).parent / "results" / "store.json"
@@ -163,10 +164,13 @@ def main() -> None:
         table = []
         for name, (make, files) in formats.items():
             for workers in WORKERS:
-                drop_cache(files)
-                cold = read_all(make(), order, workers)
-                warm = read_all(make(), order, workers)
-                table.append({"format": name, "workers": workers, "cold": cold, "warm": warm})
+                passes = {"cold": [], "warm": []}
+                for _ in range(PASSES):  # each a cold pass (its page cache dropped) and a warm one
+                    drop_cache(files)
+                    passes["cold"].append(read_all(make(), order, workers))
+                    passes["warm"].append(read_all(make(), order, workers))
+                table.append({"format": name, "workers": workers, "passes": passes,
+                              **{kind: statistics.median(rates) for kind, rates in passes.items()}})
         # by_id, the row included, warm; and what the checksum costs a warm read.
         pick = random.Random(SEED + 1)
         keys = [f"{pick.randrange(len(store)):09d}" for _ in range(LOOKUPS)]

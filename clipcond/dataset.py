@@ -13,6 +13,7 @@ import hashlib
 import json
 import math
 import os
+import threading
 import weakref
 from collections import OrderedDict
 from collections.abc import Sequence
@@ -238,7 +239,7 @@ class EmbeddingStore(Dataset):
 
     def __getstate__(self) -> dict:
         state = self.__dict__.copy()  # spawned workers: handles are per process and cannot be pickled
-        state["_handles"], state["_buffers"] = OrderedDict(), BatchBuffers()
+        state["_handles"] = OrderedDict()
         return state
 
     # --- ids -----------------------------------------------------------------------------
@@ -318,19 +319,24 @@ class BatchBuffers:
 
     def __init__(self) -> None:
         self.kept: list[tuple[np.ndarray, weakref.ref]] = []  # (buffer, the array its last batch was made of)
+        self.lock = threading.Lock()  # fetches from several threads never get the same buffer
+
+    def __reduce__(self) -> tuple:
+        return BatchBuffers, ()  # another process (a spawned worker) starts with none
 
     def get(self, size: int) -> torch.Tensor:
         """``size`` bytes as a uint8 tensor that nothing else uses (the old contents left in place)."""
-        free = [k for k, (buffer, lent) in enumerate(self.kept) if buffer.nbytes == size and lent() is None]
-        if free:
-            buffer = self.kept.pop(free[0])[0]
-        else:
-            buffer = np.empty(size, dtype=np.uint8)
-            if len(self.kept) >= self.KEEP:
-                self.kept.pop(0)  # the oldest; a batch still made of it keeps it alive as long as it needs
-        lent = buffer[:]  # the batch's own array: gone when the batch is
-        self.kept.append((buffer, weakref.ref(lent)))
-        return torch.from_numpy(lent)
+        with self.lock:
+            free = [k for k, (buffer, lent) in enumerate(self.kept) if buffer.nbytes == size and lent() is None]
+            if free:
+                buffer = self.kept.pop(free[0])[0]
+            else:
+                buffer = np.empty(size, dtype=np.uint8)
+                if len(self.kept) >= self.KEEP:
+                    self.kept.pop(0)  # the oldest; a batch still made of it keeps it alive as long as it needs
+            lent = buffer[:]  # the batch's own array: gone when the batch is
+            self.kept.append((buffer, weakref.ref(lent)))
+            return torch.from_numpy(lent)
 
 
 def _batch_tensors(buffers: BatchBuffers, *specs: tuple[tuple[int, ...], torch.dtype]) -> list[torch.Tensor]:

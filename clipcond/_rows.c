@@ -138,8 +138,10 @@ static PyObject *copy_rows(PyObject *module, PyObject *args) {
     Py_ssize_t n = 0, held_src = 0, held_dst = 0;
 
     sources = PySequence_Fast(source_list, "copy_rows: sources must be a sequence of buffers");
+    if (sources == NULL)
+        goto done;
     destinations = PySequence_Fast(destination_list, "copy_rows: destinations must be a sequence of buffers");
-    if (sources == NULL || destinations == NULL)
+    if (destinations == NULL)
         goto done;
     n = PySequence_Fast_GET_SIZE(sources);
     if (PySequence_Fast_GET_SIZE(destinations) != n || sums.len != n * (Py_ssize_t)sizeof(uint64_t)) {

@@ -198,14 +198,17 @@ class EmbeddingStore(Dataset):
         else:
             sources, destinations = [], []
             for name, batch in (("sequence", sequence), ("pooled", pooled)):
-                batch_bytes = batch.view(len(rows), -1).view(torch.uint8).numpy()  # [B, row bytes], a view
+                row_bytes = math.prod(batch.shape[1:]) * batch.element_size()
+                batch_bytes = batch.view(torch.uint8).numpy().reshape(len(rows), row_bytes)  # a view
                 for i in order:
                     sources.append(views[located[i][0]].rows[name][located[i][1]])
                     destinations.append(batch_bytes[i])
             sums = copy_rows(sources, destinations).reshape(2, -1)  # [sequence, pooled] word sums, in file order
             stored = [views[located[i][0]].checks for i in order]  # None: a version-1 shard, no checksums
-            expected = np.array([0 if c is None else c[located[i][1]] for i, c in zip(order, stored, strict=True)])
-            for k in np.flatnonzero((mix_checksums(sums[0], sums[1]) != expected) & [c is not None for c in stored]):
+            expected = np.array([0 if c is None else c[located[i][1]] for i, c in zip(order, stored, strict=True)],
+                                dtype=np.int64)
+            checked = np.array([c is not None for c in stored], dtype=bool)
+            for k in np.flatnonzero((mix_checksums(sums[0], sums[1]) != expected) & checked):
                 i = order[k]
                 views[located[i][0]].verify(located[i][1], sequence[i], pooled[i], f"store row {rows[i]}, variant 0")
         items = Rows({"sequence": sequence[i], "pooled": pooled[i], "row": row} for i, row in enumerate(rows))
@@ -353,8 +356,8 @@ def _batch_tensors(buffers: BatchBuffers, *specs: tuple[tuple[int, ...], torch.d
         buffer = buffers.get(size)
     else:
         buffer = torch.empty(0, dtype=torch.uint8).new(torch.UntypedStorage._new_shared(size))
-    return [buffer[a : a + math.prod(shape) * dtype.itemsize].view(dtype).view(shape)
-            for a, (shape, dtype) in zip(offsets, specs, strict=True)]
+    return [buffer[a : a + math.prod(shape) * dtype.itemsize].view(dtype).view(shape) if math.prod(shape)
+            else torch.empty(shape, dtype=dtype) for a, (shape, dtype) in zip(offsets, specs, strict=True)]
 
 
 class Rows(list):

@@ -26,6 +26,7 @@ import json
 import logging
 import mmap
 import os
+import secrets
 import shutil
 import tempfile
 import time
@@ -38,7 +39,7 @@ from typing import BinaryIO
 import numpy as np
 import torch
 
-from clipcond.files import TMP_MARK, publish, temporary
+from clipcond.files import TMP_MARK, publish
 from clipcond.inputs import TAR_KEY, check_like_before, expand_inputs, read_captions, row_count_hint
 
 logger = logging.getLogger(__name__)
@@ -123,8 +124,8 @@ def remove_stale(folder: Path, min_age: float = 60.0) -> None:
 
 # --- the per-file cache ----------------------------------------------------------------
 CACHE = ".clipcond.scan-cache"  # in a store folder: each input file's share of the last scans
-CACHE_VERSION = 1
-RACY_NS = 2 * 10**9  # a file changed this recently may change again within its mtime's resolution: not cached
+CACHE_VERSION = 1  # bump when what a reader yields for a file changes: older entries are then read past
+RACY_NS = 2 * 10**9  # a file changed this recently could change again within its times' resolution: not cached
 
 
 class ScanCache:
@@ -132,10 +133,10 @@ class ScanCache:
     files that are new or changed since: its first pass is then proportional to what changed.
 
     An entry (``<hash of the resolved path and the columns read>.scan``) holds what the pass wrote for the
-    file (texts, keys, lengths, ids) and the file's size, mtime and inode when it was read; it is used
-    only while all three are unchanged. A file modified in place keeps a new mtime (``touch`` one to have
-    it read again); deleting the folder is always safe. Entries are published atomically; a file changed
-    while it was read, or within ``RACY_NS`` of its scan, is not cached.
+    file (texts, keys, lengths, ids), their hash, and the file's size, mtime, inode, device and ctime when
+    it was read; it is used only while all of these are unchanged and the hash matches (``touch`` a file
+    to have it read again; deleting the folder is always safe). Entries are published atomically; a file
+    changed while it was read, or within ``RACY_NS`` of its scan, is not cached.
     """
 
     def __init__(self, folder: Path) -> None:
@@ -158,7 +159,7 @@ class ScanCache:
                 if path in used:
                     continue
                 with open(path, "rb") as f:
-                    header = _entry_header(f, path)
+                    header = _entry_header(f, path)  # checked: its fields are there
                 file = Path(header["path"]) if header else None
                 if file is None or not file.is_file() or _stamp(file) != header["stamp"]:
                     path.unlink(missing_ok=True)
@@ -170,11 +171,11 @@ class ScanCache:
 class CacheEntry:
     path: Path  # the entry
     file: Path  # the input file, resolved
-    stamp: list[int]  # its size, mtime and inode before it was read
+    stamp: list[int]  # its ``_stamp`` before it was read
 
     def read(self, out: dict[str, io.BufferedWriter]) -> tuple[int, int | None, bool | None, bytes] | None:
-        """Append the entry's streams to the pass's files: ``(rows, variants, has ids, sha256)``; None if there
-        is no entry for the file as it is now."""
+        """Append the entry's streams to the pass's files: ``(rows, variants, has ids, sha256)``; None (and the
+        files as they were) if there is no whole entry for the file as it is now."""
         try:
             f = open(self.path, "rb")
         except FileNotFoundError:
@@ -183,29 +184,38 @@ class CacheEntry:
             header = _entry_header(f, self.path)
             if header is None or header["stamp"] != self.stamp:
                 return None
+            marks, digest = {name: stream.tell() for name, stream in out.items()}, hashlib.blake2b()
             for name in FILES:
-                _copy(f, out[name], header["bytes"][name])
+                _copy(f, out[name], header["bytes"][name], digest)
+        if digest.hexdigest() != header["payload"]:  # damaged in place: take back what was appended
+            logger.warning("%s: damaged (its streams do not match their hash); %s is read again", self.path, self.file)
+            for name, stream in out.items():
+                stream.seek(marks[name])
+                stream.truncate()
+            return None
         return header["rows"], header["variants"], header["ids"], bytes.fromhex(header["sha256"])
 
     def write(self, out: dict[str, io.BufferedWriter], marks: dict[str, int], rows: int, variants: int | None,
               has_ids: bool | None, sha256: bytes) -> None:
         """Save what the pass wrote for the file since ``marks`` (each stream's size before it)."""
-        if _stamp(self.file) != self.stamp or time.time_ns() - self.stamp[1] < RACY_NS:
-            return
+        if _stamp(self.file) != self.stamp or time.time_ns() - max(self.stamp[1], self.stamp[4]) < RACY_NS:
+            return  # changed while read, or so recently that a change right after could keep the same stamp
         for stream in out.values():
             stream.flush()
         sizes = {name: out[name].tell() - marks[name] for name in FILES}
-        header = json.dumps({"version": CACHE_VERSION, "path": str(self.file), "stamp": self.stamp, "rows": rows,
-                             "variants": variants, "ids": has_ids, "sha256": sha256.hex(), "bytes": sizes}).encode()
-        tmp = temporary(self.path)
+        tmp = self.path.with_name(f".{self.path.name}{TMP_MARK}{os.getpid()}-{secrets.token_hex(4)}")  # any host
         try:
             self.path.parent.mkdir(exist_ok=True)
-            with open(tmp, "wb") as f:
-                f.write(len(header).to_bytes(8, "little") + header)
+            with open(tmp, "wb") as f:  # the streams, then their header, then its length
+                digest = hashlib.blake2b()
                 for name in FILES:
                     with open(out[name].name, "rb") as stream:
                         stream.seek(marks[name])
-                        _copy(stream, f, sizes[name])
+                        _copy(stream, f, sizes[name], digest)
+                header = json.dumps({"version": CACHE_VERSION, "path": str(self.file), "stamp": self.stamp,
+                                     "rows": rows, "variants": variants, "ids": has_ids, "sha256": sha256.hex(),
+                                     "bytes": sizes, "payload": digest.hexdigest()}).encode()
+                f.write(header + len(header).to_bytes(8, "little"))
                 f.flush()
                 os.fsync(f.fileno())
             publish(tmp, self.path)
@@ -216,30 +226,49 @@ class CacheEntry:
 
 
 def _stamp(file: Path) -> list[int]:
+    """What changes when a file does: its size, mtime, inode, device, and ctime (which no tool sets back: a file
+    replaced by one of the same size, a restored mtime and a reused inode still has a new ctime)."""
     stat = file.stat()
-    return [stat.st_size, stat.st_mtime_ns, stat.st_ino]
+    return [stat.st_size, stat.st_mtime_ns, stat.st_ino, stat.st_dev, stat.st_ctime_ns]
+
+
+HEADER_TYPES = {"version": int, "path": str, "stamp": list, "rows": int, "variants": (int, type(None)),
+                "ids": (bool, type(None)), "sha256": str, "bytes": dict, "payload": str}
 
 
 def _entry_header(f: BinaryIO, path: Path) -> dict | None:
-    """An entry's header, if it is one this version wrote and the file is whole."""
+    """An entry's header, if it is one this version wrote, of the right fields, and the file is whole."""
     try:
+        total = os.fstat(f.fileno()).st_size
+        f.seek(max(total - 8, 0))
         size = int.from_bytes(f.read(8), "little")
-        if size > 1 << 20:
-            raise ValueError(f"a header of {size} bytes")
+        if not 0 < size <= min(1 << 20, total - 8):
+            raise ValueError(f"a header of {size} bytes in {total}")
+        f.seek(total - 8 - size)
         header = json.loads(f.read(size))
-        whole = f.tell() + sum(header["bytes"][name] for name in FILES) == os.fstat(f.fileno()).st_size
-        return header if header["version"] == CACHE_VERSION and whole else None
-    except (ValueError, KeyError, TypeError):
-        logger.warning("%s: not a scan cache entry; ignored", path)
+        if not isinstance(header, dict) or header.get("version") != CACHE_VERSION:
+            return None
+        for key, kind in HEADER_TYPES.items():
+            if not isinstance(header[key], kind):
+                raise TypeError(f"{key} is {type(header[key]).__name__}")
+        bytes.fromhex(header["sha256"])
+        sizes = [header["bytes"][name] for name in FILES]
+        if not all(isinstance(n, int) and n >= 0 for n in sizes):
+            raise ValueError(f"stream sizes {sizes}")
+        f.seek(0)  # where the streams are
+        return header if sum(sizes) + size + 8 == total else None
+    except (ValueError, KeyError, TypeError) as err:
+        logger.warning("%s: not a scan cache entry (%s); ignored", path, err)
         return None
 
 
-def _copy(source: BinaryIO, target: BinaryIO, size: int, chunk: int = 1 << 24) -> None:
+def _copy(source: BinaryIO, target: BinaryIO, size: int, digest: hashlib.blake2b, chunk: int = 1 << 24) -> None:
     while size > 0:
         block = source.read(min(chunk, size))
         if not block:
             raise OSError(f"{source.name}: cut short")
         target.write(block)
+        digest.update(block)
         size -= len(block)
 
 

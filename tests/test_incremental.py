@@ -520,12 +520,10 @@ def test_torchrun_incremental_equals_one_process(tmp_path):
 COLUMNS = ["txt", "json:caption"]
 
 
-def aged(*paths: Path) -> list[Path]:
-    """Files last changed a minute before now: a scan does not cache a file changed within ``RACY_NS``."""
-    for path in paths:
-        past = path.stat().st_mtime_ns - 60 * 10**9
-        os.utime(path, ns=(past, past))
-    return list(paths)
+@pytest.fixture
+def settled(monkeypatch) -> None:
+    """Files as a dataset's are, changed long before they are scanned: the cache takes files changed just now."""
+    monkeypatch.setattr("clipcond.scan.RACY_NS", 0)
 
 
 def counting_tar_reads(monkeypatch) -> list[str]:
@@ -542,13 +540,13 @@ def counting_tar_reads(monkeypatch) -> list[str]:
     return reads
 
 
-def test_a_scan_from_the_cache_equals_a_scan_of_the_files(tmp_path, monkeypatch):
+def test_a_scan_from_the_cache_equals_a_scan_of_the_files(tmp_path, monkeypatch, settled):
     """Every array and file of the scan (texts, keys, lengths, ids, the index, the input's sha256) as a scan
     without a cache gives, for files all cached, and for a mix of cached and new files."""
     from clipcond.scan import FILES, ScanCache, scan_captions
 
-    tars = aged(*[write_tar(tmp_path / f"{t:05d}.tar", [sample(10 * t + i, BASE[(7 * t + i) % 30]) for i in range(10)])
-                  for t in range(3)])
+    tars = [write_tar(tmp_path / f"{t:05d}.tar", [sample(10 * t + i, BASE[(7 * t + i) % 30]) for i in range(10)])
+            for t in range(3)]
     glob, cache = str(tmp_path / "*.tar"), ScanCache(tmp_path / "cache")
     reads = counting_tar_reads(monkeypatch)
 
@@ -558,7 +556,7 @@ def test_a_scan_from_the_cache_equals_a_scan_of_the_files(tmp_path, monkeypatch)
     with scan(True):
         assert reads == ["00000.tar", "00001.tar", "00002.tar"] and len(list(cache.folder.glob("*.scan"))) == 3
     tars[1].unlink()  # a mix: 00000 cached, 00003 new
-    aged(write_tar(tmp_path / "00003.tar", [sample(40 + i, f"new caption {i}") for i in range(4)]))
+    write_tar(tmp_path / "00003.tar", [sample(40 + i, f"new caption {i}") for i in range(4)])
     for expected_reads in (["00003.tar"], []):
         reads.clear()
         with scan(True) as cached, scan(False) as read:
@@ -571,19 +569,23 @@ def test_a_scan_from_the_cache_equals_a_scan_of_the_files(tmp_path, monkeypatch)
     assert len(list(cache.folder.glob("*.scan"))) == 3  # 00001's entry pruned with its file
 
 
-def test_an_update_reads_only_new_and_changed_files_and_equals_a_fresh_store(tmp_path, tc, monkeypatch):
-    tars = aged(*[write_tar(tmp_path / f"{t:05d}.tar", [sample(10 * t + i, BASE[10 * t + i]) for i in range(10)])
-                  for t in range(2)])
+def test_an_update_reads_only_new_and_changed_files_and_equals_a_fresh_store(tmp_path, tc, monkeypatch, settled):
+    """00000.tar is rewritten in place with one caption changed, keeping its size, inode and mtime (as ``cp -p``
+    over it or an unpacked archive with fixed times would): only its ctime tells; 00002.tar is new."""
+    tars = [write_tar(tmp_path / f"{t:05d}.tar", [sample(10 * t + i, BASE[10 * t + i]) for i in range(10)])
+            for t in range(2)]
     glob, out = str(tmp_path / "*.tar"), tmp_path / "store"
     reads = counting_tar_reads(monkeypatch)
     run(tc, glob, out, column=COLUMNS)
-    size, inode = tars[0].stat().st_size, tars[0].stat().st_ino
-    with open(tars[0], "r+b") as f:  # edited in place: same size and inode, a new mtime
+    before = tars[0].stat()
+    with open(tars[0], "r+b") as f:
         data = f.read().replace(BASE[3].encode(), BASE[3][::-1].encode())
         f.seek(0)
         f.write(data)
-    assert (tars[0].stat().st_size, tars[0].stat().st_ino) == (size, inode)
-    aged(tars[0], write_tar(tmp_path / "00002.tar", [sample(20 + i, f"a new caption {i}") for i in range(5)]))
+    os.utime(tars[0], ns=(before.st_atime_ns, before.st_mtime_ns))
+    after = tars[0].stat()
+    assert (after.st_size, after.st_ino, after.st_mtime_ns) == (before.st_size, before.st_ino, before.st_mtime_ns)
+    write_tar(tmp_path / "00002.tar", [sample(20 + i, f"a new caption {i}") for i in range(5)])
     reads.clear()
     assert run(tc, glob, out, column=COLUMNS)["run"]["encoded"] == 1 + 5 * 2  # the edit, and 5 new samples' two
     assert reads == ["00000.tar", "00002.tar"]
@@ -596,35 +598,50 @@ def test_an_update_reads_only_new_and_changed_files_and_equals_a_fresh_store(tmp
     assert store.row_of("000000003") == 3 and store.id_of(24) == "000000024"
 
 
-def test_the_scan_cache_is_only_a_cache(tmp_path, monkeypatch, caplog):
-    """A damaged entry is read past (the file is read again and the entry rewritten whole); a half-written one
-    a killed scan left is removed once old; a file changed within RACY_NS of its scan is not cached."""
-    from clipcond.files import temporary
+def test_the_scan_cache_is_only_a_cache(tmp_path, monkeypatch):
+    """A file changed within RACY_NS of its scan is not cached. Entries cut short, with a damaged header, or
+    with a changed byte of the same size are read past (the file is read again, the entry rewritten whole);
+    a half-written one a killed scan left is removed once old, and so is an entry whose file is gone."""
     from clipcond.scan import ScanCache, scan_captions
 
     tar = write_tar(tmp_path / "00000.tar", [sample(i, BASE[i]) for i in range(5)])
+    other = write_tar(tmp_path / "00001.tar", [sample(10 + i, BASE[10 + i]) for i in range(3)])
     cache = ScanCache(tmp_path / "cache")
     reads = counting_tar_reads(monkeypatch)
-    scan_captions(str(tar), column=COLUMNS, folder=tmp_path, cache=cache).close()
-    assert not list(cache.folder.glob("*.scan"))  # just written: its mtime could still hide a change
-    aged(tar)
-    scan_captions(str(tar), column=COLUMNS, folder=tmp_path, cache=cache).close()
-    (entry,) = cache.folder.glob("*.scan")
+
+    def scan(path: Path = tar) -> list[str]:
+        reads.clear()
+        with scan_captions(str(path), column=COLUMNS, folder=tmp_path, cache=cache) as result:
+            return list(result.captions())
+
+    expected = scan()
+    assert not list(cache.folder.glob("*.scan"))  # just written: not cached
+    monkeypatch.setattr("clipcond.scan.RACY_NS", 0)
+    scan(other)
+    (other_entry,) = cache.folder.glob("*.scan")
+    scan()
+    (entry,) = set(cache.folder.glob("*.scan")) - {other_entry}
     whole = entry.read_bytes()
-    entry.write_bytes(whole[:-10])  # cut short
-    leftover = temporary(entry)
+    assert scan() == expected and reads == []
+    header_at = len(whole) - 8 - int.from_bytes(whole[-8:], "little")
+    at = whole.index(BASE[3].encode())
+    for damaged in (whole[:-10], whole[:header_at] + whole[header_at:].replace(b'"rows"', b'"rowz"'),
+                    whole[:at] + BASE[3].upper().encode() + whole[at + len(BASE[3]) :]):
+        entry.write_bytes(damaged)
+        assert scan() == expected and reads == ["00000.tar"]
+        assert entry.read_bytes() == whole
+    leftover = entry.with_name(f".{entry.name}.tmp-1-0")
     leftover.write_bytes(whole[:100])
-    aged(leftover)
-    reads.clear()
-    with scan_captions(str(tar), column=COLUMNS, folder=tmp_path, cache=cache) as scan:
-        assert reads == ["00000.tar"] and len(scan.rows) == 5
-    assert entry.read_bytes() == whole and not leftover.exists()
+    os.utime(leftover, ns=(0, 0))  # old
+    other_entry.write_bytes(b"x" * 50)  # damaged, and its file gone: pruned without a fuss
+    other.unlink()
+    scan()
+    assert sorted(cache.folder.iterdir()) == [entry]
 
 
-def test_rows_of_a_cached_file_must_hold_as_many_variants_as_the_rows_before(tmp_path, tc):
+def test_rows_of_a_cached_file_must_hold_as_many_variants_as_the_rows_before(tmp_path, tc, settled):
     lists = tmp_path / "b.jsonl"
     lists.write_text("".join(json.dumps({"caption": [f"x {i}", f"y {i}", f"z {i}"]}) + "\n" for i in range(3)))
-    aged(lists)
     run(tc, lists, tmp_path / "store")  # b.jsonl now cached: 3 variants a row
     pairs = tmp_path / "a.jsonl"
     pairs.write_text("".join(json.dumps({"caption": [f"x {i}", f"y {i}"]}) + "\n" for i in range(3)))

@@ -343,16 +343,21 @@ def test_a_batch_still_held_is_never_written_over_and_a_dropped_one_is_reused(st
     del batch
     assert fetch(list(range(32, 40))).data_ptr() in used  # dropped: its memory is used again
     assert fetch(list(range(3))).shape == (3, *expected[0].shape)
+    assert fetch([]).shape == (0, *expected[0].shape)
 
 
-@pytest.mark.parametrize("compiled", [True, False])
-def test_the_batched_fetch_checks_every_row_on_its_copy(damaged, monkeypatch, compiled):
-    """Compiled: each row summed as it is copied (clipcond._rows); else numpy sums each copy right after it.
-    A wrong sum would send every clean row to the slow recheck, counted here."""
+@pytest.mark.parametrize("copy", ["compiled", "compiled, 3 threads", "numpy"])
+def test_the_batched_fetch_checks_every_row_on_its_copy(damaged, monkeypatch, copy):
+    """Compiled: each row summed as it is copied (clipcond._rows), on one thread for a small batch, or several;
+    else numpy sums each copy right after it. A wrong sum would send every clean row to the slow recheck,
+    counted here."""
     from clipcond import dataset, store
 
-    if not compiled:
+    if copy == "numpy":
         monkeypatch.setattr(store, "_rows", None)
+    if copy == "compiled, 3 threads":
+        monkeypatch.setattr(store, "PARALLEL_COPY_BYTES", 0)
+        monkeypatch.setattr(torch, "get_num_threads", lambda: 3)
     rechecks = []
     verify = dataset.ShardView.verify
     monkeypatch.setattr(dataset.ShardView, "verify", lambda self, *args: (rechecks.append(args), verify(self, *args)))

@@ -17,7 +17,7 @@
 
 typedef uint64_t words4 __attribute__((vector_size(32))); /* four 64-bit words: one AVX2 register, two SSE2 */
 
-#if defined(__x86_64__) && (defined(__clang__) || __GNUC__ >= 6)
+#if defined(__x86_64__) && defined(__GLIBC__) && (defined(__clang__) || __GNUC__ >= 6) /* ifunc: glibc */
 #define WIDEST_VECTORS __attribute__((target_clones("avx2", "default"))) /* AVX2 where the CPU has it */
 #else
 #define WIDEST_VECTORS

@@ -47,6 +47,7 @@ except ImportError:
     _rows = None
 if sys.byteorder != "little":
     _rows = None
+_told_numpy = False  # copy_rows said once that it falls back to numpy
 
 logger = logging.getLogger(__name__)
 
@@ -329,6 +330,11 @@ def copy_rows(sources: Sequence[np.ndarray], destinations: Sequence[np.ndarray])
         big = sum(source.nbytes for source in sources) >= PARALLEL_COPY_BYTES
         _rows.copy_rows(sources, destinations, sums, torch.get_num_threads() if big else 1)
         return sums
+    global _told_numpy
+    if not _told_numpy:
+        _told_numpy = True
+        logger.warning("clipcond._rows is not built (no C compiler when clipcond was installed?): store reads check "
+                       "each row with a second pass in numpy, about a fifth slower; reinstall with a C compiler")
     for i, (source, destination) in enumerate(zip(sources, destinations, strict=True)):
         np.copyto(destination, source)
         sums[i] = _word_sums(destination[None])[0]

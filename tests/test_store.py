@@ -347,7 +347,7 @@ def test_a_batch_still_held_is_never_written_over_and_a_dropped_one_is_reused(st
 
 
 @pytest.mark.parametrize("copy", ["compiled", "compiled, 3 threads", "numpy"])
-def test_the_batched_fetch_checks_every_row_on_its_copy(damaged, monkeypatch, copy):
+def test_the_batched_fetch_checks_every_row_on_its_copy(damaged, monkeypatch, caplog, copy):
     """Compiled: each row summed as it is copied (clipcond._rows), on one thread for a small batch, or several;
     else numpy sums each copy right after it. A wrong sum would send every clean row to the slow recheck,
     counted here."""
@@ -355,6 +355,7 @@ def test_the_batched_fetch_checks_every_row_on_its_copy(damaged, monkeypatch, co
 
     if copy == "numpy":
         monkeypatch.setattr(store, "_rows", None)
+        monkeypatch.setattr(store, "_told_numpy", False)
     if copy == "compiled, 3 threads":
         monkeypatch.setattr(store, "PARALLEL_COPY_BYTES", 0)
         monkeypatch.setattr(torch, "get_num_threads", lambda: 3)
@@ -364,6 +365,8 @@ def test_the_batched_fetch_checks_every_row_on_its_copy(damaged, monkeypatch, co
     store = EmbeddingStore(damaged)
     clean = store.__getitems__(list(range(0, ROWS, 7)))
     assert not rechecks and torch.equal(clean.batch["sequence"][3], store[21]["sequence"])
+    said = [r.getMessage() for r in caplog.records if "clipcond._rows is not built" in r.getMessage()]
+    assert len(said) == (copy == "numpy")  # once, and only when it falls back
     unchecked = EmbeddingStore(damaged, verify_rows=False).__getitems__(list(range(0, ROWS, 7)))  # torch's copy
     assert all(torch.equal(unchecked.batch[k], clean.batch[k]) for k in ("sequence", "pooled", "row"))
     shard = damaged / "shard-00005.safetensors"

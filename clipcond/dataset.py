@@ -37,6 +37,7 @@ from clipcond.store import (
     copy_rows,
     mix_checksums,
     read_tensors,
+    row_bytes,
     row_checksums,
 )
 
@@ -75,8 +76,7 @@ class ShardView:
 
         self.path = path
         self.checks = self.tensors["check"].numpy() if "check" in self.tensors else None  # [n] int64 (version 2)
-        self.rows = {name: t.view(torch.uint8).numpy().reshape(len(t), math.prod(t.shape[1:]) * t.element_size())
-                     for name, t in self.tensors.items() if name != "check"}  # rows' bytes: [n, bytes] uint8 views
+        self.rows = {name: row_bytes(t) for name, t in self.tensors.items() if name != "check"}  # [n, bytes] views
 
     def row(self, local: int, what: str, *, verify: bool = True) -> tuple[torch.Tensor, torch.Tensor]:
         """Row ``local`` [L, D], [P] as views, its checksum verified; ``what`` names it in the error."""
@@ -198,8 +198,7 @@ class EmbeddingStore(Dataset):
         else:
             sources, destinations = [], []
             for name, batch in (("sequence", sequence), ("pooled", pooled)):
-                row_bytes = math.prod(batch.shape[1:]) * batch.element_size()
-                batch_bytes = batch.view(torch.uint8).numpy().reshape(len(rows), row_bytes)  # a view
+                batch_bytes = row_bytes(batch)  # [B, bytes], a view
                 for i in order:
                     sources.append(views[located[i][0]].rows[name][located[i][1]])
                     destinations.append(batch_bytes[i])

@@ -402,7 +402,7 @@ def read_captions(path: str | Path | Sequence[str | Path], *, column: str | Sequ
         for values, ids in reader(file, file_columns, id_column):
             rows = _variants(values, file_columns, row, file, k)
             k = len(rows[0]) if rows else k
-            check_like_before(file, None, None, with_ids, ids is not None)
+            check_like_before(file, ids_before=with_ids, has_ids=ids is not None)
             with_ids = ids is not None
             if ids is not None:
                 ids = _strings(ids, TAR_KEY if tar else id_column, row, file, ids=True)
@@ -410,8 +410,8 @@ def read_captions(path: str | Path | Sequence[str | Path], *, column: str | Sequ
             yield rows, ids
 
 
-def check_like_before(file: Path, variants_before: int | None, variants: int | None, ids_before: bool | None,
-                      has_ids: bool | None) -> None:
+def check_like_before(file: Path, *, variants_before: int | None = None, variants: int | None = None,
+                      ids_before: bool | None = None, has_ids: bool | None = None) -> None:
     """Rows of ``file`` hold as many captions as the rows before them, and ids if and only if they did."""
     if None not in (variants_before, variants) and variants != variants_before:
         raise ValueError(f"{file}: its rows hold {variants} captions, the rows before it {variants_before}: every "

@@ -390,7 +390,7 @@ def _read(spill: ScanFolder, path: str | Path | Sequence[str | Path], column: st
             found = entry.read(out) if entry is not None else None
             if found is not None:
                 rows, file_k, file_ids, file_digest = found
-                check_like_before(file, k, file_k, with_ids, file_ids)
+                check_like_before(file, variants_before=k, variants=file_k, ids_before=with_ids, has_ids=file_ids)
                 bar.update(rows)
             else:
                 marks = {name: f.tell() for name, f in out.items()}

@@ -23,6 +23,7 @@ from __future__ import annotations
 
 import json
 import logging
+import math
 import os
 import sys
 from collections.abc import Iterable, Sequence
@@ -301,9 +302,10 @@ def _word_sums(rows: np.ndarray) -> np.ndarray:
     return rows.view("<u8").sum(axis=1, dtype=np.uint64)  # unsigned: wraps silently, as a checksum should
 
 
-def _row_bytes(rows: torch.Tensor) -> np.ndarray:
+def row_bytes(rows: torch.Tensor) -> np.ndarray:
     """``rows`` [n, ...] as [n, bytes] uint8 (a view when contiguous)."""
-    return rows.contiguous().view(torch.uint8).numpy().reshape(len(rows), -1)
+    size = math.prod(rows.shape[1:]) * rows.element_size()
+    return rows.contiguous().view(torch.uint8).numpy().reshape(len(rows), size)
 
 
 def row_checksums(sequence: torch.Tensor, pooled: torch.Tensor) -> torch.Tensor:
@@ -314,7 +316,7 @@ def row_checksums(sequence: torch.Tensor, pooled: torch.Tensor) -> torch.Tensor:
     catches what damages a file in place, bit rot and torn writes (any change to one word; any
     overwritten block but with probability 2^-64), not a deliberate forgery.
     """
-    return torch.from_numpy(mix_checksums(_word_sums(_row_bytes(sequence)), _word_sums(_row_bytes(pooled))))
+    return torch.from_numpy(mix_checksums(_word_sums(row_bytes(sequence)), _word_sums(row_bytes(pooled))))
 
 
 def copy_rows(sources: Sequence[np.ndarray], destinations: Sequence[np.ndarray]) -> np.ndarray:

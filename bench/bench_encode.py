@@ -195,7 +195,7 @@ def build_clipcond(spec: EncoderSpec, device: str, dtype: torch.dtype,
                    compile_mode: str | None = None) -> Callable[[list[str]], object]:
     """``TextConditioner(spec, towers)`` over seeded random towers, built in ``dtype``, no hub."""
     from clipcond import TextConditioner
-    from clipcond.model import random_tower
+    from clipcond.encoders.model import random_tower
 
     with default_dtype(dtype):
         towers = [random_tower(tower, seed=i) for i, tower in enumerate(spec.towers)]

@@ -64,7 +64,7 @@ def main() -> None:
     import torch
 
     import clipcond
-    from clipcond.precompute import PrecomputeJob, precompute
+    from clipcond.precompute.job import PrecomputeJob, precompute
 
     tc = clipcond.TextConditioner.from_pretrained(a.encoder, device=a.device, dtype=getattr(torch, a.dtype))
     columns = ["txt", "json:caption"]

@@ -1,7 +1,7 @@
 """The precompute pipeline's own ceiling: how many rows/s tokenization and writing sustain.
 
 An encoder that costs nothing (``encode_tokens`` hands back ready tensors of the real output size)
-runs through the real pipeline (clipcond/pipeline.py: tokenizer thread, bounded queues, writer
+runs through the real pipeline (clipcond/precompute/encode.py: tokenizer thread, bounded queues, writer
 thread streaming safetensors shards with sha256 and fsync) over real captions. Its rows/s is the
 fastest any device could be fed on this machine: an encoder slower than that never waits for
 tokens or disk. The table also shows which side the zero-cost encoder waited on.
@@ -45,7 +45,7 @@ def free_conditioner(encoder: str, dtype: torch.dtype, batch_size: int) -> objec
 
 
 def run(tc: object, texts: list[str], out: Path, batch_size: int) -> dict:
-    from clipcond.pipeline import encode_shards
+    from clipcond.precompute.encode import encode_shards
 
     shards = [(k, a, min(a + SHARD_ROWS, len(texts))) for k, a in enumerate(range(0, len(texts), SHARD_ROWS))]
     out.mkdir()

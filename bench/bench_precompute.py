@@ -73,7 +73,7 @@ def random_pipeline(root: Path, encoder: str, dtype: torch.dtype) -> Path:
     from transformers import CLIPTextConfig, CLIPTextModel, CLIPTextModelWithProjection
 
     import clipcond
-    from clipcond.tokenizer import write_hf_tokenizer
+    from clipcond.text.tokenizer import write_hf_tokenizer
 
     spec = clipcond.get_spec(encoder)
     for i, tower in enumerate(spec.towers):
@@ -133,10 +133,10 @@ class _Stats(logging.Handler):
 
 
 def clipcond_run(tc: object, input_path: Path, out: Path, a: argparse.Namespace) -> dict[str, float]:
-    from clipcond.precompute import PrecomputeJob, precompute
+    from clipcond.precompute.job import PrecomputeJob, precompute
 
     job = PrecomputeJob(input=input_path, out=out, batch_size=a.batch_size, shard_size=SHARD_SIZE, progress=False)
-    handler, log = _Stats(), logging.getLogger("clipcond.precompute")
+    handler, log = _Stats(), logging.getLogger("clipcond.precompute.job")
     log.addHandler(handler)
     log.setLevel(logging.INFO)
     try:

@@ -60,8 +60,8 @@ def measure(path: str, folder: str) -> None:
     import pyarrow as pa
     import pyarrow.parquet as pq
 
-    from clipcond.precompute import assign_slots
-    from clipcond.scan import scan_captions
+    from clipcond.precompute.job import assign_slots
+    from clipcond.precompute.scan import scan_captions
 
     warm = Path(folder) / "warm.parquet"  # a first tiny scan loads every library the scan uses before the baseline
     pq.write_table(pa.table({"caption": ["a", "b"], "key": ["1", "2"]}), warm)

@@ -41,7 +41,7 @@ def build_store(root: Path, rows: int) -> Path:
     from bench_pipeline import free_conditioner
 
     import clipcond
-    from clipcond.precompute import PrecomputeJob, precompute
+    from clipcond.precompute.job import PrecomputeJob, precompute
 
     tc = free_conditioner("sdxl", torch.float16, 64).to(torch.float16)
     tc.spec = clipcond.get_spec("sdxl")  # real output sizes in the manifest and the null
@@ -142,7 +142,7 @@ def main() -> None:
     parser.add_argument("--out", type=Path, default=JSON_PATH)
     a = parser.parse_args()
     from clipcond import EmbeddingStore
-    from clipcond import store as store_format
+    from clipcond.store import format as store_format
 
     compiled = store_format._rows is not None  # the checked fetch's copy: clipcond._rows, else numpy
 
@@ -182,7 +182,7 @@ def main() -> None:
             for key in keys:
                 lookup.by_id(key)
             by_id[checked] = LOOKUPS / (time.perf_counter() - start)
-        from clipcond.store import row_checksums
+        from clipcond.store.format import row_checksums
 
         row = store[0]
         start = time.perf_counter()

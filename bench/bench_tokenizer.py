@@ -95,7 +95,7 @@ def hf_tokenizer(folder: Path, pad_token: str = "<|endoftext|>"):  # -> transfor
     """
     from transformers import CLIPTokenizer
 
-    from clipcond.tokenizer import write_hf_tokenizer
+    from clipcond.text.tokenizer import write_hf_tokenizer
 
     return CLIPTokenizer.from_pretrained(write_hf_tokenizer(folder, pad_token=pad_token))
 

@@ -1,4 +1,4 @@
-"""clipcond: the frozen CLIP text conditioning of Stable Diffusion 1.x, 2.x and SDXL, done once, right.
+"""clipcond: the frozen text conditioning of latent diffusion models, done once, right.
 
 Names that need torch are imported on first use (PEP 562), so ``clipcond list`` stays instant.
 """
@@ -8,27 +8,28 @@ from __future__ import annotations
 import importlib
 from typing import TYPE_CHECKING
 
+from clipcond._version import __version__
+from clipcond.encoders.names import get_spec
 from clipcond.errors import WeightsError
-from clipcond.specs import EncoderSpec, SpecError, TowerSpec, get_spec, list_encoders
+from clipcond.specs import EncoderSpec, SpecError, TowerSpec, list_encoders, register_encoder
 
 if TYPE_CHECKING:
-    from clipcond.conditioner import TextConditioner
     from clipcond.conditioning import Conditioning
-    from clipcond.dataset import EmbeddingStore
-    from clipcond.sdxl import added_cond_kwargs, sdxl_refiner_time_ids, sdxl_time_ids
-    from clipcond.tokenizer import ClipTokenizer, Tokens
+    from clipcond.encoders.conditioner import TextConditioner
+    from clipcond.store.reader import EmbeddingStore
+    from clipcond.text.tokenizer import ClipTokenizer, Tokens
+    from clipcond.time_ids import added_cond_kwargs, sdxl_refiner_time_ids, sdxl_time_ids
 
-__version__ = "0.1.0"
 
 _LAZY = {
-    "TextConditioner": "clipcond.conditioner",
+    "TextConditioner": "clipcond.encoders.conditioner",
     "Conditioning": "clipcond.conditioning",
-    "EmbeddingStore": "clipcond.dataset",
-    "ClipTokenizer": "clipcond.tokenizer",
-    "Tokens": "clipcond.tokenizer",
-    "added_cond_kwargs": "clipcond.sdxl",
-    "sdxl_refiner_time_ids": "clipcond.sdxl",
-    "sdxl_time_ids": "clipcond.sdxl",
+    "EmbeddingStore": "clipcond.store.reader",
+    "ClipTokenizer": "clipcond.text.tokenizer",
+    "Tokens": "clipcond.text.tokenizer",
+    "added_cond_kwargs": "clipcond.time_ids",
+    "sdxl_refiner_time_ids": "clipcond.time_ids",
+    "sdxl_time_ids": "clipcond.time_ids",
 }
 
 __all__ = [
@@ -45,6 +46,7 @@ __all__ = [
     "added_cond_kwargs",
     "get_spec",
     "list_encoders",
+    "register_encoder",
     "sdxl_refiner_time_ids",
     "sdxl_time_ids",
 ]
@@ -54,3 +56,7 @@ def __getattr__(name: str) -> object:
     if name in _LAZY:
         return getattr(importlib.import_module(_LAZY[name]), name)
     raise AttributeError(f"module 'clipcond' has no attribute {name!r}")
+
+
+def __dir__() -> list[str]:
+    return sorted({*globals(), *__all__})

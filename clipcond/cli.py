@@ -8,7 +8,8 @@ import logging
 import sys
 from collections.abc import Sequence
 
-from clipcond.specs import ALIASES, REGISTRY, get_spec
+from clipcond.encoders.names import get_spec
+from clipcond.specs import ALIASES, REGISTRY
 
 DTYPES = ("float32", "float16", "bfloat16")
 
@@ -30,7 +31,7 @@ def _cmd_list(args: argparse.Namespace) -> int:
 
 
 def _list_open_clip() -> int:
-    from clipcond.openclip import list_open_clip
+    from clipcond.encoders.openclip import list_open_clip
 
     models = list_open_clip()
     print(f"{'open_clip model':36} {'ok':3}  pretrained tags, or why its text tower does not qualify")
@@ -45,7 +46,7 @@ def _list_open_clip() -> int:
 def _load(args: argparse.Namespace):  # noqa: ANN202 (imports torch lazily)
     import torch
 
-    from clipcond.conditioner import TextConditioner
+    from clipcond.encoders.conditioner import TextConditioner
 
     if args.open_clip_config:
         import open_clip
@@ -81,7 +82,7 @@ def _cmd_encode(args: argparse.Namespace) -> int:
 
 
 def _cmd_download(args: argparse.Namespace) -> int:
-    from clipcond.weights import download, hf_weight_files
+    from clipcond.encoders.weights import download, hf_weight_files
 
     spec = get_spec(args.encoder)
     repo = args.repo or spec.hub_repo
@@ -101,8 +102,8 @@ def _cmd_download(args: argparse.Namespace) -> int:
 
 
 def _cmd_precompute(args: argparse.Namespace) -> int:
-    from clipcond.precompute import PrecomputeJob, Ranks, precompute, rank_device
-    from clipcond.store import Manifest
+    from clipcond.precompute.job import PrecomputeJob, Ranks, precompute, rank_device
+    from clipcond.store.format import Manifest
 
     job = PrecomputeJob(input=args.input, out=args.out, column=args.column or ["caption"], id_column=args.id_column,
                         limit=args.limit, batch_size=args.batch_size, shard_size=args.shard_size, part=args.part,
@@ -120,7 +121,7 @@ def _cmd_precompute(args: argparse.Namespace) -> int:
 
 
 def _cmd_gc(args: argparse.Namespace) -> int:
-    from clipcond.gc import collect
+    from clipcond.store.gc import collect
 
     result = collect(args.out)
     print(f"{args.out}: {result.removed} unreferenced embeddings removed ({result.rewritten} shards rewritten, "
@@ -142,11 +143,11 @@ def _cmd_inspect(args: argparse.Namespace) -> int:
     from contextlib import ExitStack
     from pathlib import Path
 
-    from clipcond.weights import FORMATS, StateReader, detect_format
+    from clipcond.encoders.weights import FORMATS, StateReader, detect_format
 
     path = Path(args.path)
     if path.is_dir():  # an embedding store (clipcond precompute --out DIR)
-        from clipcond.store import inspect_store
+        from clipcond.store.format import inspect_store
 
         lines, problems = inspect_store(path)
         print("\n".join(lines))

@@ -67,7 +67,7 @@ class TowerSpec:
     vocab_size: int = 49408
     context_length: int = 77
     family: Family
-    # Tokenize as the conditioner that trained the UNet did (see clipcond/tokenizer.py).
+    # Tokenize as the conditioner that trained the UNet did (see clipcond/text/tokenizer.py).
     tokenizer: TokenizerKind
     # No default on purpose: SD1 pads with EOS (49407), OpenCLIP towers with 0, and the
     # UNet was trained on whichever its conditioner used.
@@ -80,7 +80,7 @@ class TowerSpec:
     # folders store only the first 23 of ViT-H's 24 blocks (the pipeline reads the penultimate
     # layer), so such a folder's last block is our -2; a full ViT-H tower (laion's repo, a
     # CLIPTextModelWithProjection) stores all 24. None: worked out from the weights when they
-    # are loaded (clipcond/weights.py, dropped_layers); 0 or 1 settles it.
+    # are loaded (clipcond/encoders/weights.py, dropped_layers); 0 or 1 settles it.
     hf_dropped_layers: int | None = 0
     hub_subfolder: str = "text_encoder"  # where the tower lives in a diffusers pipeline folder
 
@@ -362,7 +362,7 @@ def register_encoder(spec: EncoderSpec, *, aliases: tuple[str, ...] = (), replac
     if spec.name.lower().startswith(OPEN_CLIP_PREFIX) or spec.name.lower().endswith(".json"):
         raise SpecError(f"encoder name {spec.name!r} is reserved ({OPEN_CLIP_PREFIX}MODEL and *.json are read, "
                         f"not looked up)")
-    taken = [n for n in names if (n in REGISTRY or n in ALIASES) and get_spec(n) != spec]
+    taken = [n for n in names if (n in REGISTRY or n in ALIASES) and lookup_spec(n) != spec]
     if taken and not replace:
         raise SpecError(f"encoder name(s) {taken} already registered; pass replace=True to override")
     REGISTRY[names[0]] = spec
@@ -371,19 +371,18 @@ def register_encoder(spec: EncoderSpec, *, aliases: tuple[str, ...] = (), replac
     return spec
 
 
-def get_spec(name: str | os.PathLike[str] | EncoderSpec) -> EncoderSpec:
-    """The spec for ``name``: a registered name or alias, ``open_clip:MODEL`` (any qualifying
-    ``open_clip.list_models()`` name), or a spec JSON file; a spec passes through unchanged."""
+def lookup_spec(name: str | os.PathLike[str] | EncoderSpec) -> EncoderSpec:
+    """The spec for ``name``: a registered name or alias, or a spec JSON file; a spec passes through unchanged.
+
+    ``open_clip:MODEL`` names need open_clip's configs: ``clipcond.get_spec`` (clipcond/encoders/names.py)
+    reads those too.
+    """
     if isinstance(name, EncoderSpec):
         return name
     if isinstance(name, os.PathLike) or (isinstance(name, str) and name.lower().endswith(".json")):
         return load_spec_file(name)
     if not isinstance(name, str):
         raise TypeError(f"encoder name must be str or EncoderSpec, got {type(name).__name__}")
-    if name.lower().startswith(OPEN_CLIP_PREFIX):
-        from clipcond.openclip import open_clip_spec  # imports open_clip (and torch) only here
-
-        return open_clip_spec(name[len(OPEN_CLIP_PREFIX):])
     key = ALIASES.get(name.lower(), name.lower())
     if key not in REGISTRY:
         raise KeyError(f"unknown encoder {name!r}; registered: {', '.join(list_encoders())}, "

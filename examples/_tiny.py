@@ -16,7 +16,7 @@ from typing import TYPE_CHECKING, Literal
 import torch
 
 import clipcond
-from clipcond.tokenizer import write_hf_tokenizer
+from clipcond.text.tokenizer import write_hf_tokenizer
 
 if TYPE_CHECKING:
     from diffusers import AutoencoderKL, UNet2DConditionModel

@@ -19,7 +19,7 @@ import tempfile
 import torch
 
 from clipcond import Conditioning, TextConditioner
-from clipcond.schedules import prompt_schedule
+from clipcond.text.schedules import prompt_schedule
 
 
 def segment_at(segments: list[tuple[int, Conditioning]], step: int) -> Conditioning:

@@ -43,7 +43,7 @@ from torch.utils.data import DataLoader
 
 import clipcond
 from clipcond import EmbeddingStore, TextConditioner
-from clipcond.precompute import PrecomputeJob, precompute
+from clipcond.precompute.job import PrecomputeJob, precompute
 
 if TYPE_CHECKING:
     from diffusers import DDPMScheduler, UNet2DConditionModel

@@ -104,7 +104,7 @@ def main() -> None:
         parser.error("--latents and --store are needed (or --tiny)")
     with tempfile.TemporaryDirectory() as tmp:
         if args.tiny:
-            from clipcond.precompute import PrecomputeJob, precompute
+            from clipcond.precompute.job import PrecomputeJob, precompute
 
             tars, args.latents, keys, captions = write_tiny(Path(tmp))
             tc = clipcond.TextConditioner.from_pretrained("tiny-sdxl")

@@ -18,8 +18,8 @@ from safetensors.torch import load_file
 import clipcond
 from clipcond import EmbeddingStore, SpecError, TextConditioner, WeightsError, get_spec
 from clipcond.cli import main
+from clipcond.encoders.weights import StateReader
 from clipcond.specs import REGISTRY, register_encoder
-from clipcond.weights import StateReader
 
 TOL = {"atol": 1e-5, "rtol": 1e-5}
 PROMPTS = ["a photo of a cat", "an astronaut riding a horse on mars, highly detailed", "", "a running dog"]

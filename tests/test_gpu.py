@@ -45,7 +45,7 @@ def test_precompute_on_cuda_counts_idle_within_waits_and_matches_tc(tmp_path):
     import logging
 
     from clipcond import EmbeddingStore
-    from clipcond.precompute import PrecomputeJob, precompute
+    from clipcond.precompute.job import PrecomputeJob, precompute
 
     captions = [f"a photo of cat number {i}, " + "highly detailed " * (i % 9) for i in range(2000)]
     path = tmp_path / "captions.txt"
@@ -67,7 +67,7 @@ def test_precompute_on_cuda_counts_idle_within_waits_and_matches_tc(tmp_path):
     records = []
     handler = logging.Handler()
     handler.emit = records.append
-    log = logging.getLogger("clipcond.precompute")
+    log = logging.getLogger("clipcond.precompute.job")
     level = log.level
     log.addHandler(handler)
     log.setLevel(logging.INFO)

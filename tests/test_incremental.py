@@ -22,11 +22,11 @@ from test_precompute import PRECOMPUTE, cli, finished, run, wait_for, write_inpu
 from torch.utils.data import DataLoader
 
 from clipcond import EmbeddingStore, TextConditioner
+from clipcond._files import temporary
 from clipcond.cli import main
-from clipcond.files import temporary
-from clipcond.gc import collect
-from clipcond.pipeline import DELAY_ENV
-from clipcond.store import MANIFEST
+from clipcond.precompute.encode import DELAY_ENV
+from clipcond.store.format import MANIFEST
+from clipcond.store.gc import collect
 
 TOL = {"atol": 1e-5, "rtol": 1e-5}
 BASE = [f"a photo of thing number {i}" for i in range(30)]
@@ -123,8 +123,10 @@ def test_gc_removes_exactly_the_unreferenced_and_a_second_gc_does_nothing(tmp_pa
 
 # gc writes the rewritten shards (write_streamed, calls 1-4 here), then the index (call 5), then the manifest
 # (atomic_write), then removes the old files (_remove_unlisted, called once before it starts too).
-@pytest.mark.parametrize(("crash", "at"), [("clipcond.store.write_streamed", 2), ("clipcond.store.write_streamed", 5),
-                                           ("clipcond.store.atomic_write", 1), ("clipcond.gc._remove_unlisted", 2)])
+@pytest.mark.parametrize(("crash", "at"), [("clipcond.store.format.write_streamed", 2),
+                                           ("clipcond.store.format.write_streamed", 5),
+                                           ("clipcond.store.format.atomic_write", 1),
+                                           ("clipcond.store.gc._remove_unlisted", 2)])
 def test_gc_killed_at_each_step_then_rerun_equals_an_uninterrupted_gc(tmp_path, tc, monkeypatch, crash, at):
     out = tmp_path / "store"
     run(tc, write_input(tmp_path / "v1", "txt", BASE), out, shard_size=8)
@@ -203,7 +205,7 @@ def test_a_pending_parts_job_refuses_gc_other_runs_and_other_parts(tmp_path, tc,
     """Parts encode without the store lock, and finish one by one: until the last publishes, a gc or a run of
     another input would delete their finished shards or reuse their numbers, and a part of another plan or
     another N would mix two jobs' shards."""
-    import clipcond.precompute as precompute_module
+    import clipcond.precompute.job as precompute_module
 
     out = tmp_path / "store"
     run(tc, write_input(tmp_path / "v1", "txt", BASE), out, shard_size=8)
@@ -247,8 +249,8 @@ def test_a_pending_parts_job_refuses_gc_other_runs_and_other_parts(tmp_path, tc,
 def test_a_part_never_publishes_onto_a_version_it_did_not_plan_from(tmp_path, tc, monkeypatch):
     """Without file locks (some network filesystems) nothing stops a gc while a part encodes: gc publishes a
     rewritten shard under the number the part writes. The part then refuses to replace it, and to publish."""
-    import clipcond.precompute as precompute_module
-    from clipcond.store import PartsLock
+    import clipcond.precompute.job as precompute_module
+    from clipcond.store.format import PartsLock
 
     out = tmp_path / "store"
     run(tc, write_input(tmp_path / "v1", "txt", BASE), out, shard_size=8)
@@ -381,7 +383,7 @@ def test_tar_errors_name_the_shard_and_the_key(tmp_path, tc, samples, cut, messa
 def test_the_tar_reader_reads_what_tarfile_reads(tmp_path, fmt, compression):
     """clipcond's streaming tar reader against Python's tarfile on the same archives: long names (ustar
     prefix, GNU ././@LongLink, pax path records), non-ASCII names (pax), empty members, folders and links."""
-    from clipcond.inputs import _open_tar, _tar_members
+    from clipcond.precompute.inputs import _open_tar, _tar_members
 
     folder = "shard/" + "nested-" * 12  # 91 characters: with the file name, over ustar's 100
     names = ["000000000.txt", "000000000.jpg", f"{folder}/000000001.txt", f"{folder}/000000001.json",
@@ -411,7 +413,7 @@ def test_the_tar_reader_reads_what_tarfile_reads(tmp_path, fmt, compression):
 def test_the_tar_reader_accepts_what_tarfile_accepts(tmp_path):
     """Archives tarfile reads that tarfile itself does not write: no end-of-archive blocks, a header checksum
     summed over signed bytes (old Sun tar), macOS's ._ AppleDouble members (skipped, as webdataset does)."""
-    from clipcond.inputs import _open_tar, _tar_members, _tar_samples
+    from clipcond.precompute.inputs import _open_tar, _tar_members, _tar_samples
 
     path = write_tar(tmp_path / "t.tar", [sample(i, f"caption {i}") for i in range(3)])
     with tarfile.open(path) as tar:
@@ -444,7 +446,7 @@ def test_an_empty_tar_is_an_error_and_one_without_end_blocks_a_warning(tmp_path,
 
 
 def test_a_damaged_pax_record_is_an_error_not_a_hang():
-    from clipcond.inputs import _pax_records
+    from clipcond.precompute.inputs import _pax_records
 
     assert _pax_records(b"18 path=a/b/c.txt\n11 size=42\n") == {"path": "a/b/c.txt", "size": "42"}
     for damaged in (b"00 path=x\n", b"5 path=a/b/c.txt\n", b"99 path=x\n", b"x path=y\n", b"11 pathxyz\n",
@@ -523,12 +525,12 @@ COLUMNS = ["txt", "json:caption"]
 @pytest.fixture
 def settled(monkeypatch) -> None:
     """Files as a dataset's are, changed long before they are scanned: the cache takes files changed just now."""
-    monkeypatch.setattr("clipcond.scan.RACY_NS", 0)
+    monkeypatch.setattr("clipcond.precompute.scan.RACY_NS", 0)
 
 
 def counting_tar_reads(monkeypatch) -> list[str]:
     """The names of the tars the scan reads (parses), in order."""
-    from clipcond import inputs
+    from clipcond.precompute import inputs
 
     reads, tar = [], inputs.READERS[".tar"]
 
@@ -543,7 +545,7 @@ def counting_tar_reads(monkeypatch) -> list[str]:
 def test_a_scan_from_the_cache_equals_a_scan_of_the_files(tmp_path, monkeypatch, settled):
     """Every array and file of the scan (texts, keys, lengths, ids, the index, the input's sha256) as a scan
     without a cache gives, for files all cached, and for a mix of cached and new files."""
-    from clipcond.scan import FILES, ScanCache, scan_captions
+    from clipcond.precompute.scan import FILES, ScanCache, scan_captions
 
     tars = [write_tar(tmp_path / f"{t:05d}.tar", [sample(10 * t + i, BASE[(7 * t + i) % 30]) for i in range(10)])
             for t in range(3)]
@@ -602,7 +604,7 @@ def test_the_scan_cache_is_only_a_cache(tmp_path, monkeypatch):
     """A file changed within RACY_NS of its scan is not cached. Entries cut short, with a damaged header, or
     with a changed byte of the same size are read past (the file is read again, the entry rewritten whole);
     a half-written one a killed scan left is removed once old, and so is an entry whose file is gone."""
-    from clipcond.scan import ScanCache, scan_captions
+    from clipcond.precompute.scan import ScanCache, scan_captions
 
     tar = write_tar(tmp_path / "00000.tar", [sample(i, BASE[i]) for i in range(5)])
     other = write_tar(tmp_path / "00001.tar", [sample(10 + i, BASE[10 + i]) for i in range(3)])
@@ -616,7 +618,7 @@ def test_the_scan_cache_is_only_a_cache(tmp_path, monkeypatch):
 
     expected = scan()
     assert not list(cache.folder.glob("*.scan"))  # just written: not cached
-    monkeypatch.setattr("clipcond.scan.RACY_NS", 0)
+    monkeypatch.setattr("clipcond.precompute.scan.RACY_NS", 0)
     scan(other)
     (other_entry,) = cache.folder.glob("*.scan")
     scan()

@@ -21,7 +21,7 @@ from safetensors.torch import save_file
 
 from clipcond import SpecError, TextConditioner, WeightsError, get_spec
 from clipcond.cli import main
-from clipcond.openclip import list_open_clip
+from clipcond.encoders.openclip import list_open_clip
 
 TOL = {"atol": 1e-5, "rtol": 1e-5}
 PROMPTS = ["a photo of a cat", "an astronaut riding a horse on mars, highly detailed", "", "a running dog"]

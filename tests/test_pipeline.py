@@ -9,10 +9,10 @@ from pathlib import Path
 import pytest
 import torch
 
-import clipcond.pipeline as pipeline
+import clipcond.precompute.encode as pipeline
 from clipcond import TextConditioner
-from clipcond.pipeline import PipelineStats, encode_shards
-from clipcond.precompute import PrecomputeJob, precompute
+from clipcond.precompute.encode import PipelineStats, encode_shards
+from clipcond.precompute.job import PrecomputeJob, precompute
 
 CAPTIONS = [f"caption number {i}" for i in range(12)]
 
@@ -93,7 +93,7 @@ def test_a_slow_disk_shows_as_waiting_for_the_writer(tmp_path, tc, monkeypatch):
 def test_precompute_logs_the_stats(tmp_path, tc, caplog):
     path = tmp_path / "captions.txt"
     path.write_text("\n".join(CAPTIONS + CAPTIONS[:3]) + "\n")
-    with caplog.at_level(logging.INFO, logger="clipcond.precompute"):
+    with caplog.at_level(logging.INFO, logger="clipcond.precompute.job"):
         precompute(tc, PrecomputeJob(input=path, out=tmp_path / "store", batch_size=5, progress=False))
     [stats] = [r.pipeline_stats for r in caplog.records if hasattr(r, "pipeline_stats")]
     assert (stats.rows, stats.batches) == (12, 3)  # unique captions only

@@ -20,10 +20,10 @@ import torch
 
 from clipcond import EmbeddingStore, TextConditioner
 from clipcond.cli import main
-from clipcond.pipeline import DELAY_ENV
-from clipcond.precompute import PrecomputeJob, precompute
-from clipcond.scan import PREFIX, ScanFolder, scan_captions
-from clipcond.store import MANIFEST, TMP_MARK
+from clipcond.precompute.encode import DELAY_ENV
+from clipcond.precompute.job import PrecomputeJob, precompute
+from clipcond.precompute.scan import PREFIX, ScanFolder, scan_captions
+from clipcond.store.format import MANIFEST, TMP_MARK
 
 TOL = {"atol": 1e-5, "rtol": 1e-5}  # float32 on CPU; batches differ from the direct call's
 CAPTIONS = [
@@ -140,7 +140,7 @@ def test_limit_and_resume_of_a_complete_store_changes_nothing(tmp_path, sd15):
 
 
 def test_scan_folders_are_locked_before_they_are_named_and_half_made_ones_expire(tmp_path):
-    from clipcond.scan import NEW_PREFIX, remove_stale
+    from clipcond.precompute.scan import NEW_PREFIX, remove_stale
 
     live = ScanFolder.create(tmp_path)
     assert live.path.name.startswith(PREFIX) and (live.path / "lock").exists()
@@ -281,7 +281,7 @@ def test_scan_holds_under_64_bytes_a_row_ids_included_and_no_caption_text(tmp_pa
 
 
 def test_a_failing_writer_stops_the_pipeline_with_its_error(tmp_path, sd15, monkeypatch):
-    import clipcond.pipeline as pipeline
+    import clipcond.precompute.encode as pipeline
 
     path = write_input(tmp_path, "txt", CAPTIONS * 4)
     calls = []
@@ -385,7 +385,7 @@ def test_cli_prints_the_store_and_reports_errors(tmp_path, capsys):
 
 
 def test_a_second_run_on_the_same_store_is_refused_while_the_first_holds_it(tmp_path, sd15):
-    from clipcond.store import StoreLock
+    from clipcond.store.format import StoreLock
 
     path = write_input(tmp_path, "txt", CAPTIONS)
     out = tmp_path / "store"

@@ -15,9 +15,9 @@ import torch
 from safetensors.torch import save_file
 
 from clipcond import TextConditioner
-from clipcond.prompts import comfy_weights
-from clipcond.schedules import prompt_schedule, split_and
-from clipcond.tokenizer import ClipTokenizer
+from clipcond.text.prompts import comfy_weights
+from clipcond.text.schedules import prompt_schedule, split_and
+from clipcond.text.tokenizer import ClipTokenizer
 
 TOL = {"atol": 1e-6, "rtol": 1e-6}
 

@@ -6,8 +6,8 @@ import pytest
 import torch
 
 from clipcond import TextConditioner
-from clipcond.prompts import parse_emphasis, plain_text
 from clipcond.specs import BOS_ID, EOS_ID
+from clipcond.text.prompts import parse_emphasis, plain_text
 
 LONG = ("an extremely detailed matte painting of a sprawling city at dusk, " * 12).strip()  # ~170 tokens
 

@@ -1,5 +1,5 @@
 """SDXL time_ids equal diffusers' own ``_get_add_time_ids`` (base and refiner), on pipelines whose tiny
-UNets make diffusers run its own embedding-size checks; and the error paths of clipcond.sdxl."""
+UNets make diffusers run its own embedding-size checks; and the error paths of clipcond.time_ids."""
 
 from __future__ import annotations
 

@@ -14,8 +14,8 @@ from torch.utils.data import DataLoader
 
 from clipcond import Conditioning, EmbeddingStore, TextConditioner
 from clipcond.cli import main
-from clipcond.precompute import PrecomputeJob, precompute
-from clipcond.store import MANIFEST, raw_bytes, safetensors_header
+from clipcond.precompute.job import PrecomputeJob, precompute
+from clipcond.store.format import MANIFEST, raw_bytes, safetensors_header
 
 ROWS = 400
 CAPTIONS = [f"a photo of thing {i % 150}, style {i % 3}" for i in range(ROWS)]  # 150 distinct
@@ -209,7 +209,7 @@ def test_streamed_safetensors_are_byte_equal_to_the_library_s(tmp_path, dtype):
 def test_row_checksums_are_sums_of_64_bit_words_mod_2_64(shape, dtype):
     """The format's checksum, computed with Python integers: sequence words + pooled words * MIX, mod 2^64,
     a short tail zero-padded (float32 [5, 3]: 60 bytes, 4 of them a padded tail); rows read at any offset."""
-    from clipcond.store import row_checksums
+    from clipcond.store.format import row_checksums
 
     g = torch.Generator().manual_seed(0)
     sequence = (torch.randn(shape, generator=g) * 1e4).to(dtype)  # big values: every sum wraps
@@ -220,7 +220,7 @@ def test_row_checksums_are_sums_of_64_bit_words_mod_2_64(shape, dtype):
         data += b"\0" * (-len(data) % 8)
         return sum(int.from_bytes(data[i : i + 8], "little") for i in range(0, len(data), 8))
 
-    mix = 0x9E3779B97F4A7C15  # the format's constant (clipcond/store.py CHECK_MIX)
+    mix = 0x9E3779B97F4A7C15  # the format's constant (clipcond/store/format.py CHECK_MIX)
     expected = [(words(s) + words(p) * mix) % 2**64 for s, p in zip(sequence, pooled, strict=True)]
     got = row_checksums(sequence, pooled).numpy().view("uint64").tolist()
     assert got == expected
@@ -231,7 +231,7 @@ def test_the_compiled_row_copy_copies_and_sums_like_python_integers():
     """clipcond._rows (built at install; CI has a compiler, so it must be there): each source copied to its
     destination and summed as little-endian 64-bit words mod 2^64, a short tail zero-padded; sources at odd
     addresses and of odd sizes; the pairs shared between 1 to more threads than pairs; sizes checked."""
-    from clipcond import _rows
+    from clipcond.store import _rows
 
     rng = np.random.default_rng(0)
     pool = rng.integers(0, 256, size=1 << 20, dtype=np.uint8)
@@ -313,7 +313,7 @@ def test_a_version_1_store_is_read_and_refused_growth_with_how_to_convert(tmp_pa
 
 
 def inspected(out: Path) -> list[str]:
-    from clipcond.store import inspect_store
+    from clipcond.store.format import inspect_store
 
     lines, problems = inspect_store(out)
     assert not problems
@@ -351,7 +351,8 @@ def test_the_batched_fetch_checks_every_row_on_its_copy(damaged, monkeypatch, ca
     """Compiled: each row summed as it is copied (clipcond._rows), on one thread for a small batch, or several;
     else numpy sums each copy right after it. A wrong sum would send every clean row to the slow recheck,
     counted here."""
-    from clipcond import dataset, store
+    from clipcond.store import format as store
+    from clipcond.store import reader as dataset
 
     if copy == "numpy":
         monkeypatch.setattr(store, "_rows", None)

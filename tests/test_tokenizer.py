@@ -9,7 +9,7 @@ import pytest
 import torch
 
 from clipcond import ClipTokenizer, TextConditioner
-from clipcond.tokenizer import open_clip_clean
+from clipcond.text.tokenizer import open_clip_clean
 
 WORDS = ("a photo of the cat dog running astronaut horse mars portrait oil painting by greg rutkowski "
          "trending on artstation 4k 8k hdr masterpiece best quality lowres bad anatomy it's we're you'll "

@@ -15,7 +15,7 @@ from conftest import openclip_blocks
 from safetensors.torch import load_file, save_file
 
 from clipcond import TextConditioner, WeightsError
-from clipcond.weights import StateReader
+from clipcond.encoders.weights import StateReader
 
 TOL = {"atol": 1e-5, "rtol": 1e-5}
 PROMPTS = ["a photo of a cat", "a running dog!", "", "an astronaut riding a horse on mars, highly detailed"]
@@ -166,8 +166,8 @@ def test_download_fetches_only_text_encoder_files(monkeypatch, tmp_path):
     import huggingface_hub
     from huggingface_hub.errors import EntryNotFoundError
 
-    from clipcond.specs import get_spec
-    from clipcond.weights import download
+    from clipcond import get_spec
+    from clipcond.encoders.weights import download
 
     asked = []
 
@@ -247,7 +247,7 @@ def test_safetensors_reader_equals_the_library_and_names_damage(tmp_path):
     # clipcond reads .safetensors with plain reads (no memory map: see SafetensorsFile).
     from contextlib import ExitStack
 
-    from clipcond.weights import SafetensorsFile
+    from clipcond.encoders.weights import SafetensorsFile
 
     g = torch.Generator().manual_seed(0)
     tensors = {"f32": torch.randn(3, 4, generator=g), "f16": torch.randn(5, generator=g).half(),
@@ -274,7 +274,7 @@ def test_safetensors_reader_equals_the_library_and_names_damage(tmp_path):
 
 
 def clipcond_spec(name: str, **tower_changes):
-    from clipcond.specs import get_spec
+    from clipcond import get_spec
 
     spec = get_spec(name)
     return spec.replace(towers=tuple(t.replace(**tower_changes) for t in spec.towers))

@@ -3,7 +3,7 @@
 Pre-LN blocks, fused QKV, PyTorch scaled-dot-product attention with the causal mask (CLIP's
 text tower attends causally and ignores padding: the pad ids are still seen by later rows,
 which is why the pad id is part of the spec). Only the blocks the spec needs are built and run.
-The canonical state-dict layout of this module is what clipcond/convert.py converts into.
+The canonical state-dict layout of this module is what clipcond/encoders/convert.py converts into.
 """
 
 from __future__ import annotations

@@ -26,13 +26,13 @@ from typing import TYPE_CHECKING
 
 import torch
 
+from clipcond._files import atomic_write, publish, raw_bytes, temporary
 from clipcond.conditioning import Conditioning
-from clipcond.files import atomic_write, publish, raw_bytes, temporary
-from clipcond.store import Manifest, ShardEntry, ShardFormat, row_checksums
-from clipcond.tokenizer import Tokens
+from clipcond.store.format import Manifest, ShardEntry, ShardFormat, row_checksums
+from clipcond.text.tokenizer import Tokens
 
 if TYPE_CHECKING:
-    from clipcond.conditioner import TextConditioner
+    from clipcond.encoders.conditioner import TextConditioner
 
 PREFETCH = 4  # batches queued between stages: hides tokenizer/writer latency, bounds memory
 FLUSHING = 2  # full shards waiting for their fsync at most: bounds the dirty page cache

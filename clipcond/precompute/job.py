@@ -3,9 +3,9 @@
 Replaces the precompute loops of diffusers' ``train_text_to_image_sdxl.py`` (``encode_prompt``
 over ``datasets.map``) and kohya sd-scripts' ``--cache_text_encoder_outputs``, and adds:
 
-- deduplication: identical captions are encoded and stored once (the first pass: clipcond/scan.py;
-  slots and new shards: clipcond/plan.py);
-- crash safety: every file is written atomically (clipcond/files.py), a shard's manifest entry
+- deduplication: identical captions are encoded and stored once (the first pass: clipcond/precompute/scan.py;
+  slots and new shards: clipcond/precompute/plan.py);
+- crash safety: every file is written atomically (clipcond/_files.py), a shard's manifest entry
   (a ``shard-XXXXX.json`` sidecar) before the shard itself, so a run killed at any point and rerun
   with the same command keeps the whole shards, encodes the rest, and ends with every row once;
   a store of other weights, spec, dtype or input is refused;
@@ -14,7 +14,7 @@ over ``datasets.map``) and kohya sd-scripts' ``--cache_text_encoder_outputs``, a
   other ranks read their captions from its scan folder (gloo barriers and small broadcasts; no
   tensor crosses ranks, so CPU ``gloo`` is enough on GPUs too); ``--part I/N`` for schedulers;
 - overlap: a thread tokenizes ahead of the encoder and a thread streams the rows to disk behind
-  it (clipcond/pipeline.py); the run logs how long the device sat idle waiting for them.
+  it (clipcond/precompute/encode.py); the run logs how long the device sat idle waiting for them.
 """
 
 from __future__ import annotations
@@ -31,9 +31,9 @@ from typing import TYPE_CHECKING, TypeVar
 import numpy as np
 import torch.distributed as dist
 
-from clipcond.files import TMP_MARK, file_chunks, write_tensors
-from clipcond.pipeline import encode_shards
-from clipcond.plan import (
+from clipcond._files import TMP_MARK, file_chunks, write_tensors
+from clipcond.precompute.encode import encode_shards
+from clipcond.precompute.plan import (
     Layout,
     Plan,
     assign_slots,
@@ -45,8 +45,8 @@ from clipcond.plan import (
     refuse_foreign,
     store_identity,
 )
-from clipcond.scan import CACHE, CHUNK, CaptionTexts, Scan, ScanCache, remove_stale, scan_captions
-from clipcond.store import (
+from clipcond.precompute.scan import CACHE, CHUNK, CaptionTexts, Scan, ScanCache, remove_stale, scan_captions
+from clipcond.store.format import (
     FORMAT,
     FORMAT_VERSION,
     MANIFEST,
@@ -59,7 +59,7 @@ from clipcond.store import (
 )
 
 if TYPE_CHECKING:
-    from clipcond.conditioner import TextConditioner
+    from clipcond.encoders.conditioner import TextConditioner
 
 logger = logging.getLogger(__name__)
 T = TypeVar("T")

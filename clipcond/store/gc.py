@@ -18,9 +18,9 @@ from pathlib import Path
 
 import torch
 
-from clipcond.files import TMP_MARK
-from clipcond.scan import remove_stale
-from clipcond.store import (
+from clipcond._files import TMP_MARK
+from clipcond.precompute.scan import remove_stale
+from clipcond.store.format import (
     FORMAT_VERSION,
     IndexFormat,
     Manifest,

@@ -1,4 +1,4 @@
-"""Key conversion from published layouts into clipcond/model.py's canonical layout.
+"""Key conversion from published layouts into clipcond/encoders/model.py's canonical layout.
 
 Layouts: Hugging Face ``CLIPTextModel`` (as published, ``text_model.`` prefix, and as
 transformers 5 saves it, without), open_clip ``CLIP.state_dict()`` (also inside SD 2.x and SDXL

@@ -1,7 +1,7 @@
 """The embedding store's format: one owner for the manifest, the index and the shards.
 
-A store is what ``clipcond precompute`` writes (clipcond/precompute.py) and ``EmbeddingStore``
-reads (clipcond/dataset.py). It replaces kohya sd-scripts' ``--cache_text_encoder_outputs`` (an
+A store is what ``clipcond precompute`` writes (clipcond/precompute/job.py) and ``EmbeddingStore``
+reads (clipcond/store/reader.py). It replaces kohya sd-scripts' ``--cache_text_encoder_outputs`` (an
 ``.npz`` per image) and the diffusers SDXL training script's precompute step. Format 2, one folder:
 
 - ``shard-00000.safetensors``, ...: ``sequence`` ``[n, 77, D]``, ``pooled`` ``[n, P]`` (the store's
@@ -13,7 +13,7 @@ reads (clipcond/dataset.py). It replaces kohya sd-scripts' ``--cache_text_encode
 - ``manifest.json``: what the store is bound to and every file's size and sha256 (``Manifest``);
 - ``.clipcond.lock``: locked by the run writing the store (``StoreLock``).
 
-Every file is written under a temporary name, fsynced and renamed (clipcond/files.py), and the
+Every file is written under a temporary name, fsynced and renamed (clipcond/_files.py), and the
 manifest is published last: a file under its final name is whole, and a manifest lists only whole
 files. Format 1 (clipcond before incremental precompute: ``index.safetensors`` with ``rows [N]``,
 shards without checksums) is read, never written.
@@ -33,7 +33,7 @@ from pathlib import Path
 import numpy as np
 import torch
 
-from clipcond.files import (
+from clipcond._files import (
     TMP_MARK,  # noqa: F401 (re-exported: what a killed writer leaves behind)
     atomic_write,
     raw_bytes,
@@ -42,8 +42,8 @@ from clipcond.files import (
     write_streamed,
 )
 
-try:  # the batched read's copy-and-checksum in one pass (clipcond/_rows.c; optional, little-endian only)
-    from clipcond import _rows
+try:  # the batched read's copy-and-checksum in one pass (clipcond/store/_rows.c; optional, little-endian only)
+    from clipcond.store import _rows
 except ImportError:
     _rows = None
 if sys.byteorder != "little":
@@ -522,14 +522,6 @@ def read_tensors(path: Path, keys: Sequence[str] | None = None) -> dict[str, tor
         raise ValueError(f"{path}: cannot read {list(keys or [])!r} ({err}); {REPAIR_HINT}") from err
     except Exception as err:  # safetensors' SafetensorError derives from Exception only
         raise ValueError(f"{path}: not a readable safetensors file ({err}); {REPAIR_HINT}") from err
-
-
-def __getattr__(name: str) -> object:  # the reader moved to clipcond/dataset.py; old imports keep working
-    if name in ("EmbeddingStore", "CaptionDropout", "ShardView"):
-        from clipcond import dataset
-
-        return getattr(dataset, name)
-    raise AttributeError(f"module {__name__!r} has no attribute {name!r}")
 
 
 __all__ = ["FORMAT", "FORMAT_VERSION", "MANIFEST", "NULL", "FileEntry", "IndexFormat", "Manifest", "ShardEntry",

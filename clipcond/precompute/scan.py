@@ -1,6 +1,6 @@
 """The first pass of ``clipcond precompute``: every row read once, deduplicated in bounded memory.
 
-The pass streams the input (clipcond/inputs.py) and writes what it learns to a scan folder
+The pass streams the input (clipcond/precompute/inputs.py) and writes what it learns to a scan folder
 instead of holding it: each caption's UTF-8 text, its 16-byte key (BLAKE2b: what a store
 addresses an embedding by), its length, and the ids with their 8-byte hashes. Deduplication then
 sorts the keys (numpy, ~27 bytes a caption at the peak) and keeps, per input row and caption
@@ -39,8 +39,8 @@ from typing import BinaryIO
 import numpy as np
 import torch
 
-from clipcond.files import TMP_MARK, publish
-from clipcond.inputs import TAR_KEY, check_like_before, expand_inputs, read_captions, row_count_hint
+from clipcond._files import TMP_MARK, publish
+from clipcond.precompute.inputs import TAR_KEY, check_like_before, expand_inputs, read_captions, row_count_hint
 
 logger = logging.getLogger(__name__)
 

@@ -1,4 +1,4 @@
-"""Prompts to weighted 77-token windows, per tower, the way each tool reads them (clipcond/prompts.py).
+"""Prompts to weighted 77-token windows, per tower, the way each tool reads them (clipcond/text/prompts.py).
 
 - ``None`` (``long_prompts="chunk"``): the tower's own tokenizer, plain 75-token windows.
 - ``"a1111"``: A1111's parser; each segment tokenized on its own by the tower's tokenizer (A1111's
@@ -15,7 +15,7 @@ import re
 from collections.abc import Sequence
 from typing import Literal
 
-from clipcond.prompts import (
+from clipcond.text.prompts import (
     Window,
     a1111_windows,
     comfy_weights,
@@ -24,7 +24,7 @@ from clipcond.prompts import (
     parse_emphasis,
     plain_windows,
 )
-from clipcond.tokenizer import ClipTokenizer
+from clipcond.text.tokenizer import ClipTokenizer
 
 logger = logging.getLogger(__name__)
 

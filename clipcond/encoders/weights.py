@@ -20,10 +20,17 @@ from pathlib import Path
 
 import torch
 
-from clipcond.convert import HF_TEXT, OPENCLIP_IGNORED_PREFIXES, OPENCLIP_TEXT, Rule, convert_state, count_blocks
+from clipcond._files import SAFETENSORS_DTYPES, raw_bytes
+from clipcond.encoders.convert import (
+    HF_TEXT,
+    OPENCLIP_IGNORED_PREFIXES,
+    OPENCLIP_TEXT,
+    Rule,
+    convert_state,
+    count_blocks,
+)
+from clipcond.encoders.openclip import OPEN_CLIP_FILES
 from clipcond.errors import WeightsError
-from clipcond.files import SAFETENSORS_DTYPES, raw_bytes
-from clipcond.openclip import OPEN_CLIP_FILES
 from clipcond.specs import EncoderSpec, TowerSpec
 
 logger = logging.getLogger(__name__)
@@ -334,7 +341,7 @@ def file_sources(spec: EncoderSpec, file: Path, reader: StateReader) -> list[Tow
 
 def read_tower(src: TowerSource, reader: StateReader, dtype: torch.dtype) -> dict[str, torch.Tensor]:
     """Convert one tower's tensors into the canonical layout, cast to ``dtype`` one at a time."""
-    from clipcond.model import TextTransformer
+    from clipcond.encoders.model import TextTransformer
 
     layout, prefix = src.component.layout, src.component.prefix
     keys = {}  # layout key -> key in the file

@@ -14,9 +14,9 @@ from pathlib import Path
 
 import torch
 
+from clipcond.encoders.weights import PICKLE_SUFFIXES, load_pickle
 from clipcond.errors import WeightsError
 from clipcond.specs import TowerSpec
-from clipcond.weights import PICKLE_SUFFIXES, load_pickle
 
 # The keys of SDXL-style embedding files (A1111, kohya), by TowerSpec.family.
 TI_KEYS = {"clip": "clip_l", "open_clip": "clip_g"}

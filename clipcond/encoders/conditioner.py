@@ -18,13 +18,14 @@ import torch
 from torch import nn
 
 from clipcond.conditioning import Conditioning
+from clipcond.encoders.model import TextTransformer, random_tower, tower_from_state
+from clipcond.encoders.names import get_spec
+from clipcond.encoders.weights import load_towers
 from clipcond.errors import WeightsError
-from clipcond.model import TextTransformer, random_tower, tower_from_state
-from clipcond.prompts import Emphasis, WeightStyle, apply_weights, frame
-from clipcond.reading import read_windows
-from clipcond.specs import EncoderSpec, get_spec
-from clipcond.tokenizer import ClipTokenizer, Tokens, check_prompts
-from clipcond.weights import load_towers
+from clipcond.specs import EncoderSpec
+from clipcond.text.prompts import Emphasis, WeightStyle, apply_weights, frame
+from clipcond.text.tokenizer import ClipTokenizer, Tokens, check_prompts
+from clipcond.text.windows import read_windows
 
 logger = logging.getLogger(__name__)
 Segments = list[tuple[int, Conditioning]]  # (end step, inclusive; the conditioning in force until then)
@@ -81,7 +82,7 @@ class TextConditioner(nn.Module):
             spec = spec.replace(**overrides)
         files = {}
         if pretrained is not None:
-            from clipcond.openclip import pretrained_source
+            from clipcond.encoders.openclip import pretrained_source
 
             if weights is not None:
                 raise ValueError(f"give weights= or pretrained=, not both (got {weights!r} and {pretrained!r})")
@@ -101,7 +102,7 @@ class TextConditioner(nn.Module):
         Only rows are appended to each tower's embedding table; every existing weight is shared.
         SDXL needs a file with vectors for both towers (``clip_l`` and ``clip_g``).
         """
-        from clipcond.embeddings import load_embedding
+        from clipcond.encoders.textual_inversion import load_embedding
 
         emb = load_embedding(path, token)
         if emb.token in self.added:
@@ -215,7 +216,7 @@ class TextConditioner(nn.Module):
         ``z_empty + w * (z - z_empty)``, ``embedding:name`` for textual inversion. Weight 1.0 everywhere
         equals the plain encoding exactly; the pooled vector is the first window's, unweighted.
         ``style="compel"``: compel (``word++``, ``(words)1.3``, ``.blend()``, ``.and()``, its masked
-        down-weighting, its pooled vector from the raw string): see clipcond/compel_style.py.
+        down-weighting, its pooled vector from the raw string): see clipcond/text/compel_style.py.
         """
         if style not in ("a1111", "comfy", "compel"):
             raise ValueError(f"style must be 'a1111', 'comfy' or 'compel', got {style!r}")
@@ -227,7 +228,7 @@ class TextConditioner(nn.Module):
         if not prompts:
             return self._zeros(0)
         if style == "compel":
-            from clipcond.compel_style import CompelReader
+            from clipcond.text.compel_style import CompelReader
 
             read = CompelReader(self)
             return Conditioning.cat(self.pad_chunks(*(read(p) for p in prompts)))
@@ -243,7 +244,7 @@ class TextConditioner(nn.Module):
         first segment with ``end_step >= i``); each segment's text read with ``weighted(..., style=style)``.
         With ``AND``, one such list per sub-prompt with its weight: ``[(weight, segments), ...]``.
         """
-        from clipcond.schedules import prompt_schedule, split_and
+        from clipcond.text.schedules import prompt_schedule, split_and
 
         parts = split_and(prompt)
 

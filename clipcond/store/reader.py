@@ -1,4 +1,4 @@
-"""``EmbeddingStore``: a precomputed store (clipcond/store.py) read back as a memory-mapped ``Dataset``.
+"""``EmbeddingStore``: a precomputed store (clipcond/store/format.py) read back as a memory-mapped ``Dataset``.
 
 Opening reads the manifest and the row index (8 bytes a row and variant) and checks file sizes;
 shards are memory-mapped lazily, per process, so DataLoader workers each open their own. Every
@@ -25,10 +25,10 @@ import numpy as np
 import torch
 from torch.utils.data import Dataset, default_collate, get_worker_info
 
+from clipcond._files import SAFETENSORS_DTYPES, id_hash
 from clipcond.conditioning import Conditioning
-from clipcond.files import SAFETENSORS_DTYPES, id_hash
 from clipcond.specs import EncoderSpec, spec_from_dict
-from clipcond.store import (
+from clipcond.store.format import (
     NULL,
     REPAIR_HINT,
     IndexFormat,

@@ -1,6 +1,6 @@
 """What a precompute run will publish: slots for the input's captions, the new shards, the manifest.
 
-Rank 0 (or each part) works this out after the scan (clipcond/scan.py): captions the store holds
+Rank 0 (or each part) works this out after the scan (clipcond/precompute/scan.py): captions the store holds
 keep their slots, the others get new slots after the last one, cut into new shards of
 ``shard_size``. A ``Plan`` is the manifest the run publishes, but for the index and the new
 shards' entries, with what only the run needs (the new shards, its counts, its scan folder).
@@ -18,10 +18,10 @@ from typing import TYPE_CHECKING
 
 import numpy as np
 
-from clipcond.files import TMP_MARK
-from clipcond.inputs import expand_inputs
-from clipcond.scan import CACHE, CHUNK, Scan
-from clipcond.store import (
+from clipcond._files import TMP_MARK
+from clipcond.precompute.inputs import expand_inputs
+from clipcond.precompute.scan import CACHE, CHUNK, Scan
+from clipcond.store.format import (
     FORMAT_VERSION,
     MANIFEST,
     NULL,
@@ -36,8 +36,8 @@ from clipcond.store import (
 )
 
 if TYPE_CHECKING:
-    from clipcond.conditioner import TextConditioner
-    from clipcond.precompute import PrecomputeJob
+    from clipcond.encoders.conditioner import TextConditioner
+    from clipcond.precompute.job import PrecomputeJob
 
 logger = logging.getLogger(__name__)
 
@@ -131,7 +131,7 @@ def store_identity(tc: TextConditioner, shard_size: int) -> dict:
 
 def make_plan(tc: TextConditioner, job: PrecomputeJob, scan: Scan, shard_size: int, base: Manifest | None,
               layout: Layout) -> Plan:
-    from clipcond import __version__
+    from clipcond._version import __version__
 
     first_slot, next_shard = (base.slots, base.next_shard) if base is not None else (0, 0)
     missing = len(layout.missing)

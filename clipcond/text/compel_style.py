@@ -26,12 +26,12 @@ from typing import TYPE_CHECKING
 import torch
 
 from clipcond.conditioning import Conditioning
-from clipcond.prompts import ROOM, apply_weights
 from clipcond.specs import BOS_ID, EOS_ID
-from clipcond.tokenizer import ClipTokenizer
+from clipcond.text.prompts import ROOM, apply_weights
+from clipcond.text.tokenizer import ClipTokenizer
 
 if TYPE_CHECKING:
-    from clipcond.conditioner import TextConditioner
+    from clipcond.encoders.conditioner import TextConditioner
 
 LENGTH = ROOM + 2
 _SENTENCE = {".</w>"}

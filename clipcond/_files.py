@@ -2,16 +2,21 @@
 
 ``atomic_write``: a temporary name, fsync, rename, fsync of the folder, so that a file under its
 final name is always whole. ``safetensors_header`` / ``raw_bytes``: safetensors files written piece
-by piece (the precompute writer) and read into tensors without a copy (weights.py).
+by piece (the precompute writer) and read into tensors without a copy (encoders/weights.py).
+``read_safetensors_header``: the one reader of safetensors headers, strict about damaged files.
 """
 
 from __future__ import annotations
 
 import hashlib
+import itertools
 import json
+import math
 import os
 from collections.abc import Iterable, Iterator
+from dataclasses import dataclass
 from pathlib import Path
+from typing import BinaryIO
 
 import torch
 
@@ -65,6 +70,80 @@ def write_file(root: Path, name: str, data: bytes) -> dict[str, object]:
 SAFETENSORS_DTYPES = {torch.float64: "F64", torch.float32: "F32", torch.float16: "F16", torch.bfloat16: "BF16",
                       torch.int64: "I64", torch.int32: "I32", torch.int16: "I16", torch.int8: "I8",
                       torch.uint8: "U8", torch.bool: "BOOL"}
+
+
+SAFETENSORS_CODES = {code: dtype for dtype, code in SAFETENSORS_DTYPES.items()}
+SAFETENSORS_CODES.update({"F8_E4M3": torch.float8_e4m3fn, "F8_E5M2": torch.float8_e5m2})  # fp8 text encoders
+
+
+@dataclass(frozen=True, slots=True)
+class TensorInfo:
+    """Where a tensor of a safetensors file lies: ``begin:end`` relative to the data, after the header."""
+
+    dtype: torch.dtype
+    shape: tuple[int, ...]
+    begin: int
+    end: int
+
+
+@dataclass(frozen=True, slots=True)
+class SafetensorsHeader:
+    tensors: dict[str, TensorInfo]
+    metadata: dict[str, str]
+    data_start: int  # 8 + the header's length: byte offset of the data in the file
+
+
+def read_safetensors_header(f: BinaryIO, path: object) -> SafetensorsHeader:
+    """The header of the safetensors file open as ``f``, checked against the file before anything is trusted.
+
+    The one reader of safetensors headers (weights and store shards). Holds the rules the safetensors
+    library holds, so that a damaged or hostile file is a ``ValueError`` naming ``path`` (and the tensor),
+    never another exception, an allocation of what a length field claims, or bytes of a neighbour tensor:
+    the header length fits the file; the header is a UTF-8 JSON object; each tensor has a known dtype, a
+    shape of non-negative ints and two data offsets that fit the data, match dtype and shape, and do not
+    overlap another tensor's.
+    """
+    size = os.fstat(f.fileno()).st_size
+    f.seek(0)
+    n = int.from_bytes(f.read(8), "little")
+    if size < 8 or not 2 <= n <= size - 8:
+        raise ValueError(f"{path}: not a safetensors file: header length {n} does not fit the file's {size} bytes")
+    try:
+        header = json.loads(f.read(n).decode("utf-8"))
+    except (UnicodeDecodeError, ValueError) as err:  # JSONDecodeError is a ValueError
+        raise ValueError(f"{path}: not a safetensors file: its header is not UTF-8 JSON ({err})") from err
+    if not isinstance(header, dict):
+        raise ValueError(f"{path}: not a safetensors file: its header is JSON {type(header).__name__}, not an object")
+    metadata = header.pop("__metadata__", None) or {}
+    if not isinstance(metadata, dict) or not all(isinstance(v, str) for v in metadata.values()):
+        raise ValueError(f"{path}: safetensors __metadata__ must map strings to strings, got {metadata!r:.200}")
+    data = size - 8 - n
+    tensors = {name: _tensor_info(name, info, data, path) for name, info in header.items()}
+    spans = sorted((t.begin, t.end, name) for name, t in tensors.items() if t.end > t.begin)
+    for (_, end, first), (begin, _, second) in itertools.pairwise(spans):
+        if begin < end:
+            raise ValueError(f"{path}: safetensors tensors {first!r} and {second!r} overlap (damaged header)")
+    return SafetensorsHeader(tensors, metadata, 8 + n)
+
+
+def _tensor_info(name: str, info: object, data: int, path: object) -> TensorInfo:
+    def bad(why: str) -> ValueError:
+        return ValueError(f"{path}: safetensors tensor {name!r}: {why} (damaged header)")
+
+    if not isinstance(info, dict):
+        raise bad(f"entry is a JSON {type(info).__name__}, not an object")
+    dtype, shape, offsets = info.get("dtype"), info.get("shape"), info.get("data_offsets")
+    if dtype not in SAFETENSORS_CODES:
+        raise bad(f"unknown dtype {dtype!r:.40}")
+    ints = (lambda v: isinstance(v, list) and all(type(x) is int and x >= 0 for x in v))  # noqa: E731 (not bool)
+    if not ints(shape):
+        raise bad(f"shape must be a list of non-negative ints, got {shape!r:.80}")
+    if not ints(offsets) or len(offsets) != 2 or not offsets[0] <= offsets[1] <= data:
+        raise bad(f"data_offsets must be [begin, end] within the file's {data} data bytes, got {offsets!r:.80}")
+    dtype = SAFETENSORS_CODES[dtype]
+    if offsets[1] - offsets[0] != dtype.itemsize * math.prod(shape):
+        raise bad(f"{offsets[1] - offsets[0]} bytes at {offsets} do not hold {dtype} {shape}")
+    return TensorInfo(dtype, tuple(shape), offsets[0], offsets[1])
 
 
 def safetensors_header(tensors: dict[str, tuple[torch.dtype, tuple[int, ...]]], metadata: dict[str, str]) -> bytes:
@@ -135,10 +214,6 @@ def write_streamed(root: Path, name: str, tensors: dict[str, tuple[torch.dtype, 
         os.fsync(f.fileno())
     publish(tmp, path)
     return {"file": name, "bytes": size, "sha256": digest.hexdigest()}
-
-
-def write_json(path: Path, obj: object) -> None:
-    atomic_write(path, json.dumps(obj, indent=1).encode())
 
 
 def id_hash(key: str | bytes) -> int:

@@ -18,6 +18,7 @@ from dataclasses import dataclass
 from pathlib import Path
 from typing import BinaryIO
 
+import numpy as np
 import torch
 
 TMP_MARK = ".tmp-"  # ".<final name>.tmp-<pid>": what a killed writer leaves behind
@@ -216,7 +217,20 @@ def write_streamed(root: Path, name: str, tensors: dict[str, tuple[torch.dtype, 
     return {"file": name, "bytes": size, "sha256": digest.hexdigest()}
 
 
+ID_HASH_DTYPE = np.dtype("<i8")  # an id's hash: its 8-byte blake2b digest read as a little-endian signed int64
+
+
+def id_digest(key: str | bytes) -> bytes:
+    """The 8 bytes an id hashes to (stable across processes and machines, unlike Python's salted ``hash``)."""
+    return hashlib.blake2b(key.encode() if isinstance(key, str) else key, digest_size=8).digest()
+
+
+def id_hashes(digests: bytes | np.ndarray) -> np.ndarray:
+    """[n] int64 hashes of ``id_digest`` outputs laid end to end: the one reading of a digest as a number,
+    with an explicit byte order, so that a store written on one machine is looked up alike on any other."""
+    return np.frombuffer(digests, dtype=ID_HASH_DTYPE).astype(np.int64)
+
+
 def id_hash(key: str | bytes) -> int:
-    """A stable signed 64-bit hash of an id (Python's ``hash`` is salted per process)."""
-    data = key.encode() if isinstance(key, str) else key
-    return int.from_bytes(hashlib.blake2b(data, digest_size=8).digest(), "little", signed=True)
+    """The hash of one id, as ``id_hashes`` reads it."""
+    return int(id_hashes(id_digest(key))[0])

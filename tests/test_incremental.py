@@ -383,7 +383,7 @@ def test_tar_errors_name_the_shard_and_the_key(tmp_path, tc, samples, cut, messa
 def test_the_tar_reader_reads_what_tarfile_reads(tmp_path, fmt, compression):
     """clipcond's streaming tar reader against Python's tarfile on the same archives: long names (ustar
     prefix, GNU ././@LongLink, pax path records), non-ASCII names (pax), empty members, folders and links."""
-    from clipcond.precompute.inputs import _open_tar, _tar_members
+    from clipcond.precompute.tar import members, open_tar
 
     folder = "shard/" + "nested-" * 12  # 91 characters: with the file name, over ustar's 100
     names = ["000000000.txt", "000000000.jpg", f"{folder}/000000001.txt", f"{folder}/000000001.json",
@@ -405,15 +405,15 @@ def test_the_tar_reader_reads_what_tarfile_reads(tmp_path, fmt, compression):
     with tarfile.open(path, "r|*") as tar:
         expected = [(m.name, tar.extractfile(m).read() if m.name.endswith(".txt") else None)
                     for m in tar if m.isfile()]
-    with _open_tar(path) as stream:
-        assert list(_tar_members(stream, {"txt"})) == expected
+    with open_tar(path) as stream:
+        assert list(members(stream, {"txt"})) == expected
     assert len(expected) == len(names)
 
 
 def test_the_tar_reader_accepts_what_tarfile_accepts(tmp_path):
     """Archives tarfile reads that tarfile itself does not write: no end-of-archive blocks, a header checksum
     summed over signed bytes (old Sun tar), macOS's ._ AppleDouble members (skipped, as webdataset does)."""
-    from clipcond.precompute.inputs import _open_tar, _tar_members, _tar_samples
+    from clipcond.precompute.tar import members, open_tar, samples
 
     path = write_tar(tmp_path / "t.tar", [sample(i, f"caption {i}") for i in range(3)])
     with tarfile.open(path) as tar:
@@ -428,11 +428,11 @@ def test_the_tar_reader_accepts_what_tarfile_accepts(tmp_path):
     path.write_bytes(bytes(data))
     with tarfile.open(path, "r|*") as tar:
         expected = [(m.name, tar.extractfile(m).read() if m.name.endswith(".txt") else None) for m in tar]
-    with _open_tar(path) as stream:
-        assert list(_tar_members(stream, {"txt"})) == expected and len(expected) == 9
+    with open_tar(path) as stream:
+        assert list(members(stream, {"txt"})) == expected and len(expected) == 9
 
     apple = write_tar(tmp_path / "mac.tar", [{"__key__": b"._000000000", "txt": b"\0\5\x16\7"}, sample(0, "a")])
-    assert [key for key, _ in _tar_samples(apple, {"txt"})] == ["000000000"]
+    assert [key for key, _ in samples(apple, {"txt"})] == ["000000000"]
 
 
 def test_an_empty_tar_is_an_error_and_one_without_end_blocks_a_warning(tmp_path, tc, caplog):
@@ -446,13 +446,13 @@ def test_an_empty_tar_is_an_error_and_one_without_end_blocks_a_warning(tmp_path,
 
 
 def test_a_damaged_pax_record_is_an_error_not_a_hang():
-    from clipcond.precompute.inputs import _pax_records
+    from clipcond.precompute.tar import pax_records
 
-    assert _pax_records(b"18 path=a/b/c.txt\n11 size=42\n") == {"path": "a/b/c.txt", "size": "42"}
+    assert pax_records(b"18 path=a/b/c.txt\n11 size=42\n") == {"path": "a/b/c.txt", "size": "42"}
     for damaged in (b"00 path=x\n", b"5 path=a/b/c.txt\n", b"99 path=x\n", b"x path=y\n", b"11 pathxyz\n",
                     b"11 size=-1\n"):
         with pytest.raises(tarfile.ReadError, match="damaged pax header record at byte 0"):
-            _pax_records(damaged)
+            pax_records(damaged)
 
 
 def test_a_tar_header_with_a_bad_checksum_is_an_error_naming_the_sample(tmp_path, tc):
@@ -462,7 +462,7 @@ def test_a_tar_header_with_a_bad_checksum_is_an_error_naming_the_sample(tmp_path
     data[second + 1] ^= 1  # its name, one bit: the header checksum no longer matches
     path.write_bytes(bytes(data))
     with pytest.raises(ValueError, match=r"00000.tar: truncated or damaged tar at sample '000000000' "
-                                         r"\(ReadError: bad header checksum\)"):
+                                         rf"\(ReadError: bad header checksum at byte {second}\)"):
         run(tc, path, tmp_path / "store")
 
 
@@ -641,11 +641,28 @@ def test_the_scan_cache_is_only_a_cache(tmp_path, monkeypatch):
     assert sorted(cache.folder.iterdir()) == [entry]
 
 
-def test_rows_of_a_cached_file_must_hold_as_many_variants_as_the_rows_before(tmp_path, tc, settled):
+def index_rows(out: Path) -> tuple[np.ndarray, np.ndarray]:
+    """The published index's ``rows`` [N, kmax] and the caption key of each row's slots [N, kmax, 16] (zeros
+    where a row has no such variant), read with safetensors (not clipcond's reader)."""
+    from safetensors.numpy import load_file
+
+    index = load_file(out / json.loads((out / MANIFEST).read_text())["index"]["file"])
+    rows = index["rows"]
+    return rows, np.where((rows >= 0)[..., None], index["keys"][rows], 0)
+
+
+def test_a_cached_file_of_other_variant_counts_than_the_rows_before_equals_an_uncached_run(tmp_path, tc, settled):
+    """Issue 17, item 6: files whose rows hold different numbers of variants (3, then 2) were refused ("every
+    row needs the same number of variants"), from the cache or not; now each row keeps its own."""
     lists = tmp_path / "b.jsonl"
     lists.write_text("".join(json.dumps({"caption": [f"x {i}", f"y {i}", f"z {i}"]}) + "\n" for i in range(3)))
     run(tc, lists, tmp_path / "store")  # b.jsonl now cached: 3 variants a row
     pairs = tmp_path / "a.jsonl"
-    pairs.write_text("".join(json.dumps({"caption": [f"x {i}", f"y {i}"]}) + "\n" for i in range(3)))
-    with pytest.raises(ValueError, match=r"b.jsonl: its rows hold 3 captions, the rows before it 2: every row needs"):
-        run(tc, [pairs, lists], tmp_path / "store")
+    pairs.write_text("".join(json.dumps({"caption": [f"x {i}", f"w {i}"]}) + "\n" for i in range(3)))
+    cached = run(tc, [pairs, lists], tmp_path / "store")
+    fresh = run(tc, [pairs, lists], tmp_path / "fresh")
+    assert cached["variants"] == fresh["variants"] == 3 and cached["input"]["sha256"] == fresh["input"]["sha256"]
+    (rows, keys), (fresh_rows, fresh_keys) = index_rows(tmp_path / "store"), index_rows(tmp_path / "fresh")
+    assert np.array_equal(rows == -1, fresh_rows == -1) and np.array_equal(keys, fresh_keys) and rows.shape == (6, 3)
+    assert (rows[:3, 2] == -1).all() and (rows[3:] >= 0).all() and (rows[:3, :2] >= 0).all()
+    assert rows[0, 0] == rows[3, 0]  # "x 0" stored once

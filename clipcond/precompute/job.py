@@ -261,12 +261,14 @@ def finalize(out: Path, plan: Plan, layout: Layout, scan: Scan, *, parts: bool =
 
 
 def write_index(out: Path, plan: Plan, layout: Layout, scan: Scan) -> FileEntry:
-    """The index of this version: each row's slots, each slot's key, the ids; streamed, never held twice."""
+    """The index of this version: each row's slots (-1 after a row's own variants), each slot's key, the ids;
+    streamed, never held twice."""
     flat = scan.rows.reshape(-1)
 
     def rows() -> Iterator[np.ndarray]:
         for a in range(0, len(flat), CHUNK):
-            yield layout.slots[flat[a : a + CHUNK]]
+            unique = flat[a : a + CHUNK]
+            yield np.where(unique >= 0, layout.slots[unique], -1)
 
     def keys() -> Iterator[np.ndarray]:
         yield layout.base_keys

@@ -4,8 +4,9 @@ The pass streams the input (clipcond/precompute/inputs.py) and writes what it le
 instead of holding it: each caption's UTF-8 text, its 16-byte key (BLAKE2b: what a store
 addresses an embedding by), its length, and the ids with their 8-byte hashes. Deduplication then
 sorts the keys (numpy, ~27 bytes a caption at the peak) and keeps, per input row and caption
-variant, 8 bytes: the index of its unique caption; per unique caption, its key and where its text
-is in the folder. No caption text is held in memory; the encoder reads it back from the folder.
+variant, 8 bytes: the index of its unique caption (rows are ragged: a row of fewer variants than the
+most holds -1 after its own, packed left); per unique caption, its key and where its text is in the
+folder. No caption text is held in memory; the encoder reads it back from the folder.
 
 The folder lives in the store folder (``.scan.tmp-*``), which every rank of a job sees: under
 torchrun rank 0 scans and the other ranks read the captions they encode from its folder, so the
@@ -47,9 +48,11 @@ logger = logging.getLogger(__name__)
 PREFIX = f".scan{TMP_MARK}"  # scan folders in a store folder: what a killed run's cleanup recognises
 NEW_PREFIX = f".scan-new{TMP_MARK}"  # a scan folder being made (not yet locked)
 CHUNK = 1 << 20  # rows per step of the chunked numpy passes: bounds their temporaries to a few MiB
-# What the pass writes: name -> numpy dtype of its items (texts and ids: raw UTF-8 bytes back to back).
+# What the pass writes: name -> numpy dtype of its items (texts and ids: raw UTF-8 bytes back to back;
+# counts: each row's number of captions, its variants).
 FILES = {"texts": np.uint8, "keys": np.uint8, "lengths": np.uint32, "ids": np.uint8, "id_lengths": np.uint32,
-         "id_hashes": np.int64}
+         "id_hashes": np.int64, "counts": np.uint32}
+RAGGED = -1  # a file's ``variants`` when its rows hold different numbers of captions
 
 
 def caption_key(caption: str) -> bytes:
@@ -124,7 +127,7 @@ def remove_stale(folder: Path, min_age: float = 60.0) -> None:
 
 # --- the per-file cache ----------------------------------------------------------------
 CACHE = ".clipcond.scan-cache"  # in a store folder: each input file's share of the last scans
-CACHE_VERSION = 1  # bump when what a reader yields for a file changes: older entries are then read past
+CACHE_VERSION = 2  # bump when what a reader yields for a file changes: older entries are then read past
 RACY_NS = 2 * 10**9  # a file changed this recently could change again within its times' resolution: not cached
 
 
@@ -133,8 +136,10 @@ class ScanCache:
     files that are new or changed since: its first pass is then proportional to what changed.
 
     An entry (``<hash of the resolved path and the columns read>.scan``) holds what the pass wrote for the
-    file (texts, keys, lengths, ids), their hash, and the file's size, mtime, inode, device and ctime when
-    it was read; it is used only while all of these are unchanged and the hash matches (``touch`` a file
+    file (texts, keys, lengths, ids, counts), then a JSON header: the file's size, mtime, inode, device and
+    ctime when it was read, its counts (rows, variants, ids), the streams' sizes, and a hash of the streams
+    and of every other header field. It is used only while the file's stamp is unchanged, the sizes agree
+    with each other and the counts, and the hash matches; any other entry is read past as damaged (``touch`` a file
     to have it read again; deleting the folder is always safe). Entries are published atomically; a file
     changed while it was read, or within ``RACY_NS`` of its scan, is not cached.
     """
@@ -185,10 +190,14 @@ class CacheEntry:
             if header is None or header["stamp"] != self.stamp:
                 return None
             marks, digest = {name: stream.tell() for name, stream in out.items()}, hashlib.blake2b()
-            for name in FILES:
-                _copy(f, out[name], header["bytes"][name], digest)
-        if digest.hexdigest() != header["payload"]:  # damaged in place: take back what was appended
-            logger.warning("%s: damaged (its streams do not match their hash); %s is read again", self.path, self.file)
+            try:
+                for name in FILES:
+                    _copy(f, out[name], header["bytes"][name], digest)
+            except OSError:  # cut short while read (sizes were checked: only a concurrent writer does this)
+                digest = None
+        if digest is None or _sealed(digest, header) != header["payload"]:  # damaged: take back what was appended
+            logger.warning("%s: damaged (its streams and header do not match their hash); %s is read again",
+                           self.path, self.file)
             for name, stream in out.items():
                 stream.seek(marks[name])
                 stream.truncate()
@@ -212,9 +221,9 @@ class CacheEntry:
                     with open(out[name].name, "rb") as stream:
                         stream.seek(marks[name])
                         _copy(stream, f, sizes[name], digest)
-                header = json.dumps({"version": CACHE_VERSION, "path": str(self.file), "stamp": self.stamp,
-                                     "rows": rows, "variants": variants, "ids": has_ids, "sha256": sha256.hex(),
-                                     "bytes": sizes, "payload": digest.hexdigest()}).encode()
+                fields = {"version": CACHE_VERSION, "path": str(self.file), "stamp": self.stamp, "rows": rows,
+                          "variants": variants, "ids": has_ids, "sha256": sha256.hex(), "bytes": sizes}
+                header = json.dumps({**fields, "payload": _sealed(digest, fields)}).encode()
                 f.write(header + len(header).to_bytes(8, "little"))
                 f.flush()
                 os.fsync(f.fileno())
@@ -223,6 +232,13 @@ class CacheEntry:
             logger.warning("%s: could not save its scan to %s (%s); it will be read again next time", self.file,
                            self.path.parent, err)
             tmp.unlink(missing_ok=True)
+
+
+def _sealed(streams: hashlib.blake2b, header: dict) -> str:
+    """The entry's hash: its streams', then every header field but itself (so changed counts are damage too)."""
+    digest = streams.copy()
+    digest.update(json.dumps({k: v for k, v in header.items() if k != "payload"}, sort_keys=True).encode())
+    return digest.hexdigest()
 
 
 def _stamp(file: Path) -> list[int]:
@@ -253,13 +269,31 @@ def _entry_header(f: BinaryIO, path: Path) -> dict | None:
                 raise TypeError(f"{key} is {type(header[key]).__name__}")
         bytes.fromhex(header["sha256"])
         sizes = [header["bytes"][name] for name in FILES]
-        if not all(isinstance(n, int) and n >= 0 for n in sizes):
+        if not all(isinstance(n, int) and not isinstance(n, bool) and n >= 0 for n in sizes):
             raise ValueError(f"stream sizes {sizes}")
+        _check_sizes(header)
         f.seek(0)  # where the streams are
         return header if sum(sizes) + size + 8 == total else None
-    except (ValueError, KeyError, TypeError) as err:
+    except (ValueError, KeyError, TypeError, RecursionError) as err:
         logger.warning("%s: not a scan cache entry (%s); ignored", path, err)
         return None
+
+
+def _check_sizes(header: dict) -> None:
+    """The streams' sizes agree with each other and with the header's counts (each item's size, ``FILES``)."""
+    sizes, rows, ids, variants = header["bytes"], header["rows"], header["ids"], header["variants"]
+    captions = sizes["lengths"] // 4
+    expected = {"keys": 16 * captions, "lengths": 4 * captions, "counts": 4 * rows,
+                "id_lengths": 4 * rows if ids else 0, "id_hashes": 8 * rows if ids else 0}
+    wrong = {name: (sizes[name], n) for name, n in expected.items() if sizes[name] != n}
+    if variants is None:  # an empty file
+        fits = rows == 0
+    elif variants == RAGGED:
+        fits = rows < captions  # each row at least one caption, some more
+    else:
+        fits = variants >= 1 and captions == variants * rows
+    if wrong or not fits:
+        raise ValueError(f"stream sizes {sizes} do not fit {rows} rows of {variants} variants (ids: {ids})")
 
 
 def _copy(source: BinaryIO, target: BinaryIO, size: int, digest: hashlib.blake2b, chunk: int = 1 << 24) -> None:
@@ -278,7 +312,7 @@ class Scan:
     """The input as precompute needs it: the index, the unique captions' keys, their texts in ``folder``."""
 
     folder: ScanFolder
-    rows: np.ndarray  # [N, k] int64: input row, variant -> unique caption (numbered by first appearance)
+    rows: np.ndarray  # [N, kmax] int64: input row, variant -> unique caption (first appearance order); -1: none
     keys: np.ndarray  # [U, 16] uint8: each unique caption's key (``caption_key``)
     spans: np.ndarray  # [U, 2] int64: where each unique caption's UTF-8 text is in the folder's ``texts``
     has_ids: bool  # the folder holds the id tensors of the index (``id_tensors``)
@@ -354,30 +388,41 @@ def scan_captions(path: str | Path | Sequence[str | Path], *, column: str | Sequ
     """
     spill = ScanFolder.create(folder)
     try:
-        n, k, sha256 = _read(spill, path, column, id_column, limit, progress, cache if limit is None else None)
+        n, sha256 = _read(spill, path, column, id_column, limit, progress, cache if limit is None else None)
         _release_arrow_memory()
         has_ids = spill.file("id_lengths").stat().st_size > 0
         started = time.perf_counter()
         if has_ids:
             _index_ids(spill, n, path, id_column or TAR_KEY)
-        rows, first = _dedup(spill)  # [N * k], [U]
+        inverse, first = _dedup(spill)  # [captions], [U]
         keys, spans = _select(spill, first)
-        logger.info("scan: %d rows, %d variants, %d unique captions; index built in %.1f s", n, k, len(first),
-                    time.perf_counter() - started)
-        return Scan(spill, rows.reshape(n, k), keys, spans, has_ids, sha256)
+        rows = _ragged(inverse, spill.load("counts"))
+        logger.info("scan: %d rows, %d variants at most, %d captions, %d unique; index built in %.1f s", n,
+                    rows.shape[1], len(inverse), len(first), time.perf_counter() - started)
+        return Scan(spill, rows, keys, spans, has_ids, sha256)
     except BaseException:
         spill.remove()
         raise
 
 
+def _ragged(inverse: np.ndarray, counts: np.ndarray) -> np.ndarray:
+    """[N, kmax] int64: each row's captions (``inverse``, row-major) packed left, -1 after a row's own."""
+    kmax = int(counts.max())
+    if (counts == kmax).all():
+        return inverse.reshape(len(counts), kmax)  # every row alike: no copy
+    rows = np.full((len(counts), kmax), -1, dtype=np.int64)
+    rows[np.arange(kmax) < counts[:, None]] = inverse  # a boolean mask fills row-major: row r's first counts[r]
+    return rows
+
+
 def _read(spill: ScanFolder, path: str | Path | Sequence[str | Path], column: str | Sequence[str],
-          id_column: str | None, limit: int | None, progress: bool, cache: ScanCache | None) -> tuple[int, int, str]:
+          id_column: str | None, limit: int | None, progress: bool, cache: ScanCache | None) -> tuple[int, str]:
     """The pass: each batch's texts, keys, lengths and ids appended to the folder's files, file by file; a
     file in ``cache`` (unchanged since) is copied from there, a file read is saved there."""
     from tqdm.auto import tqdm
 
     columns = [column] if isinstance(column, str) else list(column)
-    digest, n, k, with_ids, used = hashlib.sha256(), 0, None, None, set()
+    digest, n, variants, with_ids, used = hashlib.sha256(), 0, [], None, set()
     files = expand_inputs(path)
     total = row_count_hint(files) if progress else None
     total = min(total, limit) if total is not None and limit is not None else total or limit
@@ -390,11 +435,11 @@ def _read(spill: ScanFolder, path: str | Path | Sequence[str | Path], column: st
             found = entry.read(out) if entry is not None else None
             if found is not None:
                 rows, file_k, file_ids, file_digest = found
-                check_like_before(file, variants_before=k, variants=file_k, ids_before=with_ids, has_ids=file_ids)
+                check_like_before(file, ids_before=with_ids, has_ids=file_ids)
                 bar.update(rows)
             else:
                 marks = {name: f.tell() for name, f in out.items()}
-                rows, file_k, file_ids, file_digest = _read_file(out, file, column, id_column, k, with_ids,
+                rows, file_k, file_ids, file_digest = _read_file(out, file, column, id_column, with_ids,
                                                                  None if limit is None else limit - n, bar)
                 if entry is not None:
                     entry.write(out, marks, rows, file_k, file_ids, file_digest)
@@ -402,26 +447,35 @@ def _read(spill: ScanFolder, path: str | Path | Sequence[str | Path], column: st
                 used.add(entry.path)
             digest.update(file_digest)
             n += rows
-            k, with_ids = file_k or k, with_ids if file_ids is None else file_ids
+            variants += [file_k] if file_k is not None else []
+            with_ids = with_ids if file_ids is None else file_ids
             if limit is not None and n >= limit:
                 break
     if not n:
         raise ValueError(f"{path}: no rows to encode" + (" (--limit 0)" if limit == 0 else ""))
     if cache is not None:
         cache.prune(used)
-    return n, k, digest.hexdigest()
+    if len(set(variants)) > 1:  # files of different variant counts: where one's rows end is part of the input
+        digest.update(json.dumps(variants).encode())
+    return n, digest.hexdigest()
 
 
-def _read_file(out: dict, file: Path, column: str | Sequence[str], id_column: str | None, k: int | None,
-               with_ids: bool | None, limit: int | None, bar) -> tuple[int, int | None, bool | None, bytes]:  # noqa: ANN001
-    """One input file through the pass: ``(rows, variants, has ids, sha256 of its rows)``."""
-    digest, n, file_k, has_ids = hashlib.sha256(), 0, None, None
-    for batch, batch_ids in read_captions(file, column=column, id_column=id_column, variants=k, with_ids=with_ids):
+def _read_file(out: dict, file: Path, column: str | Sequence[str], id_column: str | None, with_ids: bool | None,
+               limit: int | None, bar) -> tuple[int, int | None, bool | None, bytes]:  # noqa: ANN001
+    """One input file through the pass: ``(rows, variants, has ids, sha256 of its rows)``; variants: each row's
+    number of captions, ``RAGGED`` where they differ, None for no rows."""
+    digest, n, file_k, has_ids, counts_digest = hashlib.sha256(), 0, None, None, hashlib.sha256()
+    for batch, batch_ids in read_captions(file, column=column, id_column=id_column, with_ids=with_ids):
         if limit is not None:
             batch = batch[: limit - n]
         if not batch:
             break
-        file_k, has_ids = len(batch[0]), batch_ids is not None
+        has_ids = batch_ids is not None
+        counts = np.fromiter(map(len, batch), dtype=np.uint32, count=len(batch))  # [rows]
+        low, high = int(counts.min()), int(counts.max())
+        file_k = low if low == high and file_k in (None, low) else RAGGED
+        out["counts"].write(counts.tobytes())
+        counts_digest.update(counts.tobytes())
         texts = [caption.encode() for captions in batch for caption in captions]  # row-major
         out["texts"].write(b"".join(texts))
         out["keys"].write(b"".join([hashlib.blake2b(t, digest_size=16).digest() for t in texts]))
@@ -431,11 +485,13 @@ def _read_file(out: dict, file: Path, column: str | Sequence[str], id_column: st
             out["ids"].write(b"".join(ids))
             out["id_lengths"].write(_lengths(ids, "id"))
             out["id_hashes"].write(b"".join([hashlib.blake2b(i, digest_size=8).digest() for i in ids]))
-        digest.update(b"".join(_identity(texts, ids, file_k)))
+        digest.update(b"".join(_identity(texts, ids, counts.tolist())))
         n += len(batch)
         bar.update(len(batch))
         if limit is not None and n >= limit:
             break
+    if file_k == RAGGED:  # where each row ends is part of the input (rows alike: as before ragged rows were read)
+        digest.update(b"ragged rows" + counts_digest.digest())
     return n, file_k, has_ids, digest.digest()
 
 
@@ -454,12 +510,13 @@ def _lengths(items: list[bytes], what: str) -> bytes:
     return lengths.astype(np.uint32).tobytes()
 
 
-def _identity(texts: list[bytes], ids: list[bytes] | None, k: int) -> list[bytes]:
-    """What the input's sha256 covers, row by row: its k captions, then its id, each length-prefixed."""
-    parts = []
-    for r in range(len(texts) // k):
-        for text in [*texts[r * k : (r + 1) * k], *([ids[r]] if ids is not None else [])]:
+def _identity(texts: list[bytes], ids: list[bytes] | None, counts: list[int]) -> list[bytes]:
+    """What the input's sha256 covers, row by row: its k_i captions, then its id, each length-prefixed."""
+    parts, a = [], 0
+    for r, k in enumerate(counts):
+        for text in [*texts[a : a + k], *([ids[r]] if ids is not None else [])]:
             parts += (len(text).to_bytes(8, "little"), text)
+        a += k
     return parts
 
 

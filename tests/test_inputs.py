@@ -187,6 +187,24 @@ def test_upper_case_member_suffixes_are_the_lower_case_column_as_in_webdataset(t
     assert bytes(index["id_bytes"]).decode() == "".join(s["__key__"] for s in reference)
 
 
+@pytest.mark.parametrize(("name", "mode"), [("00000.tar.gz", "w:gz"), ("00000.tgz", "w:gz"),
+                                            ("00000.tar.bz2", "w:bz2"), ("00000.tar.xz", "w:xz")])
+def test_compressed_shards_are_read_by_their_suffix_as_webdataset_reads_them(tmp_path, capsys, tc, name, mode):
+    """`x.tar.gz` was refused as "unknown input type '.gz'" although the reader decompresses tars: the input type
+    was the last suffix only. webdataset reads the same file (tarfile's r|*)."""
+    captions = ["a cat", "a dog on a sofa"]
+    path = tmp_path / name
+    with tarfile.open(path, mode) as tar:
+        for i, caption in enumerate(captions):
+            info = tarfile.TarInfo(f"{i:06d}.txt")
+            info.size = len(caption.encode())
+            tar.addfile(info, io.BytesIO(caption.encode()))
+    assert [s["txt"].decode() for s in webdataset_samples(path)] == captions
+    code, err = precompute(capsys, [path], tmp_path / "store", "txt")
+    assert code == 0, err
+    assert_rows_hold(tc, tmp_path / "store", [[c] for c in captions])
+
+
 def test_a_suffix_twice_in_a_sample_is_an_error_as_in_webdataset(tmp_path, capsys):
     """000001.txt and 000001.TXT are both the sample's txt: webdataset raises "duplicate file name"; clipcond took
     the last one, silently."""

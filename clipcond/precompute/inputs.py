@@ -45,6 +45,7 @@ logger = logging.getLogger(__name__)
 READ_BATCH = 8192  # rows per batch read from the input
 Batch = tuple[list[tuple[str, ...]], list[str] | None]  # each row's captions (k_i >= 1 variants), ids (None: no ids)
 SUFFIXES = (".txt", ".jsonl", ".csv", ".parquet", ".tar")
+TAR_SUFFIXES = (".tar.gz", ".tgz", ".tar.bz2", ".tar.xz")  # compressed shards: read as .tar (tar.open_tar)
 CSV_MAX_LINES = 32  # lines a quoted CSV field may span: more is a stray quote that swallowed the rows after it
 TEXT_ENCODING = "utf-8-sig"  # UTF-8, a byte-order mark (Excel's "CSV UTF-8") skipped
 
@@ -279,12 +280,13 @@ def expand_inputs(inputs: str | Path | Sequence[str | Path]) -> list[Path]:
 def _reader(path: Path):  # noqa: ANN202
     if path.is_dir():
         return _hf_dataset
-    if path.suffix.lower() not in READERS:
-        raise ValueError(f"{path}: unknown input type {path.suffix!r}; expected one of {SUFFIXES} "
+    suffix = ".tar" if path.name.lower().endswith(TAR_SUFFIXES) else path.suffix.lower()
+    if suffix not in READERS:
+        raise ValueError(f"{path}: unknown input type {path.suffix!r}; expected one of {SUFFIXES + TAR_SUFFIXES} "
                          "or a folder written by datasets' save_to_disk")
     if not path.is_file():
         raise FileNotFoundError(f"{path}: no such input file")
-    return READERS[path.suffix.lower()]
+    return READERS[suffix]
 
 
 def _present(cells: Sequence[object], names: Sequence[str], row: int, source: object) -> tuple[str, ...]:

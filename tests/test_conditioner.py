@@ -237,3 +237,21 @@ def test_list_encoders_and_from_pretrained_unknown_name():
             "openclip-vit-bigg-14", "tiny-sdxl"} <= set(names)
     with pytest.raises(KeyError, match="unknown encoder 'sd3'; registered: .*sdxl"):
         TextConditioner.from_pretrained("sd3")
+
+
+def test_public_tower_interface_equals_diffusers_sdxl(tiny):
+    """empty(), feature_slice() and run_tower(), which readers (text/compel_style.py) build on, against diffusers'
+    SDXL encode_prompt and text_encoder_2: catches empty() returning SDXL's zero null, a slice off by a tower's
+    width, and run_tower running another tower, layer or pooled vector."""
+    pipe = tiny.pipeline("sdxl")
+    embeds, _, pooled, _ = pipe.encode_prompt([""], device="cpu", do_classifier_free_guidance=False)
+    tc = TextConditioner.from_pretrained("sdxl", weights=tiny.sdxl)
+    torch.testing.assert_close(tc.empty().sequence, embeds, **TOL)
+    torch.testing.assert_close(tc.empty().pooled, pooled, **TOL)
+    assert (tc.feature_slice(0), tc.feature_slice(1)) == (slice(0, 32), slice(32, 80))
+    ids = pipe.tokenizer_2(["a photo of a cat"], padding="max_length", max_length=77, return_tensors="pt").input_ids
+    sequence, projected = tc.run_tower(1, ids, torch.tensor([6]))
+    with torch.no_grad():
+        out = pipe.text_encoder_2(ids, output_hidden_states=True)
+    torch.testing.assert_close(sequence, out.hidden_states[-2], **TOL)
+    torch.testing.assert_close(projected, out.text_embeds, **TOL)

@@ -10,6 +10,7 @@ from __future__ import annotations
 
 import logging
 
+import open_clip
 import pytest
 import torch
 from safetensors.torch import save_file
@@ -17,13 +18,28 @@ from safetensors.torch import save_file
 from clipcond import TextConditioner
 from clipcond.text.prompts import comfy_weights
 from clipcond.text.schedules import prompt_schedule, split_and
-from clipcond.text.tokenizer import ClipTokenizer
+from clipcond.text.tokenizer import Tokens
 
 TOL = {"atol": 1e-6, "rtol": 1e-6}
 
 
 def windows(*conds) -> torch.Tensor:
     return torch.cat([c.sequence for c in conds], dim=1)
+
+
+def multipliers(*rows: list[float]) -> torch.Tensor:
+    """A1111's per-token multipliers of a chunk batch, [B, 77]: 1.0 on BOS, then each row's tokens, then 1.0."""
+    out = torch.ones(len(rows), 77)
+    for i, row in enumerate(rows):
+        out[i, 1 : len(row) + 1] = torch.tensor(row)
+    return out
+
+
+def a1111_original(z: torch.Tensor, m: torch.Tensor) -> torch.Tensor:
+    """sd_emphasis.py ``EmphasisOriginal.after_transformers`` on one chunk batch ``z`` [B, 77, D]: every row times its
+    multiplier, then the whole batch scaled back to the mean it had (one mean over all B texts of the batch)."""
+    weighted = z * m[..., None]
+    return weighted * (z.mean() / weighted.mean())
 
 
 # --- A1111 chunking: sd_hijack_clip.py tokenize_line -------------------------------------------------
@@ -33,9 +49,8 @@ def test_a1111_emits_no_empty_trailing_chunk_and_break_rules(sd15):
     torch.testing.assert_close(sd15.weighted("a BREAK BREAK b").sequence, windows(sd15("a"), sd15(""), sd15("b")),
                                **TOL)
     # A BREAK inside brackets is the word "BREAK" at weight -1.1, in the same chunk.
-    z = sd15("a break b").sequence  # tokens: BOS a break b EOS
-    w = torch.tensor([1.0, 1.1, -1.1, 1.1] + [1.0] * 73)[None, :, None]
-    torch.testing.assert_close(sd15.weighted("(a BREAK b)").sequence, z * w * (z.mean() / (z * w).mean()), **TOL)
+    expected = a1111_original(sd15("a break b").sequence, multipliers([1.1, -1.1, 1.1]))
+    torch.testing.assert_close(sd15.weighted("(a BREAK b)").sequence, expected, **TOL)
 
 
 @pytest.mark.parametrize(("before", "after", "backtrack", "first"), [
@@ -62,14 +77,24 @@ def test_a1111_never_splits_a_textual_inversion_word(tmp_path, sd15):
     torch.testing.assert_close(c.sequence, windows(tc("cat " * 74), tc("<lab>")), **TOL)
 
 
-def test_a1111_emphasis_modes(sd15):
-    z = sd15("a photo of a cat").sequence  # "cat" at position 5
-    w = torch.ones(1, 77, 1)
-    w[0, 5] = 1.5
-    # sd_emphasis.py "Original": multiply, then scale back to the chunk's original mean; "No norm": multiply.
-    original = sd15.weighted("a photo of a (cat:1.5)", emphasis="original").sequence
-    torch.testing.assert_close(original, z * w * (z.mean() / (z * w).mean()), **TOL)
-    torch.testing.assert_close(sd15.weighted("a photo of a (cat:1.5)", emphasis="no_norm").sequence, z * w, **TOL)
+# parse_prompt_attention's doctest: "a (((house:1.3)) [on] a (hill:0.5), sun, (((sky)))." is a 1.0, house
+# 1.5730000000000004, " " 1.1, on 1.0, " a " 1.1, hill 0.55, ", sun, " 1.1, sky 1.4641000000000006, "." 1.1;
+# each word and mark one token.
+DOCTEST = "a (((house:1.3)) [on] a (hill:0.5), sun, (((sky)))."
+DOCTEST_MULTIPLIERS = [1.0, 1.5730000000000004, 1.0, 1.1, 0.55, 1.1, 1.1, 1.1, 1.4641000000000006, 1.1]
+
+
+@pytest.mark.parametrize("emphasis", ["original", "no_norm"])
+def test_a1111_emphasis_modes_on_the_parse_prompt_attention_doctest(sd15, sdxl, emphasis):
+    """A1111's numbers on A1111's example: catches weights on the wrong tokens, a mean restored over the wrong span
+    (SDXL: each tower is its own hijacked embedder, its own mean) or not at all, and a restore under "No norm"."""
+    m = multipliers(DOCTEST_MULTIPLIERS)
+    for tc, towers in ((sd15, [slice(0, 32)]), (sdxl, [slice(0, 32), slice(32, 80)])):
+        z = tc("a house on a hill, sun, sky.").sequence
+        expected = [a1111_original(z[..., t], m) if emphasis == "original" else z[..., t] * m[..., None]
+                    for t in towers]
+        torch.testing.assert_close(tc.weighted(DOCTEST, emphasis=emphasis).sequence,
+                                   torch.cat(expected, dim=-1), **TOL)
 
 
 def test_a1111_reads_each_prompt_of_a_batch_as_its_own(sdxl):
@@ -146,29 +171,85 @@ def test_comfy_keeps_short_weighted_pieces_whole(sd15, piece, first):
     torch.testing.assert_close(c, torch.cat([expected_first, expected_second], dim=1), **TOL)
 
 
-def test_comfy_on_sdxl_and_sd2_tokenizes_like_transformers(sdxl):
-    # ComfyUI's SDTokenizer is transformers' CLIPTokenizer on every tower: "&amp;" stays three tokens for
-    # bigG too (open_clip would unescape it); padding stays each tower's (49407 and 0).
-    prompt = "fish &amp; chips"
-    tokens = [ClipTokenizer("hf", pad_id=t.pad_id)([prompt]) for t in sdxl.spec.towers]
-    expected = sdxl.encode_tokens(tokens)
+def test_comfy_on_sdxl_tokenizes_with_transformers_on_both_towers(tiny, sdxl):
+    """ComfyUI's SDTokenizer is transformers' CLIPTokenizer (its sd1_tokenizer folder, pad token <|endoftext|>) for
+    bigG too, padding with 0 there (SDXLClipGTokenizer: pad_with_end=False). Catches bigG read through open_clip's
+    tokenizer, which unescapes "&amp;" to one "&", and a "!" read as SD2's pad token."""
+    prompt = "fish &amp; chips!"
+    ids = tiny.tok_l([prompt], padding="max_length", max_length=77, return_tensors="pt").input_ids
+    eos = ids[0].tolist().index(49407)
+    padded_0 = ids.clone()
+    padded_0[0, eos + 1 :] = 0
+    expected = sdxl.encode_tokens([Tokens(ids, torch.tensor([eos]), ()), Tokens(padded_0, torch.tensor([eos]), ())])
     got = sdxl.weighted(prompt, style="comfy")
     torch.testing.assert_close(got.sequence, expected.sequence, **TOL)
     torch.testing.assert_close(got.pooled, expected.pooled, **TOL)
-    a1111 = sdxl.weighted(prompt).sequence[..., 32:]  # A1111: bigG through open_clip's tokenizer
-    assert not torch.allclose(a1111, expected.sequence[..., 32:])
+    assert not torch.equal(padded_0, open_clip.tokenize([prompt]))
 
 
-def test_comfy_embedding_syntax(tmp_path, sd15, caplog):
-    save_file({"emb_params": torch.randn(2, 32)}, tmp_path / "lab.safetensors")  # A1111 file: token = its stem
-    tc = sd15.with_textual_inversion(tmp_path / "lab.safetensors")
-    torch.testing.assert_close(tc.weighted("a photo of embedding:lab cat", style="comfy").sequence,
-                               tc("a photo of lab cat").sequence, **TOL)
-    torch.testing.assert_close(tc.weighted("a photo of embedding:lab, cat", style="comfy").sequence,
-                               tc("a photo of lab , cat").sequence, **TOL)
+# ComfyUI's SDTokenizer.tokenize_with_weights and _try_get_embedding (comfy/sd1_clip.py), as facts:
+# - each weighted segment is cut before every "embedding:" that follows whitespace (a lookbehind split), and
+#   every resulting word that STARTS with "embedding:" is an embedding, the segment's first word included;
+# - the name runs to the first whitespace and is cut again at "<" or "["; what follows is tokenized as text;
+# - a name not found is looked up again with its commas stripped (str.strip(",")); the text left is then
+#   name[len(stripped):] + " " + the rest (so ",lab" finds "lab" and leaves "b": its quirk, kept for parity);
+# - a name found by neither is dropped with a logged warning ("embedding:NAME does not exist, ignoring") and
+#   the text after it is still tokenized;
+# - the vectors carry the segment's weight, applied as z_empty + w * (z - z_empty) (encode_token_weights).
+@pytest.fixture(scope="module")
+def easy(sd15, tmp_path_factory):
+    """sd15 with a 2-vector A1111 embedding named after its file, as ComfyUI finds files by name."""
+    file = tmp_path_factory.mktemp("ti") / "EasyNegative.safetensors"
+    save_file({"emb_params": torch.randn(2, 32, generator=torch.Generator().manual_seed(0))}, file)
+    return sd15.with_textual_inversion(file)
+
+
+@pytest.mark.parametrize(("prompt", "same_as"), [
+    ("a photo of embedding:EasyNegative cat", "a photo of EasyNegative cat"),
+    ("a photo of embedding:EasyNegative, cat", "a photo of EasyNegative , cat"),  # the comma stays text
+    # The bug: a segment's first word was read as text ("embedding", ":", "easy", ...), so the embedding was lost.
+    ("embedding:EasyNegative, ugly", "EasyNegative , ugly"),
+    ("embedding:EasyNegative ugly embedding:EasyNegative", "EasyNegative ugly EasyNegative"),
+    ("(embedding:EasyNegative), ugly", None),  # weighted below
+    ("embedding:EasyNegative<lora:x:1> ugly", "EasyNegative <lora:x:1> ugly"),  # the name ends at "<"
+    ("embedding:,EasyNegative ugly", "EasyNegative e ugly"),  # strip(",") and its leftover arithmetic
+])
+def test_comfy_embedding_anywhere_in_a_segment(easy, prompt, same_as):
+    if same_as is None:
+        expected = comfy_expected(easy, "EasyNegative , ugly", {1: 1.1, 2: 1.1})
+    else:
+        expected = easy(same_as).sequence
+    torch.testing.assert_close(easy.weighted(prompt, style="comfy").sequence, expected, **TOL)
+
+
+def test_comfy_embedding_needs_whitespace_before_it(easy, sd15):
+    # No whitespace before "embedding:": ComfyUI tokenizes the word as text, with a tokenizer that knows no added
+    # words (sd15 is easy without the embedding's rows).
+    torch.testing.assert_close(easy.weighted("uglyembedding:EasyNegative", style="comfy").sequence,
+                               sd15("uglyembedding:EasyNegative").sequence, **TOL)
+
+
+@pytest.mark.parametrize(("prompt", "text", "weights"), [
+    ("(embedding:EasyNegative:1.2), ugly", "EasyNegative , ugly", {1: 1.2, 2: 1.2}),
+    ("ugly, (embedding:EasyNegative:0.8)", "ugly , EasyNegative", {3: 0.8, 4: 0.8}),
+    ("(bad embedding:EasyNegative:1.3) hands", "bad EasyNegative hands", {1: 1.3, 2: 1.3, 3: 1.3}),
+])
+def test_comfy_group_weight_moves_the_embedding_vectors_from_the_empty_prompt(easy, prompt, text, weights):
+    """Catches the weight of a group that starts with an embedding landing on literal text, or not at all."""
+    torch.testing.assert_close(easy.weighted(prompt, style="comfy").sequence, comfy_expected(easy, text, weights),
+                               **TOL)
+
+
+@pytest.mark.parametrize(("prompt", "same_as"), [
+    ("a embedding:missing cat", "a cat"),
+    ("embedding:missing cat", "cat"),  # at the start too: dropped with a warning, not read as text
+    ("embedding:missing, cat", ", cat"),  # the commas stripped, still missing: the comma stays text
+])
+def test_comfy_missing_embedding_is_dropped_with_a_warning(easy, caplog, prompt, same_as):
     with caplog.at_level(logging.WARNING):
-        tc.weighted("a embedding:missing cat", style="comfy")
-    assert "embedding:missing is not loaded" in caplog.text
+        got = easy.weighted(prompt, style="comfy").sequence
+    torch.testing.assert_close(got, easy(same_as).sequence, **TOL)
+    assert "embedding:missing" in caplog.text and "not loaded" in caplog.text
 
 
 # --- schedules: prompt_parser.get_learned_conditioning_prompt_schedules ------------------------------
@@ -209,26 +290,54 @@ def test_and_weights_match_a1111():
     assert split_and("a:b AND c : -0.3") == [(1.0, "a:b"), (-0.3, " c")]
 
 
-def test_tc_schedule_segments_are_weighted_encodings(sdxl):
-    segments = sdxl.schedule("a [(red:1.3) cat:dog:0.4] on a mat", 20)
+def test_schedule_texts_share_one_emphasis_mean_per_chunk(sd15):
+    """A1111 encodes all texts of one prompt's schedule as one batch (prompt_parser.get_learned_conditioning calls
+    model.get_learned_conditioning(texts); sd_hijack_clip's forward: "the only time when texts is an array with more
+    than one element is when you do prompt editing"), so EmphasisOriginal restores one mean over all of them, chunk
+    by chunk. Catches each segment restored to its own mean, as a batch of separate prompts is."""
+    segments = sd15.schedule("a [(red:1.3) cat:dog:0.4] on a mat", 20)
     assert [end for end, _ in segments] == [8, 20]
-    torch.testing.assert_close(segments[0][1].sequence, sdxl.weighted("a (red:1.3) cat on a mat").sequence, **TOL)
-    torch.testing.assert_close(segments[1][1].pooled, sdxl.weighted("a dog on a mat").pooled, **TOL)
+    z = torch.cat([sd15("a red cat on a mat").sequence, sd15("a dog on a mat").sequence])
+    expected = a1111_original(z, multipliers([1.0, 1.3], []))  # the dog's segment moves too
+    torch.testing.assert_close(torch.cat([c.sequence for _, c in segments]), expected, **TOL)
+    assert torch.equal(segments[1][1].pooled, sd15("a dog on a mat").pooled)  # pooled: unweighted, its own text
+    # A text with fewer chunks gets empty ones in the batch (forward's empty_chunk()); a chunk without emphasis in
+    # any text keeps its values (the mean restored is its own).
+    (_, cat), (_, grass) = sd15.schedule("[(cat:1.2):" + "grass " * 80 + ":3]", 10)
+    first = a1111_original(torch.cat([sd15("cat").sequence, sd15("grass " * 75).sequence]), multipliers([1.2], []))
+    loose = {"atol": 1e-5, "rtol": 1e-5}  # a mean over 2 x 77 x 32 floats, summed in another order
+    torch.testing.assert_close(cat.sequence, torch.cat([first[:1], sd15("").sequence], dim=1), **loose)
+    torch.testing.assert_close(grass.sequence, torch.cat([first[1:], sd15("grass " * 5).sequence], dim=1), **loose)
+
+
+def test_schedule_and_weights_follow_a1111(sdxl):
     [(w1, s1), (w2, s2)] = sdxl.schedule("a cat AND a [dog:bird:5] :1.5", 10, style="comfy")
     assert (w1, w2) == (1.0, 1.5) and [e for e, _ in s1] == [10] and [e for e, _ in s2] == [5, 10]
-    torch.testing.assert_close(s2[1][1].sequence, sdxl.weighted(" a bird ", style="comfy").sequence, **TOL)
+    torch.testing.assert_close(s2[1][1].sequence, sdxl(" a bird ").sequence, **TOL)  # no weights: the plain text
 
 
-def test_blend_is_the_weighted_sum_as_given(sd15):
-    b = sd15.blend(["a cat", "a dog"], [0.7, 0.6])  # not normalised
-    torch.testing.assert_close(b.sequence, 0.7 * sd15("a cat").sequence + 0.6 * sd15("a dog").sequence, **TOL)
-    torch.testing.assert_close(b.pooled, 0.7 * sd15("a cat").pooled + 0.6 * sd15("a dog").pooled, **TOL)
-    long = "grass " * 100
-    c = sd15.blend([long, "a (cat:1.2)"], [0.5, 0.5], style="a1111")
-    padded = torch.cat([sd15.weighted("a (cat:1.2)").sequence, sd15("").sequence], dim=1)
-    torch.testing.assert_close(c.sequence, 0.5 * sd15.weighted(long).sequence + 0.5 * padded, **TOL)
+@pytest.mark.parametrize(("blend", "compel_prompt"), [
+    ((["a cat", "a dog"], [0.7, 0.6]), '("a cat", "a dog").blend(0.7, 0.6, no_normalize)'),
+    ((["word " * 100, "a (cat:1.2)"], [0.5, 0.5]), '("' + "word " * 100 + '", "a (cat)1.2").blend(0.5, 0.5)'),
+])
+def test_blend_equals_compels_blend(tiny, blend, compel_prompt):
+    """compel's ``.blend()`` on the same weights: catches normalised weights, and a shorter prompt padded with
+    anything but the empty prompt's windows (compel#45). Its up-weighting is ComfyUI's (z_empty + w (z - z_empty))."""
+    compel = pytest.importorskip("compel")
+    pipe = tiny.pipeline("sd15")
+    reference = compel.Compel(tokenizer=pipe.tokenizer, text_encoder=pipe.text_encoder, truncate_long_prompts=False)
+    with torch.no_grad():
+        expected = reference(compel_prompt)
+    tc = TextConditioner.from_pretrained("sd15", weights=tiny.sd15)
+    torch.testing.assert_close(tc.blend(*blend, style="comfy").sequence, expected, **TOL)
+
+
+def test_blend_pooled_is_comfys_conditioning_average(sdxl):
+    # ComfyUI's ConditioningAverage: pooled_output_to * w + pooled_output_from * (1 - w).
+    to, other = sdxl("a cat").pooled, sdxl("a dog").pooled
+    torch.testing.assert_close(sdxl.blend(["a cat", "a dog"], [0.3, 0.7]).pooled, to * 0.3 + other * 0.7, **TOL)
     with pytest.raises(ValueError, match="one weight per prompt"):
-        sd15.blend(["a"], [0.5, 0.5])
+        sdxl.blend(["a"], [0.5, 0.5])
 
 
 def test_truncation_warning_names_a_multi_vector_word(tmp_path, sd15, caplog):

@@ -9,7 +9,7 @@ import pytest
 import torch
 
 from clipcond import ClipTokenizer, TextConditioner
-from clipcond.text.tokenizer import open_clip_clean
+from clipcond.text.tokenizer import open_clip_clean, write_hf_tokenizer
 
 WORDS = ("a photo of the cat dog running astronaut horse mars portrait oil painting by greg rutkowski "
          "trending on artstation 4k 8k hdr masterpiece best quality lowres bad anatomy it's we're you'll "
@@ -48,6 +48,28 @@ def test_hf_flavour_equals_transformers_clip_tokenizer(tiny):
     ours = ClipTokenizer("hf", pad_id=49407)(prompts)
     assert torch.equal(ours.ids, hf_ids(tiny.tok_l, prompts))
     assert ours.ids.shape == (600, 77) and ours.ids.dtype == torch.long
+
+
+@pytest.mark.parametrize("pad_token", ["<|endoftext|>", "!"])
+def test_written_hf_tokenizer_folder_equals_the_published_one(tiny, tmp_path, pad_token):
+    """write_hf_tokenizer's folder (what examples/ and bench/ load), read by transformers, against the tokenizer
+    conftest builds from open_clip's SimpleTokenizer tables: catches a token or merge out of order, and a pad token
+    other than the SD repos' ("!" for SD 2.x and SDXL's tokenizer_2, where a literal "!" is then id 0)."""
+    from transformers import CLIPTokenizer
+
+    written = CLIPTokenizer.from_pretrained(write_hf_tokenizer(tmp_path, pad_token=pad_token))
+    reference = tiny.tok_l if pad_token == "<|endoftext|>" else tiny.tok_bang
+    prompts = varied_prompts(300, seed=3)
+    assert torch.equal(hf_ids(written, prompts), hf_ids(reference, prompts))
+
+
+def test_bang_pad_equals_the_sd2_transformers_tokenizer(tiny):
+    """compel reads SD 2.x / SDXL tower 2 through their transformers tokenizers, where "!" is the pad token (id 0,
+    diffusers#4153): catches "!" read as "!</w>" 256 there."""
+    prompts = ["wow!", "a cat!! on a mat", *varied_prompts(200, seed=4)]
+    ours = ClipTokenizer("hf", pad_id=0, bang_pad=True)(prompts).ids
+    assert torch.equal(ours, hf_ids(tiny.tok_bang, prompts))
+    assert ours[0, :4].tolist() == [49406, 2781, 0, 49407]  # "wow" then "!" as the pad id
 
 
 def test_open_clip_flavour_equals_open_clip_tokenize():

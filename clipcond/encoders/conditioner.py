@@ -192,7 +192,9 @@ class TextConditioner(nn.Module):
     @torch.no_grad()
     def encode_tokens(self, tokens: Sequence[Tokens]) -> Conditioning:
         """The forward from ``tokenize()``'s output, e.g. tokenized ahead on another thread."""
-        return self._assemble([self._run(tower, t.ids, t.eos) for tower, t in zip(self.towers, tokens, strict=True)])
+        if len(tokens) != len(self.towers):
+            raise ValueError(f"one Tokens per tower: {len(self.towers)} expected, got {len(tokens)}")
+        return self._assemble([self.run_tower(i, t.ids, t.eos) for i, t in enumerate(tokens)])
 
     def _assemble(self, parts: Sequence[tuple[torch.Tensor, torch.Tensor | None]]) -> Conditioning:
         """The one place towers' outputs become a Conditioning: sequences [N, L, W_i] concatenated along
@@ -211,20 +213,25 @@ class TextConditioner(nn.Module):
         75-token chunks with comma back-tracking (``comma_backtrack`` tokens, A1111's default 20; 0 turns
         it off), a textual-inversion word never split, no empty trailing chunk; ``emphasis="original"``
         multiplies each token's row by its weight and restores the window's mean (per prompt and window,
-        as A1111 encodes one prompt at a time), ``"no_norm"`` only multiplies (A1111's advice for SDXL).
+        as A1111 encodes one prompt at a time; ``schedule`` shares it, see there), ``"no_norm"`` only
+        multiplies (A1111's advice for SDXL).
         ``style="comfy"``: ComfyUI's ``CLIPTextEncode``: its parser, its tokenization and chunk rule,
         ``z_empty + w * (z - z_empty)``, ``embedding:name`` for textual inversion. Weight 1.0 everywhere
         equals the plain encoding exactly; the pooled vector is the first window's, unweighted.
         ``style="compel"``: compel (``word++``, ``(words)1.3``, ``.blend()``, ``.and()``, its masked
         down-weighting, its pooled vector from the raw string): see clipcond/text/compel_style.py.
         """
+        return self._weighted(check_prompts(prompts), style=style, comma_backtrack=comma_backtrack, emphasis=emphasis)
+
+    def _weighted(self, prompts: list[str], *, style: WeightStyle = "a1111", comma_backtrack: int = 20,
+                  emphasis: Emphasis = "original", one_batch: bool = False) -> Conditioning:
+        """``weighted``; ``one_batch``: the prompts share A1111's emphasis mean (``_encode_windows``)."""
         if style not in ("a1111", "comfy", "compel"):
             raise ValueError(f"style must be 'a1111', 'comfy' or 'compel', got {style!r}")
         if emphasis not in ("original", "no_norm"):
             raise ValueError(f"emphasis must be 'original' or 'no_norm', got {emphasis!r}")
         if not 0 <= comma_backtrack <= 74:
             raise ValueError(f"comma_backtrack must be in [0, 74] (A1111's slider), got {comma_backtrack}")
-        prompts = check_prompts(prompts)
         if not prompts:
             return self._zeros(0)
         if style == "compel":
@@ -232,7 +239,8 @@ class TextConditioner(nn.Module):
 
             read = CompelReader(self)
             return Conditioning.cat(self.pad_chunks(*(read(p) for p in prompts)))
-        return self._encode_windows(prompts, style=style, comma_backtrack=comma_backtrack, emphasis=emphasis)
+        return self._encode_windows(prompts, style=style, comma_backtrack=comma_backtrack, emphasis=emphasis,
+                                    one_batch=one_batch)
 
     @torch.no_grad()
     def schedule(self, prompt: str, steps: int, *, style: WeightStyle = "a1111", hires_steps: int | None = None,
@@ -241,8 +249,10 @@ class TextConditioner(nn.Module):
 
         ``[(end_step, Conditioning), ...]``: ``end_step`` inclusive, steps counted as A1111's
         ``get_learned_conditioning_prompt_schedules`` counts them (a sampler at 0-based step ``i`` uses the
-        first segment with ``end_step >= i``); each segment's text read with ``weighted(..., style=style)``.
-        With ``AND``, one such list per sub-prompt with its weight: ``[(weight, segments), ...]``.
+        first segment with ``end_step >= i``); each segment's text read with ``weighted(..., style=style)``,
+        except that A1111 encodes a prompt's segments as one batch, so ``emphasis="original"`` restores one
+        mean over all of them, window by window. With ``AND``, one such list per sub-prompt with its weight:
+        ``[(weight, segments), ...]``.
         """
         from clipcond.text.schedules import prompt_schedule, split_and
 
@@ -250,7 +260,7 @@ class TextConditioner(nn.Module):
 
         def segments(text: str) -> list[tuple[int, Conditioning]]:
             plan = prompt_schedule(text, steps, hires_steps=hires_steps)
-            encoded = self.weighted([t for _, t in plan], style=style, **weighting)
+            encoded = self._weighted([t for _, t in plan], style=style, one_batch=True, **weighting)
             return [(end, encoded[i : i + 1]) for i, (end, _) in enumerate(plan)]
 
         if len(parts) == 1 and parts[0][0] == 1.0:
@@ -274,40 +284,39 @@ class TextConditioner(nn.Module):
         pooled = sum(w * c.pooled for w, c in zip(weights, parts, strict=True))
         return Conditioning(sequence, pooled)
 
-    def _plain_tokenizer(self, i: int) -> ClipTokenizer:
-        """Tower ``i``'s padding with transformers' tokenization and no added words (ComfyUI's SDTokenizer)."""
-        return ClipTokenizer("hf", pad_id=self.spec.towers[i].pad_id, max_length=self.max_length)
-
     def _encode_windows(self, prompts: list[str], *, style: WeightStyle | None, comma_backtrack: int = 20,
-                        emphasis: Emphasis = "original") -> Conditioning:
-        """Each tower over the same number k of 77-token windows per prompt -> [B, 77 * k, D]."""
+                        emphasis: Emphasis = "original", one_batch: bool = False) -> Conditioning:
+        """Each tower over the same number k of 77-token windows per prompt -> [B, 77 * k, D]. ``one_batch``: the
+        prompts share A1111's emphasis mean, window by window (one prompt's schedule texts)."""
         length = self.max_length
-        per_tower = [read_windows(prompts, tok, style=style, comma_backtrack=comma_backtrack,
-                                  plain=self._plain_tokenizer(i) if style == "comfy" else None)
-                     for i, tok in enumerate(self.tokenizers)]
+        per_tower = [read_windows(prompts, tok, style=style, comma_backtrack=comma_backtrack)
+                     for tok in self.tokenizers]
         k = max(len(w) for windows in per_tower for w in windows)  # SDXL's two tokenizers may disagree: pad
         parts = []
-        for i, (tower, tok, windows) in enumerate(zip(self.towers, self.tokenizers, per_tower, strict=True)):
+        for i, (tok, windows) in enumerate(zip(self.tokenizers, per_tower, strict=True)):
             w = frame(windows, length=length, pad_id=tok.pad_id, k=k)
-            sequence, pooled = self._run(tower, w.ids, w.eos)  # [B*k, L, W], [B*k, P] | None
+            sequence, pooled = self.run_tower(i, w.ids, w.eos)  # [B*k, L, W], [B*k, P] | None
             if style is not None:
-                empty = self._empty().sequence[..., self._feature_slice(i)]  # [1, L, W]
+                empty = self.empty().sequence[..., self.feature_slice(i)]  # [1, L, W]
                 sequence = apply_weights(sequence, w.weights.to(self.device), style=style, empty=empty,
-                                         emphasis=emphasis)
+                                         emphasis=emphasis, batch=len(prompts) if one_batch else None)
             sequence = sequence.reshape(len(prompts), k * length, -1)  # [B, k*L, W]
             first = None if pooled is None else pooled.reshape(len(prompts), k, -1)[:, 0]  # [B, P]: the first window's
             parts.append((sequence, first))
         return self._assemble(parts)
 
-    def _run(self, tower: TextTransformer, ids: torch.Tensor, eos: torch.Tensor,
-             keep: torch.Tensor | None = None) -> tuple[torch.Tensor, ...]:
-        """One tower's forward on the conditioner's device (the only place towers are called); ``keep``
-        [B, L] bool: an attention mask over the keys (compel's down-weighting), see TextTransformer."""
-        out = tower(self._put(ids), self._put(eos), None if keep is None else self._put(keep))
+    @torch.no_grad()
+    def run_tower(self, i: int, ids: torch.Tensor, eos: torch.Tensor, keep: torch.Tensor | None = None
+                  ) -> tuple[torch.Tensor, torch.Tensor | None]:
+        """Tower ``i``'s forward on the conditioner's device, the only place towers are called: its sequence
+        [N, L, W_i] and its pooled vector [N, P_i] read at ``eos`` [N] (None if the spec pools nothing there).
+        ``keep`` [N, L] bool: an attention mask over the keys (compel's down-weighting), see TextTransformer."""
+        out = self.towers[i](self._put(ids), self._put(eos), None if keep is None else self._put(keep))
         # Compiled on a GPU, the outputs may live in a CUDA graph's pool that the next call overwrites
         # (mode="reduce-overhead", backend="cudagraphs", inductor's config): one copy, cheap next to the forward.
         graphs = self._compiled is not None and self.device.type == "cuda"
-        return tuple(t.clone() if graphs and t is not None else t for t in out)
+        sequence, pooled = (t.clone() if graphs and t is not None else t for t in out)
+        return sequence, pooled
 
     def _put(self, ids: torch.Tensor) -> torch.Tensor:
         """Token ids to the conditioner's device; pinned, so the copy overlaps with queued GPU work."""
@@ -315,7 +324,8 @@ class TextConditioner(nn.Module):
             ids = ids.pin_memory()
         return ids.to(self.device, non_blocking=True)
 
-    def _feature_slice(self, tower: int) -> slice:
+    def feature_slice(self, tower: int) -> slice:
+        """Tower ``tower``'s columns of the sequence's features (SDXL: L's 768, then bigG's 1280)."""
         start = sum(t.width for t in self.spec.towers[:tower])
         return slice(start, start + self.spec.towers[tower].width)
 
@@ -331,7 +341,7 @@ class TextConditioner(nn.Module):
             missing, rest = divmod(longest - len_tokens(c), self.max_length)
             if rest:
                 raise ValueError(f"sequence length {len_tokens(c)} is not a multiple of {self.max_length}")
-            pad = self._empty().sequence.expand(len(c), -1, -1).repeat(1, missing, 1)  # [B, missing*L, D]
+            pad = self.empty().sequence.expand(len(c), -1, -1).repeat(1, missing, 1)  # [B, missing*L, D]
             out.append(Conditioning(torch.cat([c.sequence, pad], dim=1), c.pooled))
         return tuple(out)
 
@@ -343,11 +353,12 @@ class TextConditioner(nn.Module):
         if batch_size < 0 or chunks < 1:
             raise ValueError(f"batch_size must be >= 0 and chunks >= 1, got {batch_size} and {chunks}")
         if self._null is None:
-            self._null = self._zeros(1) if self.spec.null == "zeros" else self._empty()
+            self._null = self._zeros(1) if self.spec.null == "zeros" else self.empty()
         return Conditioning(self._null.sequence.repeat(batch_size, chunks, 1), self._null.pooled.repeat(batch_size, 1))
 
-    def _empty(self) -> Conditioning:
-        """The empty prompt's encoding, one window (the "empty" null, and the padding window)."""
+    def empty(self) -> Conditioning:
+        """The empty prompt's encoding, one window ([1, 77, D], [1, P]); cached. The window prompts are padded
+        with, the "empty" null, and the ``z_empty`` that ComfyUI's and compel's weights move tokens from."""
         if self._empty_cache is None:
             self._empty_cache = self.encode_tokens(self.tokenize([""]))
         return self._empty_cache

@@ -26,8 +26,7 @@ from typing import TYPE_CHECKING
 import torch
 
 from clipcond.conditioning import Conditioning
-from clipcond.specs import BOS_ID, EOS_ID
-from clipcond.text.prompts import ROOM, apply_weights
+from clipcond.text.prompts import ROOM, Windows, apply_weights, frame
 from clipcond.text.tokenizer import ClipTokenizer
 
 if TYPE_CHECKING:
@@ -59,6 +58,18 @@ def _split_point(tokens: list[str]) -> int:
     return ROOM
 
 
+def _chunks(tokens: list[str]) -> list[tuple[int, int]]:
+    """compel's chunks, as (start, end) token indices: each cut after the last "." (then , ; :, then a word
+    end) within 75 tokens; one empty chunk for no tokens."""
+    chunks, start = [], 0
+    while True:
+        cut = _split_point(tokens[start:]) if len(tokens) - start > ROOM else len(tokens) - start
+        chunks.append((start, start + cut))
+        start += cut
+        if start >= len(tokens):
+            return chunks
+
+
 class CompelReader:
     """compel's encoding of one prompt at a time, every tower of ``tc``."""
 
@@ -75,7 +86,7 @@ class CompelReader:
         for part, weight in zip(conjunction.prompts, conjunction.weights, strict=True):
             c = self._prompt_object(part)  # [1, 77 k, D]
             if weight != 1:  # the whole part pulled from the empty prompt, its windows repeated to c's length
-                empty = self.tc._empty().sequence.repeat(1, c.shape[1] // LENGTH, 1)
+                empty = self.tc.empty().sequence.repeat(1, c.shape[1] // LENGTH, 1)
                 c = empty + (c - empty) * weight
             parts.append(c)
         return Conditioning(torch.cat(parts, dim=1), self._pooled(prompt))
@@ -84,7 +95,7 @@ class CompelReader:
         from compel.prompt_parser import Blend
 
         if isinstance(part, Blend):
-            conds = [Conditioning(self._flattened(p), self.tc._empty().pooled) for p in part.prompts]
+            conds = [Conditioning(self._flattened(p), self.tc.empty().pooled) for p in part.prompts]
             conds = self.tc.pad_chunks(*conds)
             weights = torch.tensor(part.weights, dtype=conds[0].sequence.dtype)
             if part.normalize_weights:
@@ -96,10 +107,10 @@ class CompelReader:
         fragments = [(f.text, f.weight) for f in prompt.children] or [("", 1.0)]
         towers = [self._tower(i, fragments) for i in range(len(self.tc.towers))]
         k = max(t.shape[1] for t in towers) // LENGTH  # the towers' tokenizers may disagree: pad (CompelForSDXL)
-        empty = self.tc._empty().sequence
+        empty = self.tc.empty().sequence
         padded = []
         for i, t in enumerate(towers):
-            filler = empty[..., self.tc._feature_slice(i)].repeat(1, k - t.shape[1] // LENGTH, 1)
+            filler = empty[..., self.tc.feature_slice(i)].repeat(1, k - t.shape[1] // LENGTH, 1)
             padded.append(torch.cat([t, filler], dim=1))
         return torch.cat(padded, dim=-1)
 
@@ -110,22 +121,11 @@ class CompelReader:
             ids += encoded
             weights += [float(weight)] * len(encoded)
             owner += [f] * len(encoded)
-        tokens = tok.tokens(ids)
-        chunks, start = [], 0
-        while True:  # compel chunks after the last "." (then , ; :, then a word end) within 75 tokens
-            cut = _split_point(tokens[start:]) if len(ids) - start > ROOM else len(ids) - start
-            chunks.append((start, start + cut))
-            start += cut
-            if start >= len(ids):
-                break
-        frame_ids = torch.full((len(chunks), LENGTH), tok.pad_id, dtype=torch.long)
-        frame_w = torch.ones(len(chunks), LENGTH)
-        position = {}  # flat token index -> its (chunk, column)
-        for c, (a, b) in enumerate(chunks):
-            frame_ids[c, : b - a + 2] = torch.tensor([BOS_ID, *ids[a:b], EOS_ID])
-            frame_w[c, 1 : b - a + 1] = torch.tensor(weights[a:b])
-            position.update({j: c * LENGTH + 1 + j - a for j in range(a, b)})
-        base = self._weighted(i, frame_ids, frame_w, None)  # [k, 77, W]
+        chunks = _chunks(tok.tokens(ids))
+        windows = frame([[[(ids[j], weights[j]) for j in range(a, b)] for a, b in chunks]], length=LENGTH,
+                        pad_id=tok.pad_id, k=len(chunks))  # one prompt, its chunks as windows
+        position = {j: c * LENGTH + 1 + j - a for c, (a, b) in enumerate(chunks) for j in range(a, b)}  # -> column
+        base = self._weighted(i, windows, None)  # [k, 77, W]
         embeddings, lambdas = [base], [1.0]
         for f, (_, weight) in enumerate(fragments):
             members = [position[j] for j, o in enumerate(owner) if o == f]
@@ -134,7 +134,7 @@ class CompelReader:
             keep = torch.ones(len(chunks) * LENGTH, dtype=torch.bool)
             keep[members[0] : members[-1] + 1] = False  # the fragment's span, chunk markers between included...
             keep[0::LENGTH] = keep[LENGTH - 1 :: LENGTH] = True  # ...but every chunk's first and last position kept
-            embeddings.append(self._weighted(i, frame_ids, frame_w, keep.view(len(chunks), LENGTH)))
+            embeddings.append(self._weighted(i, windows, keep.view(len(chunks), LENGTH)))
             lambdas.append(math.tan((1.0 - max(1e-5, weight)) * math.pi / 2))
         if len(embeddings) == 1:
             return base.reshape(1, -1, base.shape[-1])
@@ -143,13 +143,11 @@ class CompelReader:
         mixed = sum(wi * e for wi, e in zip(w, embeddings, strict=True))
         return mixed.reshape(1, -1, base.shape[-1])
 
-    def _weighted(self, i: int, ids: torch.Tensor, w: torch.Tensor, keep: torch.Tensor | None) -> torch.Tensor:
+    def _weighted(self, i: int, windows: Windows, keep: torch.Tensor | None) -> torch.Tensor:
         """compel's ``build_weighted_embedding_tensor``: ComfyUI's arithmetic too (``apply_weights``)."""
-        tc = self.tc
-        eos = (ids == EOS_ID).int().argmax(dim=1)
-        z, _ = tc._run(tc.towers[i], ids, eos, keep)  # [k, 77, W]
-        empty = tc._empty().sequence[..., tc._feature_slice(i)]  # [1, 77, W]
-        return apply_weights(z, w.to(z.device), style="comfy", empty=empty)
+        z, _ = self.tc.run_tower(i, windows.ids, windows.eos, keep)  # [k, 77, W]
+        empty = self.tc.empty().sequence[..., self.tc.feature_slice(i)]  # [1, 77, W]
+        return apply_weights(z, windows.weights.to(z.device), style="comfy", empty=empty)
 
     def _pooled(self, prompt: str) -> torch.Tensor:
         """compel's pooled vector: the raw prompt, syntax and all, through each pooled tower (compel#96)."""

@@ -20,6 +20,7 @@ from typing import Literal
 import torch
 
 from clipcond.specs import BOS_ID, EOS_ID
+from clipcond.text.tokenizer import first_eos
 
 WeightStyle = Literal["a1111", "comfy", "compel"]
 Emphasis = Literal["original", "no_norm"]
@@ -83,11 +84,6 @@ def parse_emphasis(text: str) -> list[tuple[str, float]]:
         else:
             merged.append(item)
     return [(t, w) for t, w in merged]
-
-
-def plain_text(fragments: Sequence[tuple[str, float]]) -> str:
-    """The prompt without its syntax."""
-    return " ".join(" ".join(t for t, w in fragments if not is_break((t, w))).split())
 
 
 Window = list[tuple[int, float]]  # (token id, weight), at most ROOM of them
@@ -228,12 +224,11 @@ def plain_windows(ids: list[int]) -> list[Window]:
 
 @dataclass(frozen=True, slots=True)
 class Windows:
-    """A batch cut into ``k`` windows of ``length`` tokens per prompt."""
+    """A batch cut into the same number of windows of ``length`` tokens per prompt."""
 
     ids: torch.Tensor  # [B * k, L], window-major within each prompt
     eos: torch.Tensor  # [B * k]
     weights: torch.Tensor  # [B * k, L] float32, 1.0 on BOS/EOS/padding
-    k: int
 
 
 def frame(per_prompt: Sequence[list[Window]], *, length: int, pad_id: int, k: int) -> Windows:
@@ -241,25 +236,31 @@ def frame(per_prompt: Sequence[list[Window]], *, length: int, pad_id: int, k: in
     with empty ones (BOS EOS pad: the empty prompt)."""
     ids = torch.full((len(per_prompt) * k, length), pad_id, dtype=torch.long)
     weights = torch.ones(len(per_prompt) * k, length)
-    eos = torch.empty(len(per_prompt) * k, dtype=torch.long)
     for p, windows in enumerate(per_prompt):
         for j in range(k):
             row, window = p * k + j, windows[j] if j < len(windows) else []
             ids[row, : len(window) + 2] = torch.tensor([BOS_ID, *(t for t, _ in window), EOS_ID])
             weights[row, 1 : len(window) + 1] = torch.tensor([w for _, w in window])
-            eos[row] = len(window) + 1
-    return Windows(ids=ids, eos=eos, weights=weights, k=k)
+    # The first EOS, as for a prompt that fits one window: a literal "<|endoftext|>" comes before the frame's.
+    return Windows(ids=ids, eos=first_eos(ids), weights=weights)
 
 
 def apply_weights(z: torch.Tensor, weights: torch.Tensor, *, style: WeightStyle, empty: torch.Tensor,
-                  emphasis: Emphasis = "original") -> torch.Tensor:
-    """Per-token prompt weights on ``z`` [N, L, W] (``weights`` [N, L], ``empty`` [1, L, W])."""
+                  emphasis: Emphasis = "original", batch: int | None = None) -> torch.Tensor:
+    """Per-token prompt weights on ``z`` [N, L, W] (``weights`` [N, L], ``empty`` [1, L, W]).
+
+    A1111's "Original" emphasis restores the mean of the batch it encodes, window by window: ``batch=None``
+    when that is each window alone (one prompt at a time); ``batch=B`` when the rows are B prompts' k windows
+    each (window-major within each prompt) encoded together, as A1111 encodes the texts of one prompt's schedule.
+    """
     w = weights.to(z.dtype)[..., None]  # [N, L, 1]
-    if style == "a1111":
-        weighted = z * w
-        if emphasis == "original":  # A1111 "Original": then restore the window's mean
-            weighted = weighted * (z.mean(dim=(1, 2), keepdim=True) / weighted.mean(dim=(1, 2), keepdim=True))
-        # Windows without emphasis stay bit-exact (and a zero-mean window cannot turn into NaN).
-        return torch.where((w == 1).all(dim=1, keepdim=True), z, weighted)
-    # Weight 1 keeps z bit-exact: z_empty + 1 * (z - z_empty) is not z in floating point.
-    return torch.where(w == 1, z, empty + w * (z - empty))
+    if style != "a1111":
+        # Weight 1 keeps z bit-exact: z_empty + 1 * (z - z_empty) is not z in floating point.
+        return torch.where(w == 1, z, empty + w * (z - empty))
+    z, w = z.unflatten(0, (batch or z.shape[0], -1)), w.unflatten(0, (batch or w.shape[0], -1))  # [B, k, L, *]
+    together = (0, 2, 3) if batch else (2, 3)  # what shares one mean: window j of every prompt, or one window
+    weighted = z * w
+    if emphasis == "original":
+        weighted = weighted * (z.mean(dim=together, keepdim=True) / weighted.mean(dim=together, keepdim=True))
+    # Windows without emphasis stay bit-exact (and a zero-mean window cannot turn into NaN).
+    return torch.where((w == 1).all(dim=together, keepdim=True), z, weighted).flatten(0, 1)

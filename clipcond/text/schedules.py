@@ -1,7 +1,7 @@
 """A1111 prompt editing and alternation: which text is in force at which sampler step, and ``AND``.
 
 The syntax and its step arithmetic are AUTOMATIC1111's (``modules/prompt_parser.py``,
-``get_learned_conditioning_prompt_schedules``; its doctests are tests/test_schedules.py):
+``get_learned_conditioning_prompt_schedules``; its doctests are in tests/test_prompt_styles.py):
 
 - ``[from:to:when]`` shows ``from`` up to step ``when`` and ``to`` after it; ``[to:when]`` adds
   ``to`` after ``when``, ``[from::when]`` removes ``from`` after it;
@@ -25,8 +25,6 @@ _AND = re.compile(r"\bAND\b")
 _WEIGHT = re.compile(r"^((?:\s|.)*?)(?:\s*:\s*([-+]?(?:\d+\.?|\d*\.\d+)))?\s*$")
 _NUMBER = re.compile(r"\s*([+-]?(?:\d+(?:\.\d*)?|\.\d+)(?:[eE][+-]?\d+)?)\s*(?=])")
 _PLAIN = re.compile(r"(?:[^\\\[\]():|]|\\.)+", re.S)
-
-Node = "str | Emphasis | Scheduled | Alternate"
 
 
 @dataclass(frozen=True, slots=True)

@@ -12,7 +12,7 @@ from __future__ import annotations
 
 import logging
 import re
-from collections.abc import Sequence
+from collections.abc import Mapping, Sequence
 from typing import Literal
 
 from clipcond.text.prompts import (
@@ -29,19 +29,22 @@ from clipcond.text.tokenizer import ClipTokenizer
 logger = logging.getLogger(__name__)
 
 Style = Literal["a1111", "comfy"] | None
-_EMBEDDING = re.compile(r"(?<=\s)embedding:")  # ComfyUI splits a piece only where whitespace precedes it
+IDENTIFIER = "embedding:"  # ComfyUI's embedding_identifier
+_EMBEDDING = re.compile(r"(?<=\s)(?=embedding:)")  # ComfyUI cuts a segment only where whitespace precedes it
 _NAME_END = re.compile(r"[<\[]")
 
 
-def read_windows(prompts: Sequence[str], tokenizer: ClipTokenizer, *, style: Style, comma_backtrack: int = 20,
-                 plain: ClipTokenizer | None = None) -> list[list[Window]]:
-    """Each prompt's windows of (token id, weight) for one tower. ``plain``: the tower's tokenizer without
-    added words, in the hf flavour (what ComfyUI tokenizes with; its textual inversion is ``embedding:``)."""
+def read_windows(prompts: Sequence[str], tokenizer: ClipTokenizer, *, style: Style, comma_backtrack: int = 20
+                 ) -> list[list[Window]]:
+    """Each prompt's windows of (token id, weight) for the tower ``tokenizer`` belongs to."""
     if style is None:
         return [plain_windows(ids) for ids in tokenizer.encode(list(prompts))]
     if style == "a1111":
         return [_a1111(p, tokenizer, comma_backtrack) for p in prompts]
     if style == "comfy":
+        # ComfyUI's SDTokenizer: transformers' tokenization on every tower, the tower's padding, no added words
+        # (its textual inversion is "embedding:name").
+        plain = ClipTokenizer("hf", pad_id=tokenizer.pad_id, max_length=tokenizer.max_length)
         return [_comfy(p, plain, tokenizer) for p in prompts]
     raise ValueError(f"style must be 'a1111', 'comfy' or None, got {style!r}")
 
@@ -55,32 +58,42 @@ def _a1111(prompt: str, tokenizer: ClipTokenizer, comma_backtrack: int) -> list[
 
 
 def _comfy(prompt: str, plain: ClipTokenizer, tokenizer: ClipTokenizer) -> list[Window]:
-    """ComfyUI's pieces: each weighted segment, cut where ``embedding:name`` starts; an embedding is a piece."""
+    """ComfyUI's pieces: each weighted segment's words (``_comfy_words``), each tokenized on its own."""
     pieces: list[Window] = []
     for text, weight in comfy_weights(prompt):
-        parts = _EMBEDDING.split(text)
-        items: list[str | tuple[int, ...]] = [parts[0]]  # texts and embeddings' vector ids, in order
-        for part in parts[1:]:
-            name, leftover = _embedding_name(part)
-            vectors = tokenizer.added.get(name)
-            if vectors is None and name.rstrip(",") != name:  # "embedding:lab," : the comma stays text
-                name, leftover = name.rstrip(","), name[len(name.rstrip(",")) :] + leftover
-                vectors = tokenizer.added.get(name)
-            if vectors is None:
-                logger.warning("embedding:%s is not loaded (with_textual_inversion); ignored, as ComfyUI ignores it",
-                               name)
-            else:
-                items.append(tuple(vectors))
-            items.append(leftover)
+        items = _comfy_words(text, tokenizer.added)
         encoded = iter(plain.encode([item for item in items if isinstance(item, str)]))
         pieces += [[(i, weight) for i in (next(encoded) if isinstance(item, str) else item)] for item in items]
     return comfy_windows([piece for piece in pieces if piece])
 
 
-def _embedding_name(text: str) -> tuple[str, str]:
-    """``"name<lora> rest"`` -> ``("name", "<lora> rest")``: the name ends at whitespace, ``<`` or ``[``."""
-    word, *rest = re.split(r"(\s)", text, maxsplit=1)
-    cut = _NAME_END.search(word)
-    if cut is None:
-        return word, "".join(rest)
-    return word[: cut.start()], word[cut.start() :] + "".join(rest)
+def _comfy_words(text: str, added: Mapping[str, tuple[int, ...]]) -> list[str | tuple[int, ...]]:
+    """A segment cut before each ``embedding:`` that follows whitespace; every word that starts with
+    ``embedding:`` (the first one too) gives the embedding's vector ids, then the text left after its name."""
+    items: list[str | tuple[int, ...]] = []
+    for word in _EMBEDDING.split(text):
+        if word.startswith(IDENTIFIER):
+            vectors, word = _embedding(word[len(IDENTIFIER) :], added)
+            if vectors is not None:
+                items.append(vectors)
+        if word:
+            items.append(word)
+    return items
+
+
+def _embedding(text: str, added: Mapping[str, tuple[int, ...]]) -> tuple[tuple[int, ...] | None, str]:
+    """``"name<lora> rest"`` -> (name's vector ids, ``"<lora> rest"``), ComfyUI's ``_try_get_embedding``: the
+    name ends at whitespace, ``<`` or ``[``; one not loaded is tried with its commas stripped, else dropped."""
+    words = text.strip("\n").split()
+    name, rest = (words[0] if words else ""), " ".join(words[1:])
+    cut = _NAME_END.search(name)
+    if cut is not None:
+        name, rest = name[: cut.start()], name[cut.start() :] + (" " + rest if rest else "")
+    vectors = added.get(name)
+    stripped = name.strip(",")
+    if vectors is None and stripped != name:
+        # ComfyUI keeps name[len(stripped):] as text: "lab," leaves ",", and ",lab" leaves "b" (its quirk).
+        vectors, rest = added.get(stripped), f"{name[len(stripped) :]} {rest}"
+    if vectors is None:
+        logger.warning("embedding:%s is not loaded (with_textual_inversion); ignored, as ComfyUI ignores it", name)
+    return vectors, rest

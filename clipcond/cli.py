@@ -146,6 +146,8 @@ def _cmd_inspect(args: argparse.Namespace) -> int:
     from clipcond.encoders.weights import FORMATS, StateReader, detect_format
 
     path = Path(args.path)
+    if not path.exists():
+        raise FileNotFoundError(f"{path}: no such file or folder (a checkpoint file or an embedding store)")
     if path.is_dir():  # an embedding store (clipcond precompute --out DIR)
         from clipcond.store.format import inspect_store
 

@@ -29,3 +29,14 @@ def test_encode_errors_exit_2_with_a_message():
     assert out.returncode == 2 and "unknown encoder 'sd3'; registered:" in out.stderr
     out = run("encode", "--encoder", "tiny-sd15", "--weights", "/nonexistent/file.safetensors", "x")
     assert out.returncode == 2 and "no such file or folder" in out.stderr
+
+
+def test_inspect_missing_path_says_it_does_not_exist(tmp_path, capsys):
+    """Bug: `clipcond inspect missing_path` said "unknown weights file type ''" (the suffix of a path that is not
+    there); it must say that the path does not exist, naming it, and exit non-zero."""
+    from clipcond.cli import main
+
+    missing = tmp_path / "missing_path"
+    assert main(["inspect", str(missing)]) == 2
+    err = capsys.readouterr().err
+    assert f"clipcond inspect: error: {missing}: no such file or folder" in err and "file type" not in err

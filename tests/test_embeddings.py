@@ -2,6 +2,8 @@
 
 from __future__ import annotations
 
+import re
+
 import pytest
 import torch
 from safetensors.torch import save_file
@@ -75,3 +77,17 @@ def test_embedding_for_another_encoder_is_refused(tmp_path):
     tc = TextConditioner.from_pretrained("tiny-sd15").with_textual_inversion(file)
     with pytest.raises(ValueError, match="token 'sd15only' is already loaded"):
         tc.with_textual_inversion(file)
+
+
+def test_damaged_safetensors_embedding_is_a_weights_error_naming_the_file(tmp_path):
+    """Bug: .safetensors embeddings were read with safetensors' load_file, whose SafetensorError (not a
+    WeightsError) named no file; a damaged file now fails in clipcond's one header reader, naming it."""
+    path = tmp_path / "learned_embeds.safetensors"
+    save_file({"<cat-toy>": torch.randn(2, 32)}, path)
+    data = path.read_bytes()
+    path.write_bytes(data[:-4])  # truncated: the tensor's data_offsets run past the end
+    with pytest.raises(WeightsError, match=re.escape(str(path)) + r": safetensors tensor '<cat-toy>': data_offsets"):
+        TextConditioner.from_pretrained("tiny-sd15").with_textual_inversion(path)
+    path.write_bytes(b"\x05" + b"\x00" * 7 + b"[1,2]")  # a header that is not a JSON object
+    with pytest.raises(WeightsError, match=re.escape(f"{path}: not a safetensors file: its header is JSON list")):
+        TextConditioner.from_pretrained("tiny-sd15").with_textual_inversion(path)

@@ -234,12 +234,46 @@ def test_flux_clip_pooled_equals_flux_pipeline(tiny):
     torch.testing.assert_close(c.sequence, last.last_hidden_state, **TOL)
 
 
-def test_final_norm_override_for_every_spec(tiny):
-    ids = tiny.tok_l(PROMPTS, padding="max_length", max_length=77, return_tensors="pt").input_ids
-    raw = TextConditioner.from_pretrained("sd15", weights=tiny.sd15, final_norm=False)(PROMPTS)
-    torch.testing.assert_close(raw.sequence, hidden(tiny.clip_l, ids)[-1], **TOL)  # no final LN
-    normed = TextConditioner.from_pretrained("sdxl", weights=tiny.sdxl, final_norm=True)
-    assert all(t.final_norm for t in normed.spec.towers)
+@pytest.mark.parametrize("final_norm", [True, False])
+@pytest.mark.parametrize("name", ["tiny-clip-vit-l-14", "tiny-openclip-vit-h-14", "tiny-openclip-vit-bigg-14",
+                                  "tiny-sdxl", "tiny-sd3-clip", "tiny-flux-clip", "tiny-openclip-vit-l-14"])
+def test_final_norm_override_for_every_spec(tiny, sd3_folder, tmp_path, name, final_norm):
+    """Each family's sequence with and without its final LayerNorm, at the spec's layer, on every tower. Catches an
+    override that sets the field but is not read (or only for one tower of two), a norm applied twice or at the
+    wrong layer. References on the same weights: transformers' hidden_states and final_layer_norm, open_clip's
+    resblocks and ln_final."""
+    from conftest import openclip_blocks, openclip_model
+    from safetensors.torch import save_file
+
+    def hf(model, tok, layer: int) -> torch.Tensor:
+        x = hidden(model, tok(PROMPTS, padding="max_length", max_length=77, return_tensors="pt").input_ids)[layer]
+        return final_ln(model)(x) if final_norm else x
+
+    def oc(model, blocks: int) -> torch.Tensor:
+        with torch.no_grad():
+            x = openclip_blocks(model, open_clip.tokenize(PROMPTS), blocks)
+            return model.ln_final(x) if final_norm else x
+
+    def openclip_l() -> tuple[Path, list[torch.Tensor]]:  # an open_clip ViT-L-14 (gelu) holding clip_l's weights
+        model = openclip_model(tiny.clip_l, get_spec(name).towers[0])
+        save_file({k: v.contiguous() for k, v in model.state_dict().items()}, tmp_path / "openclip_l.safetensors")
+        return tmp_path / "openclip_l.safetensors", [oc(model, 4)]
+
+    root, sd3 = sd3_folder
+    cases = {  # name -> (weights, each tower's reference sequence); the tiny towers have 4 blocks
+        "tiny-clip-vit-l-14": lambda: (tiny.sd15, [hf(tiny.clip_l, tiny.tok_l, -1)]),
+        "tiny-flux-clip": lambda: (tiny.sd15, [hf(tiny.clip_l, tiny.tok_l, -1)]),
+        "tiny-openclip-vit-h-14": lambda: (tiny.files["openclip_h.safetensors"], [oc(tiny.openclip_h, 3)]),
+        "tiny-openclip-vit-bigg-14": lambda: (tiny.files["openclip_g.safetensors"], [oc(tiny.openclip_g, 3)]),
+        # SDXL's bigG reads open_clip.tokenize's ids: tok_bang's for these prompts (no "!").
+        "tiny-sdxl": lambda: (tiny.sdxl, [hf(tiny.clip_l, tiny.tok_l, -2), hf(tiny.clip_g, tiny.tok_bang, -2)]),
+        "tiny-sd3-clip": lambda: (root, [hf(sd3[0], tiny.tok_l, -2), hf(sd3[1], tiny.tok_bang, -2)]),
+        "tiny-openclip-vit-l-14": openclip_l,
+    }
+    weights, expected = cases[name]()
+    tc = TextConditioner.from_pretrained(name, weights=weights, final_norm=final_norm)
+    assert [t.final_norm for t in tc.spec.towers] == [final_norm] * len(expected)
+    torch.testing.assert_close(tc(PROMPTS).sequence, torch.cat(expected, dim=-1), **TOL)
 
 
 # --- user-defined encoders ---------------------------------------------------------------------------

@@ -4,8 +4,10 @@ from __future__ import annotations
 
 import json
 import os
+import re
 import subprocess
 import sys
+from contextlib import ExitStack
 from pathlib import Path
 
 import open_clip
@@ -245,8 +247,6 @@ def test_missing_unexpected_and_misshapen_tensors_are_named(tiny, tmp_path):
 
 def test_safetensors_reader_equals_the_library_and_names_damage(tmp_path):
     # clipcond reads .safetensors with plain reads (no memory map: see SafetensorsFile).
-    from contextlib import ExitStack
-
     from clipcond.encoders.weights import SafetensorsFile
 
     g = torch.Generator().manual_seed(0)
@@ -263,14 +263,122 @@ def test_safetensors_reader_equals_the_library_and_names_damage(tmp_path):
             assert got.dtype == expected.dtype and torch.equal(got, expected), key
     data = path.read_bytes()
     (tmp_path / "cut.safetensors").write_bytes(data[:-10])
-    with pytest.raises(WeightsError, match=r"cut\.safetensors: tensor '\w+' .* does not fit the file .*truncated"):
+    with pytest.raises(WeightsError, match=r"cut\.safetensors: safetensors tensor '\w+': data_offsets must be "
+                                           r"\[begin, end\] within the file's \d+ data bytes"):
         SafetensorsFile(tmp_path / "cut.safetensors")
     (tmp_path / "junk.safetensors").write_bytes(b"\x10" + b"\x00" * 7 + b"not json at all!")
-    with pytest.raises(WeightsError, match=r"junk\.safetensors: not a readable safetensors file \(JSONDecodeError"):
+    with pytest.raises(WeightsError, match=r"junk\.safetensors: not a safetensors file: its header is not UTF-8 JSON"):
         SafetensorsFile(tmp_path / "junk.safetensors")
     (tmp_path / "tiny.safetensors").write_bytes(b"\xff" * 4)
-    with pytest.raises(WeightsError, match=r"tiny\.safetensors: not a readable safetensors file .*header length"):
+    with pytest.raises(WeightsError, match=r"tiny\.safetensors: not a safetensors file: header length"):
         TextConditioner.from_pretrained("tiny-sd2", weights=tmp_path / "tiny.safetensors")
+
+
+def _with_header(tmp_path: Path, name: str, header: object, data: bytes) -> Path:
+    """A safetensors file whose JSON header is ``header``, however wrong, followed by ``data``."""
+    text = json.dumps(header).encode()
+    path = tmp_path / name
+    path.write_bytes(len(text).to_bytes(8, "little") + text + data)
+    return path
+
+
+def test_damaged_safetensors_headers_are_weights_errors_naming_file_and_tensor(tmp_path):
+    """Bugs: a header that is a JSON list raised AttributeError ("has no attribute 'items'"); a one-value
+    data_offsets raised "not enough values to unpack" naming no file; data_offsets shifted onto a neighbour's
+    bytes loaded them silently as the tensor; a header of no tensors was blamed as weights of another size.
+    Header lengths or offsets that leave spare data bytes (the data read shifted) and shapes torch cannot allocate
+    were not caught either. Each now fails in SafetensorsFile with the file and the tensor named."""
+    data = torch.arange(8, dtype=torch.float32).numpy().tobytes()  # 32 bytes: two [4] float32 tensors
+    good = {"a": {"dtype": "F32", "shape": [4], "data_offsets": [0, 16]},
+            "b": {"dtype": "F32", "shape": [4], "data_offsets": [16, 32]}}
+    cases = {
+        "list.safetensors": ([good], r"its header is JSON list, not an object"),
+        "one.safetensors": ({**good, "b": {**good["b"], "data_offsets": [16]}},
+                            r"tensor 'b': data_offsets must be \[begin, end\]"),
+        "overlap.safetensors": ({**good, "a": {"dtype": "F32", "shape": [2], "data_offsets": [0, 8]},
+                                 "b": {**good["b"], "data_offsets": [4, 20]}}, r"tensors 'a' and 'b' overlap"),
+        "dtype.safetensors": ({**good, "b": {**good["b"], "dtype": "F33"}}, r"tensor 'b': unknown dtype 'F33'"),
+        "shape.safetensors": ({**good, "b": {**good["b"], "shape": [-4]}}, r"tensor 'b': shape must be a list of"),
+        "huge.safetensors": ({**good, "c": {"dtype": "F32", "shape": [0, 1 << 63], "data_offsets": [32, 32]}},
+                             r"tensor 'c': shape \[0, 9223372036854775808\] is too large for torch"),
+        "spare.safetensors": ({"a": good["a"]}, r"tensors end at data byte 16 of 32: a wrong header length"),
+        "empty.safetensors": ({}, r"the file holds no tensors"),
+    }
+    for name, (header, message) in cases.items():
+        path = _with_header(tmp_path, name, header, data)
+        with pytest.raises(WeightsError, match=re.escape(str(path)) + r":.*" + message):
+            TextConditioner.from_pretrained("sd15", weights=path)
+    # A header length one short that still ends in JSON (its padding space): the data would start a byte early.
+    text = json.dumps(good).encode() + b" "
+    (tmp_path / "early.safetensors").write_bytes((len(text) - 1).to_bytes(8, "little") + text + data)
+    with pytest.raises(WeightsError, match=r"early\.safetensors: the safetensors tensors end at data byte 32 of 33"):
+        TextConditioner.from_pretrained("sd15", weights=tmp_path / "early.safetensors")
+    # fp8 text encoders (F8_E4M3 / F8_E5M2) read as torch's float8 dtypes, bit for bit.
+    fp8 = {"e4m3": torch.randn(3, 5).to(torch.float8_e4m3fn), "e5m2": torch.randn(2).to(torch.float8_e5m2)}
+    save_file(fp8, tmp_path / "fp8.safetensors")
+    with ExitStack() as stack:
+        reader = StateReader([tmp_path / "fp8.safetensors"], stack)
+        for key, expected in fp8.items():
+            got = reader.read(key)
+            assert got.dtype == expected.dtype and torch.equal(got.view(torch.uint8), expected.view(torch.uint8))
+
+
+def test_damaged_pickles_are_weights_errors_naming_the_file(tiny, tmp_path):
+    """Bug: a truncated or damaged torch.save file (.bin/.ckpt) raised torch's RuntimeError ("PytorchStreamReader
+    failed ..."), UnicodeDecodeError or EOFError, not a WeightsError naming the file."""
+    data = tiny.files["open_clip_pytorch_model.bin"].read_bytes()
+    path = tmp_path / "open_clip_pytorch_model.bin"
+    for cut in (0, 10, 100, len(data) // 2, len(data) - 30):
+        path.write_bytes(data[:cut])
+        with pytest.raises(WeightsError, match=re.escape(str(path)) + r": (not a readable torch\.save file|refused)"):
+            TextConditioner.from_pretrained("tiny-sd2", weights=path)
+    torch.save({1: torch.zeros(2)}, path)
+    with pytest.raises(WeightsError, match=r"expected a state dict \(names to tensors\), got dict with keys that"):
+        TextConditioner.from_pretrained("tiny-sd2", weights=path)
+
+
+def test_laion_folder_with_both_layouts_is_sized_by_the_folder(tiny, tmp_path):
+    """Bug: a clone of a laion repo (transformers config.json + model.safetensors beside open_clip_config.json +
+    open_clip_model.safetensors) was read through the open_clip file at the preset's size, so a tower of another
+    size failed ("holds 4 transformer blocks, tower 'openclip-vit-h-14' expects 24"). Its size now comes from
+    open_clip_config.json (model_cfg.text_cfg), as a transformers folder's comes from its config.json."""
+    from transformers import CLIPConfig, CLIPModel
+
+    tower, hf_text = tiny.h_tower, tiny.clip_h_full  # 40 wide, 4 blocks; open_clip copy: tiny.openclip_h
+    vision = {"hidden_size": 32, "intermediate_size": 37, "num_hidden_layers": 1, "num_attention_heads": 4,
+              "image_size": 16, "patch_size": 8}
+    full = CLIPModel(CLIPConfig(text_config=hf_text.config.to_dict(), vision_config=vision,
+                                projection_dim=tower.projection_dim))
+    full.text_model.load_state_dict(hf_text.text_model.state_dict())
+    full.text_projection.load_state_dict(hf_text.text_projection.state_dict())
+    full.save_pretrained(tmp_path)
+    model = tiny.openclip_h
+    save_file({k: v.contiguous() for k, v in model.state_dict().items()}, tmp_path / "open_clip_model.safetensors")
+    text_cfg = {"context_length": 77, "vocab_size": 49408, "width": tower.width, "heads": tower.heads,
+                "layers": tower.layers, "mlp_ratio": tower.mlp_width / tower.width}
+    (tmp_path / "open_clip_config.json").write_text(json.dumps({  # as laion's repos publish it
+        "model_cfg": {"embed_dim": tower.projection_dim, "text_cfg": text_cfg,
+                      "vision_cfg": {"image_size": 16, "layers": 1, "width": 32, "patch_size": 8}},
+        "preprocess_cfg": {"mean": [0.48145466, 0.4578275, 0.40821073], "std": [0.26862954, 0.26130258, 0.27577711]},
+    }))
+    ids = open_clip.tokenize(PROMPTS)
+    # SD 2.x: ln_final of the penultimate block, pooled at the first EOS; open_clip's and transformers' forward.
+    expected = model.ln_final(openclip_blocks(model, ids, tower.layers - 1))
+    hf_out = full.text_model(ids, output_hidden_states=True)
+    torch.testing.assert_close(full.text_model.final_layer_norm(hf_out.hidden_states[-2]), expected, **TOL)
+    tc = TextConditioner.from_pretrained("sd2", weights=tmp_path)
+    assert (tc.towers[0].spec.width, tc.towers[0].spec.layers) == (tower.width, tower.layers)
+    c = tc(PROMPTS)
+    torch.testing.assert_close(c.sequence, expected, **TOL)
+    torch.testing.assert_close(c.pooled, expected[torch.arange(len(PROMPTS)), ids.argmax(-1)], **TOL)
+    projected = TextConditioner.from_pretrained("sd2", weights=tmp_path, pooled="projected")
+    torch.testing.assert_close(projected(PROMPTS).pooled, model.encode_text(ids), **TOL)
+    torch.testing.assert_close(projected(PROMPTS).pooled, full.text_projection(hf_out.pooler_output), **TOL)
+    text_cfg["hf_model_name"] = "roberta-base"  # a config whose text tower is not a CLIP text transformer
+    (tmp_path / "open_clip_config.json").write_text(json.dumps({"model_cfg": {"text_cfg": text_cfg}}))
+    with pytest.raises(WeightsError, match=r"open_clip_config\.json: its text tower is the transformers model "
+                                           r"'roberta-base', not a CLIP text transformer \(clipcond runs"):
+        TextConditioner.from_pretrained("sd2", weights=tmp_path)
 
 
 def clipcond_spec(name: str, **tower_changes):

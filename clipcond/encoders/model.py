@@ -113,11 +113,11 @@ class TextTransformer(nn.Module):
         if keep is not None:
             causal = torch.ones(ids.shape[1], ids.shape[1], dtype=torch.bool, device=ids.device).tril()
             mask = (causal & keep[:, None, None, :].bool())  # [B, 1, L, L]
-        sequence = x if self.spec.sequence_blocks == 0 else None
-        for i, block in enumerate(self.blocks, start=1):
+        for block in self.blocks[: self.spec.sequence_blocks]:  # at least one: TowerSpec checks hidden_layer
             x = block(x, mask)
-            if i == self.spec.sequence_blocks:
-                sequence = x
+        sequence = x  # [B, L, W]
+        for block in self.blocks[self.spec.sequence_blocks:]:  # the last block, where the pooled vector needs it
+            x = block(x, mask)
         if self.spec.final_norm:
             sequence = self.final_norm(sequence)
         rows = torch.arange(ids.shape[0], device=ids.device)

@@ -18,6 +18,8 @@ from clipcond.specs import OPEN_CLIP_PREFIX, EncoderSpec, SpecError, TowerSpec
 
 # What open_clip's create_model downloads for a tag: safetensors first.
 OPEN_CLIP_FILES = ("open_clip_model.safetensors", "open_clip_pytorch_model.bin")
+# Beside them in an open_clip hub repo: {"model_cfg": <a model config>, "preprocess_cfg": {...}}.
+OPEN_CLIP_CONFIG = "open_clip_config.json"
 CLIP_VOCAB_SIZE = 49408
 CLIP_EOS_ID = 49407
 
@@ -80,18 +82,26 @@ def open_clip_spec(model: str) -> EncoderSpec:
                         f"{'; '.join(problems)} (clipcond runs CLIP text transformers with the CLIP BPE; "
                         f"`clipcond list --open-clip` shows the models that qualify)")
     text = CLIPTextCfg(**config["text_cfg"])
-    projected = text.proj_type != "none" and bool(config.get("embed_dim"))
+    sizes = text_tower_sizes(config)
     tower = TowerSpec(
-        name=model, width=text.width, layers=text.layers, heads=text.heads,
-        mlp_width=int(text.width * text.mlp_ratio),  # as open_clip's TextTransformer sizes its MLP
-        activation="quick_gelu" if config.get("quick_gelu") else "gelu",
-        projection_dim=config["embed_dim"] if projected else None,
-        vocab_size=text.vocab_size, context_length=text.context_length,
-        family="open_clip", tokenizer="open_clip", pad_id=text.pad_id,
-        hidden_layer=-1, final_norm=True, pooled="projected" if projected else "final_eos",
+        name=model, **sizes, family="open_clip", tokenizer="open_clip", pad_id=text.pad_id,
+        hidden_layer=-1, final_norm=True, pooled="projected" if sizes["projection_dim"] else "final_eos",
     )
     return EncoderSpec(name=f"{OPEN_CLIP_PREFIX}{model}", towers=(tower,), pooled_towers=(0,), null="empty",
                        max_length=min(77, text.context_length), source=f"open_clip {model}: CLIP.encode_text")
+
+
+def text_tower_sizes(config: dict[str, Any]) -> dict[str, Any]:
+    """The sizes and activation of a model config's text tower, as the ``TowerSpec`` fields of the same names."""
+    from open_clip.model import CLIPTextCfg
+
+    text = CLIPTextCfg(**config.get("text_cfg", {}))
+    projected = text.proj_type != "none" and bool(config.get("embed_dim"))
+    return {"width": text.width, "layers": text.layers, "heads": text.heads,
+            "mlp_width": int(text.width * text.mlp_ratio),  # as open_clip's TextTransformer sizes its MLP
+            "activation": "quick_gelu" if config.get("quick_gelu") else "gelu",
+            "projection_dim": config["embed_dim"] if projected else None,
+            "vocab_size": text.vocab_size, "context_length": text.context_length}
 
 
 def pretrained_source(spec: EncoderSpec, tag: str) -> tuple[str, tuple[str, ...]]:

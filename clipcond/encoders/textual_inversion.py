@@ -14,7 +14,7 @@ from pathlib import Path
 
 import torch
 
-from clipcond.encoders.weights import PICKLE_SUFFIXES, load_pickle
+from clipcond.encoders.weights import PICKLE_SUFFIXES, load_pickle, load_safetensors
 from clipcond.errors import WeightsError
 from clipcond.specs import TowerSpec
 
@@ -44,26 +44,28 @@ def load_embedding(path: str | os.PathLike[str], token: str | None = None) -> Em
     """Read a textual-inversion file; ``token`` overrides the trigger word."""
     path = Path(path)
     if path.suffix == ".safetensors":
-        from safetensors.torch import load_file
-
-        state: dict[str, object] = dict(load_file(path))
+        state: dict[str, object] = dict(load_safetensors(path))
     elif path.suffix in PICKLE_SUFFIXES:
         state = load_pickle(path)
     else:
         raise WeightsError(f"{path}: unknown embedding file type {path.suffix!r}; expected .safetensors or "
                            f"one of {PICKLE_SUFFIXES}")
-    name, vectors = path.stem, None
+    name, found = path.stem, None  # found: {"*" or a TI_KEYS value: (the key in the file, its value)}
     if isinstance(state.get("string_to_param"), dict):  # A1111 .pt
-        vectors = {"*": state["string_to_param"]["*"]}
+        found = {"*": ("string_to_param['*']", state["string_to_param"].get("*"))}
     elif "emb_params" in state:  # A1111 .safetensors
-        vectors = {"*": state["emb_params"]}
+        found = {"*": ("emb_params", state["emb_params"])}
     elif {"clip_l", "clip_g"} <= set(state):  # SDXL
-        vectors = {"clip_l": state["clip_l"], "clip_g": state["clip_g"]}
+        found = {k: (k, state[k]) for k in ("clip_l", "clip_g")}
     elif len(state) == 1:  # diffusers learned_embeds: {"<token>": vectors}
         (name, vector), = state.items()
-        vectors = {"*": vector}
-    if vectors is None or not all(isinstance(v, torch.Tensor) for v in vectors.values()):
-        raise WeightsError(f"{path}: not a textual-inversion file I know (keys: {sorted(state)[:10]}); expected "
-                           f"string_to_param, emb_params, clip_l + clip_g, or one '<token>' key")
-    vectors = {k: v.detach().reshape(-1, v.shape[-1]) for k, v in vectors.items()}  # [W] -> [1, W]
+        found = {"*": (name, vector)}
+    if found is None:
+        raise WeightsError(f"{path}: not a textual-inversion file I know (keys: {sorted(map(str, state))[:10]}); "
+                           f"expected string_to_param, emb_params, clip_l + clip_g, or one '<token>' key")
+    for key, v in found.values():
+        if not isinstance(v, torch.Tensor) or v.ndim not in (1, 2) or not v.numel():
+            got = f"a tensor shaped {list(v.shape)}" if isinstance(v, torch.Tensor) else type(v).__name__
+            raise WeightsError(f"{path}: {key!r} must hold vectors [W] or [n, W], got {got}")
+    vectors = {k: v.detach().reshape(-1, v.shape[-1]) for k, (_, v) in found.items()}  # [W] -> [1, W]
     return Embedding(token=token or name, vectors=vectors)

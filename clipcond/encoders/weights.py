@@ -11,6 +11,7 @@ from __future__ import annotations
 
 import json
 import logging
+import math
 import os
 import pickle
 from collections.abc import Callable
@@ -20,7 +21,7 @@ from pathlib import Path
 
 import torch
 
-from clipcond._files import SAFETENSORS_DTYPES, raw_bytes
+from clipcond._files import TensorInfo, raw_bytes, read_safetensors_header
 from clipcond.encoders.convert import (
     HF_TEXT,
     OPENCLIP_IGNORED_PREFIXES,
@@ -29,7 +30,7 @@ from clipcond.encoders.convert import (
     convert_state,
     count_blocks,
 )
-from clipcond.encoders.openclip import OPEN_CLIP_FILES
+from clipcond.encoders.openclip import OPEN_CLIP_CONFIG, OPEN_CLIP_FILES, text_tower_problems, text_tower_sizes
 from clipcond.errors import WeightsError
 from clipcond.specs import EncoderSpec, TowerSpec
 
@@ -87,6 +88,25 @@ def detect_format(keys: list[str], source: str) -> str:
                        f"{[sig for _, sig, _ in FORMATS.values()]} (first keys: {keys[:5]})")
 
 
+def check_tiling(tensors: dict[str, TensorInfo], data: int, path: Path) -> None:
+    """The rules of the safetensors library beyond ``read_safetensors_header``'s: tensors lie back to back
+    from the first data byte to the last (so that a header length or offsets off by a few bytes cannot read
+    shifted bytes silently), and each shape is one torch can allocate (an empty tensor's other dimensions
+    pass the size check whatever they are)."""
+    end = 0
+    for key, info in sorted(tensors.items(), key=lambda item: (item[1].begin, item[1].end)):
+        if info.begin != end:
+            raise ValueError(f"{path}: safetensors tensor {key!r} starts at data byte {info.begin}, expected {end}: "
+                             f"safetensors writes tensors back to back from byte 0 (damaged header)")
+        if math.prod(max(d, 1) for d in info.shape) >= 1 << 63:  # torch's strides are int64
+            raise ValueError(f"{path}: safetensors tensor {key!r}: shape {list(info.shape)} is too large for "
+                             f"torch (damaged header)")
+        end = info.end
+    if tensors and end != data:  # no tensors at all: StateReader says so
+        raise ValueError(f"{path}: the safetensors tensors end at data byte {end} of {data}: a wrong header length "
+                         f"or data_offsets (damaged header)")
+
+
 class SafetensorsFile:
     """Tensors of a ``.safetensors`` file, each read on demand with plain reads into its own memory.
 
@@ -97,33 +117,22 @@ class SafetensorsFile:
 
     def __init__(self, path: Path) -> None:
         self.path, self.file = path, open(path, "rb")  # noqa: SIM115 (closed by close())
-        size = os.fstat(self.file.fileno()).st_size
         try:
-            n = int.from_bytes(self.file.read(8), "little")
-            if not 2 <= n <= size - 8:
-                raise ValueError(f"header length {n} does not fit the file's {size} bytes")
-            header = json.loads(self.file.read(n))
-            self.start = 8 + n
-            codes = {code: dtype for dtype, code in SAFETENSORS_DTYPES.items()}
-            self.tensors = {key: (codes[v["dtype"]], tuple(v["shape"]), tuple(v["data_offsets"]))
-                            for key, v in header.items() if key != "__metadata__"}
-        except (ValueError, KeyError, TypeError) as err:  # JSONDecodeError is a ValueError
+            header = read_safetensors_header(self.file, path)
+            check_tiling(header.tensors, os.fstat(self.file.fileno()).st_size - header.data_start, path)
+        except ValueError as err:  # a damaged or foreign file: its message names the file and the tensor
             self.file.close()
-            raise WeightsError(f"{path}: not a readable safetensors file ({type(err).__name__}: {err})") from err
-        for key, (dtype, shape, (begin, end)) in self.tensors.items():
-            if end - begin != dtype.itemsize * torch.Size(shape).numel() or self.start + end > size:
-                self.file.close()
-                raise WeightsError(f"{path}: tensor {key!r} ({dtype}, {list(shape)}) at bytes {begin}:{end} does not "
-                                   f"fit the file ({size - self.start} data bytes): truncated or damaged")
+            raise WeightsError(str(err)) from err
+        self.start, self.tensors = header.data_start, header.tensors
 
     def keys(self) -> list[str]:
         return list(self.tensors)
 
     def read(self, key: str) -> torch.Tensor:
-        dtype, shape, (begin, end) = self.tensors[key]
-        out = torch.empty(shape, dtype=dtype)
-        self.file.seek(self.start + begin)
-        if self.file.readinto(raw_bytes(out)) != end - begin:  # straight into out's memory
+        info = self.tensors[key]
+        out = torch.empty(info.shape, dtype=info.dtype)
+        self.file.seek(self.start + info.begin)
+        if self.file.readinto(raw_bytes(out)) != info.end - info.begin:  # straight into out's memory
             raise WeightsError(f"{self.path}: tensor {key!r} is cut short: the file changed while it was read")
         return out
 
@@ -131,11 +140,19 @@ class SafetensorsFile:
         self.file.close()
 
 
+def load_safetensors(path: Path) -> dict[str, torch.Tensor]:
+    """Every tensor of a small ``.safetensors`` file (an embedding), read as ``SafetensorsFile`` reads them."""
+    handle = SafetensorsFile(path)
+    try:
+        return {key: handle.read(key) for key in handle.keys()}
+    finally:
+        handle.close()
+
+
 class StateReader:
     """Lazy, read-only access to the tensors of one or more checkpoint files (shards)."""
 
     def __init__(self, files: list[Path], stack: ExitStack) -> None:
-        self.source = ", ".join(str(f) for f in files)
         self._read: dict[str, Callable[[], torch.Tensor]] = {}
         for file in files:
             self._open(file, stack)
@@ -144,16 +161,16 @@ class StateReader:
         if file.suffix in SAFE_SUFFIXES:
             handle = SafetensorsFile(file)
             stack.callback(handle.close)
-            for key in handle.keys():
-                self._read[key] = lambda k=key, h=handle: h.read(k)
-            return
-        if file.suffix not in PICKLE_SUFFIXES:
+            readers = {key: lambda k=key, h=handle: h.read(k) for key in handle.keys()}
+        elif file.suffix in PICKLE_SUFFIXES:
+            state = load_pickle(file)
+            readers = {key: lambda v=value: v for key, value in state.items() if isinstance(value, torch.Tensor)}
+        else:
             raise WeightsError(f"{file}: unknown weights file type {file.suffix!r}; "
                                f"expected one of {SAFE_SUFFIXES + PICKLE_SUFFIXES}")
-        state = load_pickle(file)
-        for key, value in state.items():
-            if isinstance(value, torch.Tensor):
-                self._read[key] = lambda v=value: v
+        if not readers:  # said here, not as a tower of the wrong size or an unknown format
+            raise WeightsError(f"{file}: the file holds no tensors")
+        self._read.update(readers)
 
     def keys(self) -> list[str]:
         return list(self._read)
@@ -170,14 +187,17 @@ def load_pickle(file: Path) -> dict[str, object]:
             state = torch.load(file, map_location="cpu", weights_only=True, mmap=True)
         except RuntimeError:  # a legacy (non-zip) file cannot be memory-mapped
             state = torch.load(file, map_location="cpu", weights_only=True)
-    except pickle.UnpicklingError as err:
+    except pickle.UnpicklingError as err:  # the weights-only unpickler's error (a damaged pickle can raise it too)
         raise WeightsError(f"{file}: refused: the pickle holds more than tensors (would run code on load); "
                            f"convert it to .safetensors from a trusted copy") from err
+    except (RuntimeError, ValueError, KeyError, EOFError) as err:  # what a damaged zip or pickle raises in torch.load
+        raise WeightsError(f"{file}: not a readable torch.save file ({type(err).__name__}: {err})") from err
     for wrapper in ("state_dict", "model"):  # ldm checkpoints, some open_clip training checkpoints
         if isinstance(state, dict) and isinstance(state.get(wrapper), dict):
             state = state[wrapper]
-    if not isinstance(state, dict):
-        raise WeightsError(f"{file}: expected a state dict, got {type(state).__name__}")
+    if not isinstance(state, dict) or not all(isinstance(k, str) for k in state):
+        raise WeightsError(f"{file}: expected a state dict (names to tensors), got {type(state).__name__}"
+                           f"{'' if not isinstance(state, dict) else ' with keys that are not str'}")
     if state and all(k.startswith("module.") for k in state):  # saved from DistributedDataParallel
         state = {k.removeprefix("module."): v for k, v in state.items()}
     return state
@@ -296,11 +316,12 @@ def folder_sources(spec: EncoderSpec, folder: Path, reader: Callable[[tuple[Path
     if len(spec.towers) == 1 and not subfolders[0].is_dir():
         single = single_tower_file(spec, folder)
         if single is not None:
-            return file_sources(spec, single, reader((single,)))
+            tower = open_clip_folder_tower(spec.towers[0], folder)
+            return file_sources(spec.replace(towers=(tower,)), single, reader((single,)))
         if (folder / "config.json").is_file():
             files = tuple(hf_weight_files(folder))
             tower = tower_from_hf_config(spec.towers[0], folder, reader(files))
-            return [TowerSource(tower, files, HF_ANY, f"transformers folder {folder}")]
+            return [TowerSource(tower, files, HF_ANY, f"{', '.join(map(str, files))} (a transformers folder)")]
     sources = []
     for tower, sub in zip(spec.towers, subfolders, strict=True):
         if not (sub / "config.json").is_file():
@@ -309,7 +330,8 @@ def folder_sources(spec: EncoderSpec, folder: Path, reader: Callable[[tuple[Path
                 f"diffusers pipeline folder ({', '.join(t.hub_subfolder + '/' for t in spec.towers)}), a "
                 f"transformers model folder (config.json) or an open_clip checkpoint ({', '.join(OPEN_CLIP_FILES)})")
         files = tuple(hf_weight_files(sub))
-        sources.append(TowerSource(tower_from_hf_config(tower, sub, reader(files)), files, HF_ANY, str(sub)))
+        sources.append(TowerSource(tower_from_hf_config(tower, sub, reader(files)), files, HF_ANY,
+                                   ", ".join(map(str, files))))
     return sources
 
 
@@ -321,6 +343,34 @@ def single_tower_file(spec: EncoderSpec, folder: Path) -> Path | None:
     if spec.towers[0].family != "open_clip" and (folder / "config.json").is_file():
         return None
     return next((folder / f for f in OPEN_CLIP_FILES if (folder / f).is_file()), None)
+
+
+def open_clip_folder_tower(tower: TowerSpec, folder: Path) -> TowerSpec:
+    """The tower of an open_clip checkpoint in a folder, sized by the open_clip_config.json beside it (laion's
+    repos); without one, by the spec, as a lone checkpoint file. A transformers config.json there describes
+    the transformers copy, not this file, and is not read."""
+    config = folder / OPEN_CLIP_CONFIG
+    return tower_from_open_clip_config(tower, config) if config.is_file() else tower
+
+
+def tower_from_open_clip_config(tower: TowerSpec, path: Path) -> TowerSpec:
+    """The tower's sizes from an open_clip hub repo's ``open_clip_config.json``, as from a ``config.json``."""
+    try:
+        model_cfg = json.loads(path.read_text()).get("model_cfg")
+    except (OSError, ValueError, AttributeError) as err:  # JSONDecodeError is a ValueError
+        raise WeightsError(f"{path}: cannot read an open_clip config: {err}") from err
+    if not isinstance(model_cfg, dict) or not isinstance(model_cfg.get("text_cfg"), dict):
+        raise WeightsError(f"{path}: an open_clip config holds {{'model_cfg': {{'text_cfg': {{...}}, ...}}}}, got "
+                           f"model_cfg {model_cfg!r:.80}")
+    problems = text_tower_problems(model_cfg)
+    if problems:
+        raise WeightsError(f"{path}: its text tower {'; '.join(problems)} (clipcond runs CLIP text transformers "
+                           f"with the CLIP BPE)")
+    sizes = text_tower_sizes(model_cfg)
+    if sizes["activation"] != tower.activation:
+        raise WeightsError(f"{path}: activation {sizes['activation']!r}, but tower {tower.name!r} is trained with "
+                           f"{tower.activation!r}: these weights belong to another encoder")
+    return tower.replace(**sizes | {"projection_dim": sizes["projection_dim"] if tower.projection_dim else None})
 
 
 def file_sources(spec: EncoderSpec, file: Path, reader: StateReader) -> list[TowerSource]:
@@ -357,7 +407,14 @@ def read_tower(src: TowerSource, reader: StateReader, dtype: torch.dtype) -> dic
                            f"expects {stored}: these weights belong to another encoder or size")
     with torch.device("meta"):
         expected = {k: v.shape for k, v in TextTransformer(src.tower).state_dict().items()}
-    return convert_state(keys, lambda k: reader.read(keys[k]).to(dtype), table, expected, source=src.description,
+
+    def read(key: str) -> torch.Tensor:
+        tensor = reader.read(keys[key])
+        if not tensor.is_floating_point():  # cast silently, an I32 for F32 would be wrong numbers (a damaged dtype)
+            raise WeightsError(f"{src.description}: tensor {keys[key]!r} is {tensor.dtype}, not floating point")
+        return tensor.to(dtype)
+
+    return convert_state(keys, read, table, expected, source=src.description,
                          ignored_prefixes=IGNORED_PREFIXES[layout] if not prefix else ())
 
 

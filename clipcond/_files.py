@@ -9,7 +9,6 @@ by piece (the precompute writer) and read into tensors without a copy (encoders/
 from __future__ import annotations
 
 import hashlib
-import itertools
 import json
 import math
 import os
@@ -101,8 +100,8 @@ def read_safetensors_header(f: BinaryIO, path: object) -> SafetensorsHeader:
     library holds, so that a damaged or hostile file is a ``ValueError`` naming ``path`` (and the tensor),
     never another exception, an allocation of what a length field claims, or bytes of a neighbour tensor:
     the header length fits the file; the header is a UTF-8 JSON object; each tensor has a known dtype, a
-    shape of non-negative ints and two data offsets that fit the data, match dtype and shape, and do not
-    overlap another tensor's.
+    shape of non-negative ints that torch can allocate and two data offsets that fit the data and match dtype
+    and shape; the tensors tile the data.
     """
     size = os.fstat(f.fileno()).st_size
     f.seek(0)
@@ -120,11 +119,24 @@ def read_safetensors_header(f: BinaryIO, path: object) -> SafetensorsHeader:
         raise ValueError(f"{path}: safetensors __metadata__ must map strings to strings, got {metadata!r:.200}")
     data = size - 8 - n
     tensors = {name: _tensor_info(name, info, data, path) for name, info in header.items()}
-    spans = sorted((t.begin, t.end, name) for name, t in tensors.items() if t.end > t.begin)
-    for (_, end, first), (begin, _, second) in itertools.pairwise(spans):
-        if begin < end:
-            raise ValueError(f"{path}: safetensors tensors {first!r} and {second!r} overlap (damaged header)")
+    _check_tiling(tensors, data, path)
     return SafetensorsHeader(tensors, metadata, 8 + n)
+
+
+def _check_tiling(tensors: dict[str, TensorInfo], data: int, path: object) -> None:
+    """Tensors lie back to back from the first data byte to the last, as the safetensors library requires: a
+    header length or offsets off by a few bytes would otherwise read shifted bytes, or a neighbour's, silently."""
+    end, last = 0, None
+    for name, info in sorted(tensors.items(), key=lambda item: (item[1].begin, item[1].end)):
+        if info.begin < end:
+            raise ValueError(f"{path}: safetensors tensors {last!r} and {name!r} overlap (damaged header)")
+        if info.begin > end:
+            raise ValueError(f"{path}: safetensors tensor {name!r} starts at data byte {info.begin}, expected {end}: "
+                             "safetensors writes tensors back to back from byte 0 (damaged header)")
+        end, last = info.end, name
+    if tensors and end != data:  # a file of no tensors is the caller's to judge
+        raise ValueError(f"{path}: the safetensors tensors end at data byte {end} of {data}: a wrong header length "
+                         "or data_offsets (damaged header)")
 
 
 def _tensor_info(name: str, info: object, data: int, path: object) -> TensorInfo:
@@ -134,7 +146,7 @@ def _tensor_info(name: str, info: object, data: int, path: object) -> TensorInfo
     if not isinstance(info, dict):
         raise bad(f"entry is a JSON {type(info).__name__}, not an object")
     dtype, shape, offsets = info.get("dtype"), info.get("shape"), info.get("data_offsets")
-    if dtype not in SAFETENSORS_CODES:
+    if not isinstance(dtype, str) or dtype not in SAFETENSORS_CODES:
         raise bad(f"unknown dtype {dtype!r:.40}")
     ints = (lambda v: isinstance(v, list) and all(type(x) is int and x >= 0 for x in v))  # noqa: E731 (not bool)
     if not ints(shape):
@@ -144,6 +156,8 @@ def _tensor_info(name: str, info: object, data: int, path: object) -> TensorInfo
     dtype = SAFETENSORS_CODES[dtype]
     if offsets[1] - offsets[0] != dtype.itemsize * math.prod(shape):
         raise bad(f"{offsets[1] - offsets[0]} bytes at {offsets} do not hold {dtype} {shape}")
+    if math.prod(max(d, 1) for d in shape) >= 1 << 63:  # an empty tensor's other dimensions: torch's strides are int64
+        raise bad(f"shape {shape} is too large for torch")
     return TensorInfo(dtype, tuple(shape), offsets[0], offsets[1])
 
 

@@ -11,7 +11,6 @@ from __future__ import annotations
 
 import json
 import logging
-import math
 import os
 import pickle
 from collections.abc import Callable
@@ -21,7 +20,7 @@ from pathlib import Path
 
 import torch
 
-from clipcond._files import TensorInfo, raw_bytes, read_safetensors_header
+from clipcond._files import raw_bytes, read_safetensors_header
 from clipcond.encoders.convert import (
     HF_TEXT,
     OPENCLIP_IGNORED_PREFIXES,
@@ -88,25 +87,6 @@ def detect_format(keys: list[str], source: str) -> str:
                        f"{[sig for _, sig, _ in FORMATS.values()]} (first keys: {keys[:5]})")
 
 
-def check_tiling(tensors: dict[str, TensorInfo], data: int, path: Path) -> None:
-    """The rules of the safetensors library beyond ``read_safetensors_header``'s: tensors lie back to back
-    from the first data byte to the last (so that a header length or offsets off by a few bytes cannot read
-    shifted bytes silently), and each shape is one torch can allocate (an empty tensor's other dimensions
-    pass the size check whatever they are)."""
-    end = 0
-    for key, info in sorted(tensors.items(), key=lambda item: (item[1].begin, item[1].end)):
-        if info.begin != end:
-            raise ValueError(f"{path}: safetensors tensor {key!r} starts at data byte {info.begin}, expected {end}: "
-                             f"safetensors writes tensors back to back from byte 0 (damaged header)")
-        if math.prod(max(d, 1) for d in info.shape) >= 1 << 63:  # torch's strides are int64
-            raise ValueError(f"{path}: safetensors tensor {key!r}: shape {list(info.shape)} is too large for "
-                             f"torch (damaged header)")
-        end = info.end
-    if tensors and end != data:  # no tensors at all: StateReader says so
-        raise ValueError(f"{path}: the safetensors tensors end at data byte {end} of {data}: a wrong header length "
-                         f"or data_offsets (damaged header)")
-
-
 class SafetensorsFile:
     """Tensors of a ``.safetensors`` file, each read on demand with plain reads into its own memory.
 
@@ -119,7 +99,6 @@ class SafetensorsFile:
         self.path, self.file = path, open(path, "rb")  # noqa: SIM115 (closed by close())
         try:
             header = read_safetensors_header(self.file, path)
-            check_tiling(header.tensors, os.fstat(self.file.fileno()).st_size - header.data_start, path)
         except ValueError as err:  # a damaged or foreign file: its message names the file and the tensor
             self.file.close()
             raise WeightsError(str(err)) from err

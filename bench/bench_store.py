@@ -6,9 +6,17 @@ sample (``hidden_state1``, ``hidden_state2``, ``pool2``), SimpleTuner's ``.pt`` 
 (``torch.save`` of the tensors) and one ``.safetensors`` per sample. Cold: the page cache of every
 file of that format dropped (``posix_fadvise(DONTNEED)``) and no mapping left open; warm: a
 second pass; the median of 3 of each. The limit is the disk's sequential read rate, measured in the same run. Also:
-``store.by_id`` lookups/s (the row included) and the cost of the per-row checksum.
 
-    python bench/bench_store.py                 # 1,536 rows, batch 16, workers 0 and 2
+- single rows: ``store[i]`` and ``store.by_id(key)`` per second, checked and unchecked, on tiny-SDXL float16
+  rows (12 kB) and real-size ones (318 kB);
+- checked against unchecked reads through a DataLoader (batch 16, workers 0), alone and beside NEIGHBOURS
+  processes burning CPU (the unchecked read must never be the slower one);
+- the checksum's own cost: the batched copy with and without the sums, the same compiled copy routine;
+- the training read path: a map-style dataset of VAE latents joined with the store (``JoinedDataset``), read by
+  a DataLoader with 2 workers, against the same latents beside one ``.safetensors`` of text per sample.
+
+    python bench/bench_store.py                          # everything: 1,536 rows, batch 16
+    python bench/bench_store.py --sections single,load,checksum,joined   # without the per-format table
 """
 
 from __future__ import annotations
@@ -32,6 +40,10 @@ WORKERS = (0, 2)
 LOOKUPS = 20_000
 PASSES = 3  # of each format, cold and warm: the table gives their medians
 PAIRS = 10  # checked / unchecked batched-fetch passes, for the checksum's cost
+NEIGHBOURS = 2  # processes burning CPU beside the "loaded" reads (this box has 2 cores)
+LATENT = (4, 128, 128)  # an SDXL VAE latent (1024 px), float16: 128 kB a sample
+JOIN_WORKERS = 2
+SECTIONS = ("formats", "single", "load", "checksum", "joined")
 SEED = 0
 JSON_PATH = Path(__file__).parent / "results" / "store.json"
 
@@ -135,105 +147,261 @@ def pair_ratios(measure, pairs: int) -> tuple[dict[bool, list[float]], list[floa
     return rates, [a / b for a, b in zip(rates[True], rates[False], strict=True)]
 
 
+def burn() -> None:
+    while True:
+        pass
+
+
+class Neighbours:
+    """``n`` processes spinning on the CPU while the block runs (another job on a shared host)."""
+
+    def __init__(self, n: int) -> None:
+        self.n, self.procs = n, []
+
+    def __enter__(self) -> Neighbours:
+        import multiprocessing
+
+        self.procs = [multiprocessing.get_context("fork").Process(target=burn, daemon=True) for _ in range(self.n)]
+        for proc in self.procs:
+            proc.start()
+        time.sleep(0.2)
+        return self
+
+    def __exit__(self, *exc: object) -> None:
+        for proc in self.procs:
+            proc.terminate()
+            proc.join()
+
+
+def build_small_store(root: Path, rows: int) -> Path:
+    """tiny-sdxl float16 rows ([77, 80] + [48]: 12 kB), for the per-call overhead of single-row reads."""
+    import clipcond
+    from clipcond.precompute.job import PrecomputeJob, precompute
+
+    tc = clipcond.TextConditioner.from_pretrained("tiny-sdxl", dtype=torch.float16)
+    captions = root / "small.jsonl"
+    captions.write_text("".join(json.dumps({"caption": f"caption {i}", "id": f"{i:09d}"}) + "\n" for i in range(rows)))
+    precompute(tc, PrecomputeJob(input=captions, out=root / "small", id_column="id", shard_size=512, progress=False))
+    return root / "small"
+
+
+def single_rows(store_dir: Path) -> dict[str, float]:
+    """``store[i]`` and ``store.by_id`` per second, checked and unchecked, warm; medians of 3."""
+    from clipcond import EmbeddingStore
+
+    pick = random.Random(SEED + 1)
+    n = len(EmbeddingStore(store_dir))
+    rows = [pick.randrange(n) for _ in range(LOOKUPS)]
+    keys = [f"{r:09d}" for r in rows]
+    out = {}
+    for checked in (True, False):
+        store = EmbeddingStore(store_dir, verify_rows=checked)
+        [store.by_id(key) for key in keys]  # warm: mapped
+        for name, call, args in (("store[i]", store.__getitem__, rows), ("by_id", store.by_id, keys),
+                                 ("row_of", store.row_of, keys)):
+            rates = []
+            for _ in range(3):
+                start = time.perf_counter()
+                for a in args:
+                    call(a)
+                rates.append(len(args) / (time.perf_counter() - start))
+            out[f"{name}, {'checked' if checked else 'unchecked'}"] = statistics.median(rates)
+    return out
+
+
+def loaded_reads(store_dir: Path, order: list[int]) -> dict[str, list[float]]:
+    """Rows/s of a DataLoader pass (batch 16, workers 0), checked and unchecked in alternating pairs, alone and
+    beside NEIGHBOURS CPU-burning processes."""
+    from clipcond import EmbeddingStore
+
+    out = {}
+    for neighbours in (0, NEIGHBOURS):
+        with Neighbours(neighbours):
+            rates, _ = pair_ratios(lambda checked: read_all(EmbeddingStore(store_dir, verify_rows=checked), order, 0),
+                                   4)
+        for checked in (True, False):
+            out[f"{'checked' if checked else 'unchecked'}, {neighbours} neighbours"] = rates[checked]
+    return out
+
+
+def checksum_cost(store_dir: Path, batches: list[list[int]]) -> tuple[dict[bool, list[float]], list[float]]:
+    """The batched copy of each batch's rows with the sums and without them: the same compiled routine
+    (``copy_rows(..., checksums=)``), the same sources and destinations; rows/s in alternating pairs."""
+    from clipcond import EmbeddingStore
+    from clipcond.store.format import copy_rows, row_bytes
+
+    store = EmbeddingStore(store_dir)
+    work = []
+    for batch in batches:
+        located = [store._locate(r, 0) for r in batch]
+        seq = torch.empty((len(batch), *store._null.sequence.shape[1:]), dtype=store.dtype)
+        pooled = torch.empty((len(batch), store._null.pooled.shape[1]), dtype=store.dtype)
+        sources = [view.rows[name][local] for name in ("sequence", "pooled") for view, local in located]
+        destinations = [row for t in (seq, pooled) for row in row_bytes(t)]
+        work.append((sources, destinations))
+
+    def copy_all(checked: bool) -> float:
+        start = time.perf_counter()
+        for sources, destinations in work:
+            copy_rows(sources, destinations, checksums=checked)
+        return sum(len(b) for b in batches) / (time.perf_counter() - start)
+
+    copy_all(True)
+    return pair_ratios(copy_all, PAIRS)
+
+
+class LatentsWithText(Dataset):
+    """A user's map-style dataset: the sample's VAE latent (in memory here, so that the text read is what differs)
+    and, with ``files``, its text conditioning from one ``.safetensors`` per sample (the per-sample cache)."""
+
+    def __init__(self, latents: torch.Tensor, files: list[Path] | None = None) -> None:
+        self.latents, self.files = latents, files
+
+    def __len__(self) -> int:
+        return len(self.latents)
+
+    def __getitem__(self, i: int) -> dict[str, torch.Tensor]:
+        item = {"latent": self.latents[i]}  # [4, 128, 128]
+        if self.files is not None:
+            from safetensors.torch import load_file
+
+            item.update(load_file(self.files[i]))  # sequence [77, 2048], pooled [1280]
+        return item
+
+
+def joined_reads(store_dir: Path, files: list[Path], order: list[int]) -> dict[str, list[float]]:
+    """Rows/s with JOIN_WORKERS workers, warm: latents + per-sample files (default collate), latents joined with
+    the store (default collate, and ``store.collate()``); 3 passes each, interleaved."""
+    from clipcond import EmbeddingStore
+    from clipcond.store.reader import JoinedDataset
+
+    latents = torch.randn((len(files), *LATENT), generator=torch.Generator().manual_seed(SEED)).to(torch.float16)
+
+    def rate(dataset: Dataset, collate) -> float:  # noqa: ANN001
+        loader = DataLoader(dataset, batch_size=BATCH, sampler=order, num_workers=JOIN_WORKERS, collate_fn=collate,
+                            prefetch_factor=4)
+        start, n = time.perf_counter(), 0
+        for batch in loader:
+            n += len(batch["sequence"])
+            assert batch["latent"].shape[1:] == LATENT
+        return n / (time.perf_counter() - start)
+
+    def store() -> EmbeddingStore:
+        return EmbeddingStore(store_dir)
+
+    ways = {"latents + .safetensors each (default collate)": lambda: rate(LatentsWithText(latents, files), None),
+            "JoinedDataset(latents, store) (default collate)": lambda: rate(JoinedDataset(LatentsWithText(latents),
+                                                                                          store()), None),
+            "JoinedDataset(latents, store), store.collate()": lambda: (s := store(), rate(
+                JoinedDataset(LatentsWithText(latents), s), s.collate()))[1]}
+    out: dict[str, list[float]] = {name: [] for name in ways}
+    for measure in ways.values():
+        measure()  # warm
+    for _ in range(3):
+        for name, measure in ways.items():
+            out[name].append(measure())
+    return out
+
+
 def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__.split("\n")[0])
     parser.add_argument("--rows", type=int, default=ROWS)
     parser.add_argument("--dir", type=Path, default=None, help="where the files go (default: a temporary folder)")
     parser.add_argument("--out", type=Path, default=JSON_PATH)
+    parser.add_argument("--sections", default=",".join(SECTIONS), help=f"comma-separated, of {SECTIONS}")
     a = parser.parse_args()
+    sections = a.sections.split(",")
     from clipcond import EmbeddingStore
     from clipcond.store import format as store_format
 
-    compiled = store_format._rows is not None  # the checked fetch's copy: clipcond._rows, else numpy
-
-    results: dict[str, object] = {}
+    compiled = store_format._rows is not None  # the fetch's copy: clipcond._rows, else numpy
+    results: dict[str, object] = {"args": {k: str(v) for k, v in vars(a).items()}, "compiled_copy": compiled}
     with tempfile.TemporaryDirectory(dir=a.dir) as tmp:
         root = Path(tmp)
         store_dir = build_store(root, a.rows)
         store = EmbeddingStore(store_dir)
-        peers = write_peers(store, root)
+        peers = write_peers(store, root) if {"formats", "joined"} & set(sections) else {}
         shards = sorted(store_dir.glob("shard-*.safetensors"))
         row_bytes = sum(p.stat().st_size for p in shards) / len(store)
-        seq = statistics.median(sequential_rate(shards) for _ in range(3))
-        limit = seq / row_bytes
         order = list(range(len(store)))
         random.Random(SEED).shuffle(order)
-        formats = {"EmbeddingStore": (lambda: EmbeddingStore(store_dir), shards),
-                   "EmbeddingStore, rows unchecked": (lambda: EmbeddingStore(store_dir, verify_rows=False), shards)}
-        formats.update({name: (lambda n=name, f=files: PerSample(n, f), files) for name, files in peers.items()})
-        table = []
-        for name, (make, files) in formats.items():
-            for workers in WORKERS:
-                passes = {"cold": [], "warm": []}
-                for _ in range(PASSES):  # each a cold pass (its page cache dropped) and a warm one
-                    drop_cache(files)
-                    passes["cold"].append(read_all(make(), order, workers))
-                    passes["warm"].append(read_all(make(), order, workers))
-                table.append({"format": name, "workers": workers, "passes": passes,
-                              **{kind: statistics.median(rates) for kind, rates in passes.items()}})
-        # by_id, the row included, warm; and what the checksum costs a warm read.
-        pick = random.Random(SEED + 1)
-        keys = [f"{pick.randrange(len(store)):09d}" for _ in range(LOOKUPS)]
-        by_id = {}
-        for checked in (True, False):
-            lookup = EmbeddingStore(store_dir, verify_rows=checked)
-            [lookup.by_id(key) for key in keys]  # warm: mapped, ids loaded
-            start = time.perf_counter()
-            for key in keys:
-                lookup.by_id(key)
-            by_id[checked] = LOOKUPS / (time.perf_counter() - start)
-        from clipcond.store.format import row_checksums
+        print(f"{a.rows} SDXL float16 rows ({row_bytes / 1e3:.0f} kB each), shuffled, batch {BATCH}; rows copied by "
+              f"{'clipcond._rows' if compiled else 'numpy (clipcond._rows not built)'}; "
+              f"{os.cpu_count()} CPUs, torch threads {torch.get_num_threads()}\n")
+        if "formats" in sections:
+            results.update(formats_table(store_dir, peers, order, row_bytes, shards))
+        if "single" in sections:
+            small = single_rows(build_small_store(root, a.rows))
+            real = single_rows(store_dir)
+            print("single rows, warm (per second; medians of 3 passes of 20,000 random rows):")
+            print("| call | tiny-SDXL fp16, 12 kB rows | SDXL fp16, 318 kB rows |\n|---|---:|---:|")
+            for name in small:
+                print(f"| {name} | {small[name]:,.0f} | {real[name]:,.0f} |")
+            times = {k: d["store[i], unchecked"] / d["store[i], checked"] for k, d in (("small", small),
+                                                                                       ("real", real))}
+            print(f"checked / unchecked store[i]: {times['small']:.2f}x the time on 12 kB rows, {times['real']:.2f}x "
+                  "on 318 kB\n")
+            results["single"] = {"small": small, "real": real}
+        if "load" in sections:
+            loaded = loaded_reads(store_dir, order)
+            print(f"DataLoader, batch {BATCH}, workers 0, warm, rows/s (medians of 4; all passes):")
+            for name, rates in loaded.items():
+                print(f"  {name}: {statistics.median(rates):,.0f}  ({', '.join(f'{r:,.0f}' for r in rates)})")
+            print()
+            results["load"] = loaded
+        if "checksum" in sections:
+            batches = [order[i : i + BATCH] for i in range(0, len(order), BATCH)]
+            rates, ratios = checksum_cost(store_dir, batches)
+            quartiles = statistics.quantiles(ratios, n=4)
+            ratio = statistics.median(ratios)
+            with_sums, without = statistics.median(rates[True]), statistics.median(rates[False])
+            print(f"the checksum's own cost: the batched copy (clipcond._rows) with sums {with_sums:,.0f} rows/s, "
+                  f"the same copy without {without:,.0f}; with / without per pair {ratio:.3f} (quartiles "
+                  f"{quartiles[0]:.3f}-{quartiles[2]:.3f}): cost {1 - ratio:.1%}\n")
+            results["checksum"] = {"rows_per_s": rates, "ratios": ratios, "cost": 1 - ratio}
+        if "joined" in sections:
+            joined = joined_reads(store_dir, peers[".safetensors each"], order)
+            base = statistics.median(joined["latents + .safetensors each (default collate)"])
+            print(f"the training read path: latents [4, 128, 128] fp16 + text, DataLoader batch {BATCH}, "
+                  f"{JOIN_WORKERS} workers, warm (medians of 3):")
+            for name, rates in joined.items():
+                print(f"  {name}: {statistics.median(rates):,.0f} rows/s, {statistics.median(rates) / base:.2f}x")
+            results["joined"] = joined
+    a.out.parent.mkdir(parents=True, exist_ok=True)
+    a.out.write_text(json.dumps(results, indent=1))
+    print(f"\nwrote {a.out}")
 
-        row = store[0]
-        start = time.perf_counter()
-        for _ in range(2000):
-            row_checksums(row["sequence"][None], row["pooled"][None])
-        check_us = (time.perf_counter() - start) / 2000 * 1e6
-        # The checksum's cost, warm: passes checked and unchecked (torch's copy, nothing summed) in pairs, each
-        # pair's order alternating; the cost is 1 - the median of the pairs' ratios (this VM's speed drifts
-        # between runs, so the table's rows, minutes apart, are a noisy ratio). The batched fetch alone, and
-        # the DataLoader with 2 workers.
-        batches = [order[i : i + BATCH] for i in range(0, len(order), BATCH)]
 
-        def fetch_all(checked: bool) -> float:
-            reader, start = EmbeddingStore(store_dir, verify_rows=checked), time.perf_counter()
-            for batch in batches:
-                reader.__getitems__(batch)
-            return len(order) / (time.perf_counter() - start)
+def formats_table(store_dir: Path, peers: dict, order: list[int], row_bytes: float, shards: list[Path]) -> dict:
+    """The per-format table: cold and warm rows/s of the store and each per-sample cache."""
+    from clipcond import EmbeddingStore
 
-        def loader(checked: bool) -> float:
-            return read_all(EmbeddingStore(store_dir, verify_rows=checked), order, 2)
-
-        costs = {"batched fetch": pair_ratios(fetch_all, PAIRS), "DataLoader, 2 workers": pair_ratios(loader, PAIRS)}
+    seq = statistics.median(sequential_rate(shards) for _ in range(3))
+    limit = seq / row_bytes
+    formats = {"EmbeddingStore": (lambda: EmbeddingStore(store_dir), shards),
+               "EmbeddingStore, rows unchecked": (lambda: EmbeddingStore(store_dir, verify_rows=False), shards)}
+    formats.update({name: (lambda n=name, f=files: PerSample(n, f), files) for name, files in peers.items()})
+    table = []
+    for name, (make, files) in formats.items():
+        for workers in WORKERS:
+            passes = {"cold": [], "warm": []}
+            for _ in range(PASSES):  # each a cold pass (its page cache dropped) and a warm one
+                drop_cache(files)
+                passes["cold"].append(read_all(make(), order, workers))
+                passes["warm"].append(read_all(make(), order, workers))
+            table.append({"format": name, "workers": workers, "passes": passes,
+                          **{kind: statistics.median(rates) for kind, rates in passes.items()}})
     best_peer = {w: max(r["cold"] for r in table if r["workers"] == w and not r["format"].startswith("Embedding"))
                  for w in WORKERS}
-    print(f"{a.rows} SDXL float16 rows ({row_bytes / 1e3:.0f} kB each), shuffled, batch {BATCH}; disk sequential "
-          f"read {seq / 1e6:.0f} MB/s = {limit:,.0f} rows/s; checked rows copied by "
-          f"{'clipcond._rows (copy and checksum in one pass)' if compiled else 'numpy (clipcond._rows not built)'}\n")
+    print(f"disk sequential read {seq / 1e6:.0f} MB/s = {limit:,.0f} rows/s\n")
     print("| format | workers | cold rows/s | cold % of sequential | × best per-sample (cold) | warm rows/s |")
     print("|---|---:|---:|---:|---:|---:|")
     for r in table:
         ratio = r["cold"] / best_peer[r["workers"]]
         print(f"| {r['format']} | {r['workers']} | {r['cold']:,.0f} | {100 * r['cold'] / limit:.0f}% | "
               f"{ratio:.2f} | {r['warm']:,.0f} |")
-    print(f"\nstore.by_id (row included, warm): {by_id[True]:,.0f} lookups/s with the row's checksum verified, "
-          f"{by_id[False]:,.0f} without (verify_rows=False); row checksum on a cached row: {check_us:.1f} µs")
-    print(f"\nthe row checksum's cost (warm; {PAIRS} pairs of passes, checked and unchecked (torch's copy); "
-          "medians; target <= 5%):")
-    for name, (rates, ratios) in costs.items():
-        quartiles = statistics.quantiles(ratios, n=4)
-        checked, unchecked = statistics.median(rates[True]), statistics.median(rates[False])
-        ratio = statistics.median(ratios)
-        print(f"  {name}: {checked:,.0f} rows/s checked, {unchecked:,.0f} unchecked; checked / unchecked per pair "
-              f"{ratio:.3f} (quartiles {quartiles[0]:.3f}-{quartiles[2]:.3f}): cost {1 - ratio:.1%}")
-    results = {"args": {k: str(v) for k, v in vars(a).items()}, "sequential_bytes_per_s": seq,
-               "limit_rows_per_s": limit, "row_bytes": row_bytes, "table": table, "by_id_per_s": by_id,
-               "checksum_us": check_us, "compiled_copy": compiled,
-               "checksum_cost": {name: {"rows_per_s": rates, "ratios": ratios, "cost": 1 - statistics.median(ratios)}
-                                 for name, (rates, ratios) in costs.items()}}
-    a.out.parent.mkdir(parents=True, exist_ok=True)
-    a.out.write_text(json.dumps(results, indent=1))
-    print(f"\nwrote {a.out}")
+    print()
+    return {"sequential_bytes_per_s": seq, "limit_rows_per_s": limit, "row_bytes": row_bytes, "table": table}
 
 
 if __name__ == "__main__":

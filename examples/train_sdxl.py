@@ -10,8 +10,10 @@ The conditioning part of diffusers' ``train_text_to_image_sdxl.py``, with clipco
 3. the UNet gets ``encoder_hidden_states = sequence [B, 77, 2048]`` and ``added_cond_kwargs =
    {"text_embeds": pooled [B, 1280], "time_ids": [B, 6]}``, the time ids built per image by
    ``clipcond.sdxl_time_ids(original_size, crops_coords_top_left, target_size)`` from what the data
-   pipeline recorded: the size before resizing, the random-crop offset, the training resolution.
-   Each batch row's ``"row"`` is its input row, which finds the image's metadata.
+   pipeline recorded: the size before resizing, the random-crop offset, the training resolution;
+4. your image dataset (here ``Latents``: a VAE latent and the image's sizes per row) and the store are
+   read together by ``JoinedDataset(images, store)``: a DataLoader fetches each batch's store rows in one
+   checked copy beside your items (``by="id"`` joins on an id field instead of the row number).
 
 The latents are fixed random stand-ins for ``vae.encode(x).latent_dist.sample() *
 vae.config.scaling_factor``, so the printed loss must fall: a smoke test of the wiring.
@@ -39,11 +41,12 @@ from typing import TYPE_CHECKING
 
 import torch
 import torch.nn.functional as F
-from torch.utils.data import DataLoader
+from torch.utils.data import DataLoader, Dataset
 
 import clipcond
 from clipcond import EmbeddingStore, TextConditioner
 from clipcond.precompute.job import PrecomputeJob, precompute
+from clipcond.store.reader import JoinedDataset
 
 if TYPE_CHECKING:
     from diffusers import DDPMScheduler, UNet2DConditionModel
@@ -101,30 +104,45 @@ def diffusion_loss(unet: UNet2DConditionModel, scheduler: DDPMScheduler, x0: tor
     return F.mse_loss(pred.float(), target.float())
 
 
+class Latents(Dataset):
+    """Your image dataset: row r's VAE latent and what the data pipeline recorded about its image."""
+
+    def __init__(self, latents: torch.Tensor, meta: list[dict]) -> None:
+        self.latents, self.meta = latents, meta  # [N, C, h, w]; per row: original_size, crop_top_left
+
+    def __len__(self) -> int:
+        return len(self.latents)
+
+    def __getitem__(self, r: int) -> dict[str, torch.Tensor]:
+        return {"latent": self.latents[r],  # [C, h, w]
+                "original_size": torch.tensor(self.meta[r]["original_size"]),  # [2] (h, w) before resizing
+                "crop_top_left": torch.tensor(self.meta[r]["crop_top_left"])}  # [2] (top, left) of the crop
+
+
 def train(args: argparse.Namespace, captions: Path, store: EmbeddingStore) -> list[float]:
     unet, scheduler = load_unet(args, store)
     device = torch.device(args.device)
     with open(captions, encoding="utf-8") as f:  # row r of the store is the r-th non-blank line, as precompute reads
         meta = [json.loads(line) for line in f if line.strip()]
-    original_sizes = torch.tensor([m["original_size"] for m in meta])  # [N, 2] (h, w) before resizing
-    crops = torch.tensor([m["crop_top_left"] for m in meta])  # [N, 2] (top, left) of the crop
     side = unet.config.sample_size  # latent side: 128 for SDXL (1024 px / 8)
     target_size = (side * 8, side * 8)  # the training resolution in pixels (VAE factor 8)
     g = torch.Generator(device).manual_seed(args.seed)
-    latents = torch.randn((len(store), unet.config.in_channels, side, side), generator=g, device=device)  # [N, ...]
+    latents = torch.randn((len(store), unet.config.in_channels, side, side),
+                          generator=torch.Generator().manual_seed(args.seed))  # [N, C, h, w] on the CPU, as loaded
+    images = JoinedDataset(Latents(latents, meta), store)  # row r: your latent and sizes + the store's row r
     collate = store.collate(drop_prob=args.drop_prob, seed=args.seed)  # rows -> the stored null, per epoch
-    loader = DataLoader(store, batch_size=args.batch_size, shuffle=True, collate_fn=collate,
+    loader = DataLoader(images, batch_size=args.batch_size, shuffle=True, collate_fn=collate,
                         generator=torch.Generator().manual_seed(args.seed))
     optimizer = torch.optim.AdamW(unet.parameters(), lr=args.lr)
     losses, epoch = [], 0
     while len(losses) < args.steps:
         collate.set_epoch(epoch)  # a new dropout draw every epoch, the same on every rerun
         for batch in loader:
-            rows = batch["row"]  # [B] input rows: index the per-image metadata and latents
-            time_ids = clipcond.sdxl_time_ids(original_sizes[rows], crops[rows], target_size)  # [B, 6]
+            rows = batch["row"]  # [B] input rows
+            time_ids = clipcond.sdxl_time_ids(batch["original_size"], batch["crop_top_left"], target_size)  # [B, 6]
             # The store's dtype (fp16 for real runs) to the UNet's: explicit, never silent.
             cond = clipcond.Conditioning(batch["sequence"], batch["pooled"]).to(device, unet.dtype)
-            loss = diffusion_loss(unet, scheduler, latents[rows.to(device)], cond, g,
+            loss = diffusion_loss(unet, scheduler, batch["latent"].to(device), cond, g,
                                   clipcond.added_cond_kwargs(cond, time_ids))  # text_embeds [B, P], time_ids
             loss.backward()
             optimizer.step()

@@ -147,11 +147,23 @@ def test_truncated_shard_is_named_by_the_store_and_inspect(damaged, capsys):
 
 
 def test_corrupted_shard_is_caught_by_its_checksum(damaged, capsys):
+    """One byte of a row's sequence data changed in place (same size): reading that row fails on its row
+    checksum, naming shard and row, while the shard's other rows still read; ``verify`` and ``inspect`` name
+    the shard by its sha256. (Flipping the file's last bytes would only hit the ``check`` column.)"""
     shard = damaged / "shard-00005.safetensors"
     data = bytearray(shard.read_bytes())
-    data[-10] ^= 0xFF  # same size, one float changed
+    header = 8 + int.from_bytes(data[:8], "little")
+    row_bytes = 77 * 80 * 4  # tiny-sdxl float32: sequence [16, 77, 80] first in the data
+    data[header + 3 * row_bytes + 123] ^= 0xFF  # local row 3 of shard 5, one float's byte
     shard.write_bytes(bytes(data))
     store = EmbeddingStore(damaged)  # opening checks sizes only: cheap for a huge store
+    row = next(r for r in range(ROWS) if int(store._slots[r, 0]) == 5 * 16 + 3)
+    other = next(r for r in range(ROWS) if int(store._slots[r, 0]) == 5 * 16 + 4)
+    with pytest.raises(ValueError, match=rf"shard-00005.safetensors row 3 \(store row {row}, variant 0\): checksum"):
+        store[row]
+    with pytest.raises(ValueError, match=rf"shard-00005.safetensors row 3 \(store row {row}, variant 0\): checksum"):
+        store.__getitems__([other, row])
+    assert store[other]["row"] == other
     with pytest.raises(ValueError, match=r"(?s)shard-00005.safetensors: corrupted: sha256 .*rerun the same"):
         store.verify()
     with pytest.raises(ValueError, match=r"shard-00005.safetensors: corrupted"):
@@ -166,8 +178,8 @@ def test_unreadable_shard_header_is_named_on_read(damaged):
     data[:8] = (10**9).to_bytes(8, "little")  # header length past the end of the file
     shard.write_bytes(bytes(data))
     store = EmbeddingStore(damaged)
-    row = next(r for r in range(ROWS) if int(store._rows[r]) // 16 == 2)
-    with pytest.raises(ValueError, match=r"shard-00002.safetensors: not a readable safetensors shard"):
+    row = next(r for r in range(ROWS) if int(store._slots[r, 0]) // 16 == 2)
+    with pytest.raises(ValueError, match=r"shard-00002.safetensors: not a safetensors file: header length 1000000000"):
         store[row]
 
 
@@ -244,11 +256,16 @@ def test_the_compiled_row_copy_copies_and_sums_like_python_integers():
 
     expected = [words(bytes(source)) for source in sources]
     for threads in (1, 2, 3, len(sizes) + 5):
-        destinations = [np.zeros(n, dtype=np.uint8) for n in sizes]
-        sums = np.zeros(len(sizes), dtype=np.uint64)
-        _rows.copy_rows(sources, destinations, sums, threads)
-        assert sums.tolist() == expected
-        assert all(np.array_equal(d, s) for d, s in zip(destinations, sources, strict=True))
+        for summed in (True, False):  # the unchecked read's copy: the same loop, no sums
+            destinations = [np.zeros(n, dtype=np.uint8) for n in sizes]
+            sums = np.zeros(len(sizes), dtype=np.uint64)
+            _rows.copy_rows(sources, destinations, sums if summed else None, threads, 1)  # a thread per byte
+            assert sums.tolist() == (expected if summed else [0] * len(sizes))
+            assert all(np.array_equal(d, s) for d, s in zip(destinations, sources, strict=True))
+    mix = 0x9E3779B97F4A7C15
+    for a, b in ((9, 3), (10, 11), (4, 0)):  # one row's check, in place: sequence words + mix * pooled words
+        want = (expected[a] + mix * expected[b]) % 2**64
+        assert _rows.row_checksum(sources[a], sources[b], mix) == want - (2**64 if want >= 2**63 else 0)
     _rows.copy_rows([], [], np.zeros(0, dtype=np.uint64), 2)
     with pytest.raises(ValueError, match="copy_rows: source 1 has 1 bytes, its destination 8"):
         _rows.copy_rows(sources[:2], [np.zeros(0, np.uint8), np.zeros(8, np.uint8)], np.zeros(2, np.uint64), 1)
@@ -258,66 +275,36 @@ def test_the_compiled_row_copy_copies_and_sums_like_python_integers():
         _rows.copy_rows([sources[3]], [bytes(8)], np.zeros(1, np.uint64), 1)
 
 
-def test_a_version_1_store_is_read_and_refused_growth_with_how_to_convert(tmp_path, tc):
-    """A store as clipcond wrote it before format 2 (the layout of its store.py docstring): shards of
-    ``sequence`` / ``pooled`` only, ``index.safetensors`` with ``rows [N]`` -> unique caption and the id
-    table, a manifest with one input ``path`` and ``column``."""
-    import hashlib
-
-    from safetensors.torch import save_file
-
-    unique = ["a red cube", "a blue ball", "a green cone"]
-    rows, ids = [0, 1, 0, 2, 1], [f"r{i}" for i in range(5)]
-    emb, null = tc(unique), tc.null(1)
-    out = tmp_path / "v1"
-    out.mkdir()
-
-    def saved(name: str, tensors: dict) -> dict:
-        save_file(tensors, str(out / name))
-        data = (out / name).read_bytes()
-        return {"file": name, "bytes": len(data), "sha256": hashlib.sha256(data).hexdigest()}
-
-    hashes = [int.from_bytes(hashlib.blake2b(i.encode(), digest_size=8).digest(), "little", signed=True) for i in ids]
-    order = sorted(range(5), key=hashes.__getitem__)
-    shards = [{**saved(f"shard-{k:05d}.safetensors", {"sequence": emb.sequence[a:b], "pooled": emb.pooled[a:b]}),
-               "start": a, "stop": b, "truncated": 0} for k, (a, b) in enumerate([(0, 2), (2, 3)])]
-    index = saved("index.safetensors", {
-        "rows": torch.tensor(rows), "id_bytes": torch.tensor(list("".join(ids).encode()), dtype=torch.uint8),
-        "id_offsets": torch.tensor([2 * i for i in range(6)]), "id_sorted_hash": torch.tensor(sorted(hashes)),
-        "id_sorted_rows": torch.tensor(order)})
-    manifest = {
-        "format": "clipcond-embeddings", "format_version": 1, "clipcond_version": "0.1.0", "complete": True,
-        "encoder": tc.spec.to_dict(), "fingerprint": tc.fingerprint, "dtype": "float32",
-        "sequence_shape": [77, 80], "pooled_dim": 48,
-        "input": {"path": "captions.jsonl", "column": "caption", "id_column": "id", "limit": None, "sha256": "0" * 64},
-        "rows": 5, "unique": 3, "shard_size": 2, "num_shards": 2, "truncated": 0, "index": index,
-        "null": saved("null.safetensors", {"sequence": null.sequence, "pooled": null.pooled}), "shards": shards}
-    (out / MANIFEST).write_text(json.dumps(manifest))
-
-    store = EmbeddingStore(out, verify=True)
-    assert len(store) == 5 and store.variants == 1 and store.num_unique == 3
-    for row, u in enumerate(rows):
-        item = store[row]
-        assert torch.equal(item["sequence"], emb.sequence[u]) and torch.equal(item["pooled"], emb.pooled[u])
-    assert store.row_of("r3") == 3 and torch.equal(store.by_id("r4")["pooled"], emb.pooled[1])
-    assert torch.equal(store.null(1).sequence, null.sequence)
-    batch = DataLoader(store, batch_size=5, collate_fn=store.collate())
-    assert torch.equal(next(iter(batch))["sequence"], emb.sequence[rows])
-    described = "\n".join(inspected(out))
-    assert "(format 1, clipcond 0.1.0), complete" in described and "rows 5: 3 unique captions" in described
+def test_a_version_1_store_is_refused_with_how_to_remake_it(damaged, tmp_path, tc):
+    """Format 1 (unreleased clipcond) is no longer read: its manifest is refused naming the version and the fix,
+    by the reader and by a precompute into it, rather than read without row checks."""
+    manifest = json.loads((damaged / MANIFEST).read_text())
+    (damaged / MANIFEST).write_text(json.dumps({**manifest, "format_version": 1, "clipcond_version": "0.1.0"}))
+    fix = r"store format version 1 \(clipcond '0.1.0'\) is no longer read.*Run `clipcond precompute` again with --out"
+    with pytest.raises(ValueError, match=fix):
+        EmbeddingStore(damaged)
     captions = tmp_path / "captions.txt"
     captions.write_text("a red cube\n")
-    with pytest.raises(ValueError, match=r"is a version-1 store \(clipcond 0.1.0\): EmbeddingStore still reads "
-                                         r"it, but it cannot grow. Convert it by running this precompute into a new"):
-        precompute(tc, PrecomputeJob(input=captions, out=out, progress=False))
+    with pytest.raises(ValueError, match="store format version 1"):
+        precompute(tc, PrecomputeJob(input=captions, out=damaged, progress=False))
 
 
-def inspected(out: Path) -> list[str]:
-    from clipcond.store.format import inspect_store
-
-    lines, problems = inspect_store(out)
-    assert not problems
-    return lines
+def test_a_shard_without_its_check_tensor_is_refused_not_read_unchecked(damaged):
+    """A shard whose ``check`` entry was removed from the header (format 1's layout) was read with no row
+    checks at all; now a header that lacks it is damage, named with the tensors it has."""
+    shard = damaged / "shard-00001.safetensors"
+    data = shard.read_bytes()
+    n = int.from_bytes(data[:8], "little")
+    header = json.loads(data[8 : 8 + n])
+    del header["check"]
+    text = json.dumps(header).encode()
+    text += b" " * (n - len(text))  # same length: the data stays where it was, the check bytes now unlisted
+    shard.write_bytes(data[:8] + text + data[8 + n :])
+    store = EmbeddingStore(damaged)
+    row = next(r for r in range(ROWS) if int(store._slots[r, 0]) // 16 == 1)
+    with pytest.raises(ValueError, match=r"shard-00001.safetensors: a shard holds tensors \['sequence', 'pooled', "
+                                         r"'check'\], this one \['pooled', 'sequence'\]"):
+        store[row]
 
 
 def test_a_batch_still_held_is_never_written_over_and_a_dropped_one_is_reused(store_dir):
@@ -349,26 +336,22 @@ def test_a_batch_still_held_is_never_written_over_and_a_dropped_one_is_reused(st
 @pytest.mark.parametrize("copy", ["compiled", "compiled, 3 threads", "numpy"])
 def test_the_batched_fetch_checks_every_row_on_its_copy(damaged, monkeypatch, caplog, copy):
     """Compiled: each row summed as it is copied (clipcond._rows), on one thread for a small batch, or several;
-    else numpy sums each copy right after it. A wrong sum would send every clean row to the slow recheck,
-    counted here."""
+    else numpy sums each copy right after it. A wrong sum would fail clean rows; a skipped one would let the
+    damaged row through. The unchecked fetch (the same copy, no sums) gives the same batch."""
     from clipcond.store import format as store
-    from clipcond.store import reader as dataset
 
     if copy == "numpy":
         monkeypatch.setattr(store, "_rows", None)
         monkeypatch.setattr(store, "_told_numpy", False)
     if copy == "compiled, 3 threads":
-        monkeypatch.setattr(store, "PARALLEL_COPY_BYTES", 0)
+        monkeypatch.setattr(store, "BYTES_PER_THREAD", 1)
         monkeypatch.setattr(torch, "get_num_threads", lambda: 3)
-    rechecks = []
-    verify = dataset.ShardView.verify
-    monkeypatch.setattr(dataset.ShardView, "verify", lambda self, *args: (rechecks.append(args), verify(self, *args)))
     store = EmbeddingStore(damaged)
     clean = store.__getitems__(list(range(0, ROWS, 7)))
-    assert not rechecks and torch.equal(clean.batch["sequence"][3], store[21]["sequence"])
+    assert torch.equal(clean.batch["sequence"][3], store[21]["sequence"])
     said = [r.getMessage() for r in caplog.records if "clipcond._rows is not built" in r.getMessage()]
     assert len(said) == (copy == "numpy")  # once, and only when it falls back
-    unchecked = EmbeddingStore(damaged, verify_rows=False).__getitems__(list(range(0, ROWS, 7)))  # torch's copy
+    unchecked = EmbeddingStore(damaged, verify_rows=False).__getitems__(list(range(0, ROWS, 7)))
     assert all(torch.equal(unchecked.batch[k], clean.batch[k]) for k in ("sequence", "pooled", "row"))
     shard = damaged / "shard-00005.safetensors"
     data = bytearray(shard.read_bytes())
@@ -376,6 +359,8 @@ def test_the_batched_fetch_checks_every_row_on_its_copy(damaged, monkeypatch, ca
     data[header + 1000] ^= 0x40  # row 0 of shard 5, one bit of its sequence
     shard.write_bytes(bytes(data))
     store = EmbeddingStore(damaged)
-    row = next(r for r in range(ROWS) if store._locate(r, 0) == (5, 0))
+    row = next(r for r in range(ROWS) if int(store._slots[r, 0]) == 5 * 16)
     with pytest.raises(ValueError, match=rf"shard-00005.safetensors row 0 \(store row {row}, variant 0\): checksum"):
         store.__getitems__([0, row, 1])
+    with pytest.raises(ValueError, match=rf"shard-00005.safetensors row 0 \(store row {row}, variant 0\): checksum"):
+        store[row]

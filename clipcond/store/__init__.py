@@ -1,5 +1,5 @@
 """The embedding store: what ``clipcond precompute`` writes and ``EmbeddingStore`` reads.
 
-``format`` (the one owner of the manifest, index, shards and which files belong to a store), ``checksums``
-(row checks, ``_rows.c``), ``locks``, ``reader`` (``EmbeddingStore``), ``gc``. Imports only the leaves.
+``format`` (the one owner of the manifest, index, shards, row checksums and locks), ``_rows.c`` (the compiled
+copy-and-checksum), ``reader`` (``EmbeddingStore``, ``JoinedDataset``), ``gc``. Imports only the leaves.
 """

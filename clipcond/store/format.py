@@ -15,28 +15,43 @@ reads (clipcond/store/reader.py). It replaces kohya sd-scripts' ``--cache_text_e
 
 Every file is written under a temporary name, fsynced and renamed (clipcond/_files.py), and the
 manifest is published last: a file under its final name is whole, and a manifest lists only whole
-files. Format 1 (clipcond before incremental precompute: ``index.safetensors`` with ``rows [N]``,
-shards without checksums) is read, never written.
+files.
+
+Reading trusts nothing it has not checked: the manifest is validated field by field, the index and the null
+are checked against their sha256 when a store is opened (they are read whole anyway), a shard's header is
+parsed by the one strict safetensors header reader (``clipcond._files.read_safetensors_header``) and then held
+to the shard rules below and to the manifest, and every row read is checked against its row checksum. A
+damaged file is a ``ValueError`` naming it (and the tensor or row), never another row's bytes.
+
+Format 1 (unreleased clipcond before incremental precompute: ``index.safetensors`` with ``rows [N]``, shards
+without checksums) is no longer read: opening one says to run ``clipcond precompute`` again into a new
+folder. Nothing in a damaged version-2 file can make a reader take it for format 1 and skip the row checks.
 """
 
 from __future__ import annotations
 
+import hashlib
 import json
 import logging
 import math
+import mmap
 import os
 import sys
 from collections.abc import Iterable, Sequence
 from dataclasses import asdict, dataclass, fields
 from pathlib import Path
+from typing import BinaryIO
 
 import numpy as np
 import torch
 
 from clipcond._files import (
     TMP_MARK,  # noqa: F401 (re-exported: what a killed writer leaves behind)
+    SafetensorsHeader,
+    TensorInfo,
     atomic_write,
     raw_bytes,
+    read_safetensors_header,
     safetensors_header,
     sha256_file,
     write_streamed,
@@ -53,11 +68,12 @@ _told_numpy = False  # copy_rows said once that it falls back to numpy
 logger = logging.getLogger(__name__)
 
 FORMAT = "clipcond-embeddings"
-FORMAT_VERSION = 2
-READ_VERSIONS = (1, 2)
+FORMAT_VERSION = 2  # the only version read: 1 was written by unreleased clipcond only
 MANIFEST = "manifest.json"
 NULL = "null.safetensors"
 REPAIR_HINT = "delete the damaged file(s) and rerun the same `clipcond precompute` command to re-encode them"
+STORE_DTYPES = ("float32", "float16", "bfloat16")  # what precompute writes (torch dtype names)
+SHA256_HEX = frozenset("0123456789abcdef")
 
 
 # --- the manifest -----------------------------------------------------------------------
@@ -84,6 +100,42 @@ class FileEntry:
     def from_json(cls, data: dict) -> FileEntry:
         return cls(**{f.name: data[f.name] for f in fields(cls) if f.name in data})
 
+    def check(self, what: str) -> None:
+        """Each field's type and range, as a reader needs them; ``ValueError`` naming ``what`` and the field."""
+        name = self.file
+        if not (isinstance(name, str) and name and name[0] != "." and name.isascii() and name.isprintable()
+                and "/" not in name and "\\" not in name):
+            raise ValueError(f"{what}: file {name!r:.80} is not a file name in the store folder")
+        _count(self.bytes, f"{what} ({name}): bytes")
+        if not (isinstance(self.sha256, str) and len(self.sha256) == 64 and set(self.sha256) <= SHA256_HEX):
+            raise ValueError(f"{what} ({name}): sha256 {self.sha256!r:.80} is not 64 lowercase hex digits")
+
+    def read_checked(self, root: Path) -> bytes:
+        """The whole file, its size and sha256 checked against this entry (a small file read whole: the null)."""
+        path = Path(root) / self.file
+        try:
+            data = path.read_bytes()
+        except FileNotFoundError as err:
+            raise FileNotFoundError(f"{path}: missing (the manifest lists it with {self.bytes} bytes)") from err
+        self.check_data(path, data)
+        return data
+
+    def check_data(self, path: Path, data: bytes | mmap.mmap) -> None:
+        """``data``, the file's bytes, has this entry's size and sha256."""
+        if len(data) != self.bytes:
+            raise ValueError(f"{path}: truncated or overwritten: {len(data)} bytes, the manifest says {self.bytes}; "
+                             f"{REPAIR_HINT}")
+        if (digest := hashlib.sha256(data).hexdigest()) != self.sha256:
+            raise ValueError(f"{path}: corrupted: sha256 {digest[:16]}..., the manifest says {self.sha256[:16]}...; "
+                             f"{REPAIR_HINT}")
+
+
+def _count(value: object, what: str, *, positive: bool = False) -> int:
+    """``value`` as a manifest count: an int (not a bool), >= 0 (``positive``: > 0); ``ValueError`` naming it."""
+    if type(value) is not int or value < int(positive):
+        raise ValueError(f"{what} must be an int >= {int(positive)}, got {value!r:.80}")
+    return value
+
 
 @dataclass(frozen=True, slots=True, kw_only=True)
 class ShardEntry(FileEntry):
@@ -108,10 +160,8 @@ class Source:
 
     @classmethod
     def from_json(cls, data: dict) -> Source:
-        paths = data["paths"] if "paths" in data else [data["path"]]  # version 1: one path, one column
-        columns = data["columns"] if "columns" in data else [data["column"]]
-        return cls(paths=tuple(paths), columns=tuple(columns), id_column=data["id_column"], limit=data["limit"],
-                   sha256=data["sha256"])
+        return cls(paths=tuple(data["paths"]), columns=tuple(data["columns"]), id_column=data["id_column"],
+                   limit=data["limit"], sha256=data["sha256"])
 
     def to_json(self) -> dict:
         return {"paths": list(self.paths), "columns": list(self.columns), "id_column": self.id_column,
@@ -155,32 +205,74 @@ class Manifest:
             raise FileNotFoundError(f"{root}: no {MANIFEST}: not a clipcond embedding store "
                                     f"(write one with `clipcond precompute --out {root} ...`)")
         try:
-            data = json.loads(path.read_text())
-        except json.JSONDecodeError as err:
-            raise ValueError(f"{path}: not valid JSON ({err})") from err
+            data = json.loads(path.read_bytes().decode("utf-8"))
+        except UnicodeDecodeError as err:
+            raise ValueError(f"{path}: not UTF-8 ({err}); {REPAIR_HINT}") from err
+        except (ValueError, RecursionError) as err:  # JSONDecodeError is a ValueError; absurd nesting recurses
+            raise ValueError(f"{path}: not valid JSON ({type(err).__name__}: {str(err):.200}); {REPAIR_HINT}") from err
         return cls.from_json(data, path)
 
     @classmethod
     def from_json(cls, data: dict, where: object = MANIFEST) -> Manifest:
+        if not isinstance(data, dict):
+            raise ValueError(f"{where}: a manifest is a JSON object, got {type(data).__name__}")
         if data.get("format") != FORMAT:
-            raise ValueError(f"{where}: format is {data.get('format')!r}, expected {FORMAT!r}")
+            raise ValueError(f"{where}: format is {data.get('format')!r:.80}, expected {FORMAT!r}")
         version = data.get("format_version")
-        if version not in READ_VERSIONS:
-            raise ValueError(f"{where}: store format version {version} (clipcond {data.get('clipcond_version')}); "
-                             f"this clipcond reads versions {READ_VERSIONS}")
+        if version == 1:
+            raise ValueError(f"{where}: store format version 1 (clipcond {data.get('clipcond_version')!r:.40}) is "
+                             f"no longer read: only unreleased clipcond versions wrote it. Run `clipcond precompute` "
+                             f"again with --out a new folder to make a version-{FORMAT_VERSION} store")
+        if version != FORMAT_VERSION:
+            raise ValueError(f"{where}: store format version {version!r:.40} (clipcond "
+                             f"{data.get('clipcond_version')!r:.40}); this clipcond reads version {FORMAT_VERSION}")
         try:
-            if version == 1:  # one input, rows -> unique captions numbered 0.., no slots beyond them
-                data = {**data, "has_ids": bool(data["input"]["id_column"]), "variants": 1, "slots": data["unique"],
-                        "next_shard": data["num_shards"], "plan": None, "generation": None}
             values = {f.name: data[f.name] for f in fields(cls)}
             entry = FileEntry.from_json
-            return cls(**{**values, "sequence_shape": tuple(values["sequence_shape"]),
-                          "input": Source.from_json(values["input"]),
-                          "index": entry(values["index"]) if values["index"] else None,
-                          "null": entry(values["null"]) if values["null"] else None,
-                          "shards": tuple(ShardEntry.from_json(e) for e in values["shards"])})
-        except (KeyError, TypeError) as err:
+            manifest = cls(**{**values, "sequence_shape": tuple(values["sequence_shape"]),
+                              "input": Source.from_json(values["input"]),
+                              "index": entry(values["index"]) if values["index"] else None,
+                              "null": entry(values["null"]) if values["null"] else None,
+                              "shards": tuple(ShardEntry.from_json(e) for e in values["shards"])})
+            manifest.check()
+        except (KeyError, TypeError, AttributeError) as err:
             raise ValueError(f"{where}: not a version-{version} manifest ({type(err).__name__}: {err})") from err
+        except ValueError as err:
+            raise ValueError(f"{where}: {err}; {REPAIR_HINT}") from err
+        return manifest
+
+    def check(self) -> None:
+        """Every field a reader relies on has its type and range, and the shards tile their slots in order;
+        ``ValueError`` naming the field (``from_json`` adds the file)."""
+        for name in ("rows", "unique", "slots", "next_shard", "num_shards", "truncated"):
+            _count(getattr(self, name), name)
+        for name in ("variants", "pooled_dim", "shard_size"):
+            _count(getattr(self, name), name, positive=True)
+        if self.dtype not in STORE_DTYPES:
+            raise ValueError(f"dtype {self.dtype!r:.40} is not one of {STORE_DTYPES}")
+        if len(self.sequence_shape) != 2:
+            raise ValueError(f"sequence_shape must be [L, D], got {list(self.sequence_shape)!r:.80}")
+        for value in self.sequence_shape:
+            _count(value, "sequence_shape", positive=True)
+        if type(self.complete) is not bool or type(self.has_ids) is not bool:
+            raise ValueError(f"complete and has_ids must be true or false, got {self.complete!r:.20}, "
+                             f"{self.has_ids!r:.20}")
+        if not isinstance(self.encoder, dict):
+            raise ValueError(f"encoder must be a JSON object, got {type(self.encoder).__name__}")
+        for name in ("index", "null"):
+            if (entry := getattr(self, name)) is not None:
+                entry.check(name)
+            elif self.complete:
+                raise ValueError(f"a complete store lists its {name}, this manifest has {name}: null")
+        stop = 0
+        for k, entry in enumerate(self.shards):
+            entry.check(f"shards[{k}]")
+            start, end = _count(entry.start, f"shards[{k}].start"), _count(entry.stop, f"shards[{k}].stop")
+            _count(entry.truncated, f"shards[{k}].truncated")
+            if not stop <= start < end <= self.slots:
+                raise ValueError(f"shards[{k}] ({entry.file}) holds slots {start}:{end}; shards must be sorted, "
+                                 f"disjoint and within the store's {self.slots} slots (the one before ends at {stop})")
+            stop = end
 
     def to_json(self) -> dict:
         data = {"format": FORMAT, **asdict(self)}  # asdict recurses into the entries
@@ -289,8 +381,38 @@ class ShardFormat:
     def _about(meta: dict) -> dict[str, str]:
         return {"clipcond": json.dumps(meta, sort_keys=True)}  # one key: equal stores must be equal bytes
 
+    @staticmethod
+    def layout(f: BinaryIO, path: Path, entry: ShardEntry, manifest: Manifest) -> tuple[dict[str, TensorInfo], int]:
+        """The checked layout of the shard open as ``f`` (``entry`` of ``manifest``): its three tensors and the
+        data's offset in the file. Beyond the safetensors rules (``read_safetensors_header``), a shard holds
+        exactly ``sequence`` [n, L, D] and ``pooled`` [n, P] of the store's dtype and ``check`` [n] int64, n the
+        entry's ``stop - start``, [L, D] and P the manifest's, and its metadata names the same slots: a header
+        that disagrees is damage (``ValueError`` naming the file and tensor), never a reason to read less."""
+        header = read_header(f, path)
+        tensors = header.tensors
+        if set(tensors) != set(ShardFormat.TENSORS):
+            raise ValueError(f"{path}: a shard holds tensors {list(ShardFormat.TENSORS)}, this one "
+                             f"{sorted(tensors)!r:.200} (damaged header); {REPAIR_HINT}")
+        n, dtype = entry.stop - entry.start, getattr(torch, manifest.dtype)
+        expected = ShardFormat._shapes(n, dtype, manifest.sequence_shape, manifest.pooled_dim)
+        for name, (want_dtype, want_shape) in expected.items():
+            got = tensors[name]
+            if got.dtype != want_dtype or got.shape != tuple(want_shape):
+                raise ValueError(f"{path}: tensor {name!r} is {got.dtype} {list(got.shape)}, the manifest's shard "
+                                 f"{entry.file} (slots {entry.start}:{entry.stop}) needs {want_dtype} "
+                                 f"{list(want_shape)} (damaged header); {REPAIR_HINT}")
+        try:
+            meta = json.loads(header.metadata.get("clipcond", "null"))
+            slots = (meta.get("start"), meta.get("stop")) if isinstance(meta, dict) else None
+        except (ValueError, RecursionError):
+            slots = None
+        if slots != (entry.start, entry.stop):
+            raise ValueError(f"{path}: its metadata names slots {slots!r:.80}, the manifest {entry.start}:"
+                             f"{entry.stop} (damaged header, or a shard from another store); {REPAIR_HINT}")
+        return tensors, header.data_start
 
-PARALLEL_COPY_BYTES = 1 << 20  # below this a batch is copied on one thread (a thread costs ~20 µs to start)
+
+BYTES_PER_THREAD = 1 << 20  # a copy thread per MiB of rows, at most torch's thread count (one costs ~20 µs to start)
 CHECK_MIX = np.uint64(0x9E3779B97F4A7C15)  # odd: a sequence sum moved into the pooled one gives another checksum
 
 
@@ -311,36 +433,63 @@ def row_bytes(rows: torch.Tensor) -> np.ndarray:
 def row_checksums(sequence: torch.Tensor, pooled: torch.Tensor) -> torch.Tensor:
     """[n] int64 checksums of rows ``sequence`` [n, L, D] and ``pooled`` [n, P], as shards store them.
 
-    A sum of 64-bit words: ~12-16 µs for an SDXL float16 row in cache (CRC32: 68 µs), and nearly free
-    where the read copies the row anyway (``copy_rows``), so a read checks every row it serves. It
-    catches what damages a file in place, bit rot and torn writes (any change to one word; any
-    overwritten block but with probability 2^-64), not a deliberate forgery.
+    A row's sequence bytes and its pooled bytes, each read as little-endian 64-bit words (a short tail
+    zero-padded) and summed mod 2^64: ``sequence_sum + CHECK_MIX * pooled_sum`` (odd, so invertible). It
+    costs ~12-16 µs for an SDXL float16 row in cache in numpy (CRC32: 68 µs), and next to nothing where the
+    read copies the row anyway (``copy_rows``), so a read checks every row it serves.
+
+    What it catches, always: any change confined to one 64-bit word of the row (any number of flipped bits
+    in it), including the stored check itself; any burst of damage spanning at most 64 consecutive bits
+    (it touches at most two adjacent words, and their changes cannot cancel); any change to the sequence
+    alone or to the pooled vector alone that alters the sum of its words. What it misses: changes whose
+    word sums cancel: words swapped or reordered within a row (the sum is commutative), a value added to
+    one word and subtracted from another (e.g. the same bit cleared in one word and set in another), a row
+    replaced by another row together with that row's check (a misplaced block whose checks moved with it;
+    the header and index checks catch the common cases). For damage that changes many words with no
+    such structure, the chance of a miss is about 2^-64. It is a check against bit rot, torn and
+    misdirected writes, not against a deliberate forgery (use ``clipcond inspect``'s sha256 for that).
     """
     return torch.from_numpy(mix_checksums(_word_sums(row_bytes(sequence)), _word_sums(row_bytes(pooled))))
 
 
-def copy_rows(sources: Sequence[np.ndarray], destinations: Sequence[np.ndarray]) -> np.ndarray:
+def copy_rows(sources: Sequence[np.ndarray], destinations: Sequence[np.ndarray], *,
+              checksums: bool = True) -> np.ndarray | None:
     """Copy each uint8 row of ``sources`` into its destination (same size) and return its word sum, [n] uint64
-    (``row_checksums`` mixes a row's sequence and pooled sums).
+    (``row_checksums`` mixes a row's sequence and pooled sums); ``checksums=False``: only copy, None.
 
     In one pass with the compiled ``clipcond._rows`` (built at install where a C compiler is): each word is
-    added on its way to the destination, on ``torch.get_num_threads()`` threads for a large batch as
-    torch's own copy would. Without it, numpy sums each row right after copying it, while it is in cache.
+    added on its way to the destination, on one thread per ``BYTES_PER_THREAD`` of rows up to
+    ``torch.get_num_threads()``. The unchecked copy is the same loop without the additions (not torch's
+    ``copy_``, whose intra-op threads collapse on an oversubscribed host). Without the extension, numpy sums
+    each row right after copying it, while it is in cache.
     """
-    sums = np.empty(len(sources), dtype=np.uint64)
+    sums = np.empty(len(sources), dtype=np.uint64) if checksums else None
     if _rows is not None:
-        big = sum(source.nbytes for source in sources) >= PARALLEL_COPY_BYTES
-        _rows.copy_rows(sources, destinations, sums, torch.get_num_threads() if big else 1)
+        _rows.copy_rows(sources, destinations, sums, torch.get_num_threads(), BYTES_PER_THREAD)
         return sums
+    _say_numpy()
+    for i, (source, destination) in enumerate(zip(sources, destinations, strict=True)):
+        np.copyto(destination, source)
+        if sums is not None:
+            sums[i] = _word_sums(destination[None])[0]
+    return sums
+
+
+def row_checksum(sequence: np.ndarray, pooled: np.ndarray) -> int:
+    """One row's stored checksum (an int64 as a Python int) from its ``sequence`` and ``pooled`` bytes (1-D
+    uint8, read in place): ``store[i]``'s check, without the numpy temporaries of ``row_checksums``."""
+    if _rows is not None:
+        return _rows.row_checksum(sequence, pooled, int(CHECK_MIX))
+    _say_numpy()
+    return int(mix_checksums(_word_sums(sequence[None]), _word_sums(pooled[None]))[0])
+
+
+def _say_numpy() -> None:
     global _told_numpy
     if not _told_numpy:
         _told_numpy = True
         logger.warning("clipcond._rows is not built (no C compiler when clipcond was installed?): store reads check "
                        "each row with a second pass in numpy, about a fifth slower; reinstall with a C compiler")
-    for i, (source, destination) in enumerate(zip(sources, destinations, strict=True)):
-        np.copyto(destination, source)
-        sums[i] = _word_sums(destination[None])[0]
-    return sums
 
 
 def mix_checksums(sequence_sums: np.ndarray, pooled_sums: np.ndarray) -> np.ndarray:
@@ -350,13 +499,15 @@ def mix_checksums(sequence_sums: np.ndarray, pooled_sums: np.ndarray) -> np.ndar
 
 # --- the index --------------------------------------------------------------------------
 class IndexFormat:
-    """``index-<generation>.safetensors``: ``rows`` [N, k] int64 (input row, variant -> slot), ``keys``
+    """``index-<generation>.safetensors``: ``rows`` [N, k] int64 (input row, variant -> slot; a row with fewer
+    than k captions has its slots packed left and ``-1`` after them, column 0 always a slot), ``keys``
     [slots, 16] uint8 (each slot's caption key), and with ids: the UTF-8 ``id_bytes`` cut by ``id_offsets``
     [N + 1], and ``id_sorted_hash`` / ``id_sorted_rows`` [N] (ids' 64-bit hashes sorted, and their rows),
-    so that looking an id up needs no dict of a million ids. Version 1: ``index.safetensors``, rows [N]."""
+    so that looking an id up needs no dict of a million ids."""
 
     IDS = ("id_bytes", "id_offsets", "id_sorted_hash", "id_sorted_rows")
-    VERSION_1 = "index.safetensors"
+    MISSING = -1  # in ``rows``: no caption variant here (the row has fewer)
+    VERSION_1 = "index.safetensors"  # format 1's index: not read; precompute still knows the name as a store's
 
     @staticmethod
     def name(generation: str) -> str:
@@ -377,10 +528,74 @@ class IndexFormat:
         return FileEntry.from_json(write_streamed(root, IndexFormat.name(generation), tensors))
 
     @staticmethod
-    def rows(path: Path) -> torch.Tensor:
-        """[N, k] slots (version 1: [N, 1])."""
-        rows = read_tensors(path, ["rows"])["rows"]
-        return rows if rows.ndim == 2 else rows[:, None]
+    def read(root: Path, manifest: Manifest) -> dict[str, np.ndarray]:
+        """The index of ``manifest``, checked, as read-only numpy arrays: ``rows`` [N, k] int64, ``keys``
+        [slots, 16] uint8 and with ids the four id tensors.
+
+        It is read whole, so its sha256 is checked against the manifest's on the way (~1 ms a MB): a changed
+        slot would otherwise serve another row, whose own row check passes. Then its layout: exactly these
+        tensors, N the manifest's rows, k its variants; each row's slots in [0, slots), packed left, ``-1``
+        after a row's last variant (rows with fewer captions), column 0 always a slot. ``ValueError`` naming
+        the file and tensor."""
+        entry = manifest.index
+        if entry is None:
+            raise ValueError(f"{root}: the manifest lists no index; {REPAIR_HINT}")
+        path = Path(root) / entry.file
+        try:
+            f = open(path, "rb")  # noqa: SIM115 (closed below; FileNotFoundError needs its own message)
+        except FileNotFoundError as err:
+            raise FileNotFoundError(f"{path}: missing (the manifest lists it with {entry.bytes} bytes)") from err
+        with f:
+            header = read_header(f, path)  # first: it refuses an empty or truncated file
+            data = mmap.mmap(f.fileno(), 0, access=mmap.ACCESS_READ)  # pages come in as the arrays are used
+        entry.check_data(path, data)
+        names = ("rows", "keys", *(IndexFormat.IDS if manifest.has_ids else ()))
+        if set(header.tensors) != set(names):
+            raise ValueError(f"{path}: an index of this store holds {list(names)}, this one "
+                             f"{sorted(header.tensors)!r:.200}; {REPAIR_HINT}")
+        n = manifest.rows
+        expected = {"rows": (torch.int64, (n, manifest.variants)), "keys": (torch.uint8, (manifest.slots, 16)),
+                    "id_bytes": (torch.uint8, None), "id_offsets": (torch.int64, (n + 1,)),
+                    "id_sorted_hash": (torch.int64, (n,)), "id_sorted_rows": (torch.int64, (n,))}
+        arrays = {}
+        for name in names:
+            info, (dtype, shape) = header.tensors[name], expected[name]
+            if info.dtype != dtype or (info.shape != shape if shape else len(info.shape) != 1):
+                raise ValueError(f"{path}: tensor {name!r} is {info.dtype} {list(info.shape)}, the manifest needs "
+                                 f"{dtype} {list(shape) if shape else '[bytes]'}; {REPAIR_HINT}")
+            array = np.frombuffer(data, dtype="<i8" if dtype == torch.int64 else "u1", count=math.prod(info.shape),
+                                  offset=header.data_start + info.begin)
+            arrays[name] = array.reshape(info.shape) if array.flags.aligned else array.copy().reshape(info.shape)
+        IndexFormat._check_rows(path, arrays["rows"], manifest.slots)
+        if manifest.has_ids:
+            IndexFormat._check_ids(path, arrays)
+        return arrays
+
+    @staticmethod
+    def _check_rows(path: Path, rows: np.ndarray, slots: int) -> None:
+        """Slots in range and packed left (``-1`` only after a row's last variant)."""
+        if not rows.size:
+            return
+        out = (rows < -1) | (rows >= slots)
+        out[:, 0] |= rows[:, 0] < 0  # column 0 always holds a caption
+        out[:, 1:] |= (rows[:, 1:] >= 0) & (rows[:, :-1] < 0)  # a slot after a -1: not packed left
+        bad = np.flatnonzero(out.any(axis=1))
+        if len(bad):
+            raise ValueError(f"{path}: tensor 'rows': row {int(bad[0])} has slots {rows[bad[0]].tolist()!r:.120}; "
+                             f"each row needs slots in [0, {slots}) packed left, then -1 ({len(bad)} bad rows); "
+                             f"{REPAIR_HINT}")
+
+    @staticmethod
+    def _check_ids(path: Path, ids: dict[str, np.ndarray]) -> None:
+        """The id table's offsets cut ``id_bytes`` in order, its hashes are sorted, its rows in range."""
+        offsets, rows, hashes = ids["id_offsets"], ids["id_sorted_rows"], ids["id_sorted_hash"]
+        n = len(rows)
+        if offsets[0] != 0 or offsets[-1] != len(ids["id_bytes"]) or (offsets[1:] < offsets[:-1]).any():
+            raise ValueError(f"{path}: tensor 'id_offsets' does not cut the {len(ids['id_bytes'])} id bytes in "
+                             f"order; {REPAIR_HINT}")
+        if n and ((rows < 0).any() or (rows >= n).any() or (hashes[1:] < hashes[:-1]).any()):
+            raise ValueError(f"{path}: tensor 'id_sorted_hash' / 'id_sorted_rows' is not a sorted table of rows "
+                             f"in [0, {n}); {REPAIR_HINT}")
 
 
 # --- files ------------------------------------------------------------------------------
@@ -511,6 +726,39 @@ class PartsLock:
                 f"(run its missing parts with the same command) or delete {folder}/{cls.NAME} to abandon it")
 
 
+def read_header(f: BinaryIO, path: Path) -> SafetensorsHeader:
+    """``read_safetensors_header``, and whatever else a damaged header raises there as the ``ValueError`` it is:
+    a JSON list or object where a dtype belongs is a ``TypeError`` (unhashable) in clipcond/_files.py today, and
+    absurdly nested JSON a ``RecursionError``."""
+    try:
+        return read_safetensors_header(f, path)
+    except (TypeError, RecursionError) as err:
+        raise ValueError(f"{path}: not a safetensors file: damaged header ({type(err).__name__}: {err}); "
+                         f"{REPAIR_HINT}") from err
+
+
+def read_null(root: Path, manifest: Manifest) -> tuple[torch.Tensor, torch.Tensor]:
+    """``null.safetensors``, its sha256 checked: ``sequence`` [1, L, D] and ``pooled`` [1, P] in the store's dtype."""
+    from safetensors.torch import load
+
+    entry, path = manifest.null, Path(root) / NULL
+    if entry is None:
+        raise ValueError(f"{root}: the manifest lists no {NULL}; {REPAIR_HINT}")
+    data = entry.read_checked(root)
+    try:
+        null = load(data)
+    except Exception as err:  # safetensors' SafetensorError derives from Exception only
+        raise ValueError(f"{path}: not a readable safetensors file ({err}); {REPAIR_HINT}") from err
+    dtype, (length, width) = getattr(torch, manifest.dtype), manifest.sequence_shape
+    for name, shape in (("sequence", (1, length, width)), ("pooled", (1, manifest.pooled_dim))):
+        got = null.get(name)
+        if got is None or got.dtype != dtype or tuple(got.shape) != shape:
+            what = "missing" if got is None else f"{got.dtype} {list(got.shape)}"
+            raise ValueError(f"{path}: tensor {name!r} is {what}, the manifest needs {dtype} {list(shape)}; "
+                             f"{REPAIR_HINT}")
+    return null["sequence"], null["pooled"]
+
+
 def read_tensors(path: Path, keys: Sequence[str] | None = None) -> dict[str, torch.Tensor]:
     """Tensors of a safetensors file; an unreadable file is a ``ValueError`` naming it."""
     from safetensors import safe_open
@@ -525,4 +773,5 @@ def read_tensors(path: Path, keys: Sequence[str] | None = None) -> dict[str, tor
 
 
 __all__ = ["FORMAT", "FORMAT_VERSION", "MANIFEST", "NULL", "FileEntry", "IndexFormat", "Manifest", "ShardEntry",
-           "PartsLock", "ShardFormat", "Source", "StoreLock", "inspect_store", "read_tensors", "row_checksums"]
+           "PartsLock", "ShardFormat", "Source", "StoreLock", "inspect_store", "read_null", "read_tensors",
+           "row_checksum", "row_checksums"]

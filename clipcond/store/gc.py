@@ -70,9 +70,10 @@ def collect(out: str | os.PathLike[str]) -> Collected:
 
 
 def _compact(out: Path, manifest: Manifest, index: dict[str, torch.Tensor]) -> tuple[Manifest | None, Collected]:
-    rows, keys = index["rows"], index["keys"]  # [N, k] slots, [slots, 16]
+    rows, keys = index["rows"], index["keys"]  # [N, k] slots (-1: a row with fewer variants), [slots, 16]
+    present = rows != IndexFormat.MISSING  # [N, k]; indexing with -1 would mark (and remap) the last slot
     referenced = torch.zeros(manifest.slots, dtype=torch.bool)
-    referenced[rows.flatten()] = True
+    referenced[rows[present]] = True
     remap = torch.arange(manifest.slots)  # old slot -> new slot
     shards, new_keys = [], []
     slots, next_shard, rewritten, deleted, removed = manifest.slots, manifest.next_shard, 0, 0, 0
@@ -104,7 +105,8 @@ def _compact(out: Path, manifest: Manifest, index: dict[str, torch.Tensor]) -> t
     if not removed:
         return None, result
     generation = f"gc{manifest.generation[:14]}"
-    rows, keys = remap[rows], torch.cat([keys, *new_keys])
+    rows = torch.where(present, remap[rows.clamp(min=0)], IndexFormat.MISSING)  # -1 stays -1
+    keys = torch.cat([keys, *new_keys])
     ids = {name: (index[name].dtype, tuple(index[name].shape), [index[name].numpy()]) for name in IndexFormat.IDS
            if name in index} or None
     written = IndexFormat.write(out, generation, (tuple(rows.shape), [rows.numpy()]), (len(keys), [keys.numpy()]), ids)

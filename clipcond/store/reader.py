@@ -1,17 +1,20 @@
-"""``EmbeddingStore``: a precomputed store (clipcond/store/format.py) read back as a memory-mapped ``Dataset``.
+"""``EmbeddingStore``: a precomputed store (clipcond/store/format.py) read back as a memory-mapped ``Dataset``;
+``JoinedDataset``: a user's dataset (images, latents) and the store's rows, fetched a batch at a time.
 
-Opening reads the manifest and the row index (8 bytes a row and variant) and checks file sizes;
-shards are memory-mapped lazily, per process, so DataLoader workers each open their own. Every
-row read is checked against its shard's row checksum; a DataLoader fetches a batch at once
-(``__getitems__``), copying each row once into the batch tensors.
+Opening reads the manifest (validated field by field) and the row index (8 bytes a row and variant, its
+sha256 checked) and checks file sizes; shards are memory-mapped lazily, per process, so DataLoader workers
+each open their own, and each shard's header is held to the format's rules when it is mapped. Every row
+read is checked against its shard's row checksum (``verify_rows=False`` skips that, nothing else); a
+DataLoader fetches a batch at once (``__getitems__``), copying each row once into the batch tensors. Stores
+of format 1 (unreleased clipcond) are not read: opening one says to precompute again into a new folder.
 """
 
 from __future__ import annotations
 
 import bisect
 import hashlib
-import json
 import math
+import mmap
 import os
 import threading
 import weakref
@@ -25,20 +28,20 @@ import numpy as np
 import torch
 from torch.utils.data import Dataset, default_collate, get_worker_info
 
-from clipcond._files import SAFETENSORS_DTYPES, id_hash
+from clipcond._files import id_hash
 from clipcond.conditioning import Conditioning
 from clipcond.specs import EncoderSpec, spec_from_dict
 from clipcond.store.format import (
-    NULL,
     REPAIR_HINT,
     IndexFormat,
     Manifest,
+    ShardEntry,
     ShardFormat,
     copy_rows,
     mix_checksums,
-    read_tensors,
+    read_null,
     row_bytes,
-    row_checksums,
+    row_checksum,
 )
 
 MAX_OPEN_SHARDS = 64  # memory maps kept open per process (DataLoader worker)
@@ -48,49 +51,36 @@ class ShardView:
     """A shard's ``sequence`` [n, L, D] and ``pooled`` [n, P] as tensors over one private memory map.
 
     A row is a view (no copy, no per-call parsing: ~1 µs); the map is copy-on-write, so a caller
-    writing into a row never touches the file. Any safetensors file of these two tensors opens.
+    writing into a row never touches the file. The header is parsed by the one strict safetensors
+    header reader and held to the shard rules and the manifest (``ShardFormat.layout``) before any
+    byte of data is trusted.
     """
 
-    def __init__(self, path: Path) -> None:
-        import mmap
-
+    def __init__(self, path: Path, entry: ShardEntry, manifest: Manifest) -> None:
         try:
             with open(path, "rb") as f:
-                n = int.from_bytes(f.read(8), "little")
-                header = json.loads(f.read(n))
+                layout, data_start = ShardFormat.layout(f, path, entry, manifest)
                 self.map = mmap.mmap(f.fileno(), 0, access=mmap.ACCESS_COPY)
-            codes = {code: dtype for dtype, code in SAFETENSORS_DTYPES.items()}
-            self.tensors = {}
-            for name in ShardFormat.TENSORS:
-                if name == "check" and name not in header:
-                    continue  # a version-1 shard: no row checksums
-                info = header[name]
-                begin, end = info["data_offsets"]
-                dtype = codes[info["dtype"]]
-                flat = torch.frombuffer(self.map, dtype=dtype, count=(end - begin) // dtype.itemsize,
-                                        offset=8 + n + begin)
-                self.tensors[name] = flat.view(info["shape"])
-        except (ValueError, KeyError, TypeError, OSError) as err:  # JSONDecodeError is a ValueError
-            raise ValueError(f"{path}: not a readable safetensors shard ({type(err).__name__}: {err}); "
-                             f"{REPAIR_HINT}") from err
-
+        except FileNotFoundError:
+            raise
+        except OSError as err:
+            raise ValueError(f"{path}: not a readable shard ({type(err).__name__}: {err}); {REPAIR_HINT}") from err
+        tensors = {name: torch.frombuffer(self.map, dtype=info.dtype, count=math.prod(info.shape),
+                                          offset=data_start + info.begin).view(info.shape)
+                   for name, info in layout.items()}
         self.path = path
-        self.checks = self.tensors["check"].numpy() if "check" in self.tensors else None  # [n] int64 (version 2)
-        self.rows = {name: row_bytes(t) for name, t in self.tensors.items() if name != "check"}  # [n, bytes] views
+        self.sequence, self.pooled = tensors["sequence"], tensors["pooled"]  # [n, L, D], [n, P]
+        self.checks = tensors["check"].numpy()  # [n] int64
+        self.rows = {name: row_bytes(tensors[name]) for name in ("sequence", "pooled")}  # [n, bytes] uint8 views
 
-    def row(self, local: int, what: str, *, verify: bool = True) -> tuple[torch.Tensor, torch.Tensor]:
-        """Row ``local`` [L, D], [P] as views, its checksum verified; ``what`` names it in the error."""
-        sequence, pooled = self.tensors["sequence"][local], self.tensors["pooled"][local]
-        if verify:
-            self.verify(local, sequence, pooled, what)
-        return sequence, pooled
+    def verify(self, local: int, what: str) -> None:
+        """Row ``local`` as stored matches its checksum: one compiled pass over the row's bytes in place."""
+        if row_checksum(self.rows["sequence"][local], self.rows["pooled"][local]) != self.checks[local]:
+            raise self.damaged(local, what)
 
-    def verify(self, local: int, sequence: torch.Tensor, pooled: torch.Tensor, what: str) -> None:
-        """``sequence`` [L, D] and ``pooled`` [P] (row ``local`` or a copy of it) match the stored checksum."""
-        check = self.tensors.get("check")
-        if check is not None and int(row_checksums(sequence[None], pooled[None])[0]) != int(check[local]):
-            raise ValueError(f"{self.path} row {local} ({what}): checksum mismatch, the shard is damaged on disk; "
-                             f"rerun `clipcond precompute` with --verify to re-encode the damaged shards")
+    def damaged(self, local: int, what: str) -> ValueError:
+        return ValueError(f"{self.path} row {local} ({what}): checksum mismatch, the shard is damaged on disk; "
+                          f"rerun `clipcond precompute` with --verify to re-encode the damaged shards")
 
 
 class EmbeddingStore(Dataset):
@@ -101,9 +91,11 @@ class EmbeddingStore(Dataset):
     b["pooled"])``. ``store.by_id(id)`` looks a row up by the precompute's ``--id-column``;
     ``store.collate(drop_prob, seed=...)`` is a ``collate_fn`` with caption dropout to the stored null.
 
-    Opening reads the manifest and the row index (8 bytes a row and variant) and checks file sizes; shards are
-    memory-mapped lazily, per process, so DataLoader workers each open their own. ``verify=True``
-    (or ``verify()``) also checks every file's sha256, which reads the whole store.
+    Opening reads the manifest and the row index (its sha256 checked: it is read whole anyway, ~1 ms a MB)
+    and checks file sizes; shards are memory-mapped lazily, per process, so DataLoader workers each open their
+    own. Every row served is checked against its stored checksum on every read (one compiled pass over its
+    bytes: ~1 µs for a 12 kB row; ``verify_rows=False`` skips it). ``verify=True`` (or ``verify()``) also
+    checks every file's sha256, which reads the whole store.
     """
 
     def __init__(self, path: str | os.PathLike[str], *, verify: bool = False, verify_rows: bool = True) -> None:
@@ -112,18 +104,29 @@ class EmbeddingStore(Dataset):
         self.manifest = Manifest.read(self.path)
         self.manifest.raise_problems(self.path, checksums=verify)
         self._index = self.path / self.manifest.index.file
-        self._rows = IndexFormat.rows(self._index)  # [N, k] slots
-        if len(self._rows) != self.manifest.rows:
-            raise ValueError(f"{self._index}: {len(self._rows)} rows, the manifest says {self.manifest.rows}")
-        null = read_tensors(self.path / NULL)
-        self._null = Conditioning(null["sequence"], null["pooled"])  # [1, L, D], [1, P]
-        self._files = [self.path / entry.file for entry in self.manifest.shards]
-        self._starts = [entry.start for entry in self.manifest.shards]  # [S], sorted
-        self._slots = self._rows.numpy()  # numpy: a scalar read is ~20x cheaper than a tensor's
-        self._ids: dict[str, torch.Tensor] | None = None
-        self._handles: OrderedDict[int, object] = OrderedDict()
+        index = IndexFormat.read(self.path, self.manifest)  # checked: sha256, layout, slots in range
+        self._slots = index["rows"]  # [N, k] int64, -1 past a row's last variant; numpy: cheap scalar reads
+        self._counts = self._variant_counts(self._slots)  # [N] captions per row, None when every row has k
+        self._ids = {name: index[name] for name in IndexFormat.IDS} if self.manifest.has_ids else None
+        self._null = Conditioning(*read_null(self.path, self.manifest))  # [1, L, D], [1, P]
+        self._entries = self.manifest.shards
+        self._files = [self.path / entry.file for entry in self._entries]
+        self._starts = [entry.start for entry in self._entries]  # [S], sorted
+        self._sizes = [entry.stop - entry.start for entry in self._entries]
+        self._handles: OrderedDict[int, ShardView] = OrderedDict()
         self._pid = os.getpid()
         self._buffers = BatchBuffers()  # batch memory of this process, reused once a batch is dropped
+
+    @staticmethod
+    def _variant_counts(slots: np.ndarray) -> np.ndarray | None:
+        if slots.shape[1] == 1 or not len(slots) or slots[:, -1].min() >= 0:
+            return None
+        return (slots >= 0).sum(axis=1)  # packed left (checked by IndexFormat.read)
+
+    @property
+    def _rows(self) -> torch.Tensor:
+        """[N, k] int64 slots as a tensor (a copy; tests/test_precompute.py reads it)."""
+        return torch.from_numpy(np.array(self._slots))
 
     # --- facts ---------------------------------------------------------------------------
     @property
@@ -143,7 +146,7 @@ class EmbeddingStore(Dataset):
         return self.manifest.unique
 
     def __len__(self) -> int:
-        return len(self._rows)
+        return len(self._slots)
 
     def __repr__(self) -> str:
         return (f"EmbeddingStore({str(self.path)!r}, rows={len(self)}, unique={self.num_unique}, "
@@ -152,8 +155,14 @@ class EmbeddingStore(Dataset):
     # --- rows ----------------------------------------------------------------------------
     @property
     def variants(self) -> int:
-        """Captions a row holds (``--column`` given k times, or a list column); ``store[i]`` is variant 0."""
-        return self._rows.shape[1]
+        """The most captions a row holds (``--column`` given k times, or a list column); ``store[i]`` is variant
+        0, which every row has; ``variant_count(i)`` is row i's own number."""
+        return self._slots.shape[1]
+
+    def variant_count(self, row: int) -> int:
+        """How many caption variants row ``row`` holds (1 to ``variants``: a list column's rows may differ)."""
+        row = self._check_row(row)
+        return self.variants if self._counts is None else int(self._counts[row])
 
     def __getitem__(self, row: int) -> dict[str, torch.Tensor | int]:
         return self.get(row)
@@ -161,21 +170,29 @@ class EmbeddingStore(Dataset):
     def get(self, row: int, variant: int = 0) -> dict[str, torch.Tensor | int]:
         """Row ``row``'s embedding of caption variant ``variant``: ``{"sequence", "pooled", "row"}``."""
         row = self._check_row(row)
-        if not 0 <= variant < self.variants:
-            raise IndexError(f"variant {variant} is out of range: store {self.path} has {self.variants} a row")
-        shard, local = self._locate(row, variant)
-        sequence, pooled = self._shard(shard).row(local, f"store row {row}, variant {variant}",
-                                                  verify=self.verify_rows)  # [L, D], [P]
-        return {"sequence": sequence, "pooled": pooled, "row": row}
+        if variant and not (type(variant) is int and 0 < variant < self.variants
+                            and (self._counts is None or variant < self._counts[row])):
+            raise IndexError(f"variant {variant!r} is out of range: row {row} of store {self.path} has "
+                             f"{self.variant_count(row)} caption variant(s) (the most a row has: {self.variants})")
+        view, local = self._locate(row, variant)
+        if self.verify_rows:
+            view.verify(local, f"store row {row}, variant {variant}")
+        return {"sequence": view.sequence[local], "pooled": view.pooled[local], "row": row}  # [L, D], [P] views
 
-    def _locate(self, row: int, variant: int) -> tuple[int, int]:
+    def _locate(self, row: int, variant: int) -> tuple[ShardView, int]:
+        """The shard holding row ``row``'s variant ``variant``, opened, and the row's place in it."""
         slot = int(self._slots[row, variant])
         shard = bisect.bisect_right(self._starts, slot) - 1  # the shard whose slots hold it
-        return shard, slot - self._starts[shard]
+        local = slot - self._starts[shard] if shard >= 0 else -1
+        if not 0 <= local < self._sizes[shard]:
+            raise ValueError(f"{self._index}: row {row} variant {variant} is slot {slot}, which no shard of "
+                             f"{self.path / 'manifest.json'} holds; {REPAIR_HINT}")
+        return self._shard(shard), local
 
     def __getitems__(self, rows: Sequence[int]) -> Rows:
         """A DataLoader's batched fetch: the rows copied once into ``[B, L, D]`` / ``[B, P]`` tensors, each
-        row's checksum computed in the same pass (``copy_rows``) and compared with the shard's.
+        row's checksum computed in the same pass (``copy_rows``) and compared with the shard's; unchecked
+        (``verify_rows=False``), the same copy without the sums.
 
         Returns per-row items (views of the batch), so any ``collate_fn`` works; ``store.collate()``
         takes the batch as it is instead of stacking the rows again.
@@ -186,45 +203,40 @@ class EmbeddingStore(Dataset):
                                                    ((len(rows), *first.sequence.shape[1:]), first.sequence.dtype),
                                                    ((len(rows), first.pooled.shape[1]), first.pooled.dtype),
                                                    ((len(rows),), torch.int64))  # [B, L, D], [B, P], [B]
-        row_ids.copy_(torch.tensor(rows))
+        row_ids.copy_(torch.tensor(rows, dtype=torch.int64))
         located = [self._locate(row, 0) for row in rows]
-        order = sorted(range(len(rows)), key=located.__getitem__)  # file order: readahead helps a cold read
-        views = {shard: self._shard(shard) for shard, _ in located}
-        if not self.verify_rows:  # torch's copy, nothing summed
+        order = sorted(range(len(rows)), key=lambda i: (id(located[i][0]), located[i][1]))  # file order: readahead
+        sources, destinations = [], []
+        for name, batch in (("sequence", sequence), ("pooled", pooled)):
+            batch_bytes = row_bytes(batch)  # [B, bytes], a view
             for i in order:
-                seq_row, pooled_row = views[located[i][0]].row(located[i][1], "", verify=False)
-                sequence[i].copy_(seq_row)
-                pooled[i].copy_(pooled_row)
-        else:
-            sources, destinations = [], []
-            for name, batch in (("sequence", sequence), ("pooled", pooled)):
-                batch_bytes = row_bytes(batch)  # [B, bytes], a view
-                for i in order:
-                    sources.append(views[located[i][0]].rows[name][located[i][1]])
-                    destinations.append(batch_bytes[i])
-            sums = copy_rows(sources, destinations).reshape(2, -1)  # [sequence, pooled] word sums, in file order
-            stored = [views[located[i][0]].checks for i in order]  # None: a version-1 shard, no checksums
-            expected = np.array([0 if c is None else c[located[i][1]] for i, c in zip(order, stored, strict=True)],
-                                dtype=np.int64)
-            checked = np.array([c is not None for c in stored], dtype=bool)
-            for k in np.flatnonzero((mix_checksums(sums[0], sums[1]) != expected) & checked):
-                i = order[k]
-                views[located[i][0]].verify(located[i][1], sequence[i], pooled[i], f"store row {rows[i]}, variant 0")
+                view, local = located[i]
+                sources.append(view.rows[name][local])
+                destinations.append(batch_bytes[i])
+        sums = copy_rows(sources, destinations, checksums=self.verify_rows)
+        if sums is not None:
+            sums = sums.reshape(2, -1)  # [sequence, pooled] word sums, in file order
+            expected = np.array([located[i][0].checks[located[i][1]] for i in order], dtype=np.int64)
+            for k in np.flatnonzero(mix_checksums(sums[0], sums[1]) != expected):
+                view, local = located[order[k]]
+                raise view.damaged(local, f"store row {rows[order[k]]}, variant 0")
         items = Rows({"sequence": sequence[i], "pooled": pooled[i], "row": row} for i, row in enumerate(rows))
         items.batch = {"sequence": sequence, "pooled": pooled, "row": row_ids}
         return items
 
     def _check_row(self, row: int) -> int:
+        n = len(self._slots)
+        if type(row) is int and 0 <= row < n:
+            return row
         try:
             index = row.__index__()
         except AttributeError as err:
             raise TypeError(f"store row must be an int, got {type(row).__name__}") from err
-        n = len(self._slots)
         if not -n <= index < n:
             raise IndexError(f"row {index} is out of range for store {self.path} with {n} rows")
         return index % n
 
-    def _shard(self, k: int):  # noqa: ANN202
+    def _shard(self, k: int) -> ShardView:
         if self._pid != os.getpid():  # a forked DataLoader worker: never share the parent's maps
             self._handles, self._pid = OrderedDict(), os.getpid()
         handle = self._handles.get(k)
@@ -232,10 +244,10 @@ class EmbeddingStore(Dataset):
             if not self._files[k].exists():
                 raise FileNotFoundError(f"{self._files[k]}: removed since this EmbeddingStore was opened "
                                         f"(`clipcond gc` rewrote the store); open {self.path} again")
-            handle = self._handles[k] = ShardView(self._files[k])
+            handle = self._handles[k] = ShardView(self._files[k], self._entries[k], self.manifest)
             if len(self._handles) > MAX_OPEN_SHARDS:
                 self._handles.popitem(last=False)
-        else:
+        elif len(self._handles) > 1:
             self._handles.move_to_end(k)
         return handle
 
@@ -252,7 +264,7 @@ class EmbeddingStore(Dataset):
         hashes = ids["id_sorted_hash"]  # [N] sorted
         target = id_hash(text)
         pos = int(hashes.searchsorted(target))
-        while pos < len(hashes) and hashes[pos] == target:
+        while pos < len(hashes) and int(hashes[pos]) == target:
             row = int(ids["id_sorted_rows"][pos])
             if self.id_of(row) == text:
                 return row
@@ -268,21 +280,15 @@ class EmbeddingStore(Dataset):
         ids = self._load_ids()
         row = self._check_row(row)
         offsets = ids["id_offsets"]
-        return ids["id_bytes"][offsets[row] : offsets[row + 1]].decode()
+        try:
+            return ids["id_bytes"][offsets[row] : offsets[row + 1]].tobytes().decode()
+        except UnicodeDecodeError as err:
+            raise ValueError(f"{self._index}: the id of row {row} is not UTF-8; {REPAIR_HINT}") from err
 
-    def _load_ids(self) -> dict[str, object]:
+    def _load_ids(self) -> dict[str, np.ndarray]:
         if self._ids is None:
-            if not self.manifest.has_ids:
-                raise ValueError(f"store {self.path} has no ids: it was precomputed without --id-column; "
-                                 "index it by row number instead")
-            if not self._index.exists():
-                raise FileNotFoundError(f"{self._index}: removed since this EmbeddingStore was opened "
-                                        f"(`clipcond gc` rewrote the store); open {self.path} again")
-            ids = read_tensors(self._index, IndexFormat.IDS)
-            # numpy arrays and one bytes object: per-lookup costs of well under a microsecond each.
-            self._ids = {"id_bytes": ids["id_bytes"].numpy().tobytes(), **{k: ids[k].numpy() for k in
-                                                                         ("id_offsets", "id_sorted_hash",
-                                                                          "id_sorted_rows")}}
+            raise ValueError(f"store {self.path} has no ids: it was precomputed without --id-column; "
+                             "index it by row number instead")
         return self._ids
 
     # --- null, dropout, verification ----------------------------------------------------
@@ -294,7 +300,9 @@ class EmbeddingStore(Dataset):
                 variant: int | Literal["random"] = 0) -> CaptionDropout:
         """A DataLoader ``collate_fn`` dropping rows to the stored null; see ``CaptionDropout``.
 
-        ``variant="random"``: each row gets one of its caption variants, chosen per (seed, epoch, row).
+        ``variant="random"``: each row gets one of its own caption variants (``variant_count(row)`` of them),
+        chosen uniformly per (seed, epoch, row). A fixed ``variant=j`` on a row with fewer captions is an
+        ``IndexError`` naming the row and its count.
         """
         if variant != "random" and not (isinstance(variant, int) and 0 <= variant < self.variants):
             raise ValueError(f"variant must be 'random' or in [0, {self.variants}), got {variant!r}")
@@ -365,6 +373,69 @@ class Rows(list):
     batch: dict[str, torch.Tensor]
 
 
+STORE_KEYS = ("sequence", "pooled", "row")  # what a store item holds
+
+
+class JoinedDataset(Dataset):
+    """A map-style dataset of yours (images, VAE latents, sizes) joined with an ``EmbeddingStore``, a batch at a time.
+
+    Item ``i`` is ``dataset[i]`` (a dict; anything else comes under ``"data"``) with the store's row added:
+    ``"sequence"`` [77, D], ``"pooled"`` [P] and ``"row"``. ``by="index"``: row ``i`` (the store was precomputed
+    from the same rows in the same order); ``by="id"``: the row whose id is ``dataset[i][id_key]``
+    (``store.by_id``). A DataLoader with ``batch_size`` calls ``__getitems__``, which fetches the whole batch's
+    rows from the store in one checked copy (``EmbeddingStore.__getitems__``) and your items through your
+    dataset's own ``__getitems__`` where it has one, so each worker hands over whole batches:
+
+        joined = JoinedDataset(latents, store)
+        loader = DataLoader(joined, batch_size=16, shuffle=True, num_workers=2,
+                            collate_fn=store.collate(drop_prob=0.1, seed=0))  # or the default collate
+
+    ``store.collate(...)`` takes the store's rows as already stacked (no second copy), collates your keys with
+    the default collate and drops captions to the null for classifier-free guidance; the default collate
+    works too, stacking the rows again. torch's ``StackDataset`` zips datasets the same way, but its batches of
+    per-sample store rows are stacked again by every collate.
+    """
+
+    def __init__(self, dataset: Dataset, store: EmbeddingStore, *, by: Literal["index", "id"] = "index",
+                 id_key: str = "id") -> None:
+        if by not in ("index", "id"):
+            raise ValueError(f"by must be 'index' or 'id', got {by!r}")
+        if by == "index" and len(dataset) != len(store):
+            raise ValueError(f"by='index' joins row i of the dataset with row i of the store, but the dataset has "
+                             f"{len(dataset)} rows and store {store.path} {len(store)}; join by='id' instead")
+        self.dataset, self.store, self.by, self.id_key = dataset, store, by, id_key
+
+    def __len__(self) -> int:
+        return len(self.dataset)
+
+    def __getitem__(self, index: int) -> dict:
+        return self.__getitems__([index])[0]
+
+    def __getitems__(self, indices: Sequence[int]) -> Rows:
+        fetch = getattr(self.dataset, "__getitems__", None)
+        items = [self._as_dict(item) for item in (fetch(indices) if fetch else [self.dataset[i] for i in indices])]
+        rows = list(indices) if self.by == "index" else [self._row_of(item, i) for item, i in
+                                                          zip(items, indices, strict=True)]
+        fetched = self.store.__getitems__(rows)  # [B, L, D], [B, P]: one copy, checked
+        joined = Rows({**item, **row} for item, row in zip(items, fetched, strict=True))
+        joined.batch = fetched.batch
+        return joined
+
+    def _as_dict(self, item: object) -> dict:
+        if not isinstance(item, dict):
+            return {"data": item}
+        if clash := [key for key in STORE_KEYS if key in item]:
+            raise ValueError(f"JoinedDataset adds the store's {list(STORE_KEYS)} to each item; the dataset's items "
+                             f"already hold {clash}: rename them")
+        return item
+
+    def _row_of(self, item: dict, index: int) -> int:
+        if self.id_key not in item:
+            raise KeyError(f"JoinedDataset(by='id') reads each item's id from {self.id_key!r}; item {index} has "
+                           f"keys {sorted(item)}: pass id_key=")
+        return self.store.row_of(item[self.id_key])
+
+
 @dataclass
 class CaptionDropout:
     """``collate_fn`` for store items: ``default_collate``, then rows replaced by the null conditioning.
@@ -403,11 +474,13 @@ class CaptionDropout:
         return torch.tensor(self._uniform(rows), dtype=torch.float64) < self.drop_prob
 
     def variants(self, rows: Sequence[int] | torch.Tensor) -> list[int]:
-        """The caption variant of each row this epoch: fixed, or uniform per (seed, epoch, row)."""
+        """The caption variant of each row this epoch: fixed, or uniform among the row's own
+        ``store.variant_count(row)`` per (seed, epoch, row)."""
         if self.variant != "random":
             return [self.variant] * len(rows)
-        k = self.store.variants
-        return [min(int(u * k), k - 1) for u in self._uniform(rows, "/variant")]
+        rows = rows.tolist() if isinstance(rows, torch.Tensor) else list(rows)
+        counts = [self.store.variant_count(r) for r in rows]
+        return [min(int(u * k), k - 1) for u, k in zip(self._uniform(rows, "/variant"), counts, strict=True)]
 
     def __call__(self, items: list[dict]) -> dict:
         missing = {"sequence", "pooled", "row"} - set(items[0]) if items else set()
@@ -415,10 +488,14 @@ class CaptionDropout:
             raise TypeError(f"CaptionDropout needs items with 'sequence', 'pooled' and 'row' (EmbeddingStore "
                             f"items), got keys {sorted(items[0])}")
         if self.store is not None:  # items are variant 0: read the chosen variants instead
-            items = [self.store.get(item["row"], v) if v else item
+            items = [{**item, **self.store.get(item["row"], v)} if v else item
                      for item, v in zip(items, self.variants([item["row"] for item in items]), strict=True)]
-        # A batched fetch stacked the rows already: take its tensors rather than copying every row again.
-        batch = dict(items.batch) if isinstance(items, Rows) else default_collate(items)
+        if isinstance(items, Rows):  # a batched fetch stacked the rows already: take its tensors, no second copy
+            batch = dict(items.batch)
+            others = [key for key in items[0] if key not in STORE_KEYS] if items else []  # a JoinedDataset's
+            batch.update({key: default_collate([item[key] for item in items]) for key in others})
+        else:
+            batch = default_collate(items)
         mask = self.dropped(batch["row"])  # [B]
         if mask.any():
             batch["sequence"][mask] = self.null_sequence.to(batch["sequence"].dtype)

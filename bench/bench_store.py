@@ -228,7 +228,7 @@ def checksum_cost(store_dir: Path, batches: list[list[int]]) -> tuple[dict[bool,
     """The batched copy of each batch's rows with the sums and without them: the same compiled routine
     (``copy_rows(..., checksums=)``), the same sources and destinations; rows/s in alternating pairs."""
     from clipcond import EmbeddingStore
-    from clipcond.store.format import copy_rows, row_bytes
+    from clipcond.store.checksums import copy_rows, row_bytes
 
     store = EmbeddingStore(store_dir)
     work = []
@@ -312,7 +312,7 @@ def main() -> None:
     a = parser.parse_args()
     sections = a.sections.split(",")
     from clipcond import EmbeddingStore
-    from clipcond.store import format as store_format
+    from clipcond.store import checksums as store_format
 
     compiled = store_format._rows is not None  # the fetch's copy: clipcond._rows, else numpy
     results: dict[str, object] = {"args": {k: str(v) for k, v in vars(a).items()}, "compiled_copy": compiled}

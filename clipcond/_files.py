@@ -9,6 +9,7 @@ by piece (the precompute writer) and read into tensors without a copy (encoders/
 from __future__ import annotations
 
 import hashlib
+import io
 import json
 import math
 import os
@@ -103,14 +104,14 @@ def read_safetensors_header(f: BinaryIO, path: object) -> SafetensorsHeader:
     shape of non-negative ints that torch can allocate and two data offsets that fit the data and match dtype
     and shape; the tensors tile the data.
     """
-    size = os.fstat(f.fileno()).st_size
+    size = f.seek(0, os.SEEK_END)
     f.seek(0)
     n = int.from_bytes(f.read(8), "little")
     if size < 8 or not 2 <= n <= size - 8:
         raise ValueError(f"{path}: not a safetensors file: header length {n} does not fit the file's {size} bytes")
     try:
         header = json.loads(f.read(n).decode("utf-8"))
-    except (UnicodeDecodeError, ValueError) as err:  # JSONDecodeError is a ValueError
+    except (UnicodeDecodeError, ValueError, RecursionError) as err:  # JSONDecodeError is a ValueError
         raise ValueError(f"{path}: not a safetensors file: its header is not UTF-8 JSON ({err})") from err
     if not isinstance(header, dict):
         raise ValueError(f"{path}: not a safetensors file: its header is JSON {type(header).__name__}, not an object")
@@ -121,6 +122,29 @@ def read_safetensors_header(f: BinaryIO, path: object) -> SafetensorsHeader:
     tensors = {name: _tensor_info(name, info, data, path) for name, info in header.items()}
     _check_tiling(tensors, data, path)
     return SafetensorsHeader(tensors, metadata, 8 + n)
+
+
+def read_tensor(f: BinaryIO, header: SafetensorsHeader, name: str, path: object) -> torch.Tensor:
+    """Tensor ``name`` of the file open as ``f`` (its ``header``), read straight into its own memory."""
+    info = header.tensors[name]
+    out = torch.empty(info.shape, dtype=info.dtype)
+    f.seek(header.data_start + info.begin)
+    if info.end > info.begin and f.readinto(raw_bytes(out)) != info.end - info.begin:
+        raise ValueError(f"{path}: safetensors tensor {name!r} is cut short: the file changed while it was read")
+    return out
+
+
+def read_tensors(source: Path | bytes, names: Iterable[str] | None = None, *, path: object = None
+                 ) -> dict[str, torch.Tensor]:
+    """Tensors of a safetensors file or of its bytes (all, or ``names``), through ``read_safetensors_header``;
+    a missing tensor is a ``ValueError`` naming it. ``path``: the name messages give bytes (default: the file)."""
+    path = path if path is not None else "<bytes>" if isinstance(source, bytes) else source
+    with io.BytesIO(source) if isinstance(source, bytes) else open(source, "rb") as f:
+        header = read_safetensors_header(f, path)
+        missing = sorted(set(names or ()) - set(header.tensors))
+        if missing:
+            raise ValueError(f"{path}: no safetensors tensor {missing[0]!r} (it has {sorted(header.tensors)})")
+        return {name: read_tensor(f, header, name, path) for name in (header.tensors if names is None else names)}
 
 
 def _check_tiling(tensors: dict[str, TensorInfo], data: int, path: object) -> None:

@@ -25,8 +25,8 @@ def test_encode_prints_shapes_norms_and_source():
 
 
 def test_encode_errors_exit_2_with_a_message():
-    out = run("encode", "--encoder", "sd3", "x")
-    assert out.returncode == 2 and "unknown encoder 'sd3'; registered:" in out.stderr
+    out = run("encode", "--encoder", "sd9", "x")
+    assert out.returncode == 2 and "unknown encoder 'sd9'; registered:" in out.stderr
     out = run("encode", "--encoder", "tiny-sd15", "--weights", "/nonexistent/file.safetensors", "x")
     assert out.returncode == 2 and "no such file or folder" in out.stderr
 

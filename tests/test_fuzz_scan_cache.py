@@ -19,8 +19,8 @@ from hypothesis import HealthCheck, given, settings
 from hypothesis import strategies as st
 
 from clipcond.cli import main
-from clipcond.precompute.scan import CACHE, FILES, ScanCache, scan_captions
-from clipcond.store.format import MANIFEST
+from clipcond.precompute.scan import FILES, ScanCache, scan_captions
+from clipcond.store.format import MANIFEST, StoreFiles
 
 FUZZ = settings(max_examples=150, deadline=None, derandomize=True,
                 suppress_health_check=[HealthCheck.too_slow, HealthCheck.function_scoped_fixture])
@@ -147,12 +147,12 @@ def test_changed_counts_in_an_entry_are_damage_not_a_crash(tmp_path, capsys, mon
     inputs = write_inputs(tmp_path / "data")
     first = tmp_path / "first"
     assert precompute(capsys, inputs[:1], first)[0] == 0  # a.jsonl's entry, in first's cache
-    entry = next((first / CACHE).glob("*.scan"))
+    entry = next((first / StoreFiles.SCAN_CACHE).glob("*.scan"))
     streams, header = split(entry.read_bytes())
     entry.write_bytes(join(streams, {**header, field: value}))
     out = tmp_path / "out"
     out.mkdir()
-    shutil.copytree(first / CACHE, out / CACHE)
+    shutil.copytree(first / StoreFiles.SCAN_CACHE, out / StoreFiles.SCAN_CACHE)
     code, err = precompute(capsys, inputs, out)  # a.jsonl from the damaged entry, b.jsonl read
     assert code == 0, err
     fresh = tmp_path / "fresh"

@@ -250,7 +250,7 @@ def test_a_part_never_publishes_onto_a_version_it_did_not_plan_from(tmp_path, tc
     """Without file locks (some network filesystems) nothing stops a gc while a part encodes: gc publishes a
     rewritten shard under the number the part writes. The part then refuses to replace it, and to publish."""
     import clipcond.precompute.job as precompute_module
-    from clipcond.store.format import PartsLock
+    from clipcond.store.locks import PartsLock
 
     out = tmp_path / "store"
     run(tc, write_input(tmp_path / "v1", "txt", BASE), out, shard_size=8)

@@ -22,8 +22,8 @@ from clipcond import EmbeddingStore, TextConditioner
 from clipcond.cli import main
 from clipcond.precompute.encode import DELAY_ENV
 from clipcond.precompute.job import PrecomputeJob, precompute
-from clipcond.precompute.scan import PREFIX, ScanFolder, scan_captions
-from clipcond.store.format import MANIFEST, TMP_MARK
+from clipcond.precompute.scan import ScanFolder, scan_captions
+from clipcond.store.format import MANIFEST, TMP_MARK, StoreFiles
 
 TOL = {"atol": 1e-5, "rtol": 1e-5}  # float32 on CPU; batches differ from the direct call's
 CAPTIONS = [
@@ -132,7 +132,7 @@ def test_limit_and_resume_of_a_complete_store_changes_nothing(tmp_path, sd15):
     assert {**again, "run": None} == {**first, "run": None}
     assert first["run"] == {"encoded": 4, "reused": 0} and again["run"] == {"encoded": 0, "reused": 4}
     assert stamps == {p.name: p.stat().st_mtime_ns for p in out.iterdir() if p.name not in rewritten}
-    killed = out / f"{PREFIX}99999-abc"  # a scan killed (say, out of memory) on this complete store...
+    killed = out / f"{StoreFiles.SCAN}99999-abc"  # a scan killed (say, out of memory) on this complete store...
     killed.mkdir()
     (killed / "lock").touch()
     run(sd15, path, out, limit=5)
@@ -140,16 +140,16 @@ def test_limit_and_resume_of_a_complete_store_changes_nothing(tmp_path, sd15):
 
 
 def test_scan_folders_are_locked_before_they_are_named_and_half_made_ones_expire(tmp_path):
-    from clipcond.precompute.scan import NEW_PREFIX, remove_stale
+    from clipcond.store.locks import remove_stale_scans
 
     live = ScanFolder.create(tmp_path)
-    assert live.path.name.startswith(PREFIX) and (live.path / "lock").exists()
-    assert not list(tmp_path.glob(f"{NEW_PREFIX}*"))  # renamed once locked
-    half = [tmp_path / f"{NEW_PREFIX}{n}" for n in ("1-old", "2-young")]  # killed while making one
+    assert live.path.name.startswith(StoreFiles.SCAN) and (live.path / "lock").exists()
+    assert not list(tmp_path.glob(f"{StoreFiles.SCAN_NEW}*"))  # renamed once locked
+    half = [tmp_path / f"{StoreFiles.SCAN_NEW}{n}" for n in ("1-old", "2-young")]  # killed while making one
     for path in half:
         path.mkdir()
     os.utime(half[0], (time.time() - 3600,) * 2)
-    remove_stale(tmp_path)
+    remove_stale_scans(tmp_path)
     assert live.path.exists() and not half[0].exists() and half[1].exists()
     live.remove()
     assert not live.path.exists()
@@ -167,7 +167,7 @@ def test_resume_repairs_what_a_crash_leaves(tmp_path, sd15):
     (out / "shard-00004.json").write_text(json.dumps(manifest["shards"][4]))  # a sidecar whose shard...
     (out / "shard-00004.safetensors").unlink()  # ...was killed before its rename
     (out / f".shard-00005.safetensors{TMP_MARK}99999").write_bytes(b"half a shard")
-    killed = out / f"{PREFIX}99999-abc"  # a killed run's scan folder: its lock file held by nobody
+    killed = out / f"{StoreFiles.SCAN}99999-abc"  # a killed run's scan folder: its lock file held by nobody
     killed.mkdir()
     (killed / "lock").touch()
     (killed / "texts").write_bytes(b"captions")
@@ -385,7 +385,7 @@ def test_cli_prints_the_store_and_reports_errors(tmp_path, capsys):
 
 
 def test_a_second_run_on_the_same_store_is_refused_while_the_first_holds_it(tmp_path, sd15):
-    from clipcond.store.format import StoreLock
+    from clipcond.store.locks import StoreLock
 
     path = write_input(tmp_path, "txt", CAPTIONS)
     out = tmp_path / "store"

@@ -221,7 +221,7 @@ def test_streamed_safetensors_are_byte_equal_to_the_library_s(tmp_path, dtype):
 def test_row_checksums_are_sums_of_64_bit_words_mod_2_64(shape, dtype):
     """The format's checksum, computed with Python integers: sequence words + pooled words * MIX, mod 2^64,
     a short tail zero-padded (float32 [5, 3]: 60 bytes, 4 of them a padded tail); rows read at any offset."""
-    from clipcond.store.format import row_checksums
+    from clipcond.store.checksums import row_checksums
 
     g = torch.Generator().manual_seed(0)
     sequence = (torch.randn(shape, generator=g) * 1e4).to(dtype)  # big values: every sum wraps
@@ -232,7 +232,7 @@ def test_row_checksums_are_sums_of_64_bit_words_mod_2_64(shape, dtype):
         data += b"\0" * (-len(data) % 8)
         return sum(int.from_bytes(data[i : i + 8], "little") for i in range(0, len(data), 8))
 
-    mix = 0x9E3779B97F4A7C15  # the format's constant (clipcond/store/format.py CHECK_MIX)
+    mix = 0x9E3779B97F4A7C15  # the format's constant (clipcond/store/checksums.py CHECK_MIX)
     expected = [(words(s) + words(p) * mix) % 2**64 for s, p in zip(sequence, pooled, strict=True)]
     got = row_checksums(sequence, pooled).numpy().view("uint64").tolist()
     assert got == expected
@@ -289,21 +289,27 @@ def test_a_version_1_store_is_refused_with_how_to_remake_it(damaged, tmp_path, t
         precompute(tc, PrecomputeJob(input=captions, out=damaged, progress=False))
 
 
-def test_a_shard_without_its_check_tensor_is_refused_not_read_unchecked(damaged):
+@pytest.mark.parametrize("cut", [False, True])
+def test_a_shard_without_its_check_tensor_is_refused_not_read_unchecked(damaged, cut):
     """A shard whose ``check`` entry was removed from the header (format 1's layout) was read with no row
-    checks at all; now a header that lacks it is damage, named with the tensors it has."""
+    checks at all; now a header that lacks it is damage: with the check bytes left in the file, the tensors no
+    longer tile the data; with them cut off too, the file is not the size its manifest entry records."""
     shard = damaged / "shard-00001.safetensors"
     data = shard.read_bytes()
     n = int.from_bytes(data[:8], "little")
     header = json.loads(data[8 : 8 + n])
-    del header["check"]
+    check = header.pop("check")
     text = json.dumps(header).encode()
-    text += b" " * (n - len(text))  # same length: the data stays where it was, the check bytes now unlisted
-    shard.write_bytes(data[:8] + text + data[8 + n :])
+    text += b" " * (n - len(text))  # same length: the data stays where it was
+    body = data[8 + n :][: check["data_offsets"][0]] if cut else data[8 + n :]
+    shard.write_bytes(data[:8] + text + body)
+    if cut:  # the shard's size no longer matches its manifest entry: refused when the store opens
+        with pytest.raises(ValueError, match=r"shard-00001.safetensors: truncated or overwritten"):
+            EmbeddingStore(damaged)
+        return
     store = EmbeddingStore(damaged)
     row = next(r for r in range(ROWS) if int(store._slots[r, 0]) // 16 == 1)
-    with pytest.raises(ValueError, match=r"shard-00001.safetensors: a shard holds tensors \['sequence', 'pooled', "
-                                         r"'check'\], this one \['pooled', 'sequence'\]"):
+    with pytest.raises(ValueError, match=r"shard-00001.safetensors: the safetensors tensors end at data byte \d+"):
         store[row]
 
 
@@ -338,7 +344,7 @@ def test_the_batched_fetch_checks_every_row_on_its_copy(damaged, monkeypatch, ca
     """Compiled: each row summed as it is copied (clipcond._rows), on one thread for a small batch, or several;
     else numpy sums each copy right after it. A wrong sum would fail clean rows; a skipped one would let the
     damaged row through. The unchecked fetch (the same copy, no sums) gives the same batch."""
-    from clipcond.store import format as store
+    from clipcond.store import checksums as store
 
     if copy == "numpy":
         monkeypatch.setattr(store, "_rows", None)

@@ -20,7 +20,7 @@ from pathlib import Path
 
 import torch
 
-from clipcond._files import raw_bytes, read_safetensors_header
+from clipcond._files import read_safetensors_header, read_tensor
 from clipcond.encoders.convert import (
     HF_TEXT,
     OPENCLIP_IGNORED_PREFIXES,
@@ -102,18 +102,16 @@ class SafetensorsFile:
         except ValueError as err:  # a damaged or foreign file: its message names the file and the tensor
             self.file.close()
             raise WeightsError(str(err)) from err
-        self.start, self.tensors = header.data_start, header.tensors
+        self.header, self.tensors = header, header.tensors
 
     def keys(self) -> list[str]:
         return list(self.tensors)
 
     def read(self, key: str) -> torch.Tensor:
-        info = self.tensors[key]
-        out = torch.empty(info.shape, dtype=info.dtype)
-        self.file.seek(self.start + info.begin)
-        if self.file.readinto(raw_bytes(out)) != info.end - info.begin:  # straight into out's memory
-            raise WeightsError(f"{self.path}: tensor {key!r} is cut short: the file changed while it was read")
-        return out
+        try:
+            return read_tensor(self.file, self.header, key, self.path)
+        except ValueError as err:
+            raise WeightsError(str(err)) from err
 
     def close(self) -> None:
         self.file.close()

@@ -28,7 +28,8 @@ import torch
 
 from clipcond._files import atomic_write, publish, raw_bytes, temporary
 from clipcond.conditioning import Conditioning
-from clipcond.store.format import Manifest, ShardEntry, ShardFormat, row_checksums
+from clipcond.store.checksums import row_checksums
+from clipcond.store.format import Manifest, ShardEntry, ShardFormat
 from clipcond.text.tokenizer import Tokens
 
 if TYPE_CHECKING:

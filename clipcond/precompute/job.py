@@ -31,7 +31,7 @@ from typing import TYPE_CHECKING, TypeVar
 import numpy as np
 import torch.distributed as dist
 
-from clipcond._files import TMP_MARK, file_chunks, write_tensors
+from clipcond._files import file_chunks, write_tensors
 from clipcond.precompute.encode import encode_shards
 from clipcond.precompute.plan import (
     Layout,
@@ -45,7 +45,7 @@ from clipcond.precompute.plan import (
     refuse_foreign,
     store_identity,
 )
-from clipcond.precompute.scan import CACHE, CHUNK, CaptionTexts, Scan, ScanCache, remove_stale, scan_captions
+from clipcond.precompute.scan import CHUNK, CaptionTexts, Scan, ScanCache, scan_captions
 from clipcond.store.format import (
     FORMAT,
     FORMAT_VERSION,
@@ -54,9 +54,9 @@ from clipcond.store.format import (
     FileEntry,
     IndexFormat,
     Manifest,
-    PartsLock,
-    StoreLock,
+    StoreFiles,
 )
+from clipcond.store.locks import PartsLock, StoreLock, remove_stale_scans
 
 if TYPE_CHECKING:
     from clipcond.encoders.conditioner import TextConditioner
@@ -196,7 +196,7 @@ def prepare(tc: TextConditioner, job: PrecomputeJob, scan: Scan, lock: StoreLock
     A part (``job.part``) joins ``parts`` for its plan: only parts of the same plan run side by side."""
     out = job.out
     lock.acquire(wait=job.part is not None)
-    remove_stale(out)  # killed runs' scan folders (and their copy of the captions)
+    remove_stale_scans(out)  # killed runs' scan folders (and their copy of the captions)
     existing = Manifest.read(out) if (out / MANIFEST).is_file() else None  # no other run writes it now
     shard_size = job.shard_size or (existing.shard_size if existing else default_shard_size(tc, job.batch_size))
     if existing is not None:
@@ -251,9 +251,8 @@ def finalize(out: Path, plan: Plan, layout: Layout, scan: Scan, *, parts: bool =
                        truncated=sum(entry.truncated for entry in shards))
     manifest.write(out)
     PartsLock.finished(out)
-    for path in out.iterdir():  # sidecars, and half-written files of killed parts (all parts are done)
-        if path.is_file() and (TMP_MARK in path.name or (path.name.startswith("shard-") and path.suffix == ".json")):
-            path.unlink(missing_ok=True)
+    for path in StoreFiles.leftovers(out):  # sidecars, and half-written files of killed parts (all parts are done)
+        path.unlink(missing_ok=True)
     if manifest.truncated:
         logger.warning("%d unique captions were longer than %d tokens and were truncated, as diffusers does",
                        manifest.truncated, manifest.sequence_shape[0])
@@ -312,7 +311,7 @@ def _start(tc: TextConditioner, job: PrecomputeJob, locks: tuple[StoreLock, Part
     """Rank 0 (or a part): the scan, then the plan."""
     open_out(job)
     scan = scan_captions(job.input, column=job.columns, id_column=job.id_column, limit=job.limit,
-                         progress=job.progress, folder=job.out, cache=ScanCache(job.out / CACHE))
+                         progress=job.progress, folder=job.out, cache=ScanCache(job.out / StoreFiles.SCAN_CACHE))
     mine.append(scan)
     plan, layout = prepare(tc, job, scan, locks[0], locks[1] if job.part is not None else None)
     mine.append(layout)

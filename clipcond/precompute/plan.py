@@ -18,20 +18,16 @@ from typing import TYPE_CHECKING
 
 import numpy as np
 
-from clipcond._files import TMP_MARK
 from clipcond.precompute.inputs import expand_inputs
-from clipcond.precompute.scan import CACHE, CHUNK, Scan
+from clipcond.precompute.scan import CHUNK, Scan
 from clipcond.store.format import (
     FORMAT_VERSION,
     MANIFEST,
-    NULL,
-    IndexFormat,
     Manifest,
-    PartsLock,
     ShardEntry,
     ShardFormat,
     Source,
-    StoreLock,
+    StoreFiles,
     read_tensors,
 )
 
@@ -188,22 +184,17 @@ def refuse_foreign(out: Path) -> None:
     """A folder without a manifest must be empty, or what a killed run leaves: index, null, temporaries."""
     if (out / MANIFEST).is_file():
         return
-    foreign = sorted(p.name for p in out.iterdir() if not _ours(p.name))
+    foreign = sorted(p.name for p in out.iterdir() if not StoreFiles.ours(p.name))
     if foreign:
         raise ValueError(f"{out} is not empty and holds no {MANIFEST} (it has {foreign[:5]}): not a clipcond "
                          "store; write to a new or empty --out")
-
-
-def _ours(name: str) -> bool:
-    return (name in (IndexFormat.VERSION_1, NULL, MANIFEST, StoreLock.NAME, PartsLock.NAME, CACHE) or TMP_MARK in name
-            or (name.startswith(("shard-", "index-")) and name.endswith((".safetensors", ".json"))))
 
 
 def done_shards(out: Path, plan: Plan, existing: Manifest | None) -> dict[int, ShardEntry]:
     """New shards of this plan whose file is whole (its size as recorded); the rest are encoded (again)."""
     expected = {ShardFormat.name(k): (k, start, stop) for k, start, stop in plan.new_shards}
     entries = list(existing.shards if existing is not None else ())
-    for sidecar in sorted(out.glob("shard-*.json")):
+    for sidecar in sorted(out.glob(StoreFiles.SIDECARS)):
         try:
             entries.append(ShardEntry.from_json(json.loads(sidecar.read_text())))
         except (OSError, ValueError, KeyError, TypeError):
@@ -223,8 +214,6 @@ def clean(out: Path, plan: Plan, *, temporaries: bool = True) -> None:
     part of this plan may be writing now) half-written files."""
     keep = {e.file for e in plan.manifest.shards} | {ShardFormat.name(k) for k, _, _ in plan.new_shards}
     keep |= {ShardFormat.sidecar(n) for n in keep}
-    for path in out.iterdir():
-        if path.is_file() and ((temporaries and TMP_MARK in path.name)
-                               or (path.name.startswith("shard-") and path.name not in keep)):
-            path.unlink(missing_ok=True)
+    for path in StoreFiles.unlisted(out, keep, temporaries=temporaries, indexes=False):
+        path.unlink(missing_ok=True)
 

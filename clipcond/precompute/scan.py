@@ -42,11 +42,11 @@ import torch
 
 from clipcond._files import TMP_MARK, publish
 from clipcond.precompute.inputs import TAR_KEY, check_like_before, expand_inputs, read_captions, row_count_hint
+from clipcond.store.format import StoreFiles
+from clipcond.store.locks import try_lock
 
 logger = logging.getLogger(__name__)
 
-PREFIX = f".scan{TMP_MARK}"  # scan folders in a store folder: what a killed run's cleanup recognises
-NEW_PREFIX = f".scan-new{TMP_MARK}"  # a scan folder being made (not yet locked)
 CHUNK = 1 << 20  # rows per step of the chunked numpy passes: bounds their temporaries to a few MiB
 # What the pass writes: name -> numpy dtype of its items (texts and ids: raw UTF-8 bytes back to back;
 # counts: each row's number of captions, its variants).
@@ -69,12 +69,12 @@ class ScanFolder:
 
     @classmethod
     def create(cls, parent: Path | None) -> ScanFolder:
-        """Made under another name, locked, then renamed: a folder under ``PREFIX`` is always locked while
-        its run lives, so that ``remove_stale`` can tell a killed run's from a live one's by its lock alone."""
-        new = Path(tempfile.mkdtemp(prefix=f"{NEW_PREFIX}{os.getpid()}-", dir=parent))
+        """Made under another name, locked, then renamed: a folder under ``StoreFiles.SCAN`` is always locked while
+        its run lives, so that ``remove_stale_scans`` can tell a killed run's from a live one's by its lock alone."""
+        new = Path(tempfile.mkdtemp(prefix=f"{StoreFiles.SCAN_NEW}{os.getpid()}-", dir=parent))
         fd = os.open(new / "lock", os.O_RDWR | os.O_CREAT, 0o644)
-        _try_lock(fd)  # nobody else knows this folder yet
-        path = new.with_name(PREFIX + new.name.removeprefix(NEW_PREFIX))
+        try_lock(fd)  # nobody else knows this folder yet
+        path = new.with_name(StoreFiles.SCAN + new.name.removeprefix(StoreFiles.SCAN_NEW))
         os.rename(new, path)
         return cls(path, fd)
 
@@ -91,42 +91,7 @@ class ScanFolder:
             self.fd = None
 
 
-def _try_lock(fd: int) -> bool:
-    try:
-        import fcntl
-    except ImportError:  # no file locks: folders are removed only by their own run
-        return False
-    try:
-        fcntl.flock(fd, fcntl.LOCK_EX | fcntl.LOCK_NB)
-    except OSError:  # held by a live run (or no locks on this filesystem)
-        return False
-    return True
-
-
-def remove_stale(folder: Path, min_age: float = 60.0) -> None:
-    """Remove the scan folders in ``folder`` that no live process holds (killed runs'), and folders a run
-    was killed while making (older than ``min_age`` seconds)."""
-    for path in folder.glob(f"{PREFIX}*"):
-        try:
-            fd = os.open(path / "lock", os.O_RDWR)
-        except FileNotFoundError:  # removed meanwhile by its run (or damaged)
-            shutil.rmtree(path, ignore_errors=True)
-            continue
-        try:
-            if _try_lock(fd):
-                shutil.rmtree(path, ignore_errors=True)
-        finally:
-            os.close(fd)
-    for path in folder.glob(f"{NEW_PREFIX}*"):
-        try:
-            if time.time() - path.stat().st_mtime > min_age:
-                shutil.rmtree(path, ignore_errors=True)
-        except FileNotFoundError:
-            continue
-
-
 # --- the per-file cache ----------------------------------------------------------------
-CACHE = ".clipcond.scan-cache"  # in a store folder: each input file's share of the last scans
 CACHE_VERSION = 2  # bump when what a reader yields for a file changes: older entries are then read past
 RACY_NS = 2 * 10**9  # a file changed this recently could change again within its times' resolution: not cached
 

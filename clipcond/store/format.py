@@ -30,13 +30,12 @@ folder. Nothing in a damaged version-2 file can make a reader take it for format
 
 from __future__ import annotations
 
+import fnmatch
 import hashlib
 import json
 import logging
 import math
 import mmap
-import os
-import sys
 from collections.abc import Iterable, Sequence
 from dataclasses import asdict, dataclass, fields
 from pathlib import Path
@@ -46,7 +45,7 @@ import numpy as np
 import torch
 
 from clipcond._files import (
-    TMP_MARK,  # noqa: F401 (re-exported: what a killed writer leaves behind)
+    TMP_MARK,
     SafetensorsHeader,
     TensorInfo,
     atomic_write,
@@ -56,14 +55,8 @@ from clipcond._files import (
     sha256_file,
     write_streamed,
 )
-
-try:  # the batched read's copy-and-checksum in one pass (clipcond/store/_rows.c; optional, little-endian only)
-    from clipcond.store import _rows
-except ImportError:
-    _rows = None
-if sys.byteorder != "little":
-    _rows = None
-_told_numpy = False  # copy_rows said once that it falls back to numpy
+from clipcond._files import read_tensors as read_safetensors
+from clipcond.store.checksums import row_checksums
 
 logger = logging.getLogger(__name__)
 
@@ -412,91 +405,6 @@ class ShardFormat:
         return tensors, header.data_start
 
 
-BYTES_PER_THREAD = 1 << 20  # a copy thread per MiB of rows, at most torch's thread count (one costs ~20 µs to start)
-CHECK_MIX = np.uint64(0x9E3779B97F4A7C15)  # odd: a sequence sum moved into the pooled one gives another checksum
-
-
-def _word_sums(rows: np.ndarray) -> np.ndarray:
-    """[n] uint64: each row of ``rows`` [n, bytes] uint8 as little-endian 64-bit words, summed mod 2^64 (a short
-    tail zero-padded)."""
-    if rows.shape[1] % 8:
-        rows = np.concatenate([rows, np.zeros((len(rows), -rows.shape[1] % 8), dtype=np.uint8)], axis=1)
-    return rows.view("<u8").sum(axis=1, dtype=np.uint64)  # unsigned: wraps silently, as a checksum should
-
-
-def row_bytes(rows: torch.Tensor) -> np.ndarray:
-    """``rows`` [n, ...] as [n, bytes] uint8 (a view when contiguous)."""
-    size = math.prod(rows.shape[1:]) * rows.element_size()
-    return rows.contiguous().view(torch.uint8).numpy().reshape(len(rows), size)
-
-
-def row_checksums(sequence: torch.Tensor, pooled: torch.Tensor) -> torch.Tensor:
-    """[n] int64 checksums of rows ``sequence`` [n, L, D] and ``pooled`` [n, P], as shards store them.
-
-    A row's sequence bytes and its pooled bytes, each read as little-endian 64-bit words (a short tail
-    zero-padded) and summed mod 2^64: ``sequence_sum + CHECK_MIX * pooled_sum`` (odd, so invertible). It
-    costs ~12-16 µs for an SDXL float16 row in cache in numpy (CRC32: 68 µs), and next to nothing where the
-    read copies the row anyway (``copy_rows``), so a read checks every row it serves.
-
-    What it catches, always: any change confined to one 64-bit word of the row (any number of flipped bits
-    in it), including the stored check itself; any burst of damage spanning at most 64 consecutive bits
-    (it touches at most two adjacent words, and their changes cannot cancel); any change to the sequence
-    alone or to the pooled vector alone that alters the sum of its words. What it misses: changes whose
-    word sums cancel: words swapped or reordered within a row (the sum is commutative), a value added to
-    one word and subtracted from another (e.g. the same bit cleared in one word and set in another), a row
-    replaced by another row together with that row's check (a misplaced block whose checks moved with it;
-    the header and index checks catch the common cases). For damage that changes many words with no
-    such structure, the chance of a miss is about 2^-64. It is a check against bit rot, torn and
-    misdirected writes, not against a deliberate forgery (use ``clipcond inspect``'s sha256 for that).
-    """
-    return torch.from_numpy(mix_checksums(_word_sums(row_bytes(sequence)), _word_sums(row_bytes(pooled))))
-
-
-def copy_rows(sources: Sequence[np.ndarray], destinations: Sequence[np.ndarray], *,
-              checksums: bool = True) -> np.ndarray | None:
-    """Copy each uint8 row of ``sources`` into its destination (same size) and return its word sum, [n] uint64
-    (``row_checksums`` mixes a row's sequence and pooled sums); ``checksums=False``: only copy, None.
-
-    In one pass with the compiled ``clipcond._rows`` (built at install where a C compiler is): each word is
-    added on its way to the destination, on one thread per ``BYTES_PER_THREAD`` of rows up to
-    ``torch.get_num_threads()``. The unchecked copy is the same loop without the additions (not torch's
-    ``copy_``, whose intra-op threads collapse on an oversubscribed host). Without the extension, numpy sums
-    each row right after copying it, while it is in cache.
-    """
-    sums = np.empty(len(sources), dtype=np.uint64) if checksums else None
-    if _rows is not None:
-        _rows.copy_rows(sources, destinations, sums, torch.get_num_threads(), BYTES_PER_THREAD)
-        return sums
-    _say_numpy()
-    for i, (source, destination) in enumerate(zip(sources, destinations, strict=True)):
-        np.copyto(destination, source)
-        if sums is not None:
-            sums[i] = _word_sums(destination[None])[0]
-    return sums
-
-
-def row_checksum(sequence: np.ndarray, pooled: np.ndarray) -> int:
-    """One row's stored checksum (an int64 as a Python int) from its ``sequence`` and ``pooled`` bytes (1-D
-    uint8, read in place): ``store[i]``'s check, without the numpy temporaries of ``row_checksums``."""
-    if _rows is not None:
-        return _rows.row_checksum(sequence, pooled, int(CHECK_MIX))
-    _say_numpy()
-    return int(mix_checksums(_word_sums(sequence[None]), _word_sums(pooled[None]))[0])
-
-
-def _say_numpy() -> None:
-    global _told_numpy
-    if not _told_numpy:
-        _told_numpy = True
-        logger.warning("clipcond._rows is not built (no C compiler when clipcond was installed?): store reads check "
-                       "each row with a second pass in numpy, about a fifth slower; reinstall with a C compiler")
-
-
-def mix_checksums(sequence_sums: np.ndarray, pooled_sums: np.ndarray) -> np.ndarray:
-    """[n] int64 row checksums from each row's sequence and pooled word sums ([n] uint64 each)."""
-    return (sequence_sums + pooled_sums * CHECK_MIX).view(np.int64)
-
-
 # --- the index --------------------------------------------------------------------------
 class IndexFormat:
     """``index-<generation>.safetensors``: ``rows`` [N, k] int64 (input row, variant -> slot; a row with fewer
@@ -507,7 +415,6 @@ class IndexFormat:
 
     IDS = ("id_bytes", "id_offsets", "id_sorted_hash", "id_sorted_rows")
     MISSING = -1  # in ``rows``: no caption variant here (the row has fewer)
-    VERSION_1 = "index.safetensors"  # format 1's index: not read; precompute still knows the name as a store's
 
     @staticmethod
     def name(generation: str) -> str:
@@ -598,157 +505,74 @@ class IndexFormat:
                              f"in [0, {n}); {REPAIR_HINT}")
 
 
-# --- files ------------------------------------------------------------------------------
-class StoreLock:
-    """One writer per store: an exclusive ``flock`` on ``OUT/.clipcond.lock``.
+# --- which files belong to a store --------------------------------------------------------
+class StoreFiles:
+    """The one place that decides which names in a store folder are the store's (or a run's on it).
 
-    The kernel drops it when the process ends, however it ends (SIGKILL included), so a killed
-    run never blocks its rerun. Where the filesystem has no locks (or there is no ``fcntl``), the
-    run goes on unlocked, with a warning.
+    A store's files: the manifest, the null, ``index-<generation>.safetensors``, ``shard-XXXXX.safetensors`` and
+    their ``shard-XXXXX.json`` sidecars (a finished shard's manifest entry, until the run publishes it). A run's:
+    temporaries (``.<name>.tmp-<pid>``: what a killed writer leaves), the locks, scan folders (``.scan.tmp-*``,
+    ``.scan-new.tmp-*`` while being made) and the scan cache. ``clipcond precompute`` writes into a folder only
+    when everything in it is ``ours``; gc and publishing remove what the manifest does not list.
     """
 
-    NAME = ".clipcond.lock"
-
-    def __init__(self, folder: Path) -> None:
-        self.folder, self.path, self.fd = folder, folder / self.NAME, None
-
-    def acquire(self, *, wait: bool = False) -> None:
-        """Take the lock; ``wait``: block until the holder lets go (parts take it only briefly)."""
-        try:
-            import fcntl
-        except ImportError:  # Windows
-            logger.warning("%s: no file locks on this platform; run one precompute per store at a time", self.folder)
-            return
-        fd = os.open(self.path, os.O_RDWR | os.O_CREAT, 0o644)
-        try:
-            fcntl.flock(fd, fcntl.LOCK_EX if wait else fcntl.LOCK_EX | fcntl.LOCK_NB)
-        except BlockingIOError:
-            holder = os.pread(fd, 200, 0).decode(errors="replace").strip() or "unknown process"
-            os.close(fd)
-            raise ValueError(f"{self.folder} is being written by another clipcond precompute ({holder}); wait for "
-                             "it to finish, or write to another --out") from None
-        except OSError as err:  # e.g. ENOLCK on some network filesystems
-            os.close(fd)
-            logger.warning("%s: cannot lock (%s); run one precompute per store at a time", self.folder, err)
-            return
-        import socket
-
-        os.ftruncate(fd, 0)
-        os.pwrite(fd, f"pid {os.getpid()} on {socket.gethostname()}".encode(), 0)
-        self.fd = fd
-
-    def close(self) -> None:
-        if self.fd is not None:
-            os.close(self.fd)  # closing the last descriptor drops the lock
-            self.fd = None
-
-
-class PartsLock:
-    """A parts job (``--part I/N``) on a store: ``OUT/.clipcond.parts`` holds its plan and N from its first
-    part's start until its last part publishes. Parts encode without the store lock; while they run they
-    hold this file shared. Parts join under the store lock, and only parts of the same plan and N may join;
-    gc and runs of another plan are refused while a parts job is pending (they would reuse the shard
-    numbers its parts write, or delete their finished shards)."""
-
-    NAME = ".clipcond.parts"
-
-    def __init__(self, folder: Path) -> None:
-        self.folder, self.path, self.fd = folder, folder / self.NAME, None
-
-    def join(self, plan: str, parts: int) -> None:
-        """Record the job (if it is the first part) and hold the file shared; the caller holds the store lock."""
-        try:
-            import fcntl
-        except ImportError:
-            return
-        job = f"{plan} {parts}"
-        fd = os.open(self.path, os.O_RDWR | os.O_CREAT, 0o644)
-        try:
-            pending = os.pread(fd, 200, 0).decode(errors="replace")
-            if pending and pending != job:
-                mine = f"this part has plan {plan} of {parts} parts"
-                raise ValueError(self._refusal(self.folder, pending, mine, self._running(fd)))
-            if not pending:
-                os.pwrite(fd, job.encode(), 0)
-            fcntl.flock(fd, fcntl.LOCK_SH)
-        except OSError as err:  # e.g. no locks on this filesystem: parts run without the guard
-            os.close(fd)
-            logger.warning("%s: cannot hold the parts lock (%s); run gc and other precomputes only after every "
-                           "part has finished", self.folder, err)
-            return
-        except ValueError:
-            os.close(fd)
-            raise
-        self.fd = fd
-
-    def close(self) -> None:
-        if self.fd is not None:
-            os.close(self.fd)
-            self.fd = None
+    LOCK = ".clipcond.lock"  # StoreLock
+    PARTS = ".clipcond.parts"  # PartsLock
+    SCAN_CACHE = ".clipcond.scan-cache"  # each input file's share of the last scans
+    SCAN = f".scan{TMP_MARK}"  # a scan folder, locked by its live run
+    SCAN_NEW = f".scan-new{TMP_MARK}"  # a scan folder being made (not yet locked)
+    SHARDS, SIDECARS, INDEXES = "shard-*.safetensors", "shard-*.json", "index-*.safetensors"
 
     @classmethod
-    def check(cls, folder: Path, plan: str | None, what: str) -> None:
-        """Refuse ``what`` (a run of ``plan``, or gc: None) while a parts job of another plan is pending."""
-        try:
-            fd = os.open(folder / cls.NAME, os.O_RDWR)
-        except FileNotFoundError:
-            return
-        try:
-            pending = os.pread(fd, 200, 0).decode(errors="replace")
-            running = cls._running(fd)
-            if pending and (plan is None or pending.split(" ")[0] != plan or running):
-                raise ValueError(cls._refusal(folder, pending, what, running))
-        finally:
-            os.close(fd)
+    def ours(cls, name: str) -> bool:
+        """Whether a store or a run on it makes files of this name."""
+        return (name in (MANIFEST, NULL, cls.LOCK, cls.PARTS, cls.SCAN_CACHE) or cls.temporary(name)
+                or any(fnmatch.fnmatchcase(name, g) for g in (cls.SHARDS, cls.SIDECARS, cls.INDEXES)))
 
     @staticmethod
-    def _running(fd: int) -> bool:
-        """Whether some part holds the file (cannot tell without locks: then assume so)."""
-        try:
-            import fcntl
-
-            fcntl.flock(fd, fcntl.LOCK_EX | fcntl.LOCK_NB)
-            fcntl.flock(fd, fcntl.LOCK_UN)
-            return False
-        except (ImportError, OSError):
-            return True
+    def temporary(name: str) -> bool:
+        return TMP_MARK in name
 
     @classmethod
-    def finished(cls, folder: Path) -> None:
-        """The job's store is published: no parts job is pending any more (the caller holds the store lock)."""
-        (folder / cls.NAME).unlink(missing_ok=True)
+    def is_shard(cls, name: str) -> bool:
+        """A shard or its sidecar."""
+        return fnmatch.fnmatchcase(name, cls.SHARDS) or fnmatch.fnmatchcase(name, cls.SIDECARS)
 
     @classmethod
-    def _refusal(cls, folder: Path, pending: str, what: str, running: bool) -> str:
-        plan, _, parts = pending.partition(" ")
-        state = "running" if running else "pending: none of its parts is running now"
-        return (f"{folder}: a precompute split in {parts} parts (plan {plan}) is {state}; {what}. Finish that job "
-                f"(run its missing parts with the same command) or delete {folder}/{cls.NAME} to abandon it")
+    def unlisted(cls, root: Path, listed: set[str], *, temporaries: bool = True, indexes: bool = True) -> list[Path]:
+        """Files of ``root`` that are shards, sidecars, (``indexes``) indexes or (``temporaries``) temporaries and
+        not in ``listed``: what gc and a publishing run remove."""
+        def drop(name: str) -> bool:
+            return ((temporaries and cls.temporary(name)) or cls.is_shard(name)
+                    or (indexes and fnmatch.fnmatchcase(name, cls.INDEXES)))
+
+        return [path for path in root.iterdir() if path.is_file() and path.name not in listed and drop(path.name)]
+
+    @classmethod
+    def leftovers(cls, root: Path) -> list[Path]:
+        """Sidecars and temporaries: what is left of a run once its manifest is published (old versions' shards
+        and indexes stay for their readers until gc)."""
+        return [path for path in root.iterdir() if path.is_file()
+                and (cls.temporary(path.name) or fnmatch.fnmatchcase(path.name, cls.SIDECARS))]
 
 
 def read_header(f: BinaryIO, path: Path) -> SafetensorsHeader:
-    """``read_safetensors_header``, and whatever else a damaged header raises there as the ``ValueError`` it is:
-    a JSON list or object where a dtype belongs is a ``TypeError`` (unhashable) in clipcond/_files.py today, and
-    absurdly nested JSON a ``RecursionError``."""
+    """``read_safetensors_header``, its refusal with how to repair a store."""
     try:
         return read_safetensors_header(f, path)
-    except (TypeError, RecursionError) as err:
-        raise ValueError(f"{path}: not a safetensors file: damaged header ({type(err).__name__}: {err}); "
-                         f"{REPAIR_HINT}") from err
+    except ValueError as err:
+        raise ValueError(f"{err}; {REPAIR_HINT}") from err
 
 
 def read_null(root: Path, manifest: Manifest) -> tuple[torch.Tensor, torch.Tensor]:
     """``null.safetensors``, its sha256 checked: ``sequence`` [1, L, D] and ``pooled`` [1, P] in the store's dtype."""
-    from safetensors.torch import load
-
     entry, path = manifest.null, Path(root) / NULL
     if entry is None:
         raise ValueError(f"{root}: the manifest lists no {NULL}; {REPAIR_HINT}")
-    data = entry.read_checked(root)
     try:
-        null = load(data)
-    except Exception as err:  # safetensors' SafetensorError derives from Exception only
-        raise ValueError(f"{path}: not a readable safetensors file ({err}); {REPAIR_HINT}") from err
+        null = read_safetensors(entry.read_checked(root), path=path)
+    except ValueError as err:
+        raise ValueError(f"{err}; {REPAIR_HINT}") from err
     dtype, (length, width) = getattr(torch, manifest.dtype), manifest.sequence_shape
     for name, shape in (("sequence", (1, length, width)), ("pooled", (1, manifest.pooled_dim))):
         got = null.get(name)
@@ -760,18 +584,14 @@ def read_null(root: Path, manifest: Manifest) -> tuple[torch.Tensor, torch.Tenso
 
 
 def read_tensors(path: Path, keys: Sequence[str] | None = None) -> dict[str, torch.Tensor]:
-    """Tensors of a safetensors file; an unreadable file is a ``ValueError`` naming it."""
-    from safetensors import safe_open
-
+    """Tensors of a store file; an unreadable file is a ``ValueError`` naming it, with how to repair the store."""
     try:
-        with safe_open(str(path), framework="pt") as f:
-            return {k: f.get_tensor(k) for k in (f.keys() if keys is None else keys)}
-    except (OSError, KeyError) as err:
-        raise ValueError(f"{path}: cannot read {list(keys or [])!r} ({err}); {REPAIR_HINT}") from err
-    except Exception as err:  # safetensors' SafetensorError derives from Exception only
-        raise ValueError(f"{path}: not a readable safetensors file ({err}); {REPAIR_HINT}") from err
+        return read_safetensors(path, keys)
+    except OSError as err:
+        raise ValueError(f"{path}: cannot read it ({err}); {REPAIR_HINT}") from err
+    except ValueError as err:
+        raise ValueError(f"{err}; {REPAIR_HINT}") from err
 
 
 __all__ = ["FORMAT", "FORMAT_VERSION", "MANIFEST", "NULL", "FileEntry", "IndexFormat", "Manifest", "ShardEntry",
-           "PartsLock", "ShardFormat", "Source", "StoreLock", "inspect_store", "read_null", "read_tensors",
-           "row_checksum", "row_checksums"]
+           "ShardFormat", "Source", "StoreFiles", "inspect_store", "read_null", "read_tensors"]

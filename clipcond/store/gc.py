@@ -18,19 +18,17 @@ from pathlib import Path
 
 import torch
 
-from clipcond._files import TMP_MARK
-from clipcond.precompute.scan import remove_stale
+from clipcond.store.checksums import row_checksums
 from clipcond.store.format import (
     FORMAT_VERSION,
     IndexFormat,
     Manifest,
-    PartsLock,
     ShardEntry,
     ShardFormat,
-    StoreLock,
+    StoreFiles,
     read_tensors,
-    row_checksums,
 )
+from clipcond.store.locks import PartsLock, StoreLock, remove_stale_scans
 
 logger = logging.getLogger(__name__)
 
@@ -119,8 +117,6 @@ def _remove_unlisted(out: Path, manifest: Manifest) -> None:
     """Shards and indexes the manifest does not list (old versions, a killed run's files), temporaries and
     killed runs' scan folders."""
     listed = {entry.file for entry in manifest.shards} | {manifest.index.file}
-    remove_stale(out)
-    for path in out.iterdir():
-        name = path.name
-        if path.is_file() and (TMP_MARK in name or (name.startswith(("shard-", "index-")) and name not in listed)):
-            path.unlink(missing_ok=True)
+    remove_stale_scans(out)
+    for path in StoreFiles.unlisted(out, listed):
+        path.unlink(missing_ok=True)

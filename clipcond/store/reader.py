@@ -31,18 +31,8 @@ from torch.utils.data import Dataset, default_collate, get_worker_info
 from clipcond._files import id_hash
 from clipcond.conditioning import Conditioning
 from clipcond.specs import EncoderSpec, spec_from_dict
-from clipcond.store.format import (
-    REPAIR_HINT,
-    IndexFormat,
-    Manifest,
-    ShardEntry,
-    ShardFormat,
-    copy_rows,
-    mix_checksums,
-    read_null,
-    row_bytes,
-    row_checksum,
-)
+from clipcond.store.checksums import copy_rows, mix_checksums, row_bytes, row_checksum
+from clipcond.store.format import REPAIR_HINT, IndexFormat, Manifest, ShardEntry, ShardFormat, read_null
 
 MAX_OPEN_SHARDS = 64  # memory maps kept open per process (DataLoader worker)
 

@@ -21,7 +21,6 @@ import numpy as np
 from clipcond.precompute.inputs import expand_inputs
 from clipcond.precompute.scan import CHUNK, Scan
 from clipcond.store.format import (
-    FORMAT_VERSION,
     MANIFEST,
     Manifest,
     ShardEntry,
@@ -165,10 +164,6 @@ def check_unchanged(out: Path, existing: Manifest | None, plan: Plan) -> None:
 
 def check_compatible(existing: Manifest, identity: dict, out: Path) -> None:
     """Refuse to add to a store made with other weights, spec, dtype or shard size (any input is fine)."""
-    if existing.format_version != FORMAT_VERSION:
-        raise ValueError(f"{out} is a version-{existing.format_version} store (clipcond {existing.clipcond_version}): "
-                         f"EmbeddingStore still reads it, but it cannot grow. Convert it by running this precompute "
-                         f"into a new --out, then replace {out} with it")
     # Descriptive spec fields (source, hub_repo) may change between releases, as in the fingerprint.
     old, new = ({k: v for k, v in e.items() if k not in ("source", "hub_repo")}
                 for e in (existing.encoder, identity["encoder"]))

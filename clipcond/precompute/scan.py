@@ -40,7 +40,7 @@ from typing import BinaryIO
 import numpy as np
 import torch
 
-from clipcond._files import TMP_MARK, publish
+from clipcond._files import ID_HASH_DTYPE, TMP_MARK, id_digest, publish
 from clipcond.precompute.inputs import TAR_KEY, check_like_before, expand_inputs, read_captions, row_count_hint
 from clipcond.store.format import StoreFiles
 from clipcond.store.locks import try_lock
@@ -51,13 +51,13 @@ CHUNK = 1 << 20  # rows per step of the chunked numpy passes: bounds their tempo
 # What the pass writes: name -> numpy dtype of its items (texts and ids: raw UTF-8 bytes back to back;
 # counts: each row's number of captions, its variants).
 FILES = {"texts": np.uint8, "keys": np.uint8, "lengths": np.uint32, "ids": np.uint8, "id_lengths": np.uint32,
-         "id_hashes": np.int64, "counts": np.uint32}
+         "id_hashes": ID_HASH_DTYPE, "counts": np.uint32}  # id hashes: id_digest's bytes, as id_hashes reads them
 RAGGED = -1  # a file's ``variants`` when its rows hold different numbers of captions
 
 
-def caption_key(caption: str) -> bytes:
-    """What a store addresses an embedding by: 16 bytes of BLAKE2b of the caption's UTF-8 text."""
-    return hashlib.blake2b(caption.encode(), digest_size=16).digest()
+def caption_key(text: bytes) -> bytes:
+    """What a store addresses an embedding by: 16 bytes of BLAKE2b of the caption's UTF-8 ``text``."""
+    return hashlib.blake2b(text, digest_size=16).digest()
 
 
 # --- the folder -------------------------------------------------------------------------
@@ -443,13 +443,13 @@ def _read_file(out: dict, file: Path, column: str | Sequence[str], id_column: st
         counts_digest.update(counts.tobytes())
         texts = [caption.encode() for captions in batch for caption in captions]  # row-major
         out["texts"].write(b"".join(texts))
-        out["keys"].write(b"".join([hashlib.blake2b(t, digest_size=16).digest() for t in texts]))
+        out["keys"].write(b"".join(map(caption_key, texts)))
         out["lengths"].write(_lengths(texts, "caption"))
         ids = [key.encode() for key in batch_ids[: len(batch)]] if batch_ids is not None else None
         if ids is not None:
             out["ids"].write(b"".join(ids))
             out["id_lengths"].write(_lengths(ids, "id"))
-            out["id_hashes"].write(b"".join([hashlib.blake2b(i, digest_size=8).digest() for i in ids]))
+            out["id_hashes"].write(b"".join(map(id_digest, ids)))
         digest.update(b"".join(_identity(texts, ids, counts.tolist())))
         n += len(batch)
         bar.update(len(batch))
@@ -536,7 +536,7 @@ def _index_ids(spill: ScanFolder, n: int, source: object, column: str) -> None:
     offsets = np.zeros(n + 1, dtype=np.int64)
     np.cumsum(spill.load("id_lengths"), out=offsets[1:])
     offsets.tofile(spill.file("id_offsets"))
-    hashes = spill.load("id_hashes")
+    hashes = spill.load("id_hashes").astype(np.int64)  # [N]: the store's id hashes (clipcond._files.id_hashes)
     order = np.argsort(hashes, kind="stable")  # [N]: equal hashes stay in row order
     hashes = hashes[order]
     order.tofile(spill.file("id_sorted_rows"))

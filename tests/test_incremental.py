@@ -6,10 +6,10 @@ and both with ``tc(captions)`` computed in the same test.
 
 from __future__ import annotations
 
-import importlib
 import io
 import json
 import os
+import pkgutil
 import shutil
 import signal
 import tarfile
@@ -22,7 +22,7 @@ from test_precompute import PRECOMPUTE, cli, finished, run, wait_for, write_inpu
 from torch.utils.data import DataLoader
 
 from clipcond import EmbeddingStore, TextConditioner
-from clipcond._files import temporary
+from clipcond._files import TMP_MARK
 from clipcond.cli import main
 from clipcond.precompute.encode import DELAY_ENV
 from clipcond.store.format import MANIFEST
@@ -121,10 +121,12 @@ def test_gc_removes_exactly_the_unreferenced_and_a_second_gc_does_nothing(tmp_pa
     assert sorted(p.name for p in out.iterdir() if p.name.startswith("index-")) == [manifest["index"]["file"]]
 
 
-# gc writes the rewritten shards (write_streamed, calls 1-4 here), then the index (call 5), then the manifest
-# (atomic_write), then removes the old files (_remove_unlisted, called once before it starts too).
-@pytest.mark.parametrize(("crash", "at"), [("clipcond.store.format.write_streamed", 2),
-                                           ("clipcond.store.format.write_streamed", 5),
+# gc writes the rewritten shards (ShardWriter: 4 here, each added then published), then the index
+# (write_streamed), then the manifest (atomic_write), then removes the old files (_remove_unlisted, called once
+# before it starts too).
+@pytest.mark.parametrize(("crash", "at"), [("clipcond.store.format.ShardWriter.add", 2),
+                                           ("clipcond.store.format.ShardWriter.publish", 4),
+                                           ("clipcond.store.format.write_streamed", 1),
                                            ("clipcond.store.format.atomic_write", 1),
                                            ("clipcond.store.gc._remove_unlisted", 2)])
 def test_gc_killed_at_each_step_then_rerun_equals_an_uninterrupted_gc(tmp_path, tc, monkeypatch, crash, at):
@@ -135,15 +137,15 @@ def test_gc_killed_at_each_step_then_rerun_equals_an_uninterrupted_gc(tmp_path, 
     shutil.copytree(out, clean)
     collect(clean)
     calls = {"n": 0}
-    module, name = crash.rsplit(".", 1)
-    original = getattr(importlib.import_module(module), name)
+    owner, name = crash.rsplit(".", 1)
+    original = getattr(pkgutil.resolve_name(owner), name)
 
     def dies(*args, **kwargs):  # the process dies here: what it wrote before stays on disk
         calls["n"] += 1
-        if calls["n"] == at:
-            if crash.endswith("write_streamed"):  # dies halfway through writing: a temporary is left
-                assert args[1].startswith("shard-" if at < 5 else "index-"), args[1]
-                temporary(args[0] / args[1]).write_bytes(b"half a file")
+        if calls["n"] == at:  # dies halfway through writing a file: a killed process's temporary is left
+            if "ShardWriter" in crash or "write_streamed" in crash:
+                path = args[0].path if "ShardWriter" in crash else args[0] / args[1]
+                path.with_name(f".{path.name}{TMP_MARK}99999").write_bytes(b"half a file")
             raise KeyboardInterrupt
         return original(*args, **kwargs)
 

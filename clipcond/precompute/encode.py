@@ -10,7 +10,6 @@ only queues kernels, so a wait counts as idle only from the moment the stream ha
 
 from __future__ import annotations
 
-import hashlib
 import json
 import os
 import queue
@@ -26,10 +25,9 @@ from typing import TYPE_CHECKING
 
 import torch
 
-from clipcond._files import atomic_write, publish, raw_bytes, temporary
+from clipcond._files import atomic_write
 from clipcond.conditioning import Conditioning
-from clipcond.store.checksums import row_checksums
-from clipcond.store.format import Manifest, ShardEntry, ShardFormat
+from clipcond.store.format import Manifest, ShardEntry, ShardFormat, ShardWriter
 from clipcond.text.tokenizer import Tokens
 
 if TYPE_CHECKING:
@@ -173,87 +171,57 @@ def _finite_rows(x: torch.Tensor) -> torch.Tensor:
 
 
 class _ShardFile:
-    """One shard streamed to disk as its batches arrive, then published: never held whole in memory.
-
-    A safetensors file whose header is known up front (every shape is): the ``sequence`` rows are
-    written and hashed batch by batch, the ``pooled`` rows (``n x P``, small) are kept until the
-    last batch and go last. Then fsync, the sidecar (the shard's manifest entry), and the rename.
-    """
+    """One shard of the run, streamed to disk batch by batch (``ShardWriter``), then published: its rows checked
+    finite and in order, its sidecar (the shard's manifest entry) written before the rename."""
 
     def __init__(self, out: Path, shard: Shard, like: Conditioning, meta: dict[str, object]) -> None:
         self.k, self.start, self.stop = shard
-        self.path, self.plan = out / ShardFormat.name(self.k), meta.get("plan")
-        n, self.dtype, self.row_shape = self.stop - self.start, like.dtype, like.sequence.shape[1:]
-        self.pooled = torch.empty((n, like.pooled.shape[1]), dtype=self.dtype)  # [n, P]
-        self.check = torch.empty(n, dtype=torch.int64)  # [n] row checksums, verified on every read
-        self.filled = self.truncated = 0
-        header = ShardFormat.header(n, self.dtype, self.row_shape, self.pooled.shape[1],
-                                    {**meta, "start": self.start, "stop": self.stop})
-        self.expected_size = (len(header) + self.dtype.itemsize * n * (self.row_shape.numel() + self.pooled.shape[1])
-                              + 8 * n)
-        self.tmp = temporary(self.path)
-        self.file = open(self.tmp, "wb")  # noqa: SIM115 (closed in finish() or abort())
-        self.digest = hashlib.sha256()
-        self.size = 0
-        self._write(memoryview(header))
-
-    def _write(self, data: memoryview) -> None:
-        self.file.write(data)
-        self.digest.update(data)
-        self.size += data.nbytes
+        self.plan, self.truncated, self.filled = meta.get("plan"), 0, 0
+        self.writer = ShardWriter(out, self.k, self.stop - self.start, like.dtype, like.sequence.shape[1:],
+                                  like.pooled.shape[1], {**meta, "start": self.start, "stop": self.stop})
 
     def add(self, k: int, offset: int, cond: Conditioning, truncated: int, captions: Sequence[str]) -> bool:
         """Append one batch; True when the shard is full."""
         if k != self.k or offset != self.filled:
             raise RuntimeError(f"pipeline out of order: shard {k} row {offset}, expected {self.k} row {self.filled}")
-        if cond.dtype != self.dtype or cond.sequence.shape[1:] != self.row_shape:
+        if cond.dtype != self.writer.dtype or cond.sequence.shape[1:] != self.writer.row_shape:
             raise RuntimeError(f"shard {k}: a batch of {cond.dtype} {tuple(cond.sequence.shape[1:])} rows after "
-                               f"{self.dtype} {tuple(self.row_shape)} ones (autocast around precompute?)")
-        sequence = cond.sequence.cpu()  # device -> host here, off the encoder thread
-        rows = slice(offset, offset + len(cond))
-        self.pooled[rows].copy_(cond.pooled)
-        finite = _finite_rows(sequence) & _finite_rows(self.pooled[rows])
+                               f"{self.writer.dtype} {tuple(self.writer.row_shape)} ones (autocast around precompute?)")
+        sequence, pooled = cond.sequence.cpu(), cond.pooled.cpu()  # device -> host here, off the encoder thread
+        finite = _finite_rows(sequence) & _finite_rows(pooled)
         if not finite.all():
             bad = [self.start + offset + i for i in (~finite).nonzero().flatten().tolist()]
             shown = ", ".join(f"{captions[i][:60]!r}" for i in bad[:3])
             raise ValueError(f"{len(bad)} captions encode to inf/NaN in {sequence.dtype} (unique rows "
                              f"{bad[:10]}: {shown}): the encoder overflows; encode in bfloat16 or float32")
-        self.check[rows] = row_checksums(sequence, self.pooled[rows])
-        self._write(raw_bytes(sequence))
+        self.writer.add(sequence, pooled)
         self.filled += len(cond)
         self.truncated += truncated
-        return self.filled == len(self.pooled)
+        return self.filled == self.writer.n
 
     def finish(self, out: Path) -> None:
+        name = self.writer.path.name
         try:
-            self._write(raw_bytes(self.pooled))
-            self._write(raw_bytes(self.check))
-            if self.size != self.expected_size:
-                raise RuntimeError(f"{self.path.name}: wrote {self.size} bytes, its header describes "
-                                   f"{self.expected_size}")
-            self.file.flush()
-            os.fsync(self.file.fileno())
-            self.file.close()
-            owner = _owner(out, self.path.name, self.plan)
+            written = self.writer.close()
+            owner = _owner(out, name, self.plan)
             if owner == "this plan":  # a duplicate of this part got there first: keep its file (on other
                 self.abort()  # hardware the bytes may differ from ours, and it may be published already)
                 return
             if owner == "another version":
                 self.abort()
-                raise RuntimeError(f"{out} changed while this run encoded: {self.path.name} was published by another "
+                raise RuntimeError(f"{out} changed while this run encoded: {name} was published by another "
                                    "version of the store (a gc, or a run of other input, where file locks do not "
                                    "work). Nothing of this run was published; rerun the same command")
-            entry = ShardEntry(file=self.path.name, bytes=self.size, sha256=self.digest.hexdigest(), start=self.start,
+            entry = ShardEntry(file=name, bytes=written.bytes, sha256=written.sha256, start=self.start,
                                stop=self.stop, truncated=self.truncated, plan=self.plan)
-            atomic_write(out / ShardFormat.sidecar(self.path.name), json.dumps(asdict(entry)).encode())
-            publish(self.tmp, self.path)
+            atomic_write(out / ShardFormat.sidecar(name), json.dumps(asdict(entry)).encode())
+            self.writer.publish()
         except BaseException:
             self.abort()
             raise
 
     def abort(self) -> None:
-        self.file.close()
-        self.tmp.unlink(missing_ok=True)  # gone already if the rename happened
+        self.writer.abort()
 
 
 def _owner(out: Path, name: str, plan: str | None) -> str | None:

@@ -36,6 +36,7 @@ import json
 import logging
 import math
 import mmap
+import os
 from collections.abc import Iterable, Sequence
 from dataclasses import asdict, dataclass, fields
 from pathlib import Path
@@ -49,10 +50,12 @@ from clipcond._files import (
     SafetensorsHeader,
     TensorInfo,
     atomic_write,
+    publish,
     raw_bytes,
     read_safetensors_header,
     safetensors_header,
     sha256_file,
+    temporary,
     write_streamed,
 )
 from clipcond._files import read_tensors as read_safetensors
@@ -353,18 +356,17 @@ class ShardFormat:
         return name.replace(".safetensors", ".json")
 
     @staticmethod
-    def header(n: int, dtype: torch.dtype, row_shape: Sequence[int], pooled_dim: int, meta: dict) -> bytes:
-        """The header of a shard of ``n`` rows, for a writer that streams the tensors after it."""
-        return safetensors_header(ShardFormat._shapes(n, dtype, row_shape, pooled_dim), ShardFormat._about(meta))
-
-    @staticmethod
     def write(root: Path, k: int, sequence: torch.Tensor, pooled: torch.Tensor, meta: dict) -> FileEntry:
-        """A whole shard from its rows (``sequence`` [n, L, D], ``pooled`` [n, P]), checksums computed here."""
-        check = row_checksums(sequence, pooled)
-        shapes = ShardFormat._shapes(len(sequence), sequence.dtype, sequence.shape[1:], pooled.shape[1])
-        tensors = {name: (*shapes[name], [raw_bytes(t)]) for name, t in zip(ShardFormat.TENSORS,
-                                                                            (sequence, pooled, check), strict=True)}
-        return FileEntry.from_json(write_streamed(root, ShardFormat.name(k), tensors, ShardFormat._about(meta)))
+        """A whole shard from its rows (``sequence`` [n, L, D], ``pooled`` [n, P]), published at once."""
+        writer = ShardWriter(root, k, len(sequence), sequence.dtype, sequence.shape[1:], pooled.shape[1], meta)
+        try:
+            writer.add(sequence, pooled)
+            entry = writer.close()
+        except BaseException:
+            writer.abort()
+            raise
+        writer.publish()
+        return entry
 
     @staticmethod
     def _shapes(n: int, dtype: torch.dtype, row_shape: Sequence[int], pooled_dim: int) -> dict:
@@ -403,6 +405,65 @@ class ShardFormat:
             raise ValueError(f"{path}: its metadata names slots {slots!r:.80}, the manifest {entry.start}:"
                              f"{entry.stop} (damaged header, or a shard from another store); {REPAIR_HINT}")
         return tensors, header.data_start
+
+
+class ShardWriter:
+    """The one writer of shards: a shard streamed to disk as its rows arrive, never held whole in memory.
+
+    Every shape is known up front, so the header goes first; the ``sequence`` rows are written and hashed batch
+    by batch, the ``pooled`` rows and their checksums (``n x P`` and ``n``: small) are kept and go last. ``close``
+    fsyncs the file under its temporary name and returns its entry; ``publish`` renames it into place.
+    """
+
+    def __init__(self, root: Path, k: int, n: int, dtype: torch.dtype, row_shape: Sequence[int], pooled_dim: int,
+                 meta: dict) -> None:
+        self.path, self.n, self.filled = root / ShardFormat.name(k), n, 0
+        self.dtype, self.row_shape = dtype, torch.Size(row_shape)
+        self.pooled = torch.empty((n, pooled_dim), dtype=dtype)  # [n, P]
+        self.check = torch.empty(n, dtype=torch.int64)  # [n] row checksums, verified on every read
+        shapes = ShardFormat._shapes(n, dtype, row_shape, pooled_dim)
+        header = safetensors_header(shapes, ShardFormat._about(meta))
+        self.expected_size = len(header) + sum(d.itemsize * math.prod(shape) for d, shape in shapes.values())
+        self.tmp, self.digest, self.size = temporary(self.path), hashlib.sha256(), 0
+        self.file = open(self.tmp, "wb")  # noqa: SIM115 (closed in close() or abort())
+        self._write(memoryview(header))
+
+    def _write(self, data: memoryview) -> None:
+        self.file.write(data)
+        self.digest.update(data)
+        self.size += data.nbytes
+
+    def add(self, sequence: torch.Tensor, pooled: torch.Tensor) -> None:
+        """The next rows: ``sequence`` [b, L, D] and ``pooled`` [b, P], on the CPU, in the shard's dtype."""
+        fits = sequence.dtype == self.dtype and sequence.shape[1:] == self.row_shape
+        if not fits or self.filled + len(sequence) > self.n:
+            raise ValueError(f"{self.path.name}: {len(sequence)} rows of {sequence.dtype} {list(sequence.shape[1:])} "
+                             f"after {self.filled} of {self.n} rows of {self.dtype} {list(self.row_shape)}")
+        rows = slice(self.filled, self.filled + len(sequence))
+        self.pooled[rows].copy_(pooled)
+        self.check[rows] = row_checksums(sequence, self.pooled[rows])
+        self._write(raw_bytes(sequence))
+        self.filled += len(sequence)
+
+    def close(self) -> FileEntry:
+        """Every row added: write the rest, fsync; the entry of the file (still under its temporary name)."""
+        if self.filled != self.n:
+            raise ValueError(f"{self.path.name}: {self.filled} of its {self.n} rows were written")
+        self._write(raw_bytes(self.pooled))
+        self._write(raw_bytes(self.check))
+        if self.size != self.expected_size:
+            raise RuntimeError(f"{self.path.name}: wrote {self.size} bytes, its header says {self.expected_size}")
+        self.file.flush()
+        os.fsync(self.file.fileno())
+        self.file.close()
+        return FileEntry(file=self.path.name, bytes=self.size, sha256=self.digest.hexdigest())
+
+    def publish(self) -> None:
+        publish(self.tmp, self.path)
+
+    def abort(self) -> None:
+        self.file.close()
+        self.tmp.unlink(missing_ok=True)  # gone already if it was published
 
 
 # --- the index --------------------------------------------------------------------------

@@ -16,7 +16,7 @@ from clipcond.specs import EncoderSpec, SpecError, TowerSpec, list_encoders, reg
 if TYPE_CHECKING:
     from clipcond.conditioning import Conditioning
     from clipcond.encoders.conditioner import TextConditioner
-    from clipcond.store.reader import EmbeddingStore
+    from clipcond.store.reader import EmbeddingStore, JoinedDataset
     from clipcond.text.tokenizer import ClipTokenizer, Tokens
     from clipcond.time_ids import added_cond_kwargs, sdxl_refiner_time_ids, sdxl_time_ids
 
@@ -25,6 +25,7 @@ _LAZY = {
     "TextConditioner": "clipcond.encoders.conditioner",
     "Conditioning": "clipcond.conditioning",
     "EmbeddingStore": "clipcond.store.reader",
+    "JoinedDataset": "clipcond.store.reader",
     "ClipTokenizer": "clipcond.text.tokenizer",
     "Tokens": "clipcond.text.tokenizer",
     "added_cond_kwargs": "clipcond.time_ids",
@@ -37,6 +38,7 @@ __all__ = [
     "Conditioning",
     "EmbeddingStore",
     "EncoderSpec",
+    "JoinedDataset",
     "SpecError",
     "TextConditioner",
     "Tokens",

@@ -186,8 +186,9 @@ class _ShardFile:
             raise RuntimeError(f"pipeline out of order: shard {k} row {offset}, expected {self.k} row {self.filled}")
         if cond.dtype != self.writer.dtype or cond.sequence.shape[1:] != self.writer.row_shape:
             raise RuntimeError(f"shard {k}: a batch of {cond.dtype} {tuple(cond.sequence.shape[1:])} rows after "
-                               f"{self.writer.dtype} {tuple(self.writer.row_shape)} ones (autocast around precompute?)")
-        sequence, pooled = cond.sequence.cpu(), cond.pooled.cpu()  # device -> host here, off the encoder thread
+                               f"{self.writer.dtype} {tuple(self.writer.row_shape)} ones (autocast around "
+                               "precompute?)")
+        sequence, pooled = cond.sequence.cpu(), cond.pooled.cpu()  # to the host here, off the encoder thread
         finite = _finite_rows(sequence) & _finite_rows(pooled)
         if not finite.all():
             bad = [self.start + offset + i for i in (~finite).nonzero().flatten().tolist()]

@@ -203,7 +203,7 @@ def prepare(tc: TextConditioner, job: PrecomputeJob, scan: Scan, lock: StoreLock
         check_compatible(existing, store_identity(tc, shard_size), out)
     base = existing if existing and existing.complete else None  # incremental runs never unmark a store
     layout = assign_slots(out, base, scan, checksums=job.verify)
-    plan = make_plan(tc, job, scan, shard_size, base, layout)
+    plan = make_plan(tc, scan, shard_size, base, layout)
     current = base or existing
     null = current.null if current is not None else None
     if null is None or null.problem(out) is not None:
@@ -280,6 +280,14 @@ def write_index(out: Path, plan: Plan, layout: Layout, scan: Scan) -> FileEntry:
 
 
 # --- the job ----------------------------------------------------------------------------
+@dataclass
+class Planned:
+    """What rank 0's (or a part's) scan and planning stages hand to publishing: too big to broadcast."""
+
+    scan: Scan | None = None
+    layout: Layout | None = None
+
+
 def precompute(tc: TextConditioner, job: PrecomputeJob) -> dict:
     """Encode ``job.input`` with ``tc`` into the store ``job.out``, adding to it; returns its manifest.
 
@@ -298,28 +306,28 @@ def precompute(tc: TextConditioner, job: PrecomputeJob) -> dict:
     if job.part is not None and ranks.world > 1:
         raise ValueError("--part splits a job across independent processes; under torchrun the ranks split it")
     part, parts = job.part or (ranks.rank, ranks.world)
-    mine: list = []  # rank 0's scan and layout (too big to broadcast)
+    mine = Planned()  # rank 0's scan and layout (too big to broadcast)
     with process_group(ranks), closing(lock), closing(PartsLock(job.out)) as running:
         try:
             return _run(tc, job, ranks, (lock, running), part, parts, mine)
         finally:
-            if mine:
-                mine[0].close()
+            if mine.scan is not None:
+                mine.scan.close()
 
 
-def _start(tc: TextConditioner, job: PrecomputeJob, locks: tuple[StoreLock, PartsLock], mine: list) -> Plan:
+def _start(tc: TextConditioner, job: PrecomputeJob, locks: tuple[StoreLock, PartsLock], mine: Planned) -> Plan:
     """Rank 0 (or a part): the scan, then the plan."""
     open_out(job)
     scan = scan_captions(job.input, column=job.columns, id_column=job.id_column, limit=job.limit,
                          progress=job.progress, folder=job.out, cache=ScanCache(job.out / StoreFiles.SCAN_CACHE))
-    mine.append(scan)
+    mine.scan = scan
     plan, layout = prepare(tc, job, scan, locks[0], locks[1] if job.part is not None else None)
-    mine.append(layout)
+    mine.layout = layout
     return plan
 
 
 def _run(tc: TextConditioner, job: PrecomputeJob, ranks: Ranks, locks: tuple[StoreLock, PartsLock], part: int,
-         parts: int, mine: list) -> dict:
+         parts: int, mine: Planned) -> dict:
     """Scan and plan (rank 0), encode this rank's or part's shards, publish (rank 0, or the last part)."""
     lock = locks[0]  # the store's: held by rank 0 for the whole job; by parts only to plan and to publish
     ranks.check_same((tc.fingerprint, str(tc.dtype)), "weights fingerprint, dtype")
@@ -346,7 +354,7 @@ def _run(tc: TextConditioner, job: PrecomputeJob, ranks: Ranks, locks: tuple[Sto
         return m.to_json() | {"run": plan.run}
     if job.part is not None:
         lock.acquire(wait=True)
-    manifest = ranks.on_main(lambda: finalize(job.out, plan, mine[1], mine[0], parts=job.part is not None))
+    manifest = ranks.on_main(lambda: finalize(job.out, plan, mine.layout, mine.scan, parts=job.part is not None))
     if manifest is None:
         logger.info("part %d/%d done; the store is published by the last part to finish", part, parts)
         return Manifest.read(job.out).to_json() | {"run": {**plan.run, "waiting": True}}

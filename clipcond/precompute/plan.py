@@ -18,21 +18,18 @@ from typing import TYPE_CHECKING
 
 import numpy as np
 
-from clipcond.precompute.inputs import expand_inputs
 from clipcond.precompute.scan import CHUNK, Scan
 from clipcond.store.format import (
     MANIFEST,
     Manifest,
     ShardEntry,
     ShardFormat,
-    Source,
     StoreFiles,
     read_tensors,
 )
 
 if TYPE_CHECKING:
     from clipcond.encoders.conditioner import TextConditioner
-    from clipcond.precompute.job import PrecomputeJob
 
 logger = logging.getLogger(__name__)
 
@@ -124,8 +121,8 @@ def store_identity(tc: TextConditioner, shard_size: int) -> dict:
             "sequence_shape": (tc.max_length, tc.sequence_dim), "pooled_dim": tc.pooled_dim, "shard_size": shard_size}
 
 
-def make_plan(tc: TextConditioner, job: PrecomputeJob, scan: Scan, shard_size: int, base: Manifest | None,
-              layout: Layout) -> Plan:
+def make_plan(tc: TextConditioner, scan: Scan, shard_size: int, base: Manifest | None, layout: Layout) -> Plan:
+    """The plan from what the stages before found: the scan (the input), the base store and the slots."""
     from clipcond._version import __version__
 
     first_slot, next_shard = (base.slots, base.next_shard) if base is not None else (0, 0)
@@ -134,8 +131,7 @@ def make_plan(tc: TextConditioner, job: PrecomputeJob, scan: Scan, shard_size: i
     plan_id = _digest(base.generation if base else None, shard_size, scan.sha256, missing)
     new = tuple((next_shard + i, first_slot + a, first_slot + min(a + shard_size, missing))
                 for i, a in enumerate(range(0, missing, shard_size)))
-    source = Source(paths=tuple(str(p) for p in expand_inputs(job.input)), columns=job.columns,
-                    id_column=job.id_column, limit=job.limit, sha256=scan.sha256)
+    source = scan.source
     manifest = Manifest(
         clipcond_version=__version__, complete=False, **store_identity(tc, shard_size), input=source,
         has_ids=scan.has_ids, rows=len(scan.rows), variants=scan.variants, unique=scan.unique,

@@ -42,7 +42,7 @@ import torch
 
 from clipcond._files import ID_HASH_DTYPE, TMP_MARK, id_digest, publish
 from clipcond.precompute.inputs import TAR_KEY, check_like_before, expand_inputs, read_captions, row_count_hint
-from clipcond.store.format import StoreFiles
+from clipcond.store.format import Source, StoreFiles
 from clipcond.store.locks import try_lock
 
 logger = logging.getLogger(__name__)
@@ -281,7 +281,12 @@ class Scan:
     keys: np.ndarray  # [U, 16] uint8: each unique caption's key (``caption_key``)
     spans: np.ndarray  # [U, 2] int64: where each unique caption's UTF-8 text is in the folder's ``texts``
     has_ids: bool  # the folder holds the id tensors of the index (``id_tensors``)
-    sha256: str  # of each input file's sha256 of its captions (and ids), length-prefixed, in row order
+    source: Source  # what was read: the files, columns, id column, limit, and the sha256 of every caption and id
+
+    @property
+    def sha256(self) -> str:
+        """Of each input file's sha256 of its captions (and ids), length-prefixed, in row order."""
+        return self.source.sha256
 
     @property
     def variants(self) -> int:
@@ -351,9 +356,10 @@ def scan_captions(path: str | Path | Sequence[str | Path], *, column: str | Sequ
     ``Scan.close()`` (or ``with``) removes it. With a ``cache``, input files scanned before and unchanged
     since are not read again (not with ``limit``).
     """
+    files = expand_inputs(path)
     spill = ScanFolder.create(folder)
     try:
-        n, sha256 = _read(spill, path, column, id_column, limit, progress, cache if limit is None else None)
+        n, sha256 = _read(spill, files, column, id_column, limit, progress, cache if limit is None else None)
         _release_arrow_memory()
         has_ids = spill.file("id_lengths").stat().st_size > 0
         started = time.perf_counter()
@@ -364,7 +370,10 @@ def scan_captions(path: str | Path | Sequence[str | Path], *, column: str | Sequ
         rows = _ragged(inverse, spill.load("counts"))
         logger.info("scan: %d rows, %d variants at most, %d captions, %d unique; index built in %.1f s", n,
                     rows.shape[1], len(inverse), len(first), time.perf_counter() - started)
-        return Scan(spill, rows, keys, spans, has_ids, sha256)
+        columns = (column,) if isinstance(column, str) else tuple(column)
+        source = Source(paths=tuple(map(str, files)), columns=columns, id_column=id_column, limit=limit,
+                        sha256=sha256)
+        return Scan(spill, rows, keys, spans, has_ids, source)
     except BaseException:
         spill.remove()
         raise
@@ -380,15 +389,14 @@ def _ragged(inverse: np.ndarray, counts: np.ndarray) -> np.ndarray:
     return rows
 
 
-def _read(spill: ScanFolder, path: str | Path | Sequence[str | Path], column: str | Sequence[str],
-          id_column: str | None, limit: int | None, progress: bool, cache: ScanCache | None) -> tuple[int, str]:
+def _read(spill: ScanFolder, files: list[Path], column: str | Sequence[str], id_column: str | None,
+          limit: int | None, progress: bool, cache: ScanCache | None) -> tuple[int, str]:
     """The pass: each batch's texts, keys, lengths and ids appended to the folder's files, file by file; a
     file in ``cache`` (unchanged since) is copied from there, a file read is saved there."""
     from tqdm.auto import tqdm
 
     columns = [column] if isinstance(column, str) else list(column)
     digest, n, variants, with_ids, used = hashlib.sha256(), 0, [], None, set()
-    files = expand_inputs(path)
     total = row_count_hint(files) if progress else None
     total = min(total, limit) if total is not None and limit is not None else total or limit
     with ExitStack() as stack:
@@ -417,7 +425,7 @@ def _read(spill: ScanFolder, path: str | Path | Sequence[str | Path], column: st
             if limit is not None and n >= limit:
                 break
     if not n:
-        raise ValueError(f"{path}: no rows to encode" + (" (--limit 0)" if limit == 0 else ""))
+        raise ValueError(f"{', '.join(map(str, files))}: no rows to encode" + (" (--limit 0)" if limit == 0 else ""))
     if cache is not None:
         cache.prune(used)
     if len(set(variants)) > 1:  # files of different variant counts: where one's rows end is part of the input

@@ -463,7 +463,7 @@ def _read_file(out: dict, file: Path, column: str | Sequence[str], id_column: st
         bar.update(len(batch))
         if limit is not None and n >= limit:
             break
-    if file_k == RAGGED:  # where each row ends is part of the input (rows alike: as before ragged rows were read)
+    if file_k == RAGGED:  # where each row ends is part of the input (equal counts leave the digest as it was)
         digest.update(b"ragged rows" + counts_digest.digest())
     return n, file_k, has_ids, digest.digest()
 

@@ -381,6 +381,35 @@ def test_laion_folder_with_both_layouts_is_sized_by_the_folder(tiny, tmp_path):
         TextConditioner.from_pretrained("sd2", weights=tmp_path)
 
 
+def test_laion_repo_id_from_the_hf_cache_is_sized_by_its_open_clip_config(tiny, tmp_path):
+    """Bug: a laion open_clip repo given by hub id (`weights="laion/..."`) was downloaded without its
+    open_clip_config.json, so a tower of another size than the preset's failed as for a lone file; the config
+    is fetched beside the weights and sizes the tower, as for a clone of the repo."""
+    tower, model = tiny.h_tower, tiny.openclip_h
+    commit = "d" * 40
+    cache = tmp_path / "hub" / "models--laion--tiny-vit-h"
+    snapshot = cache / "snapshots" / commit
+    snapshot.mkdir(parents=True)
+    save_file({k: v.contiguous() for k, v in model.state_dict().items()}, snapshot / "open_clip_model.safetensors")
+    text_cfg = {"context_length": 77, "vocab_size": 49408, "width": tower.width, "heads": tower.heads,
+                "layers": tower.layers, "mlp_ratio": tower.mlp_width / tower.width}
+    (snapshot / "open_clip_config.json").write_text(json.dumps({"model_cfg": {"embed_dim": tower.projection_dim,
+                                                                              "text_cfg": text_cfg}}))
+    (cache / "refs").mkdir()
+    (cache / "refs" / "main").write_text(commit)
+    out = tmp_path / "out.safetensors"
+    code = ("import clipcond; from safetensors.torch import save_file\n"
+            "tc = clipcond.TextConditioner.from_pretrained('sd2', weights='laion/tiny-vit-h')\n"
+            f"c = tc({PROMPTS!r}); save_file({{'s': c.sequence, 'p': c.pooled}}, {str(out)!r})")
+    result = _offline(tmp_path, code)
+    assert result.returncode == 0, result.stderr[-2000:]
+    got = load_file(out)
+    ids = open_clip.tokenize(PROMPTS)
+    expected = model.ln_final(openclip_blocks(model, ids, tower.layers - 1))  # SD 2.x: penultimate block + LN
+    torch.testing.assert_close(got["s"], expected, **TOL)
+    torch.testing.assert_close(got["p"], expected[torch.arange(len(PROMPTS)), ids.argmax(-1)], **TOL)
+
+
 def clipcond_spec(name: str, **tower_changes):
     from clipcond import get_spec
 

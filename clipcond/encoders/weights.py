@@ -273,6 +273,8 @@ def load_towers(
         if not isinstance(weights, str) or weights.count("/") != 1 or weights.startswith((".", "/", "~")):
             raise WeightsError(f"weights={str(weights)!r}: no such file or folder, and not a hub repo id ('org/name')")
         path = download(spec, weights, revision=revision, open_clip_files=open_clip_files)
+        if path.is_file() and len(spec.towers) == 1:  # an open_clip repo's file: sized by its open_clip_config.json
+            spec = spec.replace(towers=(open_clip_folder_tower(spec.towers[0], path.parent),))
     with ExitStack() as stack:
         readers: dict[tuple[Path, ...], StateReader] = {}
 
@@ -412,7 +414,7 @@ def download(spec: EncoderSpec, repo: str, *, revision: str | None = None,
     tower = spec.towers[0]
     attempts = [lambda: hub.pipeline(spec)]
     if tower.family == "open_clip":
-        attempts.append(lambda: hub.first(open_clip_files))
+        attempts.append(lambda: hub.open_clip(open_clip_files))
     attempts.append(hub.transformers)
     for attempt in attempts:
         found = attempt()
@@ -446,6 +448,17 @@ class Hub:
 
     def first(self, names: tuple[str, ...], subfolder: str | None = None) -> Path | None:
         return next((path for name in names if (path := self.get(name, subfolder)) is not None), None)
+
+    def open_clip(self, names: tuple[str, ...]) -> Path | None:
+        """An open_clip repo's weights file, and the open_clip_config.json beside it where the repo has one (it
+        states the tower's size)."""
+        for name in names:
+            found = self.get(name)
+            if found is not None:
+                folder = str(Path(name).parent)
+                self.get(OPEN_CLIP_CONFIG, None if folder == "." else folder)
+                return found
+        return None
 
     def pipeline(self, spec: EncoderSpec) -> Path | None:
         """A diffusers pipeline's text_encoder*/ folders: config and weights of each, nothing else."""

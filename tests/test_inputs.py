@@ -271,3 +271,35 @@ def test_a_row_with_no_caption_is_an_error_naming_it(tmp_path, capsys, name, con
     code, err = precompute(capsys, [bad], tmp_path / "new", *columns)
     assert code == 2 and re.search(message, err), err
     assert not (tmp_path / "new" / MANIFEST).exists()
+
+
+def test_a_ragged_store_reads_each_rows_own_variants_back(tmp_path, capsys, tc):
+    """Ragged variants end to end, through the CLI and EmbeddingStore: a reader that took the store's widest row
+    for every row would serve -1 slots (another row's embedding, or an error blaming the shard) for variants a
+    row does not have, and `variant="random"` would pick them."""
+    from clipcond import EmbeddingStore
+
+    path = tmp_path / "data.jsonl"
+    path.write_text("".join(json.dumps({"captions": row, "id": f"img-{i}"}) + "\n" for i, row in enumerate(RAGGED)))
+    code, err = precompute(capsys, [path], tmp_path / "store", "captions", id_column="id")
+    assert code == 0, err
+    store = EmbeddingStore(tmp_path / "store")
+    assert store.variants == max(map(len, RAGGED))
+    for i, row in enumerate(RAGGED):
+        assert store.variant_count(i) == len(row)
+        for j, caption in enumerate(row):
+            torch.testing.assert_close(store.get(i, variant=j)["pooled"], tc(caption).pooled[0], **TOL)
+        with pytest.raises(IndexError, match=rf"variant {len(row)}.*row {i}.*{len(row)}"):
+            store.get(i, variant=len(row))
+    torch.testing.assert_close(store.by_id(f"img-{len(RAGGED) - 1}")["pooled"], tc(RAGGED[-1][0]).pooled[0], **TOL)
+    collate = store.collate(0.0, seed=0, variant="random")
+    picks = {i: set() for i in range(len(RAGGED))}
+    for epoch in range(12):
+        collate.set_epoch(epoch)
+        batch = collate([store[i] for i in range(len(RAGGED))])
+        for i, row in enumerate(RAGGED):
+            refs = tc(list(row)).pooled
+            hits = [j for j in range(len(row)) if torch.allclose(batch["pooled"][i], refs[j], **TOL)]
+            assert hits, f"row {i} got a caption that is not one of its own {len(row)}"
+            picks[i].add(hits[0])
+    assert all(len(picks[i]) == len(set(RAGGED[i])) for i in picks if len(RAGGED[i]) <= 2)  # each own one, seen

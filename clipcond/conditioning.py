@@ -1,4 +1,8 @@
-"""``Conditioning``: the tensors a diffusers UNet consumes, batched by rows."""
+"""``Conditioning``: the tensors a diffusers UNet or diffusion transformer consumes, batched by rows.
+
+``pipeline_kwargs()`` names them as the diffusers 0.42 pipelines' ``__call__`` does
+(``StableDiffusion3Pipeline``, ``FluxPipeline``, ``PixArtSigmaPipeline``, ...).
+"""
 
 from __future__ import annotations
 
@@ -7,13 +11,29 @@ from dataclasses import dataclass
 
 import torch
 
+# The __call__ keywords of each diffusers pipeline, as (keyword, Conditioning field); the negative's
+# keywords are the same with "negative_" in front (negative_pooled_prompt_embeds, negative_prompt_attention_mask).
+# Flux takes negatives only with true_cfg_scale > 1; its text_ids are made inside __call__, not passed.
+PIPELINE_KWARGS: dict[str, tuple[tuple[str, str], ...]] = {
+    "StableDiffusionPipeline": (("prompt_embeds", "sequence"),),
+    "StableDiffusionXLPipeline": (("prompt_embeds", "sequence"), ("pooled_prompt_embeds", "pooled")),
+    "StableDiffusion3Pipeline": (("prompt_embeds", "sequence"), ("pooled_prompt_embeds", "pooled")),
+    "FluxPipeline": (("prompt_embeds", "sequence"), ("pooled_prompt_embeds", "pooled")),
+    "PixArtAlphaPipeline": (("prompt_embeds", "sequence"), ("prompt_attention_mask", "mask")),
+    "PixArtSigmaPipeline": (("prompt_embeds", "sequence"), ("prompt_attention_mask", "mask")),
+}
+
 
 @dataclass(frozen=True, slots=True)
 class Conditioning:
-    """``sequence`` is the UNet's ``encoder_hidden_states``; ``pooled`` SDXL's ``text_embeds``."""
+    """``sequence`` is the UNet's ``encoder_hidden_states`` (a transformer's ``encoder_hidden_states``);
+    ``pooled`` SDXL's ``text_embeds`` (SD3/Flux ``pooled_projections``; ``[B, 0]`` where a recipe has none)."""
 
     sequence: torch.Tensor  # [B, L, D]
     pooled: torch.Tensor  # [B, P]
+    mask: torch.Tensor | None = None  # [B, L] int64, 1 on the rows the transformer attends to; None: all (no mask)
+    text_ids: torch.Tensor | None = None  # [L, 3] Flux's txt_ids (zeros), shared by every row; None elsewhere
+    pipeline: str | None = None  # the diffusers pipeline these tensors feed (PIPELINE_KWARGS); None: not said
 
     def __post_init__(self) -> None:
         if self.sequence.ndim != 3 or self.pooled.ndim != 2:
@@ -22,6 +42,12 @@ class Conditioning:
         if self.sequence.shape[0] != self.pooled.shape[0]:
             raise ValueError(f"Conditioning rows differ: sequence has {self.sequence.shape[0]}, "
                              f"pooled {self.pooled.shape[0]}")
+        if self.mask is not None and tuple(self.mask.shape) != tuple(self.sequence.shape[:2]):
+            raise ValueError(f"Conditioning mask must be [B, L] = {list(self.sequence.shape[:2])}, "
+                             f"got {list(self.mask.shape)}")
+        if self.text_ids is not None and tuple(self.text_ids.shape) != (self.sequence.shape[1], 3):
+            raise ValueError(f"Conditioning text_ids must be [L, 3] = [{self.sequence.shape[1]}, 3], "
+                             f"got {list(self.text_ids.shape)}")
 
     def __len__(self) -> int:
         return self.sequence.shape[0]
@@ -30,11 +56,16 @@ class Conditioning:
         """Rows of the batch; an int keeps the batch dimension (``c[0]`` is a batch of one)."""
         if isinstance(rows, int):
             rows = slice(rows, rows + 1 if rows != -1 else None)
-        return Conditioning(self.sequence[rows], self.pooled[rows])
+        mask = None if self.mask is None else self.mask[rows]
+        return Conditioning(self.sequence[rows], self.pooled[rows], mask, self.text_ids, self.pipeline)
 
     def to(self, *args: object, **kwargs: object) -> Conditioning:
-        """``Tensor.to`` on both tensors (device, dtype, ``non_blocking``)."""
-        return Conditioning(self.sequence.to(*args, **kwargs), self.pooled.to(*args, **kwargs))
+        """``Tensor.to`` on every tensor (device, dtype, ``non_blocking``); the mask keeps its integer dtype."""
+        sequence = self.sequence.to(*args, **kwargs)
+        mask = None if self.mask is None else self.mask.to(sequence.device, non_blocking=bool(kwargs.get(
+            "non_blocking", False)))
+        text_ids = None if self.text_ids is None else self.text_ids.to(*args, **kwargs)
+        return Conditioning(sequence, self.pooled.to(*args, **kwargs), mask, text_ids, self.pipeline)
 
     @property
     def device(self) -> torch.device:
@@ -49,4 +80,31 @@ class Conditioning:
         """Concatenate along rows, e.g. ``cat([null, cond])`` for a CFG batch."""
         if not items:
             raise ValueError("Conditioning.cat needs at least one Conditioning")
-        return Conditioning(torch.cat([c.sequence for c in items]), torch.cat([c.pooled for c in items]))
+        first = items[0]
+        if len({c.mask is None for c in items}) != 1:
+            raise ValueError("Conditioning.cat: some items have a mask and some do not (another recipe?)")
+        if len({c.pipeline for c in items}) != 1:
+            names = sorted({str(c.pipeline) for c in items})
+            raise ValueError(f"Conditioning.cat: items of different pipelines {names}")
+        if first.text_ids is not None and any(c.text_ids is None or c.text_ids.shape != first.text_ids.shape
+                                              for c in items):
+            raise ValueError("Conditioning.cat: items of different text_ids (Flux's txt_ids are per length)")
+        mask = None if first.mask is None else torch.cat([c.mask for c in items])
+        return Conditioning(torch.cat([c.sequence for c in items]), torch.cat([c.pooled for c in items]), mask,
+                            first.text_ids, first.pipeline)
+
+    def pipeline_kwargs(self, negative: Conditioning | None = None) -> dict[str, torch.Tensor]:
+        """The keyword arguments of the diffusers pipeline's ``__call__`` (``pipe(**c.pipeline_kwargs(), ...)``):
+        ``prompt_embeds``, ``pooled_prompt_embeds``, ``prompt_attention_mask`` as the pipeline takes them, and
+        with ``negative``, its ``negative_*`` twins (for CFG; ``tc.null(len(c))`` is the pipelines' default)."""
+        if self.pipeline not in PIPELINE_KWARGS:
+            raise ValueError(f"pipeline_kwargs: this Conditioning names pipeline {self.pipeline!r}; known: "
+                             f"{sorted(PIPELINE_KWARGS)} (encode with a spec whose pipeline field names one)")
+        if negative is not None and negative.pipeline != self.pipeline:
+            raise ValueError(f"pipeline_kwargs: negative is for {negative.pipeline!r}, not {self.pipeline!r}")
+        out = {}
+        for keyword, field in PIPELINE_KWARGS[self.pipeline]:
+            out[keyword] = getattr(self, field)
+            if negative is not None:
+                out[f"negative_{keyword}"] = getattr(negative, field)
+        return out

@@ -30,6 +30,23 @@ Family = Literal["clip", "open_clip"]
 Pooled = Literal["final_eos", "sequence_eos", "projected"]
 NullMode = Literal["empty", "zeros"]
 LongPrompts = Literal["truncate", "chunk"]
+# T5's feed-forward (transformers' T5Config.feed_forward_proj): "gated-gelu" = T5 v1.1 / Flan (wi_0, wi_1, wo;
+# every T5 a diffusion model uses), "relu" = the original T5 (wi, wo).
+FeedForward = Literal["gated-gelu", "relu"]
+# What the T5 rows after the prompt's EOS hold:
+#   "raw"    as the encoder computes them, attended by the diffusion transformer (SD3, Flux: no mask)
+#   "zero"   zeroed by the pipeline (AuraFlow), no mask passed on
+#   "masked" a mask [B, L] comes with the sequence and the transformer never attends to them (PixArt)
+Padding = Literal["raw", "zero", "masked"]
+# Prompt text before the T5 tokenizer: "none", or "lower_strip" = str.lower().strip() (PixArt's
+# _text_preprocessing with clean_caption=False, applied to the negative prompt too).
+Preprocess = Literal["none", "lower_strip"]
+# How the towers make the sequence:
+#   "features" CLIP towers concatenated along features, [B, 77, sum W] (SD 1/2, SDXL; no T5)
+#   "t5"       the T5 sequence alone, [B, L5, d_model]; CLIP towers give only pooled (Flux) or nothing (PixArt)
+#   "tokens"   CLIP towers along features, zero-padded to d_model columns, then the T5 rows after them along
+#              tokens: [B, 77 + L5, d_model] (SD3: [77, 2048] -> [77, 4096] ++ [256, 4096])
+Combine = Literal["features", "t5", "tokens"]
 
 POOLED_CHOICES: tuple[str, ...] = typing.get_args(Pooled)
 NULL_CHOICES: tuple[str, ...] = typing.get_args(NullMode)
@@ -39,7 +56,10 @@ _TOWER_CHOICES: dict[str, tuple[object, ...]] = {
     "activation": typing.get_args(Activation), "tokenizer": typing.get_args(TokenizerKind),
     "family": typing.get_args(Family), "pooled": (*POOLED_CHOICES, None),
 }
-_ENCODER_CHOICES: dict[str, tuple[object, ...]] = {"null": NULL_CHOICES, "long_prompts": LONG_PROMPT_CHOICES}
+_ENCODER_CHOICES: dict[str, tuple[object, ...]] = {
+    "null": NULL_CHOICES, "long_prompts": LONG_PROMPT_CHOICES, "padding": typing.get_args(Padding),
+    "preprocess": typing.get_args(Preprocess), "combine": typing.get_args(Combine),
+}
 # Overrides of EncoderSpec.replace that set a field of every tower.
 TOWER_OVERRIDES = ("hidden_layer", "pad_id", "final_norm", "hf_dropped_layers")
 
@@ -125,6 +145,56 @@ class TowerSpec:
 
 
 @dataclass(frozen=True, slots=True, kw_only=True)
+class T5TowerSpec:
+    """One T5 encoder (transformers' ``T5EncoderModel``) and where a pipeline keeps it and its tokenizer."""
+
+    name: str
+    # Architecture of the *reference* tower (transformers' T5Config names); a folder's config.json
+    # overrides the sizes (a name fixes semantics, not size).
+    vocab_size: int  # embedding rows: 32128 for T5 v1.1 (the tokenizer's 32100 ids, padded to a multiple of 128)
+    d_model: int
+    layers: int  # num_layers
+    heads: int  # num_heads
+    d_kv: int  # per-head size: heads * d_kv need not equal d_model in T5
+    d_ff: int
+    feed_forward: FeedForward
+    relative_attention_num_buckets: int = 32
+    relative_attention_max_distance: int = 128
+    layer_norm_eps: float = 1e-6
+    # The tokenizer's model_max_length: T5 has relative positions, so this is the length it was
+    # trained at, not a table size; a recipe's t5_max_length must not exceed it.
+    max_length: int = 512
+    # No BOS: T5's SentencePiece ids are the prompt, then EOS </s> = 1, then <pad> = 0.
+    pad_id: int = 0
+    eos_id: int = 1
+    hub_subfolder: str = "text_encoder_3"  # where a diffusers pipeline keeps it ("" : a transformers repo's root)
+    # Tokenizer source: the pipeline's own transformers tokenizer folder beside the weights ("tokenizer_3"
+    # for SD3, "tokenizer_2" for Flux, "tokenizer" for PixArt), read with AutoTokenizer (T5TokenizerFast).
+    tokenizer_subfolder: str = "tokenizer_3"
+
+    def __post_init__(self) -> None:
+        def fail(field: str, why: str) -> SpecError:
+            return SpecError(f"T5 tower spec {self.name!r}: {field} {why}")
+
+        for field in ("vocab_size", "d_model", "layers", "heads", "d_kv", "d_ff", "relative_attention_num_buckets",
+                      "relative_attention_max_distance", "max_length"):
+            if not isinstance(getattr(self, field), int) or getattr(self, field) <= 0:
+                raise fail(field, f"must be a positive int, got {getattr(self, field)!r}")
+        if self.feed_forward not in typing.get_args(FeedForward):
+            raise fail("feed_forward", f"must be one of {typing.get_args(FeedForward)}, got {self.feed_forward!r}")
+        if not 0 < self.layer_norm_eps < 1:
+            raise fail("layer_norm_eps", f"must be in (0, 1), got {self.layer_norm_eps}")
+        for field in ("pad_id", "eos_id"):
+            if not 0 <= getattr(self, field) < self.vocab_size:
+                raise fail(field, f"must be a token id in [0, {self.vocab_size}), got {getattr(self, field)}")
+        if self.pad_id == self.eos_id:
+            raise fail("eos_id", f"must differ from pad_id {self.pad_id}: the mask is read from the EOS position")
+
+    def replace(self, **changes: object) -> T5TowerSpec:
+        return dataclasses.replace(self, **changes)
+
+
+@dataclass(frozen=True, slots=True, kw_only=True)
 class EncoderSpec:
     """A conditioner: towers whose sequences are concatenated along features, pooled from some of them."""
 
@@ -140,14 +210,29 @@ class EncoderSpec:
     long_prompts: LongPrompts = "truncate"
     hub_repo: str | None = None  # default weights: a hub repo (diffusers pipeline, transformers or open_clip)
     source: str = ""  # where these facts come from, for `clipcond list`
+    # --- T5 recipes (SD3, Flux, PixArt). At their defaults these fields are left out of to_dict(), so that
+    # the CLIP specs' dicts, fingerprints and stores are those of clipcond before T5.
+    t5: T5TowerSpec | None = None  # the T5 tower, run after the CLIP towers; None: a CLIP-only encoder
+    # Tokens T5 sees, EOS included, padded to it (diffusers' max_sequence_length): SD3 256, Flux-dev 512,
+    # Flux-schnell 256, PixArt-alpha 120, PixArt-Sigma 300. 0 when there is no T5 tower.
+    t5_max_length: int = 0
+    t5_mask: bool = False  # the attention mask goes into T5 (PixArt); SD3 and Flux let T5 attend to padding
+    padding: Padding = "raw"  # what the rows after EOS hold, see Padding
+    preprocess: Preprocess = "none"  # the T5 prompt's text before tokenizing, see Preprocess
+    combine: Combine = "features"  # how tower outputs make the sequence, see Combine
+    text_ids: bool = False  # Flux: Conditioning.text_ids = zeros [L, 3] (the transformer's txt_ids)
+    # The diffusers pipeline whose __call__ keywords Conditioning.pipeline_kwargs() gives (descriptive: it
+    # names keywords, it changes no tensor). None: not said.
+    pipeline: str | None = None
 
     def __post_init__(self) -> None:
         def fail(field: str, why: str) -> SpecError:
             return SpecError(f"encoder spec {self.name!r}: {field} {why}")
 
-        if not self.towers or not all(isinstance(t, TowerSpec) for t in self.towers):
-            raise fail("towers", f"must be a non-empty tuple of TowerSpec, got {self.towers!r}")
-        if not self.pooled_towers or any(not 0 <= i < len(self.towers) for i in self.pooled_towers):
+        if not all(isinstance(t, TowerSpec) for t in self.towers) or not (self.towers or self.t5):
+            raise fail("towers", f"must be a tuple of TowerSpec, non-empty without t5, got {self.towers!r}")
+        if (not self.pooled_towers and self.t5 is None) or any(not 0 <= i < len(self.towers)
+                                                               for i in self.pooled_towers):
             raise fail("pooled_towers", f"must index towers (0..{len(self.towers) - 1}), got {self.pooled_towers}")
         for i in self.pooled_towers:
             if self.towers[i].pooled is None:
@@ -155,27 +240,61 @@ class EncoderSpec:
         for field, choices in _ENCODER_CHOICES.items():
             if getattr(self, field) not in choices:
                 raise fail(field, f"must be one of {choices}, got {getattr(self, field)!r}")
-        shortest = min(t.context_length for t in self.towers)
+        shortest = min((t.context_length for t in self.towers), default=self.max_length)
         if not 2 <= self.max_length <= shortest:
             raise fail("max_length", f"must be in [2, {shortest}] (the position embeddings), got {self.max_length}")
+        self._check_recipe(fail)
+
+    def _check_recipe(self, fail: typing.Callable[[str, str], SpecError]) -> None:
+        """The T5 fields agree with each other and with the towers."""
+        if self.t5 is None:
+            changed = [f for f, default in _RECIPE_DEFAULTS.items() if f != "pipeline" and getattr(self, f) != default]
+            if changed:
+                raise fail(changed[0], "is a T5 recipe field, but the spec has no t5 tower")
+            return
+        if not isinstance(self.t5, T5TowerSpec):
+            raise fail("t5", f"must be a T5TowerSpec or None, got {type(self.t5).__name__}")
+        if not 1 <= self.t5_max_length <= self.t5.max_length:
+            raise fail("t5_max_length", f"must be in [1, {self.t5.max_length}], got {self.t5_max_length}")
+        if self.combine == "features":
+            raise fail("combine", "is 'features' (CLIP towers only); a T5 recipe combines by 't5' or 'tokens'")
+        if self.combine == "tokens" and not (self.towers and self.sequence_dim >= sum(t.width for t in self.towers)):
+            raise fail("combine", f"is 'tokens', which needs CLIP towers no wider than T5's d_model {self.t5.d_model}")
+        if self.padding in ("zero", "masked") and not self.t5_mask:
+            raise fail("padding", f"is {self.padding!r}, which needs t5_mask=True (T5 must not attend to padding)")
+        if self.long_prompts != "truncate":
+            raise fail("long_prompts", "must be 'truncate' for a T5 recipe (T5 windows are not defined)")
 
     @property
     def sequence_dim(self) -> int:
-        return sum(t.width for t in self.towers)
+        return sum(t.width for t in self.towers) if self.t5 is None else self.t5.d_model
+
+    @property
+    def sequence_length(self) -> int:
+        """Rows of the sequence: 77 for CLIP, T5's length, or both (SD3's 77 + 256)."""
+        return {"features": self.max_length, "t5": self.t5_max_length,
+                "tokens": self.max_length + self.t5_max_length}[self.combine]
 
     @property
     def pooled_dim(self) -> int:
         return sum(self.towers[i].pooled_dim for i in self.pooled_towers)
 
     def semantics(self) -> dict[str, object]:
-        """The fields that change outputs: ``source`` and ``hub_repo`` only describe (fingerprints)."""
+        """The fields that change outputs: ``source``, ``hub_repo`` and ``pipeline`` only describe (fingerprints)."""
         fields = self.to_dict()
-        del fields["source"], fields["hub_repo"]
+        for name in ("source", "hub_repo", "pipeline"):
+            fields.pop(name, None)
         return fields
 
     def to_dict(self) -> dict[str, object]:
-        """Plain JSON data (tuples as lists): ``spec_from_dict`` reads it back equal."""
-        return json.loads(json.dumps(dataclasses.asdict(self)))
+        """Plain JSON data (tuples as lists): ``spec_from_dict`` reads it back equal. The T5 recipe fields are
+        left out at their defaults, so that a CLIP spec's dict is what clipcond recorded before they existed."""
+        data = {f.name: getattr(self, f.name) for f in dataclasses.fields(self)
+                if f.name not in _RECIPE_DEFAULTS or getattr(self, f.name) != _RECIPE_DEFAULTS[f.name]}
+        data["towers"] = [dataclasses.asdict(t) for t in self.towers]
+        if self.t5 is not None:
+            data["t5"] = dataclasses.asdict(self.t5)
+        return json.loads(json.dumps(data))
 
     def replace(self, *, clip_skip: int | None = None, pooled: Pooled | None = None, **changes: object) -> EncoderSpec:
         """A variant of this spec; tower-level overrides apply to every tower.
@@ -208,6 +327,13 @@ class EncoderSpec:
         return dataclasses.replace(self, towers=tuple(towers), **changes)
 
 
+# The T5 recipe fields and their defaults: a CLIP spec holds these, and to_dict() leaves them out.
+_RECIPE_DEFAULTS: dict[str, object] = {
+    f.name: f.default for f in dataclasses.fields(EncoderSpec)
+    if f.name in ("t5", "t5_max_length", "t5_mask", "padding", "preprocess", "combine", "text_ids", "pipeline")
+}
+
+
 def spec_from_dict(data: dict[str, object]) -> EncoderSpec:
     """The spec ``EncoderSpec.to_dict`` (or a spec JSON file, or a store manifest) recorded.
 
@@ -223,6 +349,8 @@ def spec_from_dict(data: dict[str, object]) -> EncoderSpec:
         if "pooled_tower" in data:
             data["pooled_towers"] = [data.pop("pooled_tower")]
         data["pooled_towers"] = tuple(data["pooled_towers"])
+        if data.get("t5") is not None:
+            data["t5"] = T5TowerSpec(**data["t5"])
         return EncoderSpec(**data, towers=tuple(towers))
     except (KeyError, TypeError) as err:
         raise SpecError(f"not an encoder spec: {type(err).__name__}: {err}") from err
@@ -287,6 +415,54 @@ OPENCLIP_L = TowerSpec(
 )
 
 
+# google/t5-v1_1-xxl's encoder (its config.json), as T5EncoderModel: what SD3 (text_encoder_3), Flux
+# (text_encoder_2) and PixArt (text_encoder) ship, each with the pipeline's T5TokenizerFast beside it.
+T5_XXL = T5TowerSpec(
+    name="t5-v1_1-xxl", vocab_size=32128, d_model=4096, layers=24, heads=64, d_kv=64, d_ff=10240,
+    feed_forward="gated-gelu",
+)
+FLUX_T5 = T5_XXL.replace(hub_subfolder="text_encoder_2", tokenizer_subfolder="tokenizer_2")
+PIXART_T5 = T5_XXL.replace(hub_subfolder="text_encoder", tokenizer_subfolder="tokenizer")
+PLAIN_T5 = T5_XXL.replace(hub_subfolder="", tokenizer_subfolder="")  # a transformers repo: all at its root
+
+
+def _tiny_t5(tower: T5TowerSpec) -> T5TowerSpec:
+    # Same semantics, toy size: 3 blocks, the real vocabulary (real token ids) and relative-attention table.
+    # d_model 96: SD3's tiny CLIP pair (32 + 48 columns) is zero-padded to it, as 2048 to 4096.
+    return tower.replace(name=f"tiny-{tower.name}", d_model=96, layers=3, heads=4, d_kv=16, d_ff=128)
+
+
+def _t5_specs(sd3_clip: EncoderSpec, flux_clip: EncoderSpec) -> list[EncoderSpec]:
+    """The T5 recipes, each as its diffusers 0.42 pipeline's encode_prompt builds it."""
+    t5 = {"null": "empty", "pooled_towers": ()}
+    sd3 = sd3_clip.replace(
+        name="sd3", t5=T5_XXL, t5_max_length=256, combine="tokens", pipeline="StableDiffusion3Pipeline",
+        source="diffusers StableDiffusion3Pipeline.encode_prompt (max_sequence_length=256)")
+    flux = flux_clip.replace(
+        name="flux", t5=FLUX_T5, t5_max_length=512, combine="t5", text_ids=True, pipeline="FluxPipeline",
+        source="diffusers FluxPipeline.encode_prompt (max_sequence_length=512)")
+    schnell = flux.replace(name="flux-schnell", t5_max_length=256, hub_repo="black-forest-labs/FLUX.1-schnell",
+                           source="diffusers FluxPipeline.encode_prompt (max_sequence_length=256, FLUX.1-schnell)")
+    sigma = EncoderSpec(
+        name="pixart-sigma", towers=(), t5=PIXART_T5, t5_max_length=300, t5_mask=True, padding="masked",
+        preprocess="lower_strip", combine="t5", pipeline="PixArtSigmaPipeline", **t5,
+        hub_repo="PixArt-alpha/PixArt-Sigma-XL-2-1024-MS",
+        source="diffusers PixArtSigmaPipeline.encode_prompt (max_sequence_length=300, clean_caption=False)")
+    alpha = sigma.replace(name="pixart-alpha", t5_max_length=120, pipeline="PixArtAlphaPipeline",
+                          hub_repo="PixArt-alpha/PixArt-XL-2-1024-MS",
+                          source="diffusers PixArtAlphaPipeline.encode_prompt (max_sequence_length=120, "
+                                 "clean_caption=False)")
+    plain = EncoderSpec(name="t5-xxl", towers=(), t5=PLAIN_T5, t5_max_length=512, combine="t5", **t5,
+                        hub_repo="google/t5-v1_1-xxl", source="transformers T5EncoderModel(ids).last_hidden_state")
+    return [sd3, flux, schnell, sigma, alpha, plain]
+
+
+def _tiny_recipe(spec: EncoderSpec, towers: tuple[TowerSpec, ...]) -> EncoderSpec:
+    """A T5 recipe's tiny twin: the tiny CLIP towers given, a tiny T5, the same recipe fields."""
+    assert spec.t5 is not None
+    return spec.replace(name=f"tiny-{spec.name}", towers=towers, t5=_tiny_t5(spec.t5), hub_repo=None)
+
+
 def _tiny(tower: TowerSpec, width: int) -> TowerSpec:
     # Same semantics, toy size: 4 blocks so that penultimate != last, the real vocabulary so
     # that token ids are real.
@@ -329,7 +505,11 @@ def _specs() -> list[EncoderSpec]:
         flux.replace(name="tiny-flux-clip", towers=(tiny_l,), hub_repo=None),
         openclip_l.replace(name="tiny-openclip-vit-l-14", towers=(_tiny(OPENCLIP_L, 32),), hub_repo=None),
     ]
-    return [sd15, sd2, bigg, sdxl, sd3, flux, openclip_l, *tiny]
+    recipes = _t5_specs(sd3, flux)
+    tiny_clip = {"sd3-clip": tiny[4].towers, "flux-clip": tiny[5].towers}
+    tiny += [_tiny_recipe(r, tiny_clip[{"sd3": "sd3-clip"}.get(r.name, "flux-clip")] if r.towers else ())
+             for r in recipes]
+    return [sd15, sd2, bigg, sdxl, sd3, flux, openclip_l, *recipes, *tiny]
 
 
 ALIASES: dict[str, str] = {
@@ -338,6 +518,7 @@ ALIASES: dict[str, str] = {
     "sdxl-refiner": "openclip-vit-bigg-14",
     "tiny-sd15": "tiny-clip-vit-l-14", "tiny-sd2": "tiny-openclip-vit-h-14",
     "tiny-sdxl-refiner": "tiny-openclip-vit-bigg-14",
+    "sd3.5": "sd3", "flux-dev": "flux", "tiny-sd3.5": "tiny-sd3", "tiny-flux-dev": "tiny-flux",
 }
 
 

@@ -249,3 +249,21 @@ def sd15() -> clipcond.TextConditioner:
 def sdxl() -> clipcond.TextConditioner:
     """The tiny SDXL conditioner, loaded once per test module."""
     return clipcond.TextConditioner.from_pretrained("tiny-sdxl")
+
+
+# --- T5 recipes (tests/t5_fixtures.py) ---------------------------------------------------------------------
+
+@pytest.fixture(scope="session")
+def t5_vocab() -> dict[str, Path]:
+    """The real SD3 / Flux T5 tokenizer folders, from PyPI's diffsynth wheel (downloaded once, never imported)."""
+    from t5_fixtures import t5_vocabulary
+
+    return t5_vocabulary()
+
+
+@pytest.fixture(scope="session")
+def t5_pipes(tiny, t5_vocab, tmp_path_factory: pytest.TempPathFactory):
+    """Tiny Flux, SD3 and PixArt pipeline folders in the real diffusers layouts."""
+    from t5_fixtures import T5Pipelines
+
+    return T5Pipelines(tmp_path_factory.mktemp("t5"), tiny, t5_vocab)

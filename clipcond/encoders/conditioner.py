@@ -1,7 +1,8 @@
-"""``TextConditioner``: the frozen text encoder(s) of SD 1.x / 2.x / SDXL behind one call.
+"""``TextConditioner``: the frozen text encoder(s) of SD 1.x / 2.x / SDXL, SD3, Flux and PixArt behind one call.
 
 Matches diffusers' ``StableDiffusionPipeline.encode_prompt`` and
-``StableDiffusionXLPipeline.encode_prompt`` (sequence, pooled, null) on the same weights.
+``StableDiffusionXLPipeline.encode_prompt`` (sequence, pooled, null) on the same weights, and the T5
+recipes' pipelines (clipcond/encoders/recipes.py).
 Frozen in one place: no parameter requires grad, ``train()`` keeps eval mode, and the forward
 runs under ``torch.no_grad()`` (not ``inference_mode()``: a training UNet must be able to save
 our outputs for its backward).
@@ -20,6 +21,8 @@ from torch import nn
 from clipcond.conditioning import Conditioning
 from clipcond.encoders.model import TextTransformer, random_tower, tower_from_state
 from clipcond.encoders.names import get_spec
+from clipcond.encoders.recipes import assemble, clip_half, load_t5_half, repeat, split_weights, zeros
+from clipcond.encoders.t5 import T5Prompts, T5Tower, token_mask
 from clipcond.encoders.weights import load_towers
 from clipcond.errors import WeightsError
 from clipcond.specs import EncoderSpec
@@ -39,13 +42,18 @@ class TextConditioner(nn.Module):
         spec: EncoderSpec,
         towers: Sequence[TextTransformer],
         added: Mapping[str, int] | None = None,
+        t5: tuple[T5Tower, T5Prompts] | None = None,
     ) -> None:
-        """``added``: textual-inversion words and their vector counts, rows appended in this order."""
+        """``added``: textual-inversion words and their vector counts, rows appended in this order.
+        ``t5``: a T5 recipe's tower and tokenizer (``spec.t5``)."""
         super().__init__()
         if [t.spec for t in towers] != list(spec.towers):
             raise ValueError(f"towers do not match the towers of spec {spec.name!r}")
+        if (t5 is None) != (spec.t5 is None) or (t5 is not None and t5[0].spec != spec.t5):
+            raise ValueError(f"the T5 tower does not match the t5 tower of spec {spec.name!r}")
         self.spec = spec
         self.towers = nn.ModuleList(towers)
+        self.t5, self.t5_tokenizer = t5 if t5 is not None else (None, None)
         self.added = dict(added or {})
         self.tokenizers = [ClipTokenizer(t.tokenizer, pad_id=t.pad_id, max_length=spec.max_length,
                                          added=added_ids(t.vocab_size, self.added)) for t in spec.towers]
@@ -60,12 +68,13 @@ class TextConditioner(nn.Module):
     def from_pretrained(
         cls,
         name: str | EncoderSpec,
-        weights: str | os.PathLike[str] | None = None,
+        weights: str | os.PathLike[str] | Mapping[str, str | os.PathLike[str]] | None = None,
         *,
         device: str | torch.device = "cpu",
         dtype: torch.dtype = torch.float32,
         revision: str | None = None,
         pretrained: str | None = None,
+        tokenizer: object = None,
         **overrides: object,
     ) -> TextConditioner:
         """A conditioner for a registered name (or alias, ``open_clip:MODEL``, spec file or spec), with its weights.
@@ -76,10 +85,14 @@ class TextConditioner(nn.Module):
         resolved through open_clip's pretrained table. ``overrides`` derive a variant
         (``clip_skip=1``, ``pooled="projected"``, ``final_norm=False``, ``null="zeros"``, ...; see
         ``EncoderSpec.replace``). Specs that name no weights (``tiny-*``) get seeded random weights.
+        ``tokenizer``: a T5 recipe's tokenizer folder, where the weights have none beside them. A T5 recipe's
+        ``weights`` may be a mapping of a file or folder per tower: ``{"clip_l": ..., "clip_g": ..., "t5": ...}``.
         """
         spec = get_spec(name)
         if overrides:
             spec = spec.replace(**overrides)
+        if spec.t5 is not None:
+            return cls._from_recipe(spec, weights, device=device, dtype=dtype, revision=revision, tokenizer=tokenizer)
         files = {}
         if pretrained is not None:
             from clipcond.encoders.openclip import pretrained_source
@@ -95,6 +108,26 @@ class TextConditioner(nn.Module):
             towers = [tower_from_state(t, state) for t, state in loaded]
             spec = spec.replace(towers=tuple(t for t, _ in loaded))
         return cls(spec, towers).to(device)
+
+    @classmethod
+    def _from_recipe(cls, spec: EncoderSpec, weights: str | os.PathLike[str] | None, *, device: str | torch.device,
+                     dtype: torch.dtype, revision: str | None, tokenizer: object) -> TextConditioner:
+        """A T5 recipe: its CLIP towers as any CLIP encoder's, its T5 half from recipes.load_t5_half."""
+        clip, t5_weights = clip_half(spec), weights
+        towers = []
+        if isinstance(weights, Mapping):  # {"clip_l": file, "clip_g": file, "t5": file}: a tower per source
+            files, t5_weights = split_weights(spec, weights)
+            loaded = [load_towers(clip.replace(towers=(t,), pooled_towers=(0,)), f, dtype=dtype)[0]
+                      for t, f in zip(spec.towers, files, strict=True)]
+        elif clip is not None:
+            loaded = load_towers(clip, weights, dtype=dtype, revision=revision)
+        if clip is not None and loaded is None:
+            towers = [random_tower(t, seed=i).to(dtype) for i, t in enumerate(spec.towers)]
+        elif clip is not None:
+            towers = [tower_from_state(t, state) for t, state in loaded]
+        t5 = load_t5_half(spec, t5_weights, dtype=dtype, revision=revision, tokenizer=tokenizer)
+        spec = spec.replace(towers=tuple(t.spec for t in towers), t5=t5[0].spec)
+        return cls(spec, towers, t5=t5).to(device)
 
     def with_textual_inversion(self, path: str | os.PathLike[str], *, token: str | None = None) -> TextConditioner:
         """A conditioner that also knows ``token`` (multi-vector included); this one is unchanged.
@@ -112,7 +145,8 @@ class TextConditioner(nn.Module):
             raise WeightsError(f"{path}: towers get different vector counts {[len(r) for r in rows]}")
         towers = [tower.with_extra_tokens(r) for tower, r in zip(self.towers, rows, strict=True)]
         spec = self.spec.replace(towers=tuple(t.spec for t in towers))
-        new = TextConditioner(spec, towers, added={**self.added, emb.token: len(rows[0])})
+        t5 = None if self.t5 is None else (self.t5, self.t5_tokenizer)
+        new = TextConditioner(spec, towers, added={**self.added, emb.token: len(rows[0])}, t5=t5)
         return new.compile(**self._compiled) if self._compiled is not None else new
 
     def compile(self, **options: object) -> TextConditioner:
@@ -151,15 +185,20 @@ class TextConditioner(nn.Module):
 
     @property
     def max_length(self) -> int:
-        return self.spec.max_length
+        """Rows of the sequence: 77 for CLIP encoders, T5's length or SD3's 77 + 256 for T5 recipes."""
+        return self.spec.sequence_length
 
     @property
     def device(self) -> torch.device:
-        return self.towers[0].position_embedding.device
+        return self._first_weight.device
 
     @property
     def dtype(self) -> torch.dtype:
-        return self.towers[0].position_embedding.dtype
+        return self._first_weight.dtype
+
+    @property
+    def _first_weight(self) -> torch.Tensor:
+        return self.towers[0].position_embedding if len(self.towers) else self.t5.model.shared.weight
 
     @property
     def fingerprint(self) -> str:
@@ -175,8 +214,9 @@ class TextConditioner(nn.Module):
 
     # --- encoding -----------------------------------------------------------------------
     def tokenize(self, prompts: str | Sequence[str]) -> list[Tokens]:
-        """The token ids each tower sees (SDXL: two, padded with 49407 and 0)."""
-        return [tok(prompts) for tok in self.tokenizers]
+        """The token ids each tower sees (SDXL: two, padded with 49407 and 0; a T5 recipe's T5 ids last)."""
+        t5 = [] if self.t5_tokenizer is None else [self.t5_tokenizer(prompts)]
+        return [tok(prompts) for tok in self.tokenizers] + t5
 
     @torch.no_grad()
     def forward(self, prompts: str | Sequence[str]) -> Conditioning:
@@ -186,15 +226,24 @@ class TextConditioner(nn.Module):
         if self.spec.long_prompts == "chunk":
             return self._encode_windows(prompts, style=None)
         tokens = self.tokenize(prompts)
-        warn_truncated(tokens[0], self.max_length)
+        if self.tokenizers:
+            warn_truncated(tokens[0], self.spec.max_length)
+        if self.t5 is not None:
+            warn_truncated(tokens[-1], self.spec.t5_max_length, "T5")
         return self.encode_tokens(tokens)
 
     @torch.no_grad()
     def encode_tokens(self, tokens: Sequence[Tokens]) -> Conditioning:
         """The forward from ``tokenize()``'s output, e.g. tokenized ahead on another thread."""
-        if len(tokens) != len(self.towers):
-            raise ValueError(f"one Tokens per tower: {len(self.towers)} expected, got {len(tokens)}")
-        return self._assemble([self.run_tower(i, t.ids, t.eos) for i, t in enumerate(tokens)])
+        count = len(self.towers) + (self.t5 is not None)
+        if len(tokens) != count:
+            raise ValueError(f"one Tokens per tower: {count} expected, got {len(tokens)}")
+        clip = [self.run_tower(i, t.ids, t.eos) for i, t in enumerate(tokens[: len(self.towers)])]
+        if self.t5 is None:
+            return self._assemble(clip)
+        mask = self._put(token_mask(tokens[-1]))  # [B, L5]
+        sequence = self.t5(self._put(tokens[-1].ids), mask if self.spec.t5_mask else None)  # [B, L5, d]
+        return assemble(self.spec, clip, sequence, mask)
 
     def _assemble(self, parts: Sequence[tuple[torch.Tensor, torch.Tensor | None]]) -> Conditioning:
         """The one place towers' outputs become a Conditioning: sequences [N, L, W_i] concatenated along
@@ -226,6 +275,9 @@ class TextConditioner(nn.Module):
     def _weighted(self, prompts: list[str], *, style: WeightStyle = "a1111", comma_backtrack: int = 20,
                   emphasis: Emphasis = "original", one_batch: bool = False) -> Conditioning:
         """``weighted``; ``one_batch``: the prompts share A1111's emphasis mean (``_encode_windows``)."""
+        if self.t5 is not None:
+            raise NotImplementedError(f"{self.spec.name}: prompt weighting and schedules of T5 recipes are not done "
+                                      f"yet (issue 18, section 5)")
         if style not in ("a1111", "comfy", "compel"):
             raise ValueError(f"style must be 'a1111', 'comfy' or 'compel', got {style!r}")
         if emphasis not in ("original", "no_norm"):
@@ -282,13 +334,15 @@ class TextConditioner(nn.Module):
         parts = self.pad_chunks(*(self.weighted(p, style=style, **weighting) if style else self(p) for p in prompts))
         sequence = sum(w * c.sequence for w, c in zip(weights, parts, strict=True))
         pooled = sum(w * c.pooled for w, c in zip(weights, parts, strict=True))
-        return Conditioning(sequence, pooled)
+        if parts[0].mask is not None and any(not torch.equal(c.mask, parts[0].mask) for c in parts):
+            raise NotImplementedError(f"{self.spec.name}: blending prompts of different masks is not done yet")
+        return Conditioning(sequence, pooled, parts[0].mask, parts[0].text_ids, parts[0].pipeline)
 
     def _encode_windows(self, prompts: list[str], *, style: WeightStyle | None, comma_backtrack: int = 20,
                         emphasis: Emphasis = "original", one_batch: bool = False) -> Conditioning:
         """Each tower over the same number k of 77-token windows per prompt -> [B, 77 * k, D]. ``one_batch``: the
         prompts share A1111's emphasis mean, window by window (one prompt's schedule texts)."""
-        length = self.max_length
+        length = self.spec.max_length
         per_tower = [read_windows(prompts, tok, style=style, comma_backtrack=comma_backtrack)
                      for tok in self.tokenizers]
         k = max(len(w) for windows in per_tower for w in windows)  # SDXL's two tokenizers may disagree: pad
@@ -338,6 +392,9 @@ class TextConditioner(nn.Module):
         longest = max(len_tokens(c) for c in conditionings)
         out = []
         for c in conditionings:
+            if len_tokens(c) == longest:
+                out.append(c)
+                continue
             missing, rest = divmod(longest - len_tokens(c), self.max_length)
             if rest:
                 raise ValueError(f"sequence length {len_tokens(c)} is not a multiple of {self.max_length}")
@@ -354,6 +411,8 @@ class TextConditioner(nn.Module):
             raise ValueError(f"batch_size must be >= 0 and chunks >= 1, got {batch_size} and {chunks}")
         if self._null is None:
             self._null = self._zeros(1) if self.spec.null == "zeros" else self.empty()
+        if self.t5 is not None:
+            return repeat(self._null, batch_size)
         return Conditioning(self._null.sequence.repeat(batch_size, chunks, 1), self._null.pooled.repeat(batch_size, 1))
 
     def empty(self) -> Conditioning:
@@ -385,9 +444,13 @@ class TextConditioner(nn.Module):
         keep = keep.to(self.device)
         out.sequence[keep] = kept.sequence
         out.pooled[keep] = kept.pooled
+        if out.mask is not None:
+            out.mask[keep] = kept.mask
         return out
 
     def _zeros(self, rows: int) -> Conditioning:
+        if self.t5 is not None:
+            return zeros(self.spec, rows, device=self.device, dtype=self.dtype)
         kw = {"device": self.device, "dtype": self.dtype}
         return Conditioning(torch.zeros(rows, self.max_length, self.sequence_dim, **kw),
                             torch.zeros(rows, self.pooled_dim, **kw))
@@ -410,8 +473,8 @@ def len_tokens(c: Conditioning) -> int:
     return c.sequence.shape[1]
 
 
-def warn_truncated(tokens: Tokens, max_length: int) -> None:
+def warn_truncated(tokens: Tokens, max_length: int, model: str = "CLIP") -> None:
     for row, dropped in tokens.truncated:
         # diffusers' wording, so that users who grep for it find it.
-        logger.warning("The following part of prompt[%d] was truncated because CLIP can only handle "
-                       "sequences up to %d tokens: %r", row, max_length, dropped)
+        logger.warning("The following part of prompt[%d] was truncated because %s can only handle "
+                       "sequences up to %d tokens: %r", row, model, max_length, dropped)

@@ -1,0 +1,156 @@
+"""Tiny random T5 recipes saved in the real diffusers pipeline layouts, and the real T5 vocabulary.
+
+The SD3 / Flux T5 tokenizer (``T5TokenizerFast``: tokenizer.json, spiece.model, configs) ships in the PyPI
+wheel ``diffsynth==1.1.9`` (Apache-2.0). It is fetched once with ``pip download --no-deps`` into
+``~/.cache/clipcond-test`` (``CLIPCOND_TEST_CACHE`` overrides) and read with zipfile: diffsynth is never
+imported or installed, and the vocabulary is never committed here.
+"""
+
+from __future__ import annotations
+
+import json
+import os
+import shutil
+import subprocess
+import sys
+import zipfile
+from pathlib import Path
+
+import pytest
+import torch
+from conftest import hf_text_model, hf_tokenizer, save_published
+
+import clipcond
+
+DIFFSYNTH = "diffsynth==1.1.9"
+WHEEL_TOKENIZERS = {"sd3": "diffsynth/tokenizer_configs/stable_diffusion_3/tokenizer_3/",
+                    "flux": "diffsynth/tokenizer_configs/flux/tokenizer_2/"}
+FINAL_NORM_GAIN = 0.2  # keeps outputs ~0.2-1: SDPA and eager attention already differ by ~1e-5 at output scale 5
+
+
+def cache_dir() -> Path:
+    return Path(os.environ.get("CLIPCOND_TEST_CACHE") or Path.home() / ".cache" / "clipcond-test")
+
+
+def t5_vocabulary() -> dict[str, Path]:
+    """{"sd3": tokenizer_3 folder, "flux": tokenizer_2 folder} of the real pipelines' T5 tokenizer."""
+    root = cache_dir() / "diffsynth-1.1.9"
+    out = {name: root / "tokenizers" / name for name in WHEEL_TOKENIZERS}
+    if all((folder / "tokenizer.json").is_file() for folder in out.values()):
+        return out
+    wheels = sorted(root.glob("diffsynth-1.1.9-*.whl"))
+    if not wheels:
+        root.mkdir(parents=True, exist_ok=True)
+        cmd = [sys.executable, "-m", "pip", "download", "--no-deps", "--only-binary=:all:", DIFFSYNTH, "-d", str(root)]
+        result = subprocess.run(cmd, capture_output=True, text=True, timeout=600)
+        wheels = sorted(root.glob("diffsynth-1.1.9-*.whl"))
+        if result.returncode or not wheels:
+            pytest.skip(f"the T5 vocabulary comes from PyPI's {DIFFSYNTH} wheel, which pip could not download: "
+                        f"{result.stderr[-300:]}")
+    with zipfile.ZipFile(wheels[0]) as wheel:
+        for name, prefix in WHEEL_TOKENIZERS.items():
+            tmp = out[name].with_name(out[name].name + f".tmp-{os.getpid()}")
+            shutil.rmtree(tmp, ignore_errors=True)
+            tmp.mkdir(parents=True)
+            for member in wheel.namelist():
+                if member.startswith(prefix) and not member.endswith("/"):
+                    (tmp / member[len(prefix):]).write_bytes(wheel.read(member))
+            shutil.rmtree(out[name], ignore_errors=True)
+            tmp.rename(out[name])
+    return out
+
+
+def t5_model(tower: clipcond.specs.T5TowerSpec, *, seed: int):
+    """A random transformers T5EncoderModel of the tower's sizes, transformers' own init, final gain ~0.2."""
+    from transformers import T5Config, T5EncoderModel
+
+    config = T5Config(vocab_size=tower.vocab_size, d_model=tower.d_model, d_kv=tower.d_kv, d_ff=tower.d_ff,
+                      num_layers=tower.layers, num_heads=tower.heads, feed_forward_proj=tower.feed_forward,
+                      relative_attention_num_buckets=tower.relative_attention_num_buckets,
+                      relative_attention_max_distance=tower.relative_attention_max_distance,
+                      layer_norm_epsilon=tower.layer_norm_eps, dropout_rate=0.1, is_encoder_decoder=False)
+    torch.manual_seed(seed)
+    model = T5EncoderModel(config).eval()
+    with torch.no_grad():
+        for name, param in model.named_parameters():
+            if name.endswith("layer_norm.weight"):  # non-identity norms, so that a skipped or extra norm shows
+                gain = FINAL_NORM_GAIN if "final" in name else 1.0
+                param.copy_(gain * (1 + 0.1 * torch.randn_like(param)))
+    return model
+
+
+def copy_tokenizer(source: Path, folder: Path) -> Path:
+    shutil.copytree(source, folder)
+    return folder
+
+
+class T5Pipelines:
+    """Tiny Flux, SD3 and PixArt pipeline folders (model_index.json, text_encoder*/, tokenizer*/) and the
+    transformers models written into them. T5 weights are sharded, with their index, as the hub has them."""
+
+    def __init__(self, root: Path, tiny, vocab: dict[str, Path]) -> None:
+        self.root, self.vocab = root, vocab
+        spec = clipcond.get_spec
+        self.t5 = t5_model(spec("tiny-flux").t5, seed=20)
+        self.flux = root / "flux"
+        save_published(tiny.clip_l, self.flux / "text_encoder")
+        hf_tokenizer(self.flux / "tokenizer", "<|endoftext|>")
+        self._t5(self.flux, "text_encoder_2", "tokenizer_2", vocab["flux"],
+                 {"_class_name": "FluxPipeline", "text_encoder": ["transformers", "CLIPTextModel"],
+                  "tokenizer": ["transformers", "CLIPTokenizer"], "text_encoder_2": ["transformers", "T5EncoderModel"],
+                  "tokenizer_2": ["transformers", "T5TokenizerFast"]})
+        self.sd3 = root / "sd3"
+        sd3 = spec("tiny-sd3")
+        self.sd3_clip = [hf_text_model(t, layers=t.layers, projection=True, seed=21 + i)
+                         for i, t in enumerate(sd3.towers)]
+        subs, pads = ("text_encoder", "text_encoder_2"), ("<|endoftext|>", "!")
+        for model, sub, pad in zip(self.sd3_clip, subs, pads, strict=True):
+            save_published(model, self.sd3 / sub)
+            hf_tokenizer(self.sd3 / sub.replace("text_encoder", "tokenizer"), pad)
+        self._t5(self.sd3, "text_encoder_3", "tokenizer_3", vocab["sd3"],
+                 {"_class_name": "StableDiffusion3Pipeline", "text_encoder_3": ["transformers", "T5EncoderModel"]})
+        self.pixart = root / "pixart"
+        self._t5(self.pixart, "text_encoder", "tokenizer", vocab["sd3"],
+                 {"_class_name": "PixArtSigmaPipeline", "text_encoder": ["transformers", "T5EncoderModel"],
+                  "tokenizer": ["transformers", "T5Tokenizer"]})
+
+    def _t5(self, folder: Path, sub: str, tok: str, vocab: Path, index: dict) -> None:
+        folder.mkdir(parents=True, exist_ok=True)
+        self.t5.save_pretrained(folder / sub, max_shard_size="4MB")  # 12 MB of weights: sharded, with an index
+        assert (folder / sub / "model.safetensors.index.json").is_file()
+        copy_tokenizer(vocab, folder / tok)
+        (folder / "model_index.json").write_text(json.dumps({**index, "_diffusers_version": "0.42.1"}, indent=2))
+
+    def tokenizer(self, which: str):
+        from transformers import T5TokenizerFast
+
+        return T5TokenizerFast.from_pretrained(self.vocab[which])
+
+    def reference_t5(self, folder: Path, sub: str):
+        from transformers import T5EncoderModel
+
+        return T5EncoderModel.from_pretrained(folder / sub).eval()
+
+    def flux_pipeline(self, tiny):
+        from diffusers import FluxPipeline
+
+        return FluxPipeline(scheduler=None, vae=None, text_encoder=tiny.clip_l, tokenizer=tiny.tok_l,
+                            text_encoder_2=self.reference_t5(self.flux, "text_encoder_2"),
+                            tokenizer_2=self.tokenizer("flux"), transformer=None)
+
+    def sd3_pipeline(self):
+        from diffusers import StableDiffusion3Pipeline
+        from transformers import CLIPTokenizer
+
+        return StableDiffusion3Pipeline(
+            transformer=None, scheduler=None, vae=None, text_encoder=self.sd3_clip[0], text_encoder_2=self.sd3_clip[1],
+            tokenizer=CLIPTokenizer.from_pretrained(self.sd3 / "tokenizer"),
+            tokenizer_2=CLIPTokenizer.from_pretrained(self.sd3 / "tokenizer_2"),
+            text_encoder_3=self.reference_t5(self.sd3, "text_encoder_3"), tokenizer_3=self.tokenizer("sd3"))
+
+    def pixart_pipeline(self, cls_name: str):
+        import diffusers
+
+        cls = getattr(diffusers, cls_name)
+        return cls(tokenizer=self.tokenizer("sd3"), text_encoder=self.reference_t5(self.pixart, "text_encoder"),
+                   vae=None, transformer=None, scheduler=None)

@@ -1,0 +1,375 @@
+"""The T5 recipes (SD3, Flux, PixArt, plain T5) against diffusers 0.42's pipelines and transformers, on tiny
+random weights saved in the real pipeline layouts, with the real T5 vocabulary; the float16 policy."""
+
+from __future__ import annotations
+
+import dataclasses
+import inspect
+import json
+import os
+import subprocess
+import sys
+
+import pytest
+import torch
+from safetensors.torch import load_file, save_file
+from t5_fixtures import t5_model
+
+import clipcond
+from clipcond import Conditioning, SpecError, TextConditioner, WeightsError, get_spec
+from clipcond.specs import REGISTRY, spec_from_dict
+
+TOL = {"atol": 1e-5, "rtol": 0}  # float32, CPU: the issue's bound, max abs error <= 1e-5
+PROMPTS = ["a photo of a cat", "a running dog", "", "An Astronaut riding a HORSE on Mars, 8k  ",
+           "numbers 1234567890 and 3.14159, café naïve", "a very long prompt " + "with many repeated words " * 100]
+NEGATIVES = ["blurry", "", "LOW quality, ugly", "a", "jpeg artifacts", "watermark"]
+
+
+# --- specs --------------------------------------------------------------------------------------------------
+
+def test_clip_spec_dicts_keep_their_pre_t5_keys():
+    """Bug: new recipe fields written into every spec dict change the CLIP specs' fingerprints and make every
+    existing store refuse to grow ('holds a store made differently')."""
+    keys = {"name", "towers", "pooled_towers", "null", "max_length", "long_prompts", "hub_repo", "source"}
+    for name, spec in REGISTRY.items():
+        if spec.t5 is None:
+            assert set(spec.to_dict()) == keys, name
+        assert spec_from_dict(spec.to_dict()) == spec, name
+
+
+def test_recipe_table():
+    """Bug: a preset with the wrong T5 length, mask, padding or combination (OneTrainer tokenizes SD3's T5 at 77)."""
+    table = {  # name: (t5 length, mask into T5, padding, lower-case, combine, sequence [L, D], pooled P, pipeline)
+        "sd3": (256, False, "raw", "none", "tokens", (333, 4096), 2048, "StableDiffusion3Pipeline"),
+        "flux": (512, False, "raw", "none", "t5", (512, 4096), 768, "FluxPipeline"),
+        "flux-schnell": (256, False, "raw", "none", "t5", (256, 4096), 768, "FluxPipeline"),
+        "pixart-sigma": (300, True, "masked", "lower_strip", "t5", (300, 4096), 0, "PixArtSigmaPipeline"),
+        "pixart-alpha": (120, True, "masked", "lower_strip", "t5", (120, 4096), 0, "PixArtAlphaPipeline"),
+        "t5-xxl": (512, False, "raw", "none", "t5", (512, 4096), 0, None),
+    }
+    for name, row in table.items():
+        s = get_spec(name)
+        assert (s.t5_max_length, s.t5_mask, s.padding, s.preprocess, s.combine, (s.sequence_length, s.sequence_dim),
+                s.pooled_dim, s.pipeline) == row, name
+        assert s.null == "empty" and s.t5.vocab_size == 32128 and (s.t5.pad_id, s.t5.eos_id) == (0, 1)
+        tiny = get_spec(f"tiny-{name}")
+        differ = {f.name for f in dataclasses.fields(s) if getattr(s, f.name) != getattr(tiny, f.name)}
+        assert differ <= {"name", "towers", "t5", "hub_repo"}, differ  # a tiny twin keeps the recipe
+    assert get_spec("sd3.5") is get_spec("sd3") and get_spec("flux-dev") is get_spec("flux")
+    assert get_spec("flux").text_ids and not get_spec("sd3").text_ids
+
+
+@pytest.mark.parametrize(("changes", "message"), [
+    ({"t5_max_length": 600}, r"encoder spec 'flux': t5_max_length must be in \[1, 512\], got 600"),
+    ({"padding": "masked"}, r"encoder spec 'flux': padding is 'masked', which needs t5_mask=True"),
+    ({"combine": "features"}, r"encoder spec 'flux': combine is 'features'"),
+    ({"preprocess": "upper"}, r"encoder spec 'flux': preprocess must be one of \('none', 'lower_strip'\)"),
+    ({"long_prompts": "chunk"}, r"encoder spec 'flux': long_prompts must be 'truncate' for a T5 recipe"),
+])
+def test_bad_recipe_fields_name_spec_and_field(changes, message):
+    """Bug: an inconsistent recipe (masked padding without a mask into T5) accepted and silently wrong."""
+    with pytest.raises(SpecError, match=message):
+        get_spec("flux").replace(**changes)
+    with pytest.raises(SpecError, match=r"spec 'clip-vit-l-14': t5_mask is a T5 recipe field, but the spec has no t5"):
+        get_spec("sd15").replace(t5_mask=True)
+    with pytest.raises(SpecError, match=r"T5 tower spec 't5-v1_1-xxl': eos_id must differ from pad_id 0"):
+        get_spec("flux").t5.replace(eos_id=0)
+
+
+# --- tokenization -------------------------------------------------------------------------------------------
+
+def test_t5_vocabulary_facts(t5_vocab):
+    """Bug: a BOS added, EOS dropped by truncation, or a mask that misses the EOS row (the issue's facts)."""
+    tc = TextConditioner.from_pretrained("tiny-flux", tokenizer=t5_vocab["flux"])
+    tokens = tc.tokenize(["a running dog", ""])[-1]
+    assert tokens.ids[0, :6].tolist() == [3, 9, 1180, 1782, 1, 0]
+    assert tokens.ids[1, :3].tolist() == [1, 0, 0] and tokens.ids.shape == (2, 512)
+    c = tc(["a running dog", ""])
+    assert c.mask is None  # Flux passes no mask
+    pix = TextConditioner.from_pretrained("tiny-pixart-sigma", tokenizer=t5_vocab["sd3"])
+    assert pix(["a running dog", ""]).mask[:, :6].tolist() == [[1, 1, 1, 1, 1, 0], [1, 0, 0, 0, 0, 0]]
+
+
+@pytest.mark.parametrize("which", ["sd3", "flux"])
+def test_t5_tokens_equal_the_pipelines_tokenizer_call(t5_vocab, which):
+    """Bug: clipcond's own truncation (EOS kept last) or padding differing from tokenizer(padding="max_length",
+    truncation=True) on long prompts."""
+    from transformers import T5TokenizerFast
+
+    ref = T5TokenizerFast.from_pretrained(t5_vocab[which])
+    for name in ("tiny-flux-schnell", "tiny-pixart-alpha"):
+        tc = TextConditioner.from_pretrained(name, tokenizer=t5_vocab[which])
+        texts = tc.t5_tokenizer.texts(PROMPTS)
+        expected = ref(texts, padding="max_length", max_length=tc.spec.t5_max_length, truncation=True,
+                       add_special_tokens=True, return_tensors="pt")
+        tokens = tc.tokenize(PROMPTS)[-1]
+        assert torch.equal(tokens.ids, expected.input_ids)
+        assert tokens.truncated and tokens.truncated[0][0] == len(PROMPTS) - 1
+        if tc.spec.t5_mask:
+            assert torch.equal(tc(PROMPTS).mask, expected.attention_mask)
+
+
+# --- parity with the pipelines ------------------------------------------------------------------------------
+
+@pytest.mark.parametrize(("name", "length"), [("flux", 512), ("flux-schnell", 256)])
+def test_flux_equals_flux_pipeline(t5_pipes, tiny, name, length):
+    """Bug: Flux's T5 at the wrong length, given a mask, or its pooled vector not CLIP-L's pooler_output."""
+    pipe = t5_pipes.flux_pipeline(tiny)
+    tc = TextConditioner.from_pretrained(name, weights=t5_pipes.flux)
+    for prompts in (PROMPTS, NEGATIVES):  # FluxPipeline encodes a negative (true_cfg_scale > 1) the same way
+        embeds, pooled, text_ids = pipe.encode_prompt(prompts, device="cpu", max_sequence_length=length)
+        c = tc(prompts)
+        assert c.sequence.shape == (len(prompts), length, 96) and c.pooled.shape == (len(prompts), 32)
+        torch.testing.assert_close(c.sequence, embeds, **TOL)
+        torch.testing.assert_close(c.pooled, pooled, **TOL)
+        assert torch.equal(c.text_ids, text_ids) and c.mask is None
+    empty, empty_pooled, _ = pipe.encode_prompt([""] * 3, device="cpu", max_sequence_length=length)
+    torch.testing.assert_close(tc.null(3).sequence, empty, **TOL)  # Flux's null: "" encoded
+    torch.testing.assert_close(tc.null(3).pooled, empty_pooled, **TOL)
+
+
+def test_sd3_equals_stable_diffusion_3_pipeline(t5_pipes):
+    """Bug: SD3's CLIP rows not zero-padded to T5's width, concatenated along features instead of tokens, T5 at 77,
+    or the pooled halves in the wrong order."""
+    pipe = t5_pipes.sd3_pipeline()
+    seq, neg, pooled, neg_pooled = pipe.encode_prompt(PROMPTS, None, None, device="cpu", negative_prompt=NEGATIVES,
+                                                      do_classifier_free_guidance=True)
+    tc = TextConditioner.from_pretrained("sd3.5", weights=t5_pipes.sd3)
+    c, n = tc(PROMPTS), tc(NEGATIVES)
+    assert c.sequence.shape == (len(PROMPTS), 77 + 256, 96) and c.pooled.shape == (len(PROMPTS), 32 + 48)
+    assert not c.sequence[:, :77, 80:].any()  # the CLIP rows' padding columns
+    for got, ref in ((c.sequence, seq), (c.pooled, pooled), (n.sequence, neg), (n.pooled, neg_pooled)):
+        torch.testing.assert_close(got, ref, **TOL)
+    _, null, _, null_pooled = pipe.encode_prompt(PROMPTS[:2], None, None, device="cpu")  # negative defaults to ""
+    torch.testing.assert_close(tc.null(2).sequence, null, **TOL)
+    torch.testing.assert_close(tc.null(2).pooled, null_pooled, **TOL)
+
+
+def test_sd3_clip_skip_equals_the_pipeline(t5_pipes):
+    """Bug: clip_skip applied to T5 (which has no such notion) or not to both CLIP towers."""
+    pipe = t5_pipes.sd3_pipeline()
+    seq, _, pooled, _ = pipe.encode_prompt(PROMPTS, None, None, device="cpu", clip_skip=1,
+                                           do_classifier_free_guidance=False)
+    c = TextConditioner.from_pretrained("sd3", weights=t5_pipes.sd3, clip_skip=1)(PROMPTS)
+    torch.testing.assert_close(c.sequence, seq, **TOL)
+    torch.testing.assert_close(c.pooled, pooled, **TOL)
+
+
+@pytest.mark.parametrize(("name", "pipeline", "length"), [("pixart-sigma", "PixArtSigmaPipeline", 300),
+                                                          ("pixart-alpha", "PixArtAlphaPipeline", 120)])
+def test_pixart_equals_pixart_pipeline(t5_pipes, name, pipeline, length):
+    """Bug: PixArt's prompts not lower-cased and stripped, its mask not given to T5, or the mask returned wrong."""
+    pipe = t5_pipes.pixart_pipeline(pipeline)
+    embeds, mask, neg, neg_mask = pipe.encode_prompt(PROMPTS, negative_prompt=NEGATIVES, device="cpu",
+                                                     max_sequence_length=length)
+    tc = TextConditioner.from_pretrained(name, weights=t5_pipes.pixart)
+    c, n = tc(PROMPTS), tc(NEGATIVES)
+    assert c.sequence.shape == (len(PROMPTS), length, 96) and c.pooled.shape == (len(PROMPTS), 0)
+    for got, got_mask, ref, ref_mask in ((c.sequence, c.mask, embeds, mask), (n.sequence, n.mask, neg, neg_mask)):
+        assert torch.equal(got_mask, ref_mask) and got_mask.dtype == ref_mask.dtype
+        torch.testing.assert_close(got[got_mask.bool()], ref[ref_mask.bool()], **TOL)  # the rows attended to
+        torch.testing.assert_close(got, ref, **TOL)  # padded to the full length: every row equal
+    upper = TextConditioner.from_pretrained(name, weights=t5_pipes.pixart, preprocess="none")(PROMPTS)
+    assert not torch.allclose(upper.sequence[3], embeds[3], atol=1e-3)  # "An Astronaut ... HORSE": case matters
+    _, _, null, null_mask = pipe.encode_prompt(PROMPTS[:2], device="cpu", max_sequence_length=length)
+    torch.testing.assert_close(tc.null(2).sequence, null, **TOL)
+    assert torch.equal(tc.null(2).mask, null_mask)
+
+
+def test_t5_xxl_equals_t5_encoder_model(t5_pipes, t5_vocab):
+    """Bug: the plain tower read through a mask or at another length than T5EncoderModel(ids).last_hidden_state."""
+    tc = TextConditioner.from_pretrained("t5-xxl", weights=t5_pipes.pixart / "text_encoder", tokenizer=t5_vocab["sd3"])
+    ids = t5_pipes.tokenizer("sd3")(PROMPTS, padding="max_length", max_length=512, truncation=True,
+                                    return_tensors="pt").input_ids
+    with torch.no_grad():
+        ref = t5_pipes.reference_t5(t5_pipes.pixart, "text_encoder")(ids).last_hidden_state
+    torch.testing.assert_close(tc(PROMPTS).sequence, ref, **TOL)
+
+
+def test_pipeline_kwargs_are_the_pipelines_call_keywords(t5_pipes, tiny):
+    """Bug: keyword names the pipeline does not take (pipe(**kwargs) raises) or a mask under the wrong name."""
+    import diffusers
+
+    for name, weights in (("sd3", t5_pipes.sd3), ("flux", t5_pipes.flux), ("pixart-sigma", t5_pipes.pixart),
+                          ("pixart-alpha", t5_pipes.pixart)):
+        tc = TextConditioner.from_pretrained(name, weights=weights)
+        c = tc(PROMPTS[:2])
+        kwargs = c.pipeline_kwargs(negative=tc.null(2))
+        accepted = inspect.signature(getattr(diffusers, tc.spec.pipeline).__call__).parameters
+        assert set(kwargs) <= set(accepted), set(kwargs) - set(accepted)
+        assert kwargs["prompt_embeds"] is c.sequence and kwargs["negative_prompt_embeds"].shape == c.sequence.shape
+        if c.mask is not None:
+            assert kwargs["prompt_attention_mask"] is c.mask and "negative_prompt_attention_mask" in kwargs
+        else:
+            assert kwargs["pooled_prompt_embeds"] is c.pooled and "negative_pooled_prompt_embeds" in kwargs
+    with pytest.raises(ValueError, match="pipeline_kwargs: this Conditioning names pipeline None"):
+        TextConditioner.from_pretrained("tiny-sd15")("a").pipeline_kwargs()
+
+
+# --- Conditioning, null and dropout -------------------------------------------------------------------------
+
+def test_conditioning_carries_mask_and_text_ids(t5_pipes):
+    """Bug: cat, indexing or .to() dropping the mask, casting it to float16, or batching Flux's text_ids."""
+    pix = TextConditioner.from_pretrained("pixart-alpha", weights=t5_pipes.pixart)
+    c = pix(PROMPTS[:3])
+    both = Conditioning.cat([pix.null(2), c])
+    assert both.mask.shape == (5, 120) and torch.equal(both.mask[2:], c.mask)
+    assert both.pipeline == "PixArtAlphaPipeline"
+    assert torch.equal(c[1].mask, c.mask[1:2]) and torch.equal(c[[2, 0]].mask, c.mask[[2, 0]])
+    half = c.to(torch.float16)
+    assert half.sequence.dtype == torch.float16 and half.mask.dtype == torch.int64
+    flux = TextConditioner.from_pretrained("flux-schnell", weights=t5_pipes.flux)
+    f = Conditioning.cat([flux("a"), flux(["b", "c"])])
+    assert f.text_ids.shape == (256, 3) and f[0].text_ids.shape == (256, 3)
+    with pytest.raises(ValueError, match="some items have a mask and some do not"):
+        Conditioning.cat([c, flux("a")])
+
+
+def test_caption_dropout_keeps_masks(t5_pipes):
+    """Bug: rows dropped to the null keeping the caption's mask (PixArt would attend to the caption's length)."""
+    tc = TextConditioner.from_pretrained("pixart-sigma", weights=t5_pipes.pixart)
+    g = torch.Generator().manual_seed(0)
+    d = tc.encode(PROMPTS, drop_prob=0.5, generator=g)
+    dropped = (torch.rand(len(PROMPTS), generator=torch.Generator().manual_seed(0)) < 0.5).tolist()
+    assert 0 < sum(dropped) < len(PROMPTS)
+    full = tc(PROMPTS)
+    for i, drop in enumerate(dropped):
+        ref = tc.null(1) if drop else full[i]
+        assert torch.equal(d.mask[i], ref.mask[0])
+        torch.testing.assert_close(d.sequence[i], ref.sequence[0], **TOL)
+
+
+# --- float16 ------------------------------------------------------------------------------------------------
+
+def overflowing_t5(tower):
+    """A T5 whose first feed-forward output exceeds float16's 65504 (random weights alone never do): its gated
+    product stays ~1e3, representable, and wo sums it to ~1e5, as T5 v1.1-XXL's wo does on real prompts."""
+    model = t5_model(tower, seed=5)
+    ff = model.encoder.block[0].layer[1].DenseReluDense
+    with torch.no_grad():
+        for linear, std in ((ff.wi_0, 3.0), (ff.wi_1, 3.0), (ff.wo, 20.0)):  # |wi x| ~ 30 on normalised x
+            linear.weight.mul_(std / linear.weight.std())
+    return model
+
+
+def test_float16_keeps_wo_in_float32_after_half(t5_pipes, t5_vocab, tmp_path):
+    """Bug (diffusers#8604): .half() / .to(float16) after loading casts T5's wo to float16 and the feed-forward
+    overflows: inf, NaN or values clamped to ±64504, far from float32 (corrupted images)."""
+    folder = tmp_path / "t5"
+    model = overflowing_t5(get_spec("tiny-t5-xxl").t5)
+    model.save_pretrained(folder)
+    ids = t5_pipes.tokenizer("sd3")(PROMPTS, padding="max_length", max_length=512, truncation=True,
+                                    return_tensors="pt").input_ids
+    ff, norm = model.encoder.block[0].layer[1].DenseReluDense, model.encoder.block[0].layer[1].layer_norm
+    with torch.no_grad():
+        x = norm(model.shared(ids))
+        gated = ff.act(ff.wi_0(x)) * ff.wi_1(x)
+        assert gated.abs().max() < 65504 < ff.wo(gated).abs().max()  # the overflow is wo's, as in T5 v1.1-XXL
+        ref = model(ids).last_hidden_state  # float32
+        plain = model.half()(ids).last_hidden_state.float()  # transformers' model, cast after loading
+    assert not torch.isfinite(plain).all() or (plain - ref).abs().max() > 0.1
+    tc = TextConditioner.from_pretrained("t5-xxl", weights=folder, tokenizer=t5_vocab["sd3"])
+    casts = {"dtype=float16": TextConditioner.from_pretrained("t5-xxl", weights=folder, tokenizer=t5_vocab["sd3"],
+                                                               dtype=torch.float16),
+             ".half()": TextConditioner.from_pretrained("t5-xxl", weights=folder, tokenizer=t5_vocab["sd3"]).half(),
+             ".to(float16)": tc.to(torch.float16)}
+    for how, half in casts.items():
+        wo = [p for n, p in half.named_parameters() if n.endswith("DenseReluDense.wo.weight")]
+        assert wo and all(p.dtype == torch.float32 for p in wo), how
+        assert half.t5.model.shared.weight.dtype == torch.float16 and half.dtype == torch.float16
+        out = half(PROMPTS).sequence
+        assert out.dtype == torch.float16 and torch.isfinite(out).all(), how
+        torch.testing.assert_close(out.float(), ref, atol=2e-2, rtol=2e-2, msg=how)
+    exact = TextConditioner.from_pretrained("t5-xxl", weights=folder, tokenizer=t5_vocab["sd3"]).half()
+    wo = exact.t5.model.encoder.block[0].layer[1].DenseReluDense.wo.weight
+    assert torch.equal(wo, load_file(folder / "model.safetensors")["encoder.block.0.layer.1.DenseReluDense.wo.weight"])
+
+
+# --- weights ------------------------------------------------------------------------------------------------
+
+def test_t5_weights_are_read_strictly(t5_pipes, tmp_path):
+    """Bug: a T5 file missing tensors (or holding another model's) loaded with random or default values."""
+    import shutil
+
+    folder = tmp_path / "t5"
+    shutil.copytree(t5_pipes.pixart / "text_encoder", folder)
+    index = json.loads((folder / "model.safetensors.index.json").read_text())
+    key = "encoder.block.1.layer.0.SelfAttention.q.weight"
+    shard = folder / index["weight_map"][key]
+    state = load_file(shard)
+    state["encoder.block.1.layer.0.SelfAttention.qq.weight"] = state.pop(key)
+    save_file(state, shard)
+    with pytest.raises(WeightsError, match=r"1 missing T5 encoder tensor\(s\) .*\['encoder.block.1.layer.0.Self"):
+        TextConditioner.from_pretrained("t5-xxl", weights=folder, tokenizer=t5_pipes.vocab["sd3"])
+    config = json.loads((folder / "config.json").read_text())
+    (folder / "config.json").write_text(json.dumps({**config, "feed_forward_proj": "relu"}))
+    with pytest.raises(WeightsError, match=r"feed_forward_proj 'relu', but tower 't5-v1_1-xxl' is 'gated-gelu'"):
+        TextConditioner.from_pretrained("t5-xxl", weights=folder, tokenizer=t5_pipes.vocab["sd3"])
+
+
+def test_full_t5_folder_reads_only_the_encoder(t5_pipes, t5_vocab, tmp_path):
+    """Bug: a transformers T5ForConditionalGeneration folder (google/t5-v1_1-xxl's layout) refused for its decoder
+    tensors, or its shared embedding missed."""
+    from transformers import T5ForConditionalGeneration
+
+    full = T5ForConditionalGeneration(t5_pipes.t5.config.__class__(**{**t5_pipes.t5.config.to_dict(),
+                                                                     "is_encoder_decoder": True}))
+    full.encoder.load_state_dict(t5_pipes.t5.encoder.state_dict())
+    full.shared.load_state_dict(t5_pipes.t5.shared.state_dict())
+    full.save_pretrained(tmp_path / "full")
+    tc = TextConditioner.from_pretrained("t5-xxl", weights=tmp_path / "full", tokenizer=t5_vocab["sd3"])
+    ref = TextConditioner.from_pretrained("t5-xxl", weights=t5_pipes.pixart / "text_encoder",
+                                          tokenizer=t5_vocab["sd3"])
+    assert torch.equal(tc(PROMPTS).sequence, ref(PROMPTS).sequence) and tc.fingerprint == ref.fingerprint
+
+
+def test_flux_from_the_hub_cache_offline(t5_pipes, tmp_path):
+    """Bug: a hub id resolving only the CLIP half (text_encoder/), or downloading more than the text encoders."""
+    repo = "black-forest-labs/FLUX.1-dev"
+    snapshot = tmp_path / "hub" / f"models--{repo.replace('/', '--')}" / "snapshots" / ("c" * 40)
+    for sub in ("text_encoder", "text_encoder_2", "tokenizer_2"):
+        (snapshot / sub).mkdir(parents=True)
+        for file in (t5_pipes.flux / sub).iterdir():
+            (snapshot / sub / file.name).write_bytes(file.read_bytes())
+    (snapshot.parent.parent / "refs").mkdir()
+    (snapshot.parent.parent / "refs" / "main").write_text("c" * 40)
+    out = tmp_path / "out.safetensors"
+    code = ("import clipcond; from safetensors.torch import save_file\n"
+            f"c = clipcond.TextConditioner.from_pretrained('flux')({PROMPTS[:3]!r})\n"
+            f"save_file({{'s': c.sequence, 'p': c.pooled}}, {str(out)!r})")
+    env = {**os.environ, "HF_HOME": str(tmp_path), "HF_HUB_OFFLINE": "1"}
+    env.pop("HF_HUB_CACHE", None)
+    result = subprocess.run([sys.executable, "-c", code], env=env, capture_output=True, text=True, timeout=300)
+    assert result.returncode == 0, result.stderr[-2000:]
+    ref = TextConditioner.from_pretrained("flux", weights=t5_pipes.flux)(PROMPTS[:3])
+    got = load_file(out)
+    assert torch.equal(got["s"], ref.sequence) and torch.equal(got["p"], ref.pooled)
+
+
+def test_random_tiny_recipe_needs_a_tokenizer():
+    """Bug: a tiny T5 recipe without weights silently tokenizing with some other vocabulary."""
+    with pytest.raises(WeightsError, match=r"tiny-flux: random weights, but no T5 tokenizer: pass tokenizer=PATH"):
+        TextConditioner.from_pretrained("tiny-flux")
+    assert clipcond.list_encoders().count("flux-dev") == 1
+
+
+def test_per_tower_files_as_a_mapping(t5_pipes, t5_vocab, tmp_path):
+    """Bug: ComfyUI / kohya standalone files (clip_l.safetensors, t5xxl_fp16.safetensors) refused, read into the
+    wrong tower, or a float16 file's wo left in float16 under dtype=float16."""
+    state = {k: v for k, v in t5_pipes.t5.state_dict().items() if k != "encoder.embed_tokens.weight"}
+    save_file({k: v.contiguous() for k, v in state.items()}, tmp_path / "t5xxl.safetensors")
+    save_file({k: v.half().contiguous() for k, v in state.items()}, tmp_path / "t5xxl_fp16.safetensors")
+    clip_l = t5_pipes.flux / "text_encoder" / "model.safetensors"
+    ref = TextConditioner.from_pretrained("tiny-flux", weights=t5_pipes.flux)
+    tc = TextConditioner.from_pretrained("tiny-flux", weights={"clip_l": clip_l, "t5": tmp_path / "t5xxl.safetensors"},
+                                         tokenizer=t5_vocab["flux"])
+    c, r = tc(PROMPTS), ref(PROMPTS)
+    assert torch.equal(c.sequence, r.sequence) and torch.equal(c.pooled, r.pooled)
+    half = TextConditioner.from_pretrained("tiny-flux", dtype=torch.float16, tokenizer=t5_vocab["flux"],
+                                           weights={"clip_l": clip_l, "t5": tmp_path / "t5xxl_fp16.safetensors"})
+    assert half.t5.model.encoder.block[0].layer[1].DenseReluDense.wo.weight.dtype == torch.float32
+    torch.testing.assert_close(half(PROMPTS).sequence.float(), r.sequence, atol=1e-2, rtol=1e-2)
+    with pytest.raises(ValueError, match=r"tiny-flux: weights=\{...\} needs exactly the keys \['clip_l', 't5'\]"):
+        TextConditioner.from_pretrained("tiny-flux", weights={"t5": tmp_path / "t5xxl.safetensors"})
+    with pytest.raises(WeightsError, match="a single T5 file has no tokenizer beside it; pass tokenizer=PATH"):
+        TextConditioner.from_pretrained("tiny-flux", weights={"clip_l": clip_l, "t5": tmp_path / "t5xxl.safetensors"})

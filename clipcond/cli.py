@@ -52,8 +52,9 @@ def _load(args: argparse.Namespace):  # noqa: ANN202 (imports torch lazily)
         import open_clip
 
         open_clip.add_model_config(args.open_clip_config)
+    tokenizer = {"tokenizer": args.tokenizer} if args.tokenizer else {}  # a T5 recipe's, where weights have none
     tc = TextConditioner.from_pretrained(args.encoder, weights=args.weights, pretrained=args.pretrained,
-                                         device=args.device, dtype=getattr(torch, args.dtype))
+                                         device=args.device, dtype=getattr(torch, args.dtype), **tokenizer)
     return tc.compile(mode=args.compile) if getattr(args, "compile", None) else tc
 
 
@@ -62,16 +63,19 @@ def _cmd_encode(args: argparse.Namespace) -> int:
     prompts = args.prompts or [line.rstrip("\n") for line in sys.stdin]
     c = tc(prompts)
     spec = tc.spec
-    towers = ", ".join(f"{t.name} (width {t.width}, layer {t.hidden_layer}, final LN {t.final_norm}, pad {t.pad_id})"
-                       for t in spec.towers)
-    print(f"encoder {spec.name}: {towers}")
+    towers = [f"{t.name} (width {t.width}, layer {t.hidden_layer}, final LN {t.final_norm}, pad {t.pad_id})"
+              for t in spec.towers]
+    if spec.t5 is not None:
+        towers.append(f"T5 (d_model {spec.t5.d_model}, {spec.t5.layers} layers, max length {spec.t5_max_length}, "
+                      f"mask {spec.t5_mask}, padding {spec.padding})")
+    print(f"encoder {spec.name}: {', '.join(towers)}")
     print(f"sequence {tuple(c.sequence.shape)} {c.sequence.dtype} on {c.sequence.device}; "
           f"pooled {tuple(c.pooled.shape)} from tower(s) "
           f"{', '.join(f'{i} ({spec.towers[i].pooled})' for i in spec.pooled_towers)}")
-    tokens = tc.tokenize(prompts)[0]
+    tokens = tc.tokenize(prompts)  # each tokenizer's (a T5 recipe's T5 last)
     for i, prompt in enumerate(prompts):
-        n_tokens = int(tokens.eos[i]) + 1
-        print(f"[{i}] {prompt!r}: {n_tokens} tokens, |sequence| {c.sequence[i].float().norm():.4f}, "
+        counts = " / ".join(str(int(t.eos[i]) + 1) for t in tokens)
+        print(f"[{i}] {prompt!r}: {counts} tokens, |sequence| {c.sequence[i].float().norm():.4f}, "
               f"|pooled| {c.pooled[i].float().norm():.4f}")
     null = tc.null(1)
     print(f"null ({spec.null}): |sequence| {null.sequence.float().norm():.4f}, "
@@ -183,6 +187,8 @@ def build_parser() -> argparse.ArgumentParser:
         p.add_argument("--pretrained", metavar="TAG", help="open_clip pretrained tag of an open_clip:MODEL encoder")
         p.add_argument("--open-clip-config", metavar="PATH",
                        help="an open_clip model config JSON (or a folder of them) for --encoder open_clip:NAME")
+        p.add_argument("--tokenizer", metavar="PATH", help="a T5 recipe's tokenizer folder where --weights has none "
+                       "(e.g. FLUX.1-dev/tokenizer_2)")
         p.add_argument("--device", default="cpu")
         p.add_argument("--dtype", default="float32", choices=DTYPES)
 

@@ -373,3 +373,26 @@ def test_per_tower_files_as_a_mapping(t5_pipes, t5_vocab, tmp_path):
         TextConditioner.from_pretrained("tiny-flux", weights={"t5": tmp_path / "t5xxl.safetensors"})
     with pytest.raises(WeightsError, match="a single T5 file has no tokenizer beside it; pass tokenizer=PATH"):
         TextConditioner.from_pretrained("tiny-flux", weights={"clip_l": clip_l, "t5": tmp_path / "t5xxl.safetensors"})
+
+
+def test_precompute_of_an_unmasked_t5_recipe_stores_what_tc_gives(t5_vocab, tmp_path, capsys):
+    """`clipcond precompute --encoder flux` (issue 18, done-when): the CLI takes the T5 tokenizer (--tokenizer) and
+    the store holds each caption's [512, D] sequence and pooled vector exactly as tc() computes them; a masked
+    recipe (PixArt) is refused by name, not stored without the mask its transformer needs."""
+    from clipcond import EmbeddingStore
+    from clipcond.cli import main
+
+    captions = ["a cat", "a running dog", "a cat", "the sea at night"]
+    (tmp_path / "captions.txt").write_text("\n".join(captions) + "\n")
+    base = ["precompute", "--input", str(tmp_path / "captions.txt"), "--tokenizer", str(t5_vocab["flux"])]
+    assert main([*base, "--encoder", "tiny-flux", "--out", str(tmp_path / "flux")]) == 0, capsys.readouterr().err
+    store = EmbeddingStore(tmp_path / "flux")
+    tc = TextConditioner.from_pretrained("tiny-flux", tokenizer=t5_vocab["flux"])
+    expected = tc(captions)
+    assert len(store) == 4 and store.manifest.sequence_shape == (512, expected.sequence.shape[-1])
+    for i in range(len(captions)):
+        torch.testing.assert_close(store[i]["sequence"], expected.sequence[i], atol=1e-6, rtol=0)
+        torch.testing.assert_close(store[i]["pooled"], expected.pooled[i], atol=1e-6, rtol=0)
+    assert main([*base, "--encoder", "tiny-pixart-sigma", "--out", str(tmp_path / "pixart")]) == 2
+    assert "needs its mask (a masked T5 recipe: PixArt)" in capsys.readouterr().err
+    assert not (tmp_path / "pixart" / "manifest.json").exists()

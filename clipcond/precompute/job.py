@@ -302,6 +302,9 @@ def precompute(tc: TextConditioner, job: PrecomputeJob) -> dict:
     if tc.spec.long_prompts != "truncate":
         raise ValueError(f"precompute stores [{tc.max_length}, D] sequences; encoder {tc.spec.name!r} has "
                          f"long_prompts={tc.spec.long_prompts!r}: load it with long_prompts='truncate'")
+    if tc.spec.t5_mask:
+        raise ValueError(f"precompute stores sequence and pooled rows, no attention mask; encoder {tc.spec.name!r} "
+                         "needs its mask (a masked T5 recipe: PixArt): its stores are not supported yet")
     ranks, lock = Ranks.from_env(), StoreLock(job.out)  # rank 0 holds the lock for the whole job
     if job.part is not None and ranks.world > 1:
         raise ValueError("--part splits a job across independent processes; under torchrun the ranks split it")

@@ -74,8 +74,8 @@ def _cmd_encode(args: argparse.Namespace) -> int:
           f"{', '.join(f'{i} ({spec.towers[i].pooled})' for i in spec.pooled_towers)}")
     tokens = tc.tokenize(prompts)  # each tokenizer's (a T5 recipe's T5 last)
     for i, prompt in enumerate(prompts):
-        counts = " / ".join(str(int(t.eos[i]) + 1) for t in tokens)
-        print(f"[{i}] {prompt!r}: {counts} tokens, |sequence| {c.sequence[i].float().norm():.4f}, "
+        counts = list(dict.fromkeys(str(int(t.eos[i]) + 1) for t in tokens))  # one number where they agree
+        print(f"[{i}] {prompt!r}: {' / '.join(counts)} tokens, |sequence| {c.sequence[i].float().norm():.4f}, "
               f"|pooled| {c.pooled[i].float().norm():.4f}")
     null = tc.null(1)
     print(f"null ({spec.null}): |sequence| {null.sequence.float().norm():.4f}, "

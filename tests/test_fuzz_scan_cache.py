@@ -1,4 +1,4 @@
-"""The scan cache (clipcond/precompute/scan.py, ``CacheEntry``) fuzzed: a damaged entry is read past.
+"""The scan cache (clipcond/precompute/scan_cache.py, ``CacheEntry``) fuzzed: a damaged entry is read past.
 
 An entry's header says how many rows, variants and ids its streams hold; its hash covered only the streams,
 so a changed count was trusted: numpy errors, or an error blaming another input file. Whatever is done to an
@@ -19,7 +19,8 @@ from hypothesis import HealthCheck, given, settings
 from hypothesis import strategies as st
 
 from clipcond.cli import main
-from clipcond.precompute.scan import FILES, ScanCache, scan_captions
+from clipcond.precompute.scan import FILES, scan_captions
+from clipcond.precompute.scan_cache import ScanCache
 from clipcond.store.format import MANIFEST, StoreFiles
 
 FUZZ = settings(max_examples=150, deadline=None, derandomize=True,
@@ -61,7 +62,7 @@ def cached(tmp_path_factory) -> tuple[Path, list[Path], ScanCache, dict[str, byt
     inputs = write_inputs(root / "data")
     cache = ScanCache(root / "cache")
     with pytest.MonkeyPatch.context() as patch:
-        patch.setattr("clipcond.precompute.scan.RACY_NS", 0)  # files as a dataset's are: changed long ago
+        patch.setattr("clipcond.precompute.scan_cache.RACY_NS", 0)  # files as a dataset's are: changed long ago
         with scan_captions(inputs, column="c", id_column="id", folder=root) as scan:
             reference = snapshot(scan)
         with scan_captions(inputs, column="c", id_column="id", folder=root, cache=cache) as scan:
@@ -121,7 +122,7 @@ def damage(draw: st.DrawFn, entry: bytes) -> bytes:
 @given(st.data())
 def test_a_damaged_cache_entry_is_read_past_and_the_scan_equals_an_uncached_one(cached, monkeypatch, data):
     root, inputs, cache, reference, entries = cached
-    monkeypatch.setattr("clipcond.precompute.scan.RACY_NS", 0)
+    monkeypatch.setattr("clipcond.precompute.scan_cache.RACY_NS", 0)
     target = data.draw(st.sampled_from(sorted(entries)))
     for path, whole in entries.items():
         path.write_bytes(data.draw(damage(whole)) if path == target else whole)
@@ -143,7 +144,7 @@ def test_changed_counts_in_an_entry_are_damage_not_a_crash(tmp_path, capsys, mon
     """Issue 17, item 5: an entry whose header says other row or variant counts (its hash covered only the streams)
     failed with a numpy reshape error, or an error blaming the other input file ("b.jsonl: its rows hold 2
     captions, the rows before it 3"). Now it is read past, and the store is the one an uncached run makes."""
-    monkeypatch.setattr("clipcond.precompute.scan.RACY_NS", 0)
+    monkeypatch.setattr("clipcond.precompute.scan_cache.RACY_NS", 0)
     inputs = write_inputs(tmp_path / "data")
     first = tmp_path / "first"
     assert precompute(capsys, inputs[:1], first)[0] == 0  # a.jsonl's entry, in first's cache

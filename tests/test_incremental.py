@@ -527,7 +527,7 @@ COLUMNS = ["txt", "json:caption"]
 @pytest.fixture
 def settled(monkeypatch) -> None:
     """Files as a dataset's are, changed long before they are scanned: the cache takes files changed just now."""
-    monkeypatch.setattr("clipcond.precompute.scan.RACY_NS", 0)
+    monkeypatch.setattr("clipcond.precompute.scan_cache.RACY_NS", 0)
 
 
 def counting_tar_reads(monkeypatch) -> list[str]:
@@ -547,7 +547,8 @@ def counting_tar_reads(monkeypatch) -> list[str]:
 def test_a_scan_from_the_cache_equals_a_scan_of_the_files(tmp_path, monkeypatch, settled):
     """Every array and file of the scan (texts, keys, lengths, ids, the index, the input's sha256) as a scan
     without a cache gives, for files all cached, and for a mix of cached and new files."""
-    from clipcond.precompute.scan import FILES, ScanCache, scan_captions
+    from clipcond.precompute.scan import FILES, scan_captions
+    from clipcond.precompute.scan_cache import ScanCache
 
     tars = [write_tar(tmp_path / f"{t:05d}.tar", [sample(10 * t + i, BASE[(7 * t + i) % 30]) for i in range(10)])
             for t in range(3)]
@@ -606,7 +607,8 @@ def test_the_scan_cache_is_only_a_cache(tmp_path, monkeypatch):
     """A file changed within RACY_NS of its scan is not cached. Entries cut short, with a damaged header, or
     with a changed byte of the same size are read past (the file is read again, the entry rewritten whole);
     a half-written one a killed scan left is removed once old, and so is an entry whose file is gone."""
-    from clipcond.precompute.scan import ScanCache, scan_captions
+    from clipcond.precompute.scan import scan_captions
+    from clipcond.precompute.scan_cache import ScanCache
 
     tar = write_tar(tmp_path / "00000.tar", [sample(i, BASE[i]) for i in range(5)])
     other = write_tar(tmp_path / "00001.tar", [sample(10 + i, BASE[10 + i]) for i in range(3)])
@@ -620,7 +622,7 @@ def test_the_scan_cache_is_only_a_cache(tmp_path, monkeypatch):
 
     expected = scan()
     assert not list(cache.folder.glob("*.scan"))  # just written: not cached
-    monkeypatch.setattr("clipcond.precompute.scan.RACY_NS", 0)
+    monkeypatch.setattr("clipcond.precompute.scan_cache.RACY_NS", 0)
     scan(other)
     (other_entry,) = cache.folder.glob("*.scan")
     scan()

@@ -45,7 +45,8 @@ from clipcond.precompute.plan import (
     refuse_foreign,
     store_identity,
 )
-from clipcond.precompute.scan import CHUNK, CaptionTexts, Scan, ScanCache, scan_captions
+from clipcond.precompute.scan import CHUNK, CaptionTexts, Scan, scan_captions
+from clipcond.precompute.scan_cache import ScanCache
 from clipcond.store.format import (
     FORMAT,
     FORMAT_VERSION,

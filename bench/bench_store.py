@@ -12,8 +12,12 @@ second pass; the median of 3 of each. The limit is the disk's sequential read ra
 - checked against unchecked reads through a DataLoader (batch 16, workers 0), alone and beside NEIGHBOURS
   processes burning CPU (the unchecked read must never be the slower one);
 - the checksum's own cost: the batched copy with and without the sums, the same compiled copy routine;
-- the training read path: a map-style dataset of VAE latents joined with the store (``JoinedDataset``), read by
-  a DataLoader with 2 workers, against the same latents beside one ``.safetensors`` of text per sample.
+- the training read path, with 2 DataLoader workers: a user's dataset of VAE latents (one memory-mapped ``.npy``)
+  joined with the store (``JoinedDataset``), against one ``.safetensors`` per sample holding latent and text (the
+  per-sample cache), and against the same ``.npy`` latents beside one ``.safetensors`` of text per sample (only the
+  text's storage differs); with the CPU time a batch costs the main process and the workers, and two references:
+  the rows joined in the main process (workers ship only the latents), and the floor of any worker-side fetch
+  (a fresh shared-memory segment of a batch's size, nothing copied into it).
 
     python bench/bench_store.py                          # everything: 1,536 rows, batch 16
     python bench/bench_store.py --sections single,load,checksum,joined   # without the per-format table
@@ -23,6 +27,7 @@ from __future__ import annotations
 
 import argparse
 import json
+import math
 import os
 import random
 import statistics
@@ -41,8 +46,10 @@ LOOKUPS = 20_000
 PASSES = 3  # of each format, cold and warm: the table gives their medians
 PAIRS = 10  # checked / unchecked batched-fetch passes, for the checksum's cost
 NEIGHBOURS = 2  # processes burning CPU beside the "loaded" reads (this box has 2 cores)
+LOAD_PAIRS = 16  # checked / unchecked pairs of passes, alone and beside the neighbours
 LATENT = (4, 128, 128)  # an SDXL VAE latent (1024 px), float16: 128 kB a sample
 JOIN_WORKERS = 2
+JOIN_PASSES = 5  # of each way of the training read path, alternating
 SECTIONS = ("formats", "single", "load", "checksum", "joined")
 SEED = 0
 JSON_PATH = Path(__file__).parent / "results" / "store.json"
@@ -209,18 +216,30 @@ def single_rows(store_dir: Path) -> dict[str, float]:
     return out
 
 
-def loaded_reads(store_dir: Path, order: list[int]) -> dict[str, list[float]]:
-    """Rows/s of a DataLoader pass (batch 16, workers 0), checked and unchecked in alternating pairs, alone and
-    beside NEIGHBOURS CPU-burning processes."""
+def loaded_reads(store_dir: Path, order: list[int]) -> dict[int, dict]:
+    """Per number of CPU-burning neighbours (0 and NEIGHBOURS): rows/s of DataLoader passes (batch 16, workers 0),
+    checked and unchecked in LOAD_PAIRS alternating pairs, each pair's unchecked / checked, the CPU time a row
+    (this process, its copy threads included) and the load average before and after. Both reads run the same
+    compiled copy on the same threads (one helper a 5 MB batch), so the pairs' ratios and the CPU a row say whether
+    a difference is the sums' or the host's: on a loaded host single passes move 2x from one to the next."""
     from clipcond import EmbeddingStore
 
     out = {}
     for neighbours in (0, NEIGHBOURS):
+        cpu: dict[bool, list[float]] = {True: [], False: []}
+
+        def measure(checked: bool, cpu: dict = cpu) -> float:
+            before = cpu_seconds()[0]
+            rate = read_all(EmbeddingStore(store_dir, verify_rows=checked), order, 0)
+            cpu[checked].append((cpu_seconds()[0] - before) / len(order) * 1e6)
+            return rate
+
         with Neighbours(neighbours):
-            rates, _ = pair_ratios(lambda checked: read_all(EmbeddingStore(store_dir, verify_rows=checked), order, 0),
-                                   4)
-        for checked in (True, False):
-            out[f"{'checked' if checked else 'unchecked'}, {neighbours} neighbours"] = rates[checked]
+            load = os.getloadavg()[0]
+            rates, ratios = pair_ratios(measure, LOAD_PAIRS)
+            out[neighbours] = {"checked": rates[True], "unchecked": rates[False],
+                               "unchecked/checked": [1 / r for r in ratios], "load": (load, os.getloadavg()[0]),
+                               "cpu_us_per_row": {"checked": cpu[True], "unchecked": cpu[False]}}
     return out
 
 
@@ -250,56 +269,113 @@ def checksum_cost(store_dir: Path, batches: list[list[int]]) -> tuple[dict[bool,
     return pair_ratios(copy_all, PAIRS)
 
 
-class LatentsWithText(Dataset):
-    """A user's map-style dataset: the sample's VAE latent (in memory here, so that the text read is what differs)
-    and, with ``files``, its text conditioning from one ``.safetensors`` per sample (the per-sample cache)."""
+class Latents(Dataset):
+    """A user's map-style dataset of VAE latents, one memory-mapped ``.npy`` of them all (copy-on-write: each item is
+    a view, no copy, as a per-sample safetensors file's tensors are), with ``files`` its text conditioning from one
+    ``.safetensors`` per sample; ``index=True`` adds the item's index (for a join in the main process)."""
 
-    def __init__(self, latents: torch.Tensor, files: list[Path] | None = None) -> None:
-        self.latents, self.files = latents, files
+    def __init__(self, latents: Path, files: list[Path] | None = None, *, index: bool = False) -> None:
+        self.latents, self.files, self.index = np.load(latents, mmap_mode="c"), files, index
 
     def __len__(self) -> int:
         return len(self.latents)
 
-    def __getitem__(self, i: int) -> dict[str, torch.Tensor]:
-        item = {"latent": self.latents[i]}  # [4, 128, 128]
+    def __getitem__(self, i: int) -> dict[str, torch.Tensor | int]:
+        item: dict[str, torch.Tensor | int] = {"latent": torch.from_numpy(self.latents[i])}  # [4, 128, 128]
         if self.files is not None:
             from safetensors.torch import load_file
 
             item.update(load_file(self.files[i]))  # sequence [77, 2048], pooled [1280]
+        if self.index:
+            item["index"] = i
         return item
 
 
-def joined_reads(store_dir: Path, files: list[Path], order: list[int]) -> dict[str, list[float]]:
-    """Rows/s with JOIN_WORKERS workers, warm: latents + per-sample files (default collate), latents joined with
-    the store (default collate, and ``store.collate()``); 3 passes each, interleaved."""
+class Segment(Dataset):
+    """The floor of any worker-side fetch: each batch only a fresh shared-memory segment of its size (as
+    default_collate and the store make a worker's batch), its pages given, nothing copied into it."""
+
+    def __init__(self, n: int, row_bytes: int) -> None:
+        self.n, self.row_bytes = n, row_bytes
+
+    def __len__(self) -> int:
+        return self.n
+
+    def __getitems__(self, rows: list[int]) -> list[dict[str, torch.Tensor]]:
+        from clipcond.store.checksums import populate
+
+        buffer = torch.empty(0, dtype=torch.uint8).new(torch.UntypedStorage._new_shared(len(rows) * self.row_bytes))
+        populate(buffer.numpy())
+        return [{"latent": buffer.view(len(rows), self.row_bytes)}]  # [B, bytes]: the collate takes it as it is
+
+
+def write_samples(store, latents: Path, root: Path) -> list[Path]:  # noqa: ANN001
+    """One ``.safetensors`` per sample holding its latent and its text conditioning: the per-sample cache."""
+    from safetensors.torch import save_file
+
+    (root / "samples").mkdir()
+    array = np.load(latents, mmap_mode="r")
+    files = [root / "samples" / f"{i:09d}.safetensors" for i in range(len(store))]
+    for i, path in enumerate(files):
+        row = store[i]
+        save_file({"latent": torch.from_numpy(array[i].copy()), "sequence": row["sequence"].clone(),
+                   "pooled": row["pooled"].clone()}, path)
+    return files
+
+
+def cpu_seconds() -> tuple[float, float]:
+    """CPU seconds (user + system) of this process and of its finished children (DataLoader workers)."""
+    import resource
+
+    me, children = resource.getrusage(resource.RUSAGE_SELF), resource.getrusage(resource.RUSAGE_CHILDREN)
+    return me.ru_utime + me.ru_stime, children.ru_utime + children.ru_stime
+
+
+def joined_reads(store_dir: Path, text_files: list[Path], order: list[int], root: Path) -> dict[str, list[tuple]]:
+    """(rows/s, main CPU ms a batch, workers' CPU ms a batch) of each way with JOIN_WORKERS workers, warm (a pass of
+    each first), JOIN_PASSES passes each, their order alternating."""
     from clipcond import EmbeddingStore
     from clipcond.store.reader import JoinedDataset
 
-    latents = torch.randn((len(files), *LATENT), generator=torch.Generator().manual_seed(SEED)).to(torch.float16)
+    latents = root / "latents.npy"
+    np.save(latents, torch.randn((len(text_files), *LATENT), generator=torch.Generator().manual_seed(SEED))
+            .to(torch.float16).numpy())
+    samples = write_samples(EmbeddingStore(store_dir), latents, root)
+    per_row = sum(math.prod(shape) * 2 for shape in (LATENT, (77, 2048), (1280,)))  # float16 bytes a row
 
-    def rate(dataset: Dataset, collate) -> float:  # noqa: ANN001
+    def rate(dataset: Dataset, collate=None, join: EmbeddingStore | None = None) -> tuple:  # noqa: ANN001
         loader = DataLoader(dataset, batch_size=BATCH, sampler=order, num_workers=JOIN_WORKERS, collate_fn=collate,
                             prefetch_factor=4)
-        start, n = time.perf_counter(), 0
+        (main0, workers0), start, n = cpu_seconds(), time.perf_counter(), 0
         for batch in loader:
-            n += len(batch["sequence"])
-            assert batch["latent"].shape[1:] == LATENT
-        return n / (time.perf_counter() - start)
+            if join is not None:  # the main process copies the rows into its own (reused) batch memory
+                batch.update(join.__getitems__(batch["index"].tolist()).batch)
+            n += len(batch["latent"])
+        wall = time.perf_counter() - start
+        del loader  # its workers end: their CPU time is counted
+        (main1, workers1), batches = cpu_seconds(), n / BATCH
+        return n / wall, (main1 - main0) / batches * 1e3, (workers1 - workers0) / batches * 1e3
 
-    def store() -> EmbeddingStore:
-        return EmbeddingStore(store_dir)
+    def joined(collate: bool) -> tuple:
+        store = EmbeddingStore(store_dir)
+        return rate(JoinedDataset(Latents(latents), store), store.collate() if collate else None)
 
-    ways = {"latents + .safetensors each (default collate)": lambda: rate(LatentsWithText(latents, files), None),
-            "JoinedDataset(latents, store) (default collate)": lambda: rate(JoinedDataset(LatentsWithText(latents),
-                                                                                          store()), None),
-            "JoinedDataset(latents, store), store.collate()": lambda: (s := store(), rate(
-                JoinedDataset(LatentsWithText(latents), s), s.collate()))[1]}
-    out: dict[str, list[float]] = {name: [] for name in ways}
+    ways = {"per-sample .safetensors, latent + text (default collate)":
+            lambda: rate(PerSample(".safetensors each", samples)),
+            "latents .npy + per-sample .safetensors text (default collate)":
+            lambda: rate(Latents(latents, text_files)),
+            "JoinedDataset(latents .npy, store), store.collate()": lambda: joined(True),
+            "JoinedDataset(latents .npy, store), default collate": lambda: joined(False),
+            "workers: latents .npy only; main process: store rows": lambda: rate(
+                Latents(latents, index=True), join=EmbeddingStore(store_dir)),
+            "floor: a fresh shared segment a batch, nothing copied": lambda: rate(Segment(len(order), per_row),
+                                                                                   lambda items: items[0])}
+    out: dict[str, list[tuple]] = {name: [] for name in ways}
     for measure in ways.values():
-        measure()  # warm
-    for _ in range(3):
-        for name, measure in ways.items():
-            out[name].append(measure())
+        measure()  # warm: every file and shard read once
+    for k in range(JOIN_PASSES):
+        for name in (list(ways) if k % 2 == 0 else list(ways)[::-1]):
+            out[name].append(ways[name]())
     return out
 
 
@@ -344,9 +420,18 @@ def main() -> None:
             results["single"] = {"small": small, "real": real}
         if "load" in sections:
             loaded = loaded_reads(store_dir, order)
-            print(f"DataLoader, batch {BATCH}, workers 0, warm, rows/s (medians of 4; all passes):")
-            for name, rates in loaded.items():
-                print(f"  {name}: {statistics.median(rates):,.0f}  ({', '.join(f'{r:,.0f}' for r in rates)})")
+            print(f"DataLoader, batch {BATCH}, workers 0, warm: medians (quartiles) of {LOAD_PAIRS} alternating "
+                  "checked / unchecked pairs of passes; CPU µs a row: this process's, its copy threads included")
+            print("| CPU-burning neighbours | load average | checked rows/s | unchecked rows/s | unchecked / checked "
+                  "per pair | CPU µs a row, checked | unchecked |")
+            print("|---:|---|---:|---:|---:|---:|---:|")
+            for neighbours, r in loaded.items():
+                cells, cpu = [], r["cpu_us_per_row"]
+                for values, form in ((r["checked"], ",.0f"), (r["unchecked"], ",.0f"), (r["unchecked/checked"], ".3f"),
+                                     (cpu["checked"], ".1f"), (cpu["unchecked"], ".1f")):
+                    q = statistics.quantiles(values, n=4)
+                    cells.append(f"{statistics.median(values):{form}} ({q[0]:{form}}-{q[2]:{form}})")
+                print(f"| {neighbours} | {r['load'][0]:.1f} -> {r['load'][1]:.1f} | {' | '.join(cells)} |")
             print()
             results["load"] = loaded
         if "checksum" in sections:
@@ -360,12 +445,19 @@ def main() -> None:
                   f"{quartiles[0]:.3f}-{quartiles[2]:.3f}): cost {1 - ratio:.1%}\n")
             results["checksum"] = {"rows_per_s": rates, "ratios": ratios, "cost": 1 - ratio}
         if "joined" in sections:
-            joined = joined_reads(store_dir, peers[".safetensors each"], order)
-            base = statistics.median(joined["latents + .safetensors each (default collate)"])
-            print(f"the training read path: latents [4, 128, 128] fp16 + text, DataLoader batch {BATCH}, "
-                  f"{JOIN_WORKERS} workers, warm (medians of 3):")
-            for name, rates in joined.items():
-                print(f"  {name}: {statistics.median(rates):,.0f} rows/s, {statistics.median(rates) / base:.2f}x")
+            load = os.getloadavg()[0]
+            joined = joined_reads(store_dir, peers[".safetensors each"], order, root)
+            base = statistics.median(r[0] for r in joined["per-sample .safetensors, latent + text (default collate)"])
+            print(f"the training read path: latent [4, 128, 128] fp16 + SDXL text, DataLoader batch {BATCH}, "
+                  f"{JOIN_WORKERS} workers, warm; medians of {JOIN_PASSES} alternating passes (load average "
+                  f"{load:.1f} at start, {os.getloadavg()[0]:.1f} at end):")
+            print("| way | rows/s | min-max | × per-sample | CPU ms a batch: main | workers |")
+            print("|---|---:|---:|---:|---:|---:|")
+            for name, runs in joined.items():
+                rates = [r[0] for r in runs]
+                print(f"| {name} | {statistics.median(rates):,.0f} | {min(rates):,.0f}-{max(rates):,.0f} | "
+                      f"{statistics.median(rates) / base:.2f} | {statistics.median(r[1] for r in runs):.2f} | "
+                      f"{statistics.median(r[2] for r in runs):.2f} |")
             results["joined"] = joined
     a.out.parent.mkdir(parents=True, exist_ok=True)
     a.out.write_text(json.dumps(results, indent=1))

@@ -10,9 +10,9 @@ from pathlib import Path
 import numpy as np
 import pytest
 import torch
-from torch.utils.data import DataLoader
+from torch.utils.data import DataLoader, Dataset, default_collate
 
-from clipcond import Conditioning, EmbeddingStore, TextConditioner
+from clipcond import Conditioning, EmbeddingStore, JoinedDataset, TextConditioner
 from clipcond.cli import main
 from clipcond.precompute.job import PrecomputeJob, precompute
 from clipcond.store.format import MANIFEST, raw_bytes, safetensors_header
@@ -108,6 +108,75 @@ def dropped_rows(store: EmbeddingStore, collate, batch_size: int, *, num_workers
             else:
                 assert torch.equal(batch["sequence"][i], store[row]["sequence"])
     return rows
+
+
+class Images(Dataset):
+    """A user's dataset: a latent, sizes, a caption string, an id and numbers of every kind default_collate takes."""
+
+    def __len__(self) -> int:
+        return ROWS
+
+    def __getitem__(self, i: int) -> dict:
+        g = torch.Generator().manual_seed(i)
+        return {"latent": torch.randn((4, 8, 8), generator=g).to(torch.float16), "size": np.array([i, 2 * i]),
+                "scale": i / 7, "step": i * 3, "flipped": i % 2 == 0, "text": f"image {i}", "key": 1000 + i}
+
+
+class Ragged(Images):
+    def __getitem__(self, i: int) -> dict:
+        return {**super().__getitem__(i), "mask": torch.ones(i % 3 + 1)}  # shapes differ from row to row
+
+
+def test_a_joined_batch_is_collated_as_default_collate_would(store):
+    """JoinedDataset stacks your fields into the batch's memory itself (one copy with the store's rows): each must come
+    out as default_collate makes it: float16 latents stay float16, Python ints int64, floats float64, bools bool,
+    numpy int arrays int64, strings a list; a field whose shapes differ is left to the collate, which refuses it."""
+    joined, collate = JoinedDataset(Images(), store), store.collate()
+    for by, dataset in (("index", joined), ("id", JoinedDataset(Images(), store, by="id", id_key="key"))):
+        rows = [5, 17, 3, 392, 250]
+        batch = collate(dataset.__getitems__(rows))
+        expected = default_collate([Images()[r] for r in rows])
+        for key, value in expected.items():
+            got = batch[key]
+            assert type(got) is type(value), (by, key)
+            if isinstance(value, torch.Tensor):
+                assert got.dtype == value.dtype and torch.equal(got, value), (by, key)
+            else:
+                assert got == value, (by, key)
+        assert batch["row"].tolist() == rows
+        assert torch.equal(batch["sequence"], torch.stack([store[r]["sequence"] for r in rows]))
+    with pytest.raises(RuntimeError, match="stack expects each tensor to be equal size"):
+        collate(JoinedDataset(Ragged(), store).__getitems__([0, 1]))
+
+
+def test_a_joined_batch_made_in_a_worker_is_one_shared_segment(store):
+    """In a DataLoader worker the batch (the store's rows, your stacked fields and the dropout mask) is made in
+    shared memory, in one segment: the pickler then sends it as one handle. Before, the store's rows were in shared
+    memory but each field default_collate stacked and the mask were segments of their own (one file descriptor and
+    ~0.5 ms each), and a batch in ordinary memory would be copied into a new segment by the pickler."""
+    collate = store.collate(0.5, seed=1)
+
+    def in_worker(items: list) -> dict:
+        batch = collate(items)
+        tensors = [value for value in batch.values() if isinstance(value, torch.Tensor)]
+        batch["shared"] = all(t.is_shared() for t in tensors)  # made there, before any pickling
+        batch["segments"] = len({t.untyped_storage().data_ptr() for t in tensors})
+        return batch
+
+    loader = DataLoader(JoinedDataset(Images(), store), batch_size=16, num_workers=2, collate_fn=in_worker)
+    seen = []
+    for batch in loader:
+        assert batch["shared"] and batch["segments"] == 1
+        rows = batch["row"].tolist()
+        assert torch.equal(batch["latent"], torch.stack([Images()[r]["latent"] for r in rows]))
+        kept = ~batch["dropped"]
+        assert 0 < int(kept.sum()) < 16
+        assert torch.equal(batch["pooled"][kept], torch.stack([store[r]["pooled"] for r in rows])[kept])
+        assert not batch["pooled"][~kept].any()  # dropped to tiny-sdxl's null: zeros
+        seen += rows
+        if len(seen) >= 64:
+            break
+    assert len(seen) >= 64
 
 
 def test_caption_dropout_statistics_and_reproducibility(store):
@@ -273,6 +342,21 @@ def test_the_compiled_row_copy_copies_and_sums_like_python_integers():
         _rows.copy_rows(sources[:2], [np.zeros(0, np.uint8)], np.zeros(2, np.uint64), 1)
     with pytest.raises(BufferError, match="not writable"):
         _rows.copy_rows([sources[3]], [bytes(8)], np.zeros(1, np.uint64), 1)
+
+
+def test_populate_gives_a_fresh_shared_segment_s_pages_over_any_part_of_it():
+    """``populate`` (a worker's batch memory) rounds the buffer out to whole pages, which must stay inside its mapping:
+    a part that starts or ends inside a page succeeds wherever the whole segment does (Linux 5.14+: both), instead
+    of failing (ENOMEM past the mapping) and leaving every page to fault in. The pages read as zeros."""
+    from clipcond.store import _rows
+
+    segment = torch.empty(0, dtype=torch.uint8).new(torch.UntypedStorage._new_shared(3 * 4096 + 5)).numpy()
+    whole = _rows.populate(segment)
+    assert _rows.populate(segment[7:-3]) is whole and _rows.populate(segment[4096 * 3 :]) is whole
+    assert _rows.populate(segment[:0]) is False  # nothing to give
+    assert not segment.any()
+    with pytest.raises(BufferError, match="not writable"):
+        _rows.populate(bytes(8))
 
 
 def test_a_version_1_store_is_refused_with_how_to_remake_it(damaged, tmp_path, tc):

@@ -31,7 +31,7 @@ from torch.utils.data import Dataset, default_collate, get_worker_info
 from clipcond._files import id_hash
 from clipcond.conditioning import Conditioning
 from clipcond.specs import EncoderSpec, spec_from_dict
-from clipcond.store.checksums import copy_rows, mix_checksums, row_bytes, row_checksum
+from clipcond.store.checksums import copy_rows, mix_checksums, populate, row_bytes, row_checksum
 from clipcond.store.format import REPAIR_HINT, IndexFormat, Manifest, ShardEntry, ShardFormat, read_null
 
 MAX_OPEN_SHARDS = 64  # memory maps kept open per process (DataLoader worker)
@@ -187,15 +187,20 @@ class EmbeddingStore(Dataset):
         Returns per-row items (views of the batch), so any ``collate_fn`` works; ``store.collate()``
         takes the batch as it is instead of stacking the rows again.
         """
+        return self._fetch(rows, {})
+
+    def _fetch(self, rows: Sequence[int], columns: dict[str, Column]) -> Rows:
+        """``__getitems__``, with ``columns`` (a joined dataset's fields, one value per row) stacked into the same
+        batch memory by the same copy: in a DataLoader worker, one shared-memory segment for the whole batch."""
         rows = [self._check_row(r) for r in rows]
-        first = self._null
-        sequence, pooled, row_ids = _batch_tensors(self._buffers,
-                                                   ((len(rows), *first.sequence.shape[1:]), first.sequence.dtype),
-                                                   ((len(rows), first.pooled.shape[1]), first.pooled.dtype),
-                                                   ((len(rows),), torch.int64))  # [B, L, D], [B, P], [B]
+        first, n = self._null, len(rows)
+        sequence, pooled, row_ids, dropped, *stacked = _batch_tensors(
+            self._buffers, ((n, *first.sequence.shape[1:]), first.sequence.dtype),
+            ((n, first.pooled.shape[1]), first.pooled.dtype), ((n,), torch.int64), ((n,), torch.bool),
+            *(((n, *column.shape), column.dtype) for column in columns.values()))  # [B, L, D], [B, P], [B], [B]
         row_ids.copy_(torch.tensor(rows, dtype=torch.int64))
         located = [self._locate(row, 0) for row in rows]
-        order = sorted(range(len(rows)), key=lambda i: (id(located[i][0]), located[i][1]))  # file order: readahead
+        order = sorted(range(n), key=lambda i: (id(located[i][0]), located[i][1]))  # file order: readahead
         sources, destinations = [], []
         for name, batch in (("sequence", sequence), ("pooled", pooled)):
             batch_bytes = row_bytes(batch)  # [B, bytes], a view
@@ -203,15 +208,20 @@ class EmbeddingStore(Dataset):
                 view, local = located[i]
                 sources.append(view.rows[name][local])
                 destinations.append(batch_bytes[i])
+        for column, batch in zip(columns.values(), stacked, strict=True):  # summed too when checking: ~free, unused
+            sources.extend(column.sources)
+            destinations.extend(column.destinations(batch))
         sums = copy_rows(sources, destinations, checksums=self.verify_rows)
         if sums is not None:
-            sums = sums.reshape(2, -1)  # [sequence, pooled] word sums, in file order
+            sums = sums[: 2 * n].reshape(2, -1)  # [sequence, pooled] word sums, in file order
             expected = np.array([located[i][0].checks[located[i][1]] for i in order], dtype=np.int64)
             for k in np.flatnonzero(mix_checksums(sums[0], sums[1]) != expected):
                 view, local = located[order[k]]
                 raise view.damaged(local, f"store row {rows[order[k]]}, variant 0")
         items = Rows({"sequence": sequence[i], "pooled": pooled[i], "row": row} for i, row in enumerate(rows))
         items.batch = {"sequence": sequence, "pooled": pooled, "row": row_ids}
+        items.batch.update(zip(columns, stacked, strict=True))
+        items.dropped = dropped
         return items
 
     def _check_row(self, row: int) -> int:
@@ -340,10 +350,10 @@ class BatchBuffers:
 
 
 def _batch_tensors(buffers: BatchBuffers, *specs: tuple[tuple[int, ...], torch.dtype]) -> list[torch.Tensor]:
-    """Empty batch tensors of these (shape, dtype)s, views of one buffer; in a DataLoader worker the buffer is
-    in shared memory (as default_collate makes its batches), so that handing the batch to the main process
-    copies nothing and passes one shared segment rather than one per tensor (each costs ~0.5 ms); in the main
-    process, from ``buffers``."""
+    """Empty batch tensors of these (shape, dtype)s, views of one buffer. In a DataLoader worker the buffer is a
+    new shared-memory segment, its pages given at once (``populate``), as default_collate makes its batches there:
+    handing the batch to the main process then copies nothing, and passes one segment (one file descriptor,
+    ~0.5 ms each to send and receive) for all of its tensors. In the main process, from ``buffers``."""
     offsets, size = [], 0
     for shape, dtype in specs:
         size += -size % 8  # every view 8-byte aligned
@@ -351,16 +361,75 @@ def _batch_tensors(buffers: BatchBuffers, *specs: tuple[tuple[int, ...], torch.d
         size += math.prod(shape) * dtype.itemsize
     if get_worker_info() is None:
         buffer = buffers.get(size)
-    else:
+    elif size:
         buffer = torch.empty(0, dtype=torch.uint8).new(torch.UntypedStorage._new_shared(size))
+        populate(buffer.numpy())
+    else:  # nothing to share (an empty batch): a segment cannot be empty
+        buffer = torch.empty(0, dtype=torch.uint8)
     return [buffer[a : a + math.prod(shape) * dtype.itemsize].view(dtype).view(shape) if math.prod(shape)
             else torch.empty(shape, dtype=dtype) for a, (shape, dtype) in zip(offsets, specs, strict=True)]
 
 
 class Rows(list):
-    """``EmbeddingStore.__getitems__``'s items, with ``batch``: the same rows already stacked."""
+    """``EmbeddingStore.__getitems__``'s items, with ``batch``: the same rows already stacked, and ``dropped``: a
+    [B] bool in the same memory, for the collate's caption dropout mask."""
 
     batch: dict[str, torch.Tensor]
+    dropped: torch.Tensor
+
+
+SCALARS = {bool: (torch.bool, np.bool_), int: (torch.int64, np.int64), float: (torch.float64, np.float64)}
+
+
+@dataclass(frozen=True)
+class Column:
+    """One field of a joined dataset's items, to be stacked by the store's copy into the batch's memory exactly as
+    ``default_collate`` would stack it: ``shape`` of one item, ``dtype``, and the bytes to copy (``sources``: one
+    contiguous buffer per item, or with ``whole`` one for the whole column)."""
+
+    shape: tuple[int, ...]
+    dtype: torch.dtype
+    sources: list[np.ndarray]
+    whole: bool = False
+
+    def destinations(self, batch: torch.Tensor) -> list[np.ndarray]:
+        """Where ``sources`` go in ``batch`` [B, *shape]: its rows' bytes, or all of them."""
+        rows = row_bytes(batch)  # [B, bytes], a view
+        return [rows.reshape(-1)] if self.whole else list(rows)
+
+    @staticmethod
+    def of(values: list) -> Column | None:
+        """The column ``default_collate`` makes of ``values`` (one per item) when it is one tensor: CPU tensors or
+        numeric numpy arrays of one shape and dtype, Python bools, ints (int64) or floats (float64); else None
+        (strings, tuples, mixed types and shapes: left to the collate, which stacks or refuses them as ever)."""
+        kind = type(values[0])
+        if not all(type(v) is kind for v in values):
+            return None
+        if kind in SCALARS:  # default_collate's torch.tensor(values): ordinary memory, a segment of its own
+            try:
+                return Column((), SCALARS[kind][0], [np.array(values, dtype=SCALARS[kind][1])], whole=True)
+            except OverflowError:  # past int64: default_collate's own error says so
+                return None
+        first = values[0]
+        if kind is torch.Tensor:
+            if (first.layout != torch.strided or first.device.type != "cpu" or first.is_quantized
+                    or any(v.shape != first.shape or v.dtype != first.dtype or v.requires_grad for v in values)):
+                return None
+            return Column(tuple(first.shape), first.dtype, [_tensor_bytes(v) for v in values])
+        if issubclass(kind, np.ndarray) and first.dtype.kind in "biufc" and first.dtype.isnative:
+            if any(v.shape != first.shape or v.dtype != first.dtype for v in values):
+                return None
+            try:
+                dtype = torch.from_numpy(np.empty(0, dtype=first.dtype)).dtype
+            except TypeError:  # a numpy dtype torch has no tensor of
+                return None
+            return Column(first.shape, dtype, [np.ascontiguousarray(v) for v in values])
+        return None
+
+
+def _tensor_bytes(tensor: torch.Tensor) -> np.ndarray:
+    """A CPU tensor's values as contiguous bytes (a view when it is contiguous)."""
+    return tensor.resolve_conj().resolve_neg().contiguous().reshape(-1).view(torch.uint8).numpy()
 
 
 STORE_KEYS = ("sequence", "pooled", "row")  # what a store item holds
@@ -406,9 +475,11 @@ class JoinedDataset(Dataset):
         items = [self._as_dict(item) for item in (fetch(indices) if fetch else [self.dataset[i] for i in indices])]
         rows = list(indices) if self.by == "index" else [self._row_of(item, i) for item, i in
                                                           zip(items, indices, strict=True)]
-        fetched = self.store.__getitems__(rows)  # [B, L, D], [B, P]: one copy, checked
+        columns = {key: column for key in (items[0] if items else ()) if all(key in item for item in items)
+                   and (column := Column.of([item[key] for item in items])) is not None}
+        fetched = self.store._fetch(rows, columns)  # [B, L, D], [B, P] and your columns: one copy, rows checked
         joined = Rows({**item, **row} for item, row in zip(items, fetched, strict=True))
-        joined.batch = fetched.batch
+        joined.batch, joined.dropped = fetched.batch, fetched.dropped
         return joined
 
     def _as_dict(self, item: object) -> dict:
@@ -477,18 +548,31 @@ class CaptionDropout:
         if missing:
             raise TypeError(f"CaptionDropout needs items with 'sequence', 'pooled' and 'row' (EmbeddingStore "
                             f"items), got keys {sorted(items[0])}")
-        if self.store is not None:  # items are variant 0: read the chosen variants instead
-            items = [{**item, **self.store.get(item["row"], v)} if v else item
-                     for item, v in zip(items, self.variants([item["row"] for item in items]), strict=True)]
         if isinstance(items, Rows):  # a batched fetch stacked the rows already: take its tensors, no second copy
-            batch = dict(items.batch)
-            others = [key for key in items[0] if key not in STORE_KEYS] if items else []  # a JoinedDataset's
-            batch.update({key: default_collate([item[key] for item in items]) for key in others})
+            batch = self._stacked(items)
         else:
+            if self.store is not None:  # items are variant 0: read the chosen variants instead
+                items = [{**item, **self.store.get(item["row"], v)} if v else item
+                         for item, v in zip(items, self.variants([item["row"] for item in items]), strict=True)]
             batch = default_collate(items)
         mask = self.dropped(batch["row"])  # [B]
+        if isinstance(items, Rows):
+            mask = items.dropped.copy_(mask)  # in the batch's memory: a worker's batch stays one shared segment
         if mask.any():
             batch["sequence"][mask] = self.null_sequence.to(batch["sequence"].dtype)
             batch["pooled"][mask] = self.null_pooled.to(batch["pooled"].dtype)
         batch["dropped"] = mask
+        return batch
+
+    def _stacked(self, items: Rows) -> dict:
+        """The batch a fetch stacked (``items.batch``), the items' other keys collated, the chosen variants read
+        into the rows that get another one than variant 0."""
+        batch = dict(items.batch)
+        others = [key for key in items[0] if key not in batch] if items else []  # a JoinedDataset's unstacked keys
+        batch.update({key: default_collate([item[key] for item in items]) for key in others})
+        if self.store is not None:
+            for i, (row, v) in enumerate(zip(batch["row"].tolist(), self.variants(batch["row"]), strict=True)):
+                if v:
+                    chosen = self.store.get(row, v)  # checked
+                    batch["sequence"][i], batch["pooled"][i] = chosen["sequence"], chosen["pooled"]
         return batch

@@ -349,7 +349,7 @@ def joined_reads(store_dir: Path, text_files: list[Path], order: list[int], root
         (main0, workers0), start, n = cpu_seconds(), time.perf_counter(), 0
         for batch in loader:
             if join is not None:  # the main process copies the rows into its own (reused) batch memory
-                batch.update(join.__getitems__(batch["index"].tolist()).batch)
+                batch.update(join.batch(batch["index"]))
             n += len(batch["latent"])
         wall = time.perf_counter() - start
         del loader  # its workers end: their CPU time is counted

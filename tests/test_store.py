@@ -454,3 +454,27 @@ def test_the_batched_fetch_checks_every_row_on_its_copy(damaged, monkeypatch, ca
         store.__getitems__([0, row, 1])
     with pytest.raises(ValueError, match=rf"shard-00005.safetensors row 0 \(store row {row}, variant 0\): checksum"):
         store[row]
+
+
+def test_batch_in_the_main_process_stacks_checked_rows_in_reused_memory(damaged):
+    """store.batch(rows), the main-process half of a join: the rows as store[i] gives them, stacked (a wrong
+    slot or order would differ), checked like every read (a damaged row is an error, not a batch), and a batch
+    dropped by the caller gives its memory to the next one (a fresh buffer a batch is what it must avoid)."""
+    store = EmbeddingStore(damaged)
+    rows = [5, 0, 17, 5]
+    batch = store.batch(torch.tensor(rows))
+    assert batch["row"].tolist() == rows
+    for i, r in enumerate(rows):
+        assert torch.equal(batch["sequence"][i], store[r]["sequence"]) and torch.equal(batch["pooled"][i],
+                                                                                          store[r]["pooled"])
+    address = batch["sequence"].data_ptr()
+    del batch
+    assert store.batch([1, 2, 3, 4])["sequence"].data_ptr() == address
+    shard = damaged / "shard-00005.safetensors"
+    data = bytearray(shard.read_bytes())
+    data[8 + int.from_bytes(data[:8], "little") + 64] ^= 0x10  # row 0 of shard 5, a byte of its sequence
+    shard.write_bytes(bytes(data))
+    damaged_store = EmbeddingStore(damaged)
+    row = next(r for r in range(ROWS) if int(damaged_store._slots[r, 0]) == 5 * 16)  # slot 80: shard 5, row 0
+    with pytest.raises(ValueError, match=r"shard-00005.safetensors row 0 .*checksum"):
+        damaged_store.batch([row])

@@ -189,6 +189,14 @@ class EmbeddingStore(Dataset):
         """
         return self._fetch(rows, {})
 
+    def batch(self, rows: Sequence[int] | torch.Tensor) -> dict[str, torch.Tensor]:
+        """Rows ``rows`` stacked: ``{"sequence": [B, L, D], "pooled": [B, P], "row": [B]}``, checked as every read.
+
+        For a join in the main process: let the DataLoader's workers load your data (latents) with the row
+        indices, and fetch the store's rows here, into batch memory this process reuses once a batch is gone, so
+        that the rows never cross from a worker (docs/store.md)."""
+        return self._fetch([int(r) for r in rows], {}).batch
+
     def _fetch(self, rows: Sequence[int], columns: dict[str, Column]) -> Rows:
         """``__getitems__``, with ``columns`` (a joined dataset's fields, one value per row) stacked into the same
         batch memory by the same copy: in a DataLoader worker, one shared-memory segment for the whole batch."""

@@ -107,7 +107,7 @@ def _cmd_download(args: argparse.Namespace) -> int:
 
 def _cmd_precompute(args: argparse.Namespace) -> int:
     from clipcond.precompute.job import PrecomputeJob, Ranks, precompute, rank_device
-    from clipcond.store.format import Manifest
+    from clipcond.store.manifest import Manifest
 
     job = PrecomputeJob(input=args.input, out=args.out, column=args.column or ["caption"], id_column=args.id_column,
                         limit=args.limit, batch_size=args.batch_size, shard_size=args.shard_size, part=args.part,
@@ -153,7 +153,7 @@ def _cmd_inspect(args: argparse.Namespace) -> int:
     if not path.exists():
         raise FileNotFoundError(f"{path}: no such file or folder (a checkpoint file or an embedding store)")
     if path.is_dir():  # an embedding store (clipcond precompute --out DIR)
-        from clipcond.store.format import inspect_store
+        from clipcond.store.manifest import inspect_store
 
         lines, problems = inspect_store(path)
         print("\n".join(lines))

@@ -141,13 +141,13 @@ def test_extractors_see_what_a_reader_sees() -> None:
         "import torch, clipcond\n"
         "from clipcond import TextConditioner, EmbeddingStore as ES\n"
         "from clipcond import (\n    get_spec,\n    register_encoder,\n)\n"
-        "from clipcond.store.format import Manifest\n"
+        "from clipcond.store.manifest import Manifest\n"
         "tc = clipcond.TextConditioner.from_pretrained('sd15')  # see OUT/.clipcond.lock\n"
         "spec = clipcond.nope_not_here\n"
     )
     assert sorted(clipcond_uses(code)) == sorted([
         ("clipcond", "TextConditioner"), ("clipcond", "EmbeddingStore"), ("clipcond", "get_spec"),
-        ("clipcond", "register_encoder"), ("clipcond.store.format", "Manifest"),
+        ("clipcond", "register_encoder"), ("clipcond.store.manifest", "Manifest"),
         ("clipcond", "TextConditioner"), ("clipcond", "nope_not_here"),
     ])
     assert missing("clipcond", "nope_not_here") == "clipcond.nope_not_here raises AttributeError"

@@ -21,7 +21,8 @@ from hypothesis import strategies as st
 from clipcond.cli import main
 from clipcond.precompute.scan import FILES, scan_captions
 from clipcond.precompute.scan_cache import ScanCache
-from clipcond.store.format import MANIFEST, StoreFiles
+from clipcond.store.format import StoreFiles
+from clipcond.store.manifest import MANIFEST
 
 FUZZ = settings(max_examples=150, deadline=None, derandomize=True,
                 suppress_health_check=[HealthCheck.too_slow, HealthCheck.function_scoped_fixture])

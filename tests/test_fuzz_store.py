@@ -23,7 +23,7 @@ from hypothesis import strategies as st
 
 from clipcond import EmbeddingStore
 from clipcond.precompute.job import PrecomputeJob, precompute
-from clipcond.store.format import MANIFEST
+from clipcond.store.manifest import MANIFEST
 
 ROWS = 40
 SHARD = 16

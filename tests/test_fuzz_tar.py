@@ -23,7 +23,7 @@ from hypothesis import strategies as st
 
 from clipcond.cli import main
 from clipcond.precompute.tar import BLOCK, members, samples
-from clipcond.store.format import MANIFEST
+from clipcond.store.manifest import MANIFEST
 
 WANTED = {"txt", "json"}
 FORMATS = {"ustar": tarfile.USTAR_FORMAT, "gnu": tarfile.GNU_FORMAT, "pax": tarfile.PAX_FORMAT}

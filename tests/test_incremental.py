@@ -25,8 +25,8 @@ from clipcond import EmbeddingStore, TextConditioner
 from clipcond._files import TMP_MARK
 from clipcond.cli import main
 from clipcond.precompute.encode import DELAY_ENV
-from clipcond.store.format import MANIFEST
 from clipcond.store.gc import collect
+from clipcond.store.manifest import MANIFEST
 
 TOL = {"atol": 1e-5, "rtol": 1e-5}
 BASE = [f"a photo of thing number {i}" for i in range(30)]
@@ -122,12 +122,12 @@ def test_gc_removes_exactly_the_unreferenced_and_a_second_gc_does_nothing(tmp_pa
 
 
 # gc writes the rewritten shards (ShardWriter: 4 here, each added then published), then the index
-# (write_streamed), then the manifest (atomic_write), then removes the old files (_remove_unlisted, called once
-# before it starts too).
+# (write_streamed), then the manifest (atomic_write, in store/manifest.py), then removes the old files
+# (_remove_unlisted, called once before it starts too).
 @pytest.mark.parametrize(("crash", "at"), [("clipcond.store.format.ShardWriter.add", 2),
                                            ("clipcond.store.format.ShardWriter.publish", 4),
                                            ("clipcond.store.format.write_streamed", 1),
-                                           ("clipcond.store.format.atomic_write", 1),
+                                           ("clipcond.store.manifest.atomic_write", 1),
                                            ("clipcond.store.gc._remove_unlisted", 2)])
 def test_gc_killed_at_each_step_then_rerun_equals_an_uninterrupted_gc(tmp_path, tc, monkeypatch, crash, at):
     out = tmp_path / "store"

@@ -22,7 +22,7 @@ from safetensors.torch import load_file as load_tensors
 
 from clipcond import TextConditioner
 from clipcond.cli import main
-from clipcond.store.format import MANIFEST
+from clipcond.store.manifest import MANIFEST
 
 TOL = {"atol": 1e-5, "rtol": 1e-5}  # float32 on CPU; batches differ from the direct call's
 VOLATILE = {".clipcond.lock", ".clipcond.scan-cache"}  # the lock records each run's pid; the cache is a cache

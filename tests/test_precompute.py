@@ -23,7 +23,8 @@ from clipcond.cli import main
 from clipcond.precompute.encode import DELAY_ENV
 from clipcond.precompute.job import PrecomputeJob, precompute
 from clipcond.precompute.scan import ScanFolder, scan_captions
-from clipcond.store.format import MANIFEST, TMP_MARK, StoreFiles
+from clipcond.store.format import TMP_MARK, StoreFiles
+from clipcond.store.manifest import MANIFEST
 
 TOL = {"atol": 1e-5, "rtol": 1e-5}  # float32 on CPU; batches differ from the direct call's
 CAPTIONS = [

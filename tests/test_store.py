@@ -13,9 +13,10 @@ import torch
 from torch.utils.data import DataLoader, Dataset, default_collate
 
 from clipcond import Conditioning, EmbeddingStore, JoinedDataset, TextConditioner
+from clipcond._files import raw_bytes, safetensors_header
 from clipcond.cli import main
 from clipcond.precompute.job import PrecomputeJob, precompute
-from clipcond.store.format import MANIFEST, raw_bytes, safetensors_header
+from clipcond.store.manifest import MANIFEST
 
 ROWS = 400
 CAPTIONS = [f"a photo of thing {i % 150}, style {i % 3}" for i in range(ROWS)]  # 150 distinct

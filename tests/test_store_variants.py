@@ -20,8 +20,9 @@ from torch.utils.data import DataLoader
 
 from clipcond import EmbeddingStore, TextConditioner
 from clipcond.precompute.job import PrecomputeJob, precompute
-from clipcond.store.format import IndexFormat, Manifest, read_tensors
+from clipcond.store.format import IndexFormat, read_tensors
 from clipcond.store.gc import collect
+from clipcond.store.manifest import Manifest
 
 ROWS = 12
 COUNTS = [3, 1, 2, 3, 1, 1, 2, 3, 2, 1, 3, 2]  # each row's own number of captions

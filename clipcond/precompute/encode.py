@@ -27,7 +27,8 @@ import torch
 
 from clipcond._files import atomic_write
 from clipcond.conditioning import Conditioning
-from clipcond.store.format import Manifest, ShardEntry, ShardFormat, ShardWriter
+from clipcond.store.format import ShardFormat, ShardWriter
+from clipcond.store.manifest import Manifest, ShardEntry
 from clipcond.text.tokenizer import Tokens
 
 if TYPE_CHECKING:

@@ -47,17 +47,9 @@ from clipcond.precompute.plan import (
 )
 from clipcond.precompute.scan import CHUNK, CaptionTexts, Scan, scan_captions
 from clipcond.precompute.scan_cache import ScanCache
-from clipcond.store.format import (
-    FORMAT,
-    FORMAT_VERSION,
-    MANIFEST,
-    NULL,
-    FileEntry,
-    IndexFormat,
-    Manifest,
-    StoreFiles,
-)
+from clipcond.store.format import IndexFormat, StoreFiles
 from clipcond.store.locks import PartsLock, StoreLock, remove_stale_scans
+from clipcond.store.manifest import FORMAT, FORMAT_VERSION, MANIFEST, NULL, FileEntry, Manifest
 
 if TYPE_CHECKING:
     from clipcond.encoders.conditioner import TextConditioner

@@ -19,14 +19,8 @@ from typing import TYPE_CHECKING
 import numpy as np
 
 from clipcond.precompute.scan import CHUNK, Scan
-from clipcond.store.format import (
-    MANIFEST,
-    Manifest,
-    ShardEntry,
-    ShardFormat,
-    StoreFiles,
-    read_tensors,
-)
+from clipcond.store.format import ShardFormat, StoreFiles, read_tensors
+from clipcond.store.manifest import MANIFEST, Manifest, ShardEntry
 
 if TYPE_CHECKING:
     from clipcond.encoders.conditioner import TextConditioner

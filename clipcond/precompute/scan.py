@@ -40,8 +40,9 @@ import torch
 
 from clipcond._files import ID_HASH_DTYPE, id_digest
 from clipcond.precompute.inputs import TAR_KEY, check_like_before, expand_inputs, read_captions, row_count_hint
-from clipcond.store.format import Source, StoreFiles
+from clipcond.store.format import StoreFiles
 from clipcond.store.locks import try_lock
+from clipcond.store.manifest import Source
 
 if TYPE_CHECKING:
     from clipcond.precompute.scan_cache import ScanCache

@@ -19,16 +19,9 @@ from pathlib import Path
 import torch
 
 from clipcond.store.checksums import row_checksums
-from clipcond.store.format import (
-    FORMAT_VERSION,
-    IndexFormat,
-    Manifest,
-    ShardEntry,
-    ShardFormat,
-    StoreFiles,
-    read_tensors,
-)
+from clipcond.store.format import IndexFormat, ShardFormat, StoreFiles, read_tensors
 from clipcond.store.locks import PartsLock, StoreLock, remove_stale_scans
+from clipcond.store.manifest import FORMAT_VERSION, Manifest, ShardEntry
 
 logger = logging.getLogger(__name__)
 

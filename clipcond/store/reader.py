@@ -32,7 +32,8 @@ from clipcond._files import id_hash
 from clipcond.conditioning import Conditioning
 from clipcond.specs import EncoderSpec, spec_from_dict
 from clipcond.store.checksums import copy_rows, mix_checksums, populate, row_bytes, row_checksum
-from clipcond.store.format import REPAIR_HINT, IndexFormat, Manifest, ShardEntry, ShardFormat, read_null
+from clipcond.store.format import IndexFormat, ShardFormat, read_null
+from clipcond.store.manifest import REPAIR_HINT, Manifest, ShardEntry
 
 MAX_OPEN_SHARDS = 64  # memory maps kept open per process (DataLoader worker)
 

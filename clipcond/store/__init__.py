@@ -1,5 +1,6 @@
 """The embedding store: what ``clipcond precompute`` writes and ``EmbeddingStore`` reads.
 
-``format`` (the one owner of the manifest, index, shards, row checksums and locks), ``_rows.c`` (the compiled
-copy-and-checksum), ``reader`` (``EmbeddingStore``, ``JoinedDataset``), ``gc``. Imports only the leaves.
+``manifest`` (``manifest.json``: what a store is bound to, every file it holds), ``format`` (shards, the
+index, which files are a store's), ``checksums`` (row checks; ``_rows.c``, the compiled copy-and-checksum),
+``locks``, ``reader`` (``EmbeddingStore``, ``JoinedDataset``), ``gc``. Imports only the leaves.
 """

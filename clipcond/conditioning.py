@@ -21,7 +21,13 @@ PIPELINE_KWARGS: dict[str, tuple[tuple[str, str], ...]] = {
     "FluxPipeline": (("prompt_embeds", "sequence"), ("pooled_prompt_embeds", "pooled")),
     "PixArtAlphaPipeline": (("prompt_embeds", "sequence"), ("prompt_attention_mask", "mask")),
     "PixArtSigmaPipeline": (("prompt_embeds", "sequence"), ("prompt_attention_mask", "mask")),
+    "ChromaPipeline": (("prompt_embeds", "sequence"), ("prompt_attention_mask", "mask")),
+    # AuraFlow's transformer takes no mask, but its __call__ refuses prompt_embeds without prompt_attention_mask
+    # (check_inputs) and only reshapes it to [B, -1]: [B, L] serves, where encode_prompt returns [B, L * D].
+    "AuraFlowPipeline": (("prompt_embeds", "sequence"), ("prompt_attention_mask", "mask")),
 }
+# Pipelines whose mask goes to SDPA in the embeddings' dtype (ChromaPipeline returns it so; SDPA refuses int64).
+FLOAT_MASKS = frozenset({"ChromaPipeline"})
 
 
 @dataclass(frozen=True, slots=True)
@@ -104,7 +110,9 @@ class Conditioning:
             raise ValueError(f"pipeline_kwargs: negative is for {negative.pipeline!r}, not {self.pipeline!r}")
         out = {}
         for keyword, field in PIPELINE_KWARGS[self.pipeline]:
-            out[keyword] = getattr(self, field)
-            if negative is not None:
-                out[f"negative_{keyword}"] = getattr(negative, field)
+            for prefix, c in (("", self), ("negative_", negative)):
+                if c is not None:
+                    value = getattr(c, field)
+                    float_mask = field == "mask" and self.pipeline in FLOAT_MASKS
+                    out[prefix + keyword] = value.to(c.sequence.dtype) if float_mask else value
         return out

@@ -33,6 +33,9 @@ LongPrompts = Literal["truncate", "chunk"]
 # T5's feed-forward (transformers' T5Config.feed_forward_proj): "gated-gelu" = T5 v1.1 / Flan (wi_0, wi_1, wo;
 # every T5 a diffusion model uses), "relu" = the original T5 (wi, wo).
 FeedForward = Literal["gated-gelu", "relu"]
+# The transformers encoder class (its config's model_type): "t5" = T5EncoderModel (one relative-attention table, in
+# block 0), "umt5" = UMT5EncoderModel (a table in every block: AuraFlow's pile-T5).
+T5Architecture = Literal["t5", "umt5"]
 # What the T5 rows after the prompt's EOS hold:
 #   "raw"    as the encoder computes them, attended by the diffusion transformer (SD3, Flux: no mask)
 #   "zero"   zeroed by the pipeline (AuraFlow), no mask passed on
@@ -158,6 +161,7 @@ class T5TowerSpec:
     d_kv: int  # per-head size: heads * d_kv need not equal d_model in T5
     d_ff: int
     feed_forward: FeedForward
+    architecture: T5Architecture = "t5"  # left out of to_dict() at "t5", so that T5 stores made before it still grow
     relative_attention_num_buckets: int = 32
     relative_attention_max_distance: int = 128
     layer_norm_eps: float = 1e-6
@@ -180,6 +184,8 @@ class T5TowerSpec:
                       "relative_attention_max_distance", "max_length"):
             if not isinstance(getattr(self, field), int) or getattr(self, field) <= 0:
                 raise fail(field, f"must be a positive int, got {getattr(self, field)!r}")
+        if self.architecture not in typing.get_args(T5Architecture):
+            raise fail("architecture", f"must be one of {typing.get_args(T5Architecture)}, got {self.architecture!r}")
         if self.feed_forward not in typing.get_args(FeedForward):
             raise fail("feed_forward", f"must be one of {typing.get_args(FeedForward)}, got {self.feed_forward!r}")
         if not 0 < self.layer_norm_eps < 1:
@@ -218,6 +224,9 @@ class EncoderSpec:
     t5_max_length: int = 0
     t5_mask: bool = False  # the attention mask goes into T5 (PixArt); SD3 and Flux let T5 attend to padding
     padding: Padding = "raw"  # what the rows after EOS hold, see Padding
+    # Pad rows after the EOS that the returned mask still marks 1 (its transformer attends to them): Chroma 1
+    # (ChromaPipeline: "all except the first padding token are masked out"). T5 itself sees the tokenizer's mask.
+    mask_pads: int = 0
     preprocess: Preprocess = "none"  # the T5 prompt's text before tokenizing, see Preprocess
     combine: Combine = "features"  # how tower outputs make the sequence, see Combine
     text_ids: bool = False  # Flux: Conditioning.text_ids = zeros [L, 3] (the transformer's txt_ids)
@@ -264,6 +273,8 @@ class EncoderSpec:
             raise fail("padding", f"is {self.padding!r}, which needs t5_mask=True (T5 must not attend to padding)")
         if self.long_prompts != "truncate":
             raise fail("long_prompts", "must be 'truncate' for a T5 recipe (T5 windows are not defined)")
+        if not isinstance(self.mask_pads, int) or self.mask_pads < 0 or (self.mask_pads and self.padding != "masked"):
+            raise fail("mask_pads", f"must be an int >= 0, and 0 unless padding is 'masked', got {self.mask_pads!r}")
 
     @property
     def sequence_dim(self) -> int:
@@ -294,6 +305,8 @@ class EncoderSpec:
         data["towers"] = [dataclasses.asdict(t) for t in self.towers]
         if self.t5 is not None:
             data["t5"] = dataclasses.asdict(self.t5)
+            if self.t5.architecture == "t5":
+                del data["t5"]["architecture"]
         return json.loads(json.dumps(data))
 
     def replace(self, *, clip_skip: int | None = None, pooled: Pooled | None = None, **changes: object) -> EncoderSpec:
@@ -330,7 +343,8 @@ class EncoderSpec:
 # The T5 recipe fields and their defaults: a CLIP spec holds these, and to_dict() leaves them out.
 _RECIPE_DEFAULTS: dict[str, object] = {
     f.name: f.default for f in dataclasses.fields(EncoderSpec)
-    if f.name in ("t5", "t5_max_length", "t5_mask", "padding", "preprocess", "combine", "text_ids", "pipeline")
+    if f.name in ("t5", "t5_max_length", "t5_mask", "padding", "mask_pads", "preprocess", "combine", "text_ids",
+                  "pipeline")
 }
 
 
@@ -424,6 +438,14 @@ T5_XXL = T5TowerSpec(
 FLUX_T5 = T5_XXL.replace(hub_subfolder="text_encoder_2", tokenizer_subfolder="tokenizer_2")
 PIXART_T5 = T5_XXL.replace(hub_subfolder="text_encoder", tokenizer_subfolder="tokenizer")
 PLAIN_T5 = T5_XXL.replace(hub_subfolder="", tokenizer_subfolder="")  # a transformers repo: all at its root
+# AuraFlow's text_encoder (fal/AuraFlow): EleutherAI's pile-T5-XL encoder as UMT5EncoderModel (ComfyUI's
+# t5_pile_config_xl.json: d_model 2048, 24 layers, 32 heads, d_ff 5120, gated gelu). Its tokenizer is pile-T5's
+# Llama-style SentencePiece (LlamaTokenizerFast): no BOS, EOS </s> = 2, padding with id 1 (ComfyUI: pad 1). The pad
+# id never reaches an output: T5 gets the mask and the pipeline zeroes the padding rows.
+PILE_T5_XL = T5TowerSpec(
+    name="pile-t5-xl", architecture="umt5", vocab_size=32128, d_model=2048, layers=24, heads=32, d_kv=64, d_ff=5120,
+    feed_forward="gated-gelu", pad_id=1, eos_id=2, hub_subfolder="text_encoder", tokenizer_subfolder="tokenizer",
+)
 
 
 def _tiny_t5(tower: T5TowerSpec) -> T5TowerSpec:
@@ -454,7 +476,15 @@ def _t5_specs(sd3_clip: EncoderSpec, flux_clip: EncoderSpec) -> list[EncoderSpec
                                  "clean_caption=False)")
     plain = EncoderSpec(name="t5-xxl", towers=(), t5=PLAIN_T5, t5_max_length=512, combine="t5", **t5,
                         hub_repo="google/t5-v1_1-xxl", source="transformers T5EncoderModel(ids).last_hidden_state")
-    return [sd3, flux, schnell, sigma, alpha, plain]
+    # Chroma: T5 with its mask at 512; the mask handed on keeps one pad after the EOS; rows are not zeroed.
+    chroma = sigma.replace(name="chroma", t5_max_length=512, preprocess="none", mask_pads=1, text_ids=True,
+                           pipeline="ChromaPipeline", hub_repo="lodestones/Chroma1-HD",
+                           source="diffusers ChromaPipeline.encode_prompt (max_sequence_length=512)")
+    # AuraFlow: UMT5 with its mask at 256, padding rows zeroed by encode_prompt; its transformer takes no mask.
+    aura = EncoderSpec(name="auraflow", towers=(), t5=PILE_T5_XL, t5_max_length=256, t5_mask=True, padding="zero",
+                       combine="t5", pipeline="AuraFlowPipeline", hub_repo="fal/AuraFlow", **t5,
+                       source="diffusers AuraFlowPipeline.encode_prompt (max_sequence_length=256)")
+    return [sd3, flux, schnell, sigma, alpha, plain, chroma, aura]
 
 
 def _tiny_recipe(spec: EncoderSpec, towers: tuple[TowerSpec, ...]) -> EncoderSpec:

@@ -1,5 +1,10 @@
 """Tiny random T5 recipes saved in the real diffusers pipeline layouts, and the real T5 vocabulary.
 
+AuraFlow's tokenizer (pile-T5's Llama-style SentencePiece, fal/AuraFlow's tokenizer/) is not available offline:
+``aura_tokenizer`` trains a small BPE in the same format (tokenizers' tokenizer.json with a Metaspace
+pre-tokenizer, loaded by transformers' LlamaTokenizer) with AuraFlow's special ids: <unk> 0, <s> 1, </s> 2, no BOS,
+EOS appended, padding with id 1 (ComfyUI's pile-T5 facts). Only ids and the EOS rule matter to the recipe.
+
 The SD3 / Flux T5 tokenizer (``T5TokenizerFast``: tokenizer.json, spiece.model, configs) ships in the PyPI
 wheel ``diffsynth==1.1.9`` (Apache-2.0). It is fetched once with ``pip download --no-deps`` into
 ``~/.cache/clipcond-test`` (``CLIPCOND_TEST_CACHE`` overrides) and read with zipfile: diffsynth is never
@@ -61,22 +66,50 @@ def t5_vocabulary() -> dict[str, Path]:
 
 
 def t5_model(tower: clipcond.specs.T5TowerSpec, *, seed: int):
-    """A random transformers T5EncoderModel of the tower's sizes, transformers' own init, final gain ~0.2."""
-    from transformers import T5Config, T5EncoderModel
+    """A random transformers T5EncoderModel (UMT5EncoderModel for a "umt5" tower) of the tower's sizes,
+    transformers' own init, final gain ~0.2."""
+    from transformers import T5Config, T5EncoderModel, UMT5Config, UMT5EncoderModel
 
-    config = T5Config(vocab_size=tower.vocab_size, d_model=tower.d_model, d_kv=tower.d_kv, d_ff=tower.d_ff,
+    classes = {"t5": (T5Config, T5EncoderModel), "umt5": (UMT5Config, UMT5EncoderModel)}
+    config_cls, model_cls = classes[tower.architecture]
+    config = config_cls(vocab_size=tower.vocab_size, d_model=tower.d_model, d_kv=tower.d_kv, d_ff=tower.d_ff,
                       num_layers=tower.layers, num_heads=tower.heads, feed_forward_proj=tower.feed_forward,
                       relative_attention_num_buckets=tower.relative_attention_num_buckets,
                       relative_attention_max_distance=tower.relative_attention_max_distance,
-                      layer_norm_epsilon=tower.layer_norm_eps, dropout_rate=0.1, is_encoder_decoder=False)
+                      layer_norm_epsilon=tower.layer_norm_eps, dropout_rate=0.1, is_encoder_decoder=False,
+                      pad_token_id=tower.pad_id, eos_token_id=tower.eos_id)
     torch.manual_seed(seed)
-    model = T5EncoderModel(config).eval()
+    model = model_cls(config).eval()
     with torch.no_grad():
         for name, param in model.named_parameters():
             if name.endswith("layer_norm.weight"):  # non-identity norms, so that a skipped or extra norm shows
                 gain = FINAL_NORM_GAIN if "final" in name else 1.0
                 param.copy_(gain * (1 + 0.1 * torch.randn_like(param)))
     return model
+
+
+AURA_CORPUS = ("a photo of a cat", "a running dog", "an astronaut riding a horse on mars, 8k",
+               "numbers 1234567890 and 3.14159, café naïve", "a very long prompt with many repeated words",
+               "blurry, low quality, ugly")
+
+
+def aura_tokenizer(folder: Path) -> Path:
+    """A small tokenizer in AuraFlow's format (see the module docstring), saved as tokenizer.json + config."""
+    from tokenizers import Tokenizer, decoders, models, pre_tokenizers, processors, trainers
+
+    tok = Tokenizer(models.BPE(unk_token="<unk>"))
+    tok.pre_tokenizer = pre_tokenizers.Metaspace(replacement="▁", prepend_scheme="first")
+    tok.decoder = decoders.Metaspace(replacement="▁", prepend_scheme="first")
+    tok.train_from_iterator(AURA_CORPUS, trainers.BpeTrainer(vocab_size=400, special_tokens=["<unk>", "<s>", "</s>"],
+                                                             show_progress=False))
+    tok.post_processor = processors.TemplateProcessing(single="$A </s>", special_tokens=[("</s>", 2)])
+    folder.mkdir(parents=True)
+    tok.save(str(folder / "tokenizer.json"))
+    config = {"tokenizer_class": "LlamaTokenizerFast", "add_bos_token": False, "add_eos_token": True,
+              "bos_token": "<s>", "eos_token": "</s>", "unk_token": "<unk>", "pad_token": "<s>",
+              "model_max_length": 512, "padding_side": "right", "legacy": False}
+    (folder / "tokenizer_config.json").write_text(json.dumps(config, indent=2))
+    return folder
 
 
 def copy_tokenizer(source: Path, folder: Path) -> Path:
@@ -113,6 +146,17 @@ class T5Pipelines:
         self._t5(self.pixart, "text_encoder", "tokenizer", vocab["sd3"],
                  {"_class_name": "PixArtSigmaPipeline", "text_encoder": ["transformers", "T5EncoderModel"],
                   "tokenizer": ["transformers", "T5Tokenizer"]})
+        self.chroma = root / "chroma"
+        self._t5(self.chroma, "text_encoder", "tokenizer", vocab["sd3"],
+                 {"_class_name": "ChromaPipeline", "text_encoder": ["transformers", "T5EncoderModel"],
+                  "tokenizer": ["transformers", "T5TokenizerFast"]})
+        self.aura = root / "auraflow"
+        self.umt5 = t5_model(spec("tiny-auraflow").t5, seed=22)
+        self.umt5.save_pretrained(self.aura / "text_encoder")
+        aura_tokenizer(self.aura / "tokenizer")
+        (self.aura / "model_index.json").write_text(json.dumps(
+            {"_class_name": "AuraFlowPipeline", "text_encoder": ["transformers", "UMT5EncoderModel"],
+             "tokenizer": ["transformers", "LlamaTokenizerFast"], "_diffusers_version": "0.42.1"}, indent=2))
 
     def _t5(self, folder: Path, sub: str, tok: str, vocab: Path, index: dict) -> None:
         folder.mkdir(parents=True, exist_ok=True)
@@ -147,6 +191,20 @@ class T5Pipelines:
             tokenizer=CLIPTokenizer.from_pretrained(self.sd3 / "tokenizer"),
             tokenizer_2=CLIPTokenizer.from_pretrained(self.sd3 / "tokenizer_2"),
             text_encoder_3=self.reference_t5(self.sd3, "text_encoder_3"), tokenizer_3=self.tokenizer("sd3"))
+
+    def chroma_pipeline(self):
+        from diffusers import ChromaPipeline
+
+        return ChromaPipeline(scheduler=None, vae=None, text_encoder=self.reference_t5(self.chroma, "text_encoder"),
+                              tokenizer=self.tokenizer("sd3"), transformer=None)
+
+    def aura_pipeline(self):
+        from diffusers import AuraFlowPipeline
+        from transformers import AutoTokenizer, UMT5EncoderModel
+
+        return AuraFlowPipeline(tokenizer=AutoTokenizer.from_pretrained(self.aura / "tokenizer"),
+                                text_encoder=UMT5EncoderModel.from_pretrained(self.aura / "text_encoder").eval(),
+                                vae=None, transformer=None, scheduler=None)
 
     def pixart_pipeline(self, cls_name: str):
         import diffusers

@@ -73,3 +73,22 @@ def test_prompt_schedule_example_switches_at_a1111_s_step():
     # [cat:dog:0.5] at 20 steps: A1111 uses "cat" for denoiser calls 0..10 and "dog" from call 11.
     assert "applied: from call 0: 'a photo of a cat on a mat'; from call 11: 'a photo of a dog on a mat'" in out
     assert "20 of 20 UNet calls conditioned on their A1111 segment" in out
+
+
+def test_encode_prompts_example_shows_a_t5_recipe_or_says_why_not(t5_vocab):
+    """Bug: the example failing offline without a T5 tokenizer instead of saying what to pass, or its T5 recipe part
+    printing another length or ids than the Flux recipe's."""
+    env = {**os.environ, "PYTHONPATH": os.pathsep.join([str(EXAMPLES.parent), os.environ.get("PYTHONPATH", "")]),
+           "OMP_NUM_THREADS": "1"}
+
+    def run(*args: str) -> str:
+        proc = subprocess.run([sys.executable, str(EXAMPLES / "encode_prompts.py"), *args], capture_output=True,
+                              text=True, timeout=300, env=env, cwd=EXAMPLES.parent)
+        assert proc.returncode == 0, proc.stderr[-3000:]
+        return proc.stdout
+
+    assert "T5 recipe tiny-flux: skipped: no T5 tokenizer (pass --t5-tokenizer PATH" in run()
+    out = run("--t5-tokenizer", str(t5_vocab["flux"]))
+    assert "sequence  (3, 512, 96) torch.float32  pooled (3, 32)  mask None  text_ids (512, 3)" in out
+    assert "[2] 'a running dog': T5 ids [3, 9, 1180, 1782, 1]" in out
+    assert "'pooled_prompt_embeds', 'prompt_embeds']" in out

@@ -90,7 +90,8 @@ def test_bad_overrides_name_spec_and_field(overrides, message):
 
 
 def test_unknown_name_lists_registered():
-    with pytest.raises(KeyError, match=r"unknown encoder 'sd9'; registered: clip-vit-l-14, .*sdxl-refiner"):
+    with pytest.raises(KeyError, match=r"unknown encoder 'sd9'; registered: auraflow, chroma, clip-vit-l-14, "
+                                      r".*sdxl-refiner"):
         get_spec("sd9")
     with pytest.raises(TypeError, match="encoder name must be str or EncoderSpec, got int"):
         get_spec(15)

@@ -46,12 +46,16 @@ def test_recipe_table():
         "pixart-sigma": (300, True, "masked", "lower_strip", "t5", (300, 4096), 0, "PixArtSigmaPipeline"),
         "pixart-alpha": (120, True, "masked", "lower_strip", "t5", (120, 4096), 0, "PixArtAlphaPipeline"),
         "t5-xxl": (512, False, "raw", "none", "t5", (512, 4096), 0, None),
+        "chroma": (512, True, "masked", "none", "t5", (512, 4096), 0, "ChromaPipeline"),
+        "auraflow": (256, True, "zero", "none", "t5", (256, 2048), 0, "AuraFlowPipeline"),
     }
     for name, row in table.items():
         s = get_spec(name)
         assert (s.t5_max_length, s.t5_mask, s.padding, s.preprocess, s.combine, (s.sequence_length, s.sequence_dim),
                 s.pooled_dim, s.pipeline) == row, name
-        assert s.null == "empty" and s.t5.vocab_size == 32128 and (s.t5.pad_id, s.t5.eos_id) == (0, 1)
+        ids = {"auraflow": (1, 2)}.get(name, (0, 1))  # pile-T5: pad 1, eos 2
+        assert s.null == "empty" and s.t5.vocab_size == 32128 and (s.t5.pad_id, s.t5.eos_id) == ids, name
+        assert s.mask_pads == (name == "chroma") and s.t5.architecture == ("umt5" if name == "auraflow" else "t5")
         tiny = get_spec(f"tiny-{name}")
         differ = {f.name for f in dataclasses.fields(s) if getattr(s, f.name) != getattr(tiny, f.name)}
         assert differ <= {"name", "towers", "t5", "hub_repo"}, differ  # a tiny twin keeps the recipe
@@ -176,6 +180,57 @@ def test_pixart_equals_pixart_pipeline(t5_pipes, name, pipeline, length):
     assert torch.equal(tc.null(2).mask, null_mask)
 
 
+def test_chroma_equals_chroma_pipeline(t5_pipes):
+    """Bug: Chroma's mask without the one pad after the EOS that its transformer attends to, T5 run without the
+    tokenizer's mask (or with Chroma's longer one), its padding rows zeroed, or its mask handed to the pipeline as
+    int64 (ChromaPipeline returns it in the embeddings' dtype and SDPA refuses int64 masks)."""
+    pipe = t5_pipes.chroma_pipeline()
+    embeds, text_ids, mask, neg, neg_ids, neg_mask = pipe.encode_prompt(PROMPTS, negative_prompt=NEGATIVES,
+                                                                        device="cpu", max_sequence_length=512)
+    tc = TextConditioner.from_pretrained("chroma", weights=t5_pipes.chroma)
+    c, n = tc(PROMPTS), tc(NEGATIVES)
+    tokenizer_mask = t5_pipes.tokenizer("sd3")(PROMPTS, padding="max_length", max_length=512, truncation=True,
+                                               return_tensors="pt").attention_mask
+    lengths = torch.clamp(tokenizer_mask.sum(1) + 1, max=512)  # one pad kept; a 512-token prompt has none to keep
+    assert torch.equal(c.mask.sum(1), lengths) and c.mask.dtype == torch.int64
+    for got, ref, ref_mask in ((c, embeds, mask), (n, neg, neg_mask)):
+        assert torch.equal(got.mask, ref_mask.long())
+        torch.testing.assert_close(got.sequence[got.mask.bool()], ref[ref_mask.bool()], **TOL)  # rows attended to
+        torch.testing.assert_close(got.sequence, ref, **TOL)  # and the others: not zeroed, as diffusers leaves them
+        assert got.sequence[~got.mask.bool()].abs().amax() > 0.01
+    assert torch.equal(c.text_ids, text_ids) and torch.equal(n.text_ids, neg_ids)
+    kwargs = c.pipeline_kwargs(negative=n)
+    assert kwargs["prompt_attention_mask"].dtype == mask.dtype and torch.equal(kwargs["prompt_attention_mask"], mask)
+    assert torch.equal(kwargs["negative_prompt_attention_mask"], neg_mask)
+    _, _, _, null, _, null_mask = pipe.encode_prompt(PROMPTS[:2], device="cpu")  # negative defaults to ""
+    torch.testing.assert_close(tc.null(2).sequence, null, **TOL)
+    assert torch.equal(tc.null(2).mask, null_mask.long()) and tc.null(2).mask[0].tolist()[:3] == [1, 1, 0]
+
+
+def test_auraflow_equals_auraflow_pipeline(t5_pipes):
+    """Bug: AuraFlow's UMT5 read as a T5 (one relative-attention table instead of one per block), run without its
+    mask, its padding rows left unzeroed, or its mask in the [B, L * D] form encode_prompt returns it in."""
+    pipe = t5_pipes.aura_pipeline()
+    embeds, mask, neg, neg_mask = pipe.encode_prompt(PROMPTS, negative_prompt=NEGATIVES, device="cpu")
+    tc = TextConditioner.from_pretrained("auraflow", weights=t5_pipes.aura)
+    assert type(tc.t5.model).__name__ == "UMT5EncoderModel"
+    c, n = tc(PROMPTS), tc(NEGATIVES)
+    assert c.sequence.shape == (len(PROMPTS), 256, 96) and c.pooled.shape == (len(PROMPTS), 0)
+    for got, ref, ref_mask in ((c, embeds, mask), (n, neg, neg_mask)):
+        assert ref_mask.shape == (len(PROMPTS), 256 * 96)  # diffusers' mask, expanded over the features
+        assert torch.equal(got.mask, ref_mask.reshape(len(PROMPTS), 256, 96)[..., 0])
+        torch.testing.assert_close(got.sequence, ref, **TOL)
+        assert not got.sequence[~got.mask.bool()].any() and got.sequence[got.mask.bool()].abs().amax() > 0.01
+    assert c.mask[-1].all()  # the long prompt: truncated to 256 tokens, EOS last
+    assert tc.tokenize(PROMPTS)[-1].ids[-1, -1] == 2 and tc.tokenize(["a"])[-1].ids[0, 2:].eq(1).all()  # pad 1
+    _, _, null, _ = pipe.encode_prompt(PROMPTS[:2], device="cpu")
+    torch.testing.assert_close(tc.null(2).sequence, null, **TOL)
+    kwargs = c.pipeline_kwargs(negative=n)  # what AuraFlowPipeline.__call__ requires with prompt_embeds
+    pipe.check_inputs(None, 1024, 1024, None, **kwargs)
+    assert set(kwargs) == {"prompt_embeds", "prompt_attention_mask", "negative_prompt_embeds",
+                           "negative_prompt_attention_mask"}
+
+
 def test_t5_xxl_equals_t5_encoder_model(t5_pipes, t5_vocab):
     """Bug: the plain tower read through a mask or at another length than T5EncoderModel(ids).last_hidden_state."""
     tc = TextConditioner.from_pretrained("t5-xxl", weights=t5_pipes.pixart / "text_encoder", tokenizer=t5_vocab["sd3"])
@@ -191,7 +246,8 @@ def test_pipeline_kwargs_are_the_pipelines_call_keywords(t5_pipes, tiny):
     import diffusers
 
     for name, weights in (("sd3", t5_pipes.sd3), ("flux", t5_pipes.flux), ("pixart-sigma", t5_pipes.pixart),
-                          ("pixart-alpha", t5_pipes.pixart)):
+                          ("pixart-alpha", t5_pipes.pixart), ("chroma", t5_pipes.chroma),
+                          ("auraflow", t5_pipes.aura)):
         tc = TextConditioner.from_pretrained(name, weights=weights)
         c = tc(PROMPTS[:2])
         kwargs = c.pipeline_kwargs(negative=tc.null(2))
@@ -199,7 +255,8 @@ def test_pipeline_kwargs_are_the_pipelines_call_keywords(t5_pipes, tiny):
         assert set(kwargs) <= set(accepted), set(kwargs) - set(accepted)
         assert kwargs["prompt_embeds"] is c.sequence and kwargs["negative_prompt_embeds"].shape == c.sequence.shape
         if c.mask is not None:
-            assert kwargs["prompt_attention_mask"] is c.mask and "negative_prompt_attention_mask" in kwargs
+            assert torch.equal(kwargs["prompt_attention_mask"].long(), c.mask)
+            assert "negative_prompt_attention_mask" in kwargs
         else:
             assert kwargs["pooled_prompt_embeds"] is c.pooled and "negative_pooled_prompt_embeds" in kwargs
     with pytest.raises(ValueError, match="pipeline_kwargs: this Conditioning names pipeline None"):
@@ -237,6 +294,57 @@ def test_caption_dropout_keeps_masks(t5_pipes):
         ref = tc.null(1) if drop else full[i]
         assert torch.equal(d.mask[i], ref.mask[0])
         torch.testing.assert_close(d.sequence[i], ref.sequence[0], **TOL)
+
+
+def sd3_towers(pipe, prompts):
+    """SD3's three encodings, each from diffusers' own per-tower helper: (L [B, 77, W_L], L pooled), (G ...), T5."""
+    l_seq, l_pooled = pipe._get_clip_prompt_embeds(prompts, device="cpu", clip_model_index=0)
+    g_seq, g_pooled = pipe._get_clip_prompt_embeds(prompts, device="cpu", clip_model_index=1)
+    return (l_seq, l_pooled), (g_seq, g_pooled), pipe._get_t5_prompt_embeds(prompts, max_sequence_length=256,
+                                                                             device="cpu")
+
+
+def test_sd3_caption_dropout_per_tower_as_kohya(t5_pipes):
+    """Bug: per-encoder caption dropout (kohya's --clip_l/--clip_g/--t5_dropout_rate) replacing a tower's part with
+    the empty prompt's encoding instead of zeros, zeroing the wrong columns (CLIP-G's 48 are after CLIP-L's 32), the
+    wrong pooled half, or T5 rows of rows whose T5 was kept. The reference is assembled by hand from diffusers'
+    per-tower helpers, as kohya's strategy_sd3 concatenates them (zeros for a dropped tower, then L ⊕ G padded to
+    T5's width, then T5's rows)."""
+    pipe = t5_pipes.sd3_pipeline()
+    tc = TextConditioner.from_pretrained("sd3", weights=t5_pipes.sd3)
+    (l_seq, l_pooled), (g_seq, g_pooled), t5 = sd3_towers(pipe, PROMPTS)
+    probs = {"clip_l": 0.5, "clip_g": 0.5, "t5": 0.5}
+    d = tc.encode(PROMPTS, drop_prob=probs, generator=torch.Generator().manual_seed(0))
+    draws = torch.Generator().manual_seed(0)  # clipcond's documented draws: one torch.rand(B) per tower, in order
+    drop = {k: torch.rand(len(PROMPTS), generator=draws) < p for k, p in probs.items()}
+    assert all(0 < int(v.sum()) < len(PROMPTS) for v in drop.values())  # every tower dropped in some rows only
+    l_seq[drop["clip_l"]], l_pooled[drop["clip_l"]] = 0, 0
+    g_seq[drop["clip_g"]], g_pooled[drop["clip_g"]] = 0, 0
+    t5[drop["t5"]] = 0
+    clip = torch.nn.functional.pad(torch.cat([l_seq, g_seq], dim=-1), (0, 96 - 80))
+    torch.testing.assert_close(d.sequence, torch.cat([clip, t5], dim=-2), **TOL)
+    torch.testing.assert_close(d.pooled, torch.cat([l_pooled, g_pooled], dim=-1), **TOL)
+    only_t5 = tc.encode(PROMPTS, drop_prob={"clip_l": 0, "clip_g": 0, "t5": 1})
+    full = tc(PROMPTS)
+    assert torch.equal(only_t5.sequence[:, :77], full.sequence[:, :77]) and not only_t5.sequence[:, 77:].any()
+    assert torch.equal(only_t5.pooled, full.pooled)
+    with pytest.raises(ValueError, match=r"sd3: drop_prob=\{...\} needs a probability in \[0, 1\] for each of "
+                                         r"\['clip_l', 'clip_g', 't5'\]"):
+        tc.encode(PROMPTS, drop_prob={"clip_l": 0.1, "t5": 0.1})
+
+
+def test_flux_caption_dropout_per_tower(t5_pipes):
+    """Bug: Flux's CLIP-L dropout touching the T5 sequence (its CLIP-L gives only the pooled vector), or a masked
+    recipe given per-tower dropout and left with an all-zero mask (its transformer would attend to nothing)."""
+    tc = TextConditioner.from_pretrained("flux-schnell", weights=t5_pipes.flux)
+    full = tc(PROMPTS[:3])
+    d = tc.encode(PROMPTS[:3], drop_prob={"clip_l": 1.0, "t5": 0.0})
+    assert torch.equal(d.sequence, full.sequence) and not d.pooled.any()
+    d = tc.encode(PROMPTS[:3], drop_prob={"clip_l": 0.0, "t5": 1.0})
+    assert torch.equal(d.pooled, full.pooled) and not d.sequence.any()
+    pix = TextConditioner.from_pretrained("pixart-sigma", weights=t5_pipes.pixart)
+    with pytest.raises(ValueError, match="pixart-sigma: drop_prob per tower is for unmasked recipes"):
+        pix.encode(PROMPTS, drop_prob={"t5": 0.5})
 
 
 # --- float16 ------------------------------------------------------------------------------------------------

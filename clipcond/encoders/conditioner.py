@@ -21,7 +21,16 @@ from torch import nn
 from clipcond.conditioning import Conditioning
 from clipcond.encoders.model import TextTransformer, random_tower, tower_from_state
 from clipcond.encoders.names import get_spec
-from clipcond.encoders.recipes import assemble, clip_half, load_t5_half, repeat, split_weights, zeros
+from clipcond.encoders.recipes import (
+    assemble,
+    clip_half,
+    drop_parts,
+    load_t5_half,
+    repeat,
+    split_weights,
+    tower_keys,
+    zeros,
+)
 from clipcond.encoders.t5 import T5Prompts, T5Tower, token_mask
 from clipcond.encoders.weights import load_towers
 from clipcond.errors import WeightsError
@@ -423,13 +432,19 @@ class TextConditioner(nn.Module):
         return self._empty_cache
 
     def encode(
-        self, prompts: str | Sequence[str], *, drop_prob: float = 0.0, generator: torch.Generator | None = None
+        self, prompts: str | Sequence[str], *, drop_prob: float | Mapping[str, float] = 0.0,
+        generator: torch.Generator | None = None,
     ) -> Conditioning:
         """Training-time encoding: each row is replaced by ``null()`` with probability ``drop_prob``.
 
         Dropped rows are never encoded. ``generator`` (any device) makes the choice reproducible.
+        A mapping drops each tower on its own, as kohya's SD3 / Flux scripts do (``--clip_l_dropout_rate`` ...):
+        ``drop_prob={"clip_l": 0.1, "clip_g": 0.1, "t5": 0.1}`` zeroes each tower's part of a row with its own
+        probability (``recipes.drop_parts``); one ``torch.rand(B)`` per key, in ``tower_keys`` order.
         """
         prompts = check_prompts(prompts)
+        if isinstance(drop_prob, Mapping):
+            return self._drop_per_tower(prompts, drop_prob, generator)
         if not 0.0 <= drop_prob <= 1.0:
             raise ValueError(f"drop_prob must be in [0, 1], got {drop_prob}")
         device = generator.device if generator is not None else "cpu"
@@ -447,6 +462,19 @@ class TextConditioner(nn.Module):
         if out.mask is not None:
             out.mask[keep] = kept.mask
         return out
+
+    def _drop_per_tower(self, prompts: list[str], drop_prob: Mapping[str, float],
+                        generator: torch.Generator | None) -> Conditioning:
+        if self.t5 is None:
+            raise ValueError(f"{self.spec.name}: drop_prob per tower is for T5 recipes (SD3, Flux); give one number")
+        keys = tower_keys(self.spec)
+        if sorted(drop_prob) != sorted(keys) or not all(0.0 <= p <= 1.0 for p in drop_prob.values()):
+            raise ValueError(f"{self.spec.name}: drop_prob={{...}} needs a probability in [0, 1] for each of {keys}, "
+                             f"got {dict(drop_prob)}")
+        device = generator.device if generator is not None else "cpu"
+        dropped = {k: (torch.rand(len(prompts), generator=generator, device=device) < drop_prob[k]).cpu()
+                   for k in keys}  # [B] each
+        return drop_parts(self.spec, self(prompts) if prompts else self._zeros(0), dropped)
 
     def _zeros(self, rows: int) -> Conditioning:
         if self.t5 is not None:

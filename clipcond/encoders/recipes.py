@@ -10,6 +10,11 @@ The rules, read from diffusers 0.42 (each a spec field, clipcond/specs.py):
   CLIP-L ``pooler_output`` ``[B, 768]``, ``text_ids = zeros(L, 3)``.
 - ``PixArtAlpha/SigmaPipeline.encode_prompt``: prompts ``lower().strip()``, T5 with the attention mask,
   ``[B, 120 | 300, 4096]`` and the mask ``[B, L]`` (int64, as the tokenizer returns it).
+- ``ChromaPipeline.encode_prompt``: T5 with the tokenizer's mask at 512; the mask it returns is
+  ``arange(L) <= mask.sum(1)``: one pad after the EOS kept (``mask_pads=1``); padding rows not zeroed;
+  ``text_ids = zeros(L, 3)``.
+- ``AuraFlowPipeline.encode_prompt``: UMT5 with the mask at 256, ``prompt_embeds * mask``: padding rows zero;
+  its mask comes back expanded to ``[B, L * D]``, which its transformer never reads (clipcond keeps ``[B, L]``).
 """
 
 from __future__ import annotations
@@ -57,6 +62,8 @@ def assemble(spec: EncoderSpec, clip: Sequence[tuple[torch.Tensor, torch.Tensor 
     rows = t5.shape[0]
     if spec.padding == "zero":
         t5 = t5 * mask[..., None].to(t5.dtype)  # [B, L5, d]: padding rows zeroed (AuraFlow)
+    if spec.mask_pads:  # [B, L5]: Chroma's transformer attends to one pad after the EOS too
+        mask = (torch.arange(mask.shape[1], device=mask.device) < mask.sum(1, keepdim=True) + spec.mask_pads).long()
     sequence = t5
     if spec.combine == "tokens":
         features = torch.cat([s for s, _ in clip], dim=-1)  # [B, 77, sum W]
@@ -65,7 +72,7 @@ def assemble(spec: EncoderSpec, clip: Sequence[tuple[torch.Tensor, torch.Tensor 
     pooled = [clip[i][1] for i in spec.pooled_towers]
     pooled = torch.cat(pooled, dim=-1) if pooled else t5.new_zeros(rows, 0)  # [B, P]
     text_ids = t5.new_zeros(sequence.shape[1], 3) if spec.text_ids else None  # [L, 3]
-    return Conditioning(sequence, pooled, mask if spec.padding == "masked" else None, text_ids, spec.pipeline)
+    return Conditioning(sequence, pooled, mask if spec.padding != "raw" else None, text_ids, spec.pipeline)
 
 
 def zeros(spec: EncoderSpec, rows: int, *, device: torch.device, dtype: torch.dtype) -> Conditioning:
@@ -74,9 +81,9 @@ def zeros(spec: EncoderSpec, rows: int, *, device: torch.device, dtype: torch.dt
     kw = {"device": device, "dtype": dtype}
     length = spec.sequence_length
     mask = None
-    if spec.padding == "masked":
+    if spec.padding != "raw":
         mask = torch.zeros(rows, length, dtype=torch.long, device=device)
-        mask[:, 0] = 1
+        mask[:, : 1 + spec.mask_pads] = 1
     text_ids = torch.zeros(length, 3, **kw) if spec.text_ids else None
     return Conditioning(torch.zeros(rows, length, spec.sequence_dim, **kw), torch.zeros(rows, spec.pooled_dim, **kw),
                         mask, text_ids, spec.pipeline)
@@ -86,6 +93,31 @@ def repeat(c: Conditioning, rows: int) -> Conditioning:
     """``rows`` copies of a one-row Conditioning (the null)."""
     mask = None if c.mask is None else c.mask.repeat(rows, 1)
     return Conditioning(c.sequence.repeat(rows, 1, 1), c.pooled.repeat(rows, 1), mask, c.text_ids, c.pipeline)
+
+
+def drop_parts(spec: EncoderSpec, c: Conditioning, dropped: Mapping[str, torch.Tensor]) -> Conditioning:
+    """Caption dropout per tower, as kohya's sd-scripts do it (strategy_sd3 / strategy_flux): a dropped tower's
+    part of a row is zeroed, not replaced by the empty prompt's. ``dropped``: a bool [B] per ``tower_keys`` key.
+    SD3: CLIP-L's columns [:W_L] and CLIP-G's [W_L:W_L+W_G] of the 77 CLIP rows and each one's slice of the pooled
+    vector; T5's rows 77: (all of them for Flux, whose CLIP-L gives only the pooled vector)."""
+    if spec.padding != "raw":
+        raise ValueError(f"{spec.name}: drop_prob per tower is for unmasked recipes (SD3, Flux); a masked recipe "
+                         f"would be left with an all-zero mask: give one drop_prob")
+    sequence, pooled = c.sequence.clone(), c.pooled.clone()
+    keys = tower_keys(spec)
+    col, start = 0, 0
+    for i, (key, tower) in enumerate(zip(keys, spec.towers, strict=False)):
+        rows = dropped[key].to(sequence.device)  # [B]
+        if spec.combine == "tokens":
+            sequence[rows, : spec.max_length, col : col + tower.width] = 0  # [n, 77, W_i]
+        col += tower.width
+        if i in spec.pooled_towers:
+            width = tower.pooled_dim
+            pooled[rows, start : start + width] = 0  # [n, P_i]
+            start += width
+    first = spec.max_length if spec.combine == "tokens" else 0
+    sequence[dropped["t5"].to(sequence.device), first:] = 0  # [n, L5, d]
+    return Conditioning(sequence, pooled, c.mask, c.text_ids, c.pipeline)
 
 
 def tower_keys(spec: EncoderSpec) -> list[str]:

@@ -1,5 +1,5 @@
-"""The T5 encoder of SD3, Flux and PixArt: transformers' ``T5EncoderModel``, with clipcond's weights reading,
-dtype policy and tokenization around it.
+"""The T5 encoder of SD3, Flux, PixArt and Chroma (transformers' ``T5EncoderModel``) and AuraFlow's UMT5
+(``UMT5EncoderModel``), with clipcond's weights reading, dtype policy and tokenization around it.
 
 The forward is transformers' (a well-kept implementation; the pipelines run exactly it). clipcond owns:
 
@@ -10,13 +10,17 @@ The forward is transformers' (a well-kept implementation; the pipelines run exac
   caller casts afterwards. T5 v1.1's ``wo`` outputs overflow float16 (transformers#20287); transformers keeps
   them float32 only while loading with ``torch_dtype`` (``_keep_in_fp32_modules``), and a later ``.half()``
   brings the overflow back (diffusers#8604: corrupted images). ``T5Tower._apply`` restores them;
-- the tokenization: the pipeline's own ``T5TokenizerFast`` called as diffusers calls it.
+- fp8 files (ComfyUI's ``t5xxl_fp8_e4m3fn.safetensors`` and its scaled variant): the Linear weights stay fp8 in
+  memory and each block's are upcast for that block's forward only (``Fp8Blocks``), as ComfyUI computes them;
+- the tokenization: the pipeline's own tokenizer (``T5TokenizerFast``, AuraFlow's Llama-style one) called as
+  diffusers calls it.
 """
 
 from __future__ import annotations
 
 import json
 import logging
+import re
 from collections.abc import Sequence
 from pathlib import Path
 
@@ -37,18 +41,27 @@ TOKENIZER_FILES = ("tokenizer.json", "tokenizer_config.json", "special_tokens_ma
 IGNORED_PREFIXES = ("decoder.", "lm_head.")
 # Tied to shared.weight in T5EncoderModel: files hold either key (transformers saves one of them).
 TIED = "encoder.embed_tokens.weight"
+# ComfyUI's fp8 text-encoder files. Plain fp8 (t5xxl_fp8_e4m3fn.safetensors): the Linear weights are F8_E4M3, the
+# embedding and norms F16. Scaled fp8 (t5xxl_fp8_e4m3fn_scaled.safetensors): also a "scaled_fp8" marker tensor (its
+# dtype names the fp8 type) and, per Linear, "<linear>.scale_weight", a float32 scalar: the weight is
+# fp8.to(compute) * scale_weight.to(compute) (ComfyUI's scaled_fp8_ops; a Linear without one has scale 1).
+# "<linear>.scale_input" scales activations only on ComfyUI's fp8-matmul path: not read.
+FP8_DTYPES = (torch.float8_e4m3fn, torch.float8_e5m2)
+SCALED_FP8_MARKER = "scaled_fp8"
+LINEAR_WEIGHT = re.compile(r"\.(SelfAttention\.[qkvo]|DenseReluDense\.(wi|wi_0|wi_1|wo))\.weight$")
 CONFIG_SIZES = {"vocab_size": "vocab_size", "d_model": "d_model", "layers": "num_layers", "heads": "num_heads",
                 "d_kv": "d_kv", "d_ff": "d_ff", "relative_attention_num_buckets": "relative_attention_num_buckets",
                 "relative_attention_max_distance": "relative_attention_max_distance",
                 "layer_norm_eps": "layer_norm_epsilon"}
 
 
-def t5_config(tower: T5TowerSpec):  # noqa: ANN201 (transformers' T5Config, imported lazily)
-    from transformers import T5Config
+def t5_config(tower: T5TowerSpec):  # noqa: ANN201 (transformers' T5Config / UMT5Config, imported lazily)
+    from transformers import T5Config, UMT5Config
 
     sizes = {key: getattr(tower, field) for field, key in CONFIG_SIZES.items()}
+    config = {"t5": T5Config, "umt5": UMT5Config}[tower.architecture]
     # dropout 0: frozen anyway; sdpa: what from_pretrained picks, so that the pipelines' numbers are ours.
-    return T5Config(**sizes, feed_forward_proj=tower.feed_forward, dropout_rate=0.0, is_encoder_decoder=False,
+    return config(**sizes, feed_forward_proj=tower.feed_forward, dropout_rate=0.0, is_encoder_decoder=False,
                     use_cache=False, pad_token_id=tower.pad_id, eos_token_id=tower.eos_id,
                     attn_implementation="sdpa")
 
@@ -60,24 +73,33 @@ def keeps_fp32(key: str, dtype: torch.dtype) -> bool:
 
 
 class T5Tower(nn.Module):
-    """``T5EncoderModel`` of ``spec``: ``forward(ids [B, L], mask [B, L] | None) -> [B, L, d_model]``."""
+    """``T5EncoderModel`` (UMT5's) of ``spec``: ``forward(ids [B, L], mask [B, L] | None) -> [B, L, d_model]``."""
 
     def __init__(self, spec: T5TowerSpec) -> None:
         super().__init__()
-        from transformers import T5EncoderModel
+        from transformers import T5EncoderModel, UMT5EncoderModel
 
         self.spec = spec
-        self.model = T5EncoderModel(t5_config(spec))
+        self.model = {"t5": T5EncoderModel, "umt5": UMT5EncoderModel}[spec.architecture](t5_config(spec))
+        self.fp8: Fp8Blocks | None = None  # set by use_fp8() when a file's Linear weights are fp8
 
     def forward(self, ids: torch.Tensor, mask: torch.Tensor | None = None) -> torch.Tensor:
         return self.model(input_ids=ids, attention_mask=mask).last_hidden_state  # [B, L, d_model]
 
     def _wo(self) -> list[nn.Linear]:
-        return [m for name, m in self.model.named_modules() if name.endswith("DenseReluDense.wo")]
+        return [m for name, m in self.model.named_modules()
+                if name.endswith("DenseReluDense.wo") and m.weight.dtype not in FP8_DTYPES]
+
+    def use_fp8(self) -> None:
+        """Compute with the fp8 Linear weights upcast block by block (see Fp8Blocks)."""
+        self.fp8 = Fp8Blocks(self)
 
     def _apply(self, fn, recurse=True):  # noqa: ANN001, ANN202 (torch's private signature)
         # .half() / .to(float16) cast every parameter; under float16 the wo projections go back to float32,
         # from their values before the cast (a float32 weight is not rounded through float16 on the way).
+        # fp8 weights and their float32 scales only move: a cast would undo the memory they save.
+        if self.fp8 is not None:
+            fn = self.fp8.keeping_dtypes(fn)
         before = [m.weight.data for m in self._wo()]
         out = super()._apply(fn, recurse)
         if self.model.shared.weight.dtype == torch.float16:
@@ -85,6 +107,53 @@ class T5Tower(nn.Module):
                 if m.weight.dtype != torch.float32:
                     m.weight = nn.Parameter(old.to(m.weight.device, torch.float32), requires_grad=False)
         return out
+
+
+class Fp8Blocks:
+    """Forward hooks on each encoder block that upcast its fp8 Linear weights for that block's forward and put the
+    fp8 tensors back after it: memory holds fp8 (half of float16) plus one block's weights in the compute dtype.
+
+    Upcast to the model's dtype, and ``wo`` to float32 under float16 (``keeps_fp32``), as ComfyUI's manual cast
+    computes them: ``fp8.to(dtype) * scale_weight.to(dtype)``. Swapping the weight itself (not a Linear subclass)
+    keeps transformers' code unchanged: its feed-forward casts its input to ``wo.weight.dtype``, which must be the
+    compute dtype, never fp8.
+    """
+
+    def __init__(self, tower: T5Tower) -> None:
+        self.tower = tower
+        self.weights = {m: m.weight for _, m in self.linears()}  # module -> its stored (fp8) Parameter
+        for block in tower.model.encoder.block:
+            block.register_forward_pre_hook(self._upcast)
+            block.register_forward_hook(self._restore, always_call=True)
+
+    def linears(self) -> list[tuple[str, nn.Linear]]:
+        return [(name, m) for name, m in self.tower.model.named_modules()
+                if isinstance(m, nn.Linear) and m.weight.dtype in FP8_DTYPES]
+
+    def keeping_dtypes(self, fn):  # noqa: ANN001, ANN202 (Module._apply's function)
+        keep = {id(t) for m in self.weights for t in (m._parameters["weight"], m._buffers.get("scale_weight"))}
+
+        def apply(t: torch.Tensor) -> torch.Tensor:
+            return t.to(fn(t.new_empty(0)).device) if id(t) in keep else fn(t)
+
+        return apply
+
+    def _upcast(self, block: nn.Module, args: object) -> None:
+        dtype = self.tower.model.shared.weight.dtype
+        for name, m in block.named_modules():
+            if m in self.weights:
+                stored = m._parameters["weight"]
+                self.weights[m] = stored
+                compute = torch.float32 if keeps_fp32(f".{name}.weight", dtype) else dtype
+                weight = stored.to(compute)  # [out, in]
+                if m._buffers.get("scale_weight") is not None:
+                    weight = weight * m._buffers["scale_weight"].to(compute)
+                m._parameters["weight"] = weight  # transient: this block's forward only
+
+    def _restore(self, block: nn.Module, args: object, output: object) -> None:
+        for m in block.modules():
+            if m in self.weights:
+                m._parameters["weight"] = self.weights[m]
 
 
 def random_t5(tower: T5TowerSpec, *, seed: int) -> T5Tower:
@@ -108,9 +177,9 @@ def tower_from_config(tower: T5TowerSpec, folder: Path) -> T5TowerSpec:
         config = json.loads(path.read_text())
     except (OSError, ValueError) as err:
         raise WeightsError(f"{path}: cannot read a transformers config: {err}") from err
-    if config.get("model_type", "t5") != "t5":
-        raise WeightsError(f"{path}: model_type {config.get('model_type')!r}, but tower {tower.name!r} is a T5 "
-                           f"(T5EncoderModel): these weights belong to another encoder")
+    if config.get("model_type", "t5") != tower.architecture:
+        raise WeightsError(f"{path}: model_type {config.get('model_type')!r}, but tower {tower.name!r} is a "
+                           f"{tower.architecture!r} encoder: these weights belong to another encoder")
     ff = config.get("feed_forward_proj", "relu")
     if ff != tower.feed_forward:
         raise WeightsError(f"{path}: feed_forward_proj {ff!r}, but tower {tower.name!r} is {tower.feed_forward!r} "
@@ -140,7 +209,10 @@ def weight_files(folder: Path) -> list[Path]:
 
 
 def read_state(tower: T5TowerSpec, files: Sequence[Path], dtype: torch.dtype) -> dict[str, torch.Tensor]:
-    """Every encoder tensor of ``files``, checked against ``tower`` (names and shapes), cast one at a time."""
+    """Every encoder tensor of ``files``, checked against ``tower`` (names and shapes), cast one at a time.
+
+    fp8 Linear weights stay fp8, each with its ``<linear>.scale_weight`` (float32) where a scaled-fp8 file has one;
+    every other tensor is cast to ``dtype`` (a scale of a weight that is not fp8 is folded into it)."""
     with torch.device("meta"):
         expected = {k: v.shape for k, v in T5Tower(tower).model.state_dict().items()}
     where = {}  # key in the file -> (file, data start, TensorInfo)
@@ -155,7 +227,9 @@ def read_state(tower: T5TowerSpec, files: Sequence[Path], dtype: torch.dtype) ->
         where["shared.weight"] = where[TIED]
     where.pop(TIED, None)
     source = ", ".join(map(str, files))
-    unexpected = sorted(k for k in where if k not in expected and not k.startswith(IGNORED_PREFIXES))
+    scales = scale_keys(tower, where, source)
+    unexpected = sorted(k for k in where
+                        if k not in expected and k not in scales and not k.startswith(IGNORED_PREFIXES))
     missing = sorted(k for k in expected if k not in where and k != TIED)
     for what, keys in (("missing", missing), ("unexpected", unexpected)):
         if keys:
@@ -165,27 +239,69 @@ def read_state(tower: T5TowerSpec, files: Sequence[Path], dtype: torch.dtype) ->
     for key in expected:
         if key == TIED:
             continue
-        file, start, info = where[key]
-        if tuple(info.shape) != tuple(expected[key]) or not info.dtype.is_floating_point:
-            raise WeightsError(f"{file}: tensor {key!r} is {info.dtype} {list(info.shape)}, tower {tower.name!r} "
-                               f"expects floating point {list(expected[key])}: another size or a damaged file")
-        tensor = torch.empty(info.shape, dtype=info.dtype)
-        with open(file, "rb") as f:
-            f.seek(start + info.begin)
-            if f.readinto(raw_bytes(tensor)) != info.end - info.begin:
-                raise WeightsError(f"{file}: tensor {key!r} is cut short: the file changed while it was read")
+        tensor = read_one(tower, where[key], key, expected[key])
+        scale_key = key.removesuffix("weight") + "scale_weight"
+        scale = read_one(tower, where[scale_key], scale_key, ()).float() if scale_key in scales else None
+        if tensor.dtype in FP8_DTYPES and LINEAR_WEIGHT.search(key):  # kept fp8, upcast per block at compute
+            state[key] = tensor
+            if scale is not None:
+                state[key.removesuffix("weight") + "scale_weight"] = scale
+            continue
+        if scale is not None:
+            tensor = tensor.float() * scale
         state[key] = tensor.to(torch.float32 if keeps_fp32(key, dtype) else dtype)
     state[TIED] = state["shared.weight"]
     return state
 
 
+def scale_keys(tower: T5TowerSpec, where: dict[str, tuple], source: str) -> set[str]:
+    """The scaled-fp8 keys of a file (its marker, ``scale_weight`` and ``scale_input`` tensors), checked: scales
+    only with the marker and only of Linear weights the file holds."""
+    keys = {k for k in where if k == SCALED_FP8_MARKER or k.endswith((".scale_weight", ".scale_input"))}
+    if keys and SCALED_FP8_MARKER not in where:
+        raise WeightsError(f"{source}: {sorted(keys)[:3]} ... scale tensors without the {SCALED_FP8_MARKER!r} marker "
+                           f"of a scaled-fp8 file, for T5 tower {tower.name!r}: a damaged or foreign file")
+    for key in keys - {SCALED_FP8_MARKER}:
+        weight = key.rsplit(".", 1)[0] + ".weight"
+        if not LINEAR_WEIGHT.search(weight) or weight not in where:
+            raise WeightsError(f"{source}: {key!r} scales no Linear weight of T5 tower {tower.name!r}")
+        if tuple(where[key][2].shape) not in ((), (1,)):
+            raise WeightsError(f"{source}: {key!r} is {list(where[key][2].shape)}, a per-tensor scale is [] "
+                               f"(T5 tower {tower.name!r})")
+    return keys
+
+
+def read_one(tower: T5TowerSpec, place: tuple, key: str, shape: tuple[int, ...]) -> torch.Tensor:
+    """Tensor ``key`` at ``place`` (file, data start, TensorInfo), checked to be floating point of ``shape``."""
+    file, start, info = place
+    if tuple(info.shape) != tuple(shape) and not (shape == () and tuple(info.shape) == (1,)):
+        raise WeightsError(f"{file}: tensor {key!r} is {info.dtype} {list(info.shape)}, tower {tower.name!r} "
+                           f"expects floating point {list(shape)}: another size or a damaged file")
+    if not info.dtype.is_floating_point:
+        raise WeightsError(f"{file}: tensor {key!r} is {info.dtype} {list(info.shape)}, tower {tower.name!r} "
+                           f"expects floating point {list(shape)}: another size or a damaged file")
+    tensor = torch.empty(info.shape, dtype=info.dtype)
+    with open(file, "rb") as f:
+        f.seek(start + info.begin)
+        if f.readinto(raw_bytes(tensor)) != info.end - info.begin:
+            raise WeightsError(f"{file}: tensor {key!r} is cut short: the file changed while it was read")
+    return tensor.reshape(shape)
+
+
 def tower_from_state(tower: T5TowerSpec, state: dict[str, torch.Tensor]) -> T5Tower:
-    """Built on the meta device, adopting the loaded tensors (no second copy); the embedding stays tied."""
+    """Built on the meta device, adopting the loaded tensors (no second copy); the embedding stays tied. fp8
+    Linear weights stay fp8, their scales become ``scale_weight`` buffers, and the tower computes through
+    ``Fp8Blocks``."""
+    scales = {k.removesuffix(".scale_weight"): state.pop(k) for k in [k for k in state if k.endswith(".scale_weight")]}
     with torch.device("meta"):
         model = T5Tower(tower)
     model.model.load_state_dict(state, strict=True, assign=True)
     model.model.encoder.embed_tokens = model.model.shared
     model.model.encoder.block[0].layer[0].SelfAttention.relative_attention_bias.weight.requires_grad_(False)
+    for name, scale in scales.items():
+        model.model.get_submodule(name).register_buffer("scale_weight", scale)
+    if any(p.dtype in FP8_DTYPES for p in model.parameters()):
+        model.use_fp8()
     return model
 
 
@@ -203,7 +319,8 @@ class T5Prompts:
     def __init__(self, tokenizer: object, spec: EncoderSpec) -> None:
         assert spec.t5 is not None
         pad, eos = getattr(tokenizer, "pad_token_id", None), getattr(tokenizer, "eos_token_id", None)
-        if (pad, eos) != (spec.t5.pad_id, spec.t5.eos_id):
+        # With the mask into T5 (PixArt, Chroma, AuraFlow) the pad id reaches no output: only eos must agree there.
+        if eos != spec.t5.eos_id or (pad != spec.t5.pad_id and not spec.t5_mask):
             raise WeightsError(f"T5 tokenizer {type(tokenizer).__name__} has pad id {pad} and eos id {eos}; tower "
                                f"{spec.t5.name!r} expects {spec.t5.pad_id} and {spec.t5.eos_id}: another vocabulary")
         self.tokenizer, self.max_length, self.preprocess = tokenizer, spec.t5_max_length, spec.preprocess

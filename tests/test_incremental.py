@@ -670,3 +670,40 @@ def test_a_cached_file_of_other_variant_counts_than_the_rows_before_equals_an_un
     assert np.array_equal(rows == -1, fresh_rows == -1) and np.array_equal(keys, fresh_keys) and rows.shape == (6, 3)
     assert (rows[:3, 2] == -1).all() and (rows[3:] >= 0).all() and (rows[:3, :2] >= 0).all()
     assert rows[0, 0] == rows[3, 0]  # "x 0" stored once
+
+
+def test_gc_refuses_a_damaged_index_instead_of_publishing_it_checked(tmp_path, tc):
+    """gc read the index without its sha256 and rewrote it under a fresh one: a flipped slot (row 0 -> the
+    slot of another caption, whose own row check passes) came out as a healthy store serving the wrong
+    embedding. Now gc reads the index through IndexFormat.read, which checks it, and publishes nothing."""
+    out = tmp_path / "store"
+    run(tc, write_input(tmp_path / "v1", "txt", ["a", "b", "c", "d"]), out)
+    run(tc, write_input(tmp_path / "v2", "txt", ["a", "b", "c"]), out)  # "d" unreferenced: gc has work to do
+    manifest = json.loads((out / MANIFEST).read_text())
+    index = out / manifest["index"]["file"]
+    data = bytearray(index.read_bytes())
+    start = 8 + int.from_bytes(data[:8], "little")
+    rows = json.loads(data[8:start])["rows"]["data_offsets"][0]
+    assert data[start + rows] == 0  # row 0 is slot 0 ("a")...
+    data[start + rows] = 1  # ...now slot 1 ("b")
+    index.write_bytes(bytes(data))
+    listed = [MANIFEST, manifest["index"]["file"], *(shard["file"] for shard in manifest["shards"])]
+    before = {name: (out / name).read_bytes() for name in listed}
+    with pytest.raises(ValueError, match=rf"{manifest['index']['file']}: corrupted: sha256"):
+        collect(out)
+    assert {name: (out / name).read_bytes() for name in listed} == before  # nothing published, nothing lost
+
+
+def test_an_input_reshaped_into_other_rows_is_planned_again(tmp_path, tc):
+    """A file of 2 rows x 2 captions rewritten as 4 rows x 1 caption hashed alike (row boundaries entered the
+    input's sha256 only for ragged files), so precompute said "complete already" and kept 2 rows for 4."""
+    path = tmp_path / "c.jsonl"
+    path.write_text('{"caption": ["a", "b"]}\n{"caption": ["c", "d"]}\n')
+    out = tmp_path / "store"
+    assert main(["precompute", "--encoder", "tiny-sd15", "--input", str(path), "--out", str(out)]) == 0
+    assert (len(EmbeddingStore(out)), EmbeddingStore(out).variants) == (2, 2)
+    path.write_text("".join(f'{{"caption": ["{c}"]}}\n' for c in "abcd"))
+    assert main(["precompute", "--encoder", "tiny-sd15", "--input", str(path), "--out", str(out)]) == 0
+    store = EmbeddingStore(out)
+    assert (len(store), store.variants) == (4, 1)
+    torch.testing.assert_close(rows_of(store)[1], tc(list("abcd")).pooled, **TOL)

@@ -19,7 +19,7 @@ from typing import TYPE_CHECKING
 import numpy as np
 
 from clipcond.precompute.scan import CHUNK, Scan
-from clipcond.store.format import ShardFormat, StoreFiles, read_tensors
+from clipcond.store.format import IndexFormat, ShardFormat, StoreFiles
 from clipcond.store.manifest import MANIFEST, Manifest, ShardEntry
 
 if TYPE_CHECKING:
@@ -46,7 +46,7 @@ def assign_slots(out: Path, base: Manifest | None, scan: Scan, checksums: bool =
     keep, dropped = [], []
     base_keys = np.zeros((0, 16), dtype=np.uint8)
     if base is not None:
-        base_keys = read_tensors(out / base.index.file, ["keys"])["keys"].numpy()  # [slots, 16]
+        base_keys = np.array(IndexFormat.read(out, base)["keys"])  # [slots, 16], the index checked first
         for entry in base.shards:
             if entry.problem(out, checksums) is not None:
                 logger.warning("%s: damaged or missing; its captions are encoded again", out / entry.file)

@@ -270,7 +270,7 @@ def _read_file(out: dict, file: Path, column: str | Sequence[str], id_column: st
         low, high = int(counts.min()), int(counts.max())
         file_k = low if low == high and file_k in (None, low) else RAGGED
         out["counts"].write(counts.tobytes())
-        counts_digest.update(counts.tobytes())
+        counts_digest.update(counts.astype("<u4").tobytes())
         texts = [caption.encode() for captions in batch for caption in captions]  # row-major
         out["texts"].write(b"".join(texts))
         out["keys"].write(b"".join(map(caption_key, texts)))
@@ -285,8 +285,7 @@ def _read_file(out: dict, file: Path, column: str | Sequence[str], id_column: st
         bar.update(len(batch))
         if limit is not None and n >= limit:
             break
-    if file_k == RAGGED:  # where each row ends is part of the input (equal counts leave the digest as it was)
-        digest.update(b"ragged rows" + counts_digest.digest())
+    digest.update(b"rows of " + counts_digest.digest())  # where each row ends is part of the input (2 x 2 != 4 x 1)
     return n, file_k, has_ids, digest.digest()
 
 

@@ -23,7 +23,7 @@ from clipcond.precompute.scan import FILES, RAGGED
 
 logger = logging.getLogger(__name__)
 
-CACHE_VERSION = 2  # bump when what a reader yields for a file changes: older entries are then read past
+CACHE_VERSION = 3  # bump when what a reader yields for a file changes: older entries are then read past
 RACY_NS = 2 * 10**9  # a file changed this recently could change again within its times' resolution: not cached
 
 

@@ -16,6 +16,7 @@ import os
 from dataclasses import dataclass, replace
 from pathlib import Path
 
+import numpy as np
 import torch
 
 from clipcond.store.checksums import row_checksums
@@ -48,7 +49,7 @@ def collect(out: str | os.PathLike[str]) -> Collected:
         if problems := manifest.problems(out):
             raise ValueError(f"{out}: damaged, gc would lose rows: {problems[0]}; rerun `clipcond precompute` first")
         _remove_unlisted(out, manifest)
-        index = read_tensors(out / manifest.index.file)
+        index = {name: torch.from_numpy(np.array(a)) for name, a in IndexFormat.read(out, manifest).items()}  # checked
         new, result = _compact(out, manifest, index)
         if new is None:
             logger.info("%s: every stored embedding is referenced; nothing to remove", out)

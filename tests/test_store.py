@@ -479,3 +479,39 @@ def test_batch_in_the_main_process_stacks_checked_rows_in_reused_memory(damaged)
     row = next(r for r in range(ROWS) if int(damaged_store._slots[r, 0]) == 5 * 16)  # slot 80: shard 5, row 0
     with pytest.raises(ValueError, match=r"shard-00005.safetensors row 0 .*checksum"):
         damaged_store.batch([row])
+
+
+@pytest.mark.parametrize(("change", "message"), [
+    (lambda m: {**m, "encoder": {}}, r"encoder must be a JSON object with a name"),
+    (lambda m: {**m, "fingerprint": 7}, r"fingerprint must be a string, got 7"),
+    (lambda m: {**m, "input": {**m["input"], "paths": []}}, r"input.paths must be a non-empty list of strings"),
+    (lambda m: {**m, "input": {**m["input"], "paths": "captions.jsonl"}}, r"input paths and columns must be lists"),
+    (lambda m: {**m, "input": {**m["input"], "sha256": "xyz"}}, r"input.sha256 'xyz' is not 64 lowercase hex"),
+    (lambda m: {**m, "generation": 3}, r"generation must be a string or null"),
+])
+def test_manifest_fields_every_reader_relies_on_are_checked(damaged, change, message):
+    """Fields that repr, inspect and precompute read were not validated: an encoder without a name raised
+    KeyError 'name', empty input paths an IndexError in inspect, an int fingerprint a TypeError. Each is now a
+    ValueError naming manifest.json, from every entry point."""
+    from clipcond.store.manifest import inspect_store
+
+    manifest = json.loads((damaged / MANIFEST).read_text())
+    (damaged / MANIFEST).write_text(json.dumps(change(manifest)))
+    for read in (EmbeddingStore, inspect_store):
+        with pytest.raises(ValueError, match=rf"{MANIFEST}: .*{message}"):
+            read(damaged)
+
+
+def test_shard_writer_refuses_pooled_rows_that_do_not_match(tmp_path):
+    """ShardWriter checked only the sequence: a [1, P] pooled beside 4 rows was broadcast into all four, a
+    float32 one cast silently, one of another width raised torch's RuntimeError. Each is now refused by name,
+    and nothing is published."""
+    from clipcond.store.format import ShardWriter
+
+    sequence = torch.randn(4, 77, 8).half()
+    for pooled in (torch.randn(1, 6).half(), torch.randn(4, 6), torch.randn(4, 3).half()):
+        writer = ShardWriter(tmp_path, 0, 4, torch.float16, (77, 8), 6, {"start": 0, "stop": 4})
+        with pytest.raises(ValueError, match=r"shard-00000.safetensors: pooled rows of .* beside 4 sequence rows"):
+            writer.add(sequence, pooled)
+        writer.abort()
+    assert not list(tmp_path.iterdir())

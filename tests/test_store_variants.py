@@ -150,3 +150,16 @@ def test_an_index_with_holes_in_the_wrong_places_is_refused(full, tmp_path, row,
     write_index(out, rows)
     with pytest.raises(ValueError, match=rf"index-ragged0000000001.safetensors: tensor 'rows': row {row} has slots"):
         EmbeddingStore(out)
+
+
+def test_numpy_and_torch_integers_are_variants_too(ragged):
+    """store.get(0, variant=np.int64(1)) was refused as "out of range" (the check took only Python ints), and
+    collate(variant=np.int64(1)) likewise; indices from numpy or torch are what training code has."""
+    store = EmbeddingStore(ragged[0])
+    j = next(i for i in range(len(store)) if store.variant_count(i) > 1)
+    want = store.get(j, variant=1)["pooled"]
+    assert torch.equal(store.get(j, variant=np.int64(1))["pooled"], want)
+    assert torch.equal(store.get(j, variant=torch.tensor(1))["pooled"], want)
+    store.collate(0.0, variant=np.int64(0))
+    with pytest.raises(TypeError):
+        store.get(j, variant=1.0)

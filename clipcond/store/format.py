@@ -163,6 +163,9 @@ class ShardWriter:
         if not fits or self.filled + len(sequence) > self.n:
             raise ValueError(f"{self.path.name}: {len(sequence)} rows of {sequence.dtype} {list(sequence.shape[1:])} "
                              f"after {self.filled} of {self.n} rows of {self.dtype} {list(self.row_shape)}")
+        if pooled.dtype != self.dtype or tuple(pooled.shape) != (len(sequence), self.pooled.shape[1]):
+            raise ValueError(f"{self.path.name}: pooled rows of {pooled.dtype} {list(pooled.shape)} beside "
+                             f"{len(sequence)} sequence rows; its pooled is {self.dtype} [n, {self.pooled.shape[1]}]")
         rows = slice(self.filled, self.filled + len(sequence))
         self.pooled[rows].copy_(pooled)
         self.check[rows] = row_checksums(sequence, self.pooled[rows])

@@ -111,12 +111,28 @@ class Source:
 
     @classmethod
     def from_json(cls, data: dict) -> Source:
+        if not isinstance(data["paths"], list) or not isinstance(data["columns"], list):
+            raise TypeError(f"input paths and columns must be lists, got {data['paths']!r:.50}, "
+                            f"{data['columns']!r:.50}")
         return cls(paths=tuple(data["paths"]), columns=tuple(data["columns"]), id_column=data["id_column"],
                    limit=data["limit"], sha256=data["sha256"])
 
     def to_json(self) -> dict:
         return {"paths": list(self.paths), "columns": list(self.columns), "id_column": self.id_column,
                 "limit": self.limit, "sha256": self.sha256}
+
+    def check(self) -> None:
+        """Each field's type, as ``describe`` and precompute's comparison read them; ``ValueError`` naming it."""
+        for name in ("paths", "columns"):
+            values = getattr(self, name)
+            if not values or not all(isinstance(v, str) for v in values):
+                raise ValueError(f"input.{name} must be a non-empty list of strings, got {list(values)!r:.80}")
+        if not isinstance(self.id_column, str | None):
+            raise ValueError(f"input.id_column must be a string or null, got {self.id_column!r:.80}")
+        if self.limit is not None:
+            _count(self.limit, "input.limit")
+        if not (isinstance(self.sha256, str) and len(self.sha256) == 64 and set(self.sha256) <= SHA256_HEX):
+            raise ValueError(f"input.sha256 {self.sha256!r:.80} is not 64 lowercase hex digits")
 
 
 @dataclass(frozen=True, slots=True, kw_only=True)
@@ -208,8 +224,15 @@ class Manifest:
         if type(self.complete) is not bool or type(self.has_ids) is not bool:
             raise ValueError(f"complete and has_ids must be true or false, got {self.complete!r:.20}, "
                              f"{self.has_ids!r:.20}")
-        if not isinstance(self.encoder, dict):
-            raise ValueError(f"encoder must be a JSON object, got {type(self.encoder).__name__}")
+        if not isinstance(self.encoder, dict) or not isinstance(self.encoder.get("name"), str):
+            raise ValueError(f"encoder must be a JSON object with a name, got {self.encoder!r:.80}")
+        for name in ("clipcond_version", "fingerprint"):
+            if not isinstance(getattr(self, name), str):
+                raise ValueError(f"{name} must be a string, got {getattr(self, name)!r:.80}")
+        for name in ("plan", "generation"):
+            if not isinstance(getattr(self, name), str | None):
+                raise ValueError(f"{name} must be a string or null, got {getattr(self, name)!r:.80}")
+        self.input.check()
         for name in ("index", "null"):
             if (entry := getattr(self, name)) is not None:
                 entry.check(name)

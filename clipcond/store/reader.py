@@ -15,6 +15,7 @@ import bisect
 import hashlib
 import math
 import mmap
+import operator
 import os
 import threading
 import weakref
@@ -161,8 +162,8 @@ class EmbeddingStore(Dataset):
     def get(self, row: int, variant: int = 0) -> dict[str, torch.Tensor | int]:
         """Row ``row``'s embedding of caption variant ``variant``: ``{"sequence", "pooled", "row"}``."""
         row = self._check_row(row)
-        if variant and not (type(variant) is int and 0 < variant < self.variants
-                            and (self._counts is None or variant < self._counts[row])):
+        variant = operator.index(variant)  # numpy and torch integers too; a float is a TypeError
+        if variant and not (0 < variant < self.variants and (self._counts is None or variant < self._counts[row])):
             raise IndexError(f"variant {variant!r} is out of range: row {row} of store {self.path} has "
                              f"{self.variant_count(row)} caption variant(s) (the most a row has: {self.variants})")
         view, local = self._locate(row, variant)
@@ -313,8 +314,10 @@ class EmbeddingStore(Dataset):
         chosen uniformly per (seed, epoch, row). A fixed ``variant=j`` on a row with fewer captions is an
         ``IndexError`` naming the row and its count.
         """
-        if variant != "random" and not (isinstance(variant, int) and 0 <= variant < self.variants):
-            raise ValueError(f"variant must be 'random' or in [0, {self.variants}), got {variant!r}")
+        if variant != "random":
+            variant = operator.index(variant)  # numpy and torch integers too; a float is a TypeError
+            if not 0 <= variant < self.variants:
+                raise ValueError(f"variant must be 'random' or in [0, {self.variants}), got {variant!r}")
         null = self._null
         return CaptionDropout(null.sequence[0], null.pooled[0], drop_prob=drop_prob, seed=seed, epoch=epoch,
                               variant=variant, store=self if variant != 0 else None)

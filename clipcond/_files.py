@@ -265,7 +265,7 @@ def id_digest(key: str | bytes) -> bytes:
 
 def id_hashes(digests: bytes | np.ndarray) -> np.ndarray:
     """[n] int64 hashes of ``id_digest`` outputs laid end to end: the one reading of a digest as a number,
-    with an explicit byte order, so that a store written on one machine is looked up alike on any other."""
+    with an explicit byte order, so that the hash does not depend on the machine that computes it."""
     return np.frombuffer(digests, dtype=ID_HASH_DTYPE).astype(np.int64)
 
 

@@ -234,7 +234,7 @@ def test_input_errors_name_file_row_and_column(tmp_path, sd15):
     with pytest.raises(ValueError, match=r"data.parquet row 1: column 'caption' must be a string, got NoneType"):
         run(sd15, parquet, tmp_path / "s2")
     dup = write_input(tmp_path / "dup", "csv", ["a", "b", "c"], ids=["x", "y", "x"])
-    with pytest.raises(ValueError, match=r"id column 'id' repeats id 'x' \(rows 0 and 2\)"):
+    with pytest.raises(ValueError, match=r"id column 'id' repeats id 'x': \S*data.csv row 0 and \S*data.csv row 2"):
         run(sd15, dup, tmp_path / "s3", id_column="id")
     txt = write_input(tmp_path, "txt", ["a"])
     with pytest.raises(ValueError, match="a .txt input has no columns, so no --id-column"):

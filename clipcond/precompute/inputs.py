@@ -14,10 +14,10 @@ Rows are ragged (COCO has 5 to 7 captions an image): each row keeps its own k >=
 columns or a list, an empty or null caption is a missing variant; a row left with none is an error
 naming it. With one plain column, ``""`` is a caption (the empty prompt) and null an error.
 
-CSV: a quoted caption may hold newlines, but a stray quote must not swallow the rows after it (pyarrow's
-reader, used before, took ``499,"a quoted start never closed`` and the 500 rows after it for one
-caption, silently). Where the line is drawn, each an error naming the file and the line where the row
-with the quote starts:
+CSV: a quoted caption may hold newlines, but a stray quote must not swallow the rows after it (a lenient
+reader takes ``499,"a quoted start never closed`` and every row after it for one caption, silently).
+Where the line is drawn, each an error naming the file and the line where the row with the quote
+starts:
 - a quoted field never closed, running to the end of the file;
 - a closing quote followed by anything but a comma or a line end (strict RFC 4180; a stray quote
   that runs on is nearly always closed by the next quote in a later row, followed by its text);

@@ -260,7 +260,7 @@ def write_index(out: Path, plan: Plan, layout: Layout, scan: Scan) -> FileEntry:
     def rows() -> Iterator[np.ndarray]:
         for a in range(0, len(flat), CHUNK):
             unique = flat[a : a + CHUNK]
-            yield np.where(unique >= 0, layout.slots[unique], -1)
+            yield np.where(unique >= 0, layout.slots[unique], -1).astype("<i8", copy=False)  # as safetensors holds it
 
     def keys() -> Iterator[np.ndarray]:
         yield layout.base_keys

@@ -181,12 +181,13 @@ def scan_captions(path: str | Path | Sequence[str | Path], *, column: str | Sequ
     files = expand_inputs(path)
     spill = ScanFolder.create(folder)
     try:
-        n, sha256 = _read(spill, files, column, id_column, limit, progress, cache if limit is None else None)
+        n, sha256, per_file = _read(spill, files, column, id_column, limit, progress,
+                                    cache if limit is None else None)
         _release_arrow_memory()
         has_ids = spill.file("id_lengths").stat().st_size > 0
         started = time.perf_counter()
         if has_ids:
-            _index_ids(spill, n, path, id_column or TAR_KEY)
+            _index_ids(spill, n, per_file, id_column or TAR_KEY)
         inverse, first = _dedup(spill)  # [captions], [U]
         keys, spans = _select(spill, first)
         rows = _ragged(inverse, spill.load("counts"))
@@ -212,13 +213,14 @@ def _ragged(inverse: np.ndarray, counts: np.ndarray) -> np.ndarray:
 
 
 def _read(spill: ScanFolder, files: list[Path], column: str | Sequence[str], id_column: str | None,
-          limit: int | None, progress: bool, cache: ScanCache | None) -> tuple[int, str]:
+          limit: int | None, progress: bool, cache: ScanCache | None) -> tuple[int, str, list[tuple[Path, int]]]:
     """The pass: each batch's texts, keys, lengths and ids appended to the folder's files, file by file; a
-    file in ``cache`` (unchanged since) is copied from there, a file read is saved there."""
+    file in ``cache`` (unchanged since) is copied from there, a file read is saved there. Returns the rows,
+    the input's sha256 and each file's rows."""
     from tqdm.auto import tqdm
 
     columns = [column] if isinstance(column, str) else list(column)
-    digest, n, variants, with_ids, used = hashlib.sha256(), 0, [], None, set()
+    digest, n, variants, with_ids, used, per_file = hashlib.sha256(), 0, [], None, set(), []
     total = row_count_hint(files) if progress else None
     total = min(total, limit) if total is not None and limit is not None else total or limit
     with ExitStack() as stack:
@@ -242,6 +244,7 @@ def _read(spill: ScanFolder, files: list[Path], column: str | Sequence[str], id_
                 used.add(entry.path)
             digest.update(file_digest)
             n += rows
+            per_file.append((file, rows))
             variants += [file_k] if file_k is not None else []
             with_ids = with_ids if file_ids is None else file_ids
             if limit is not None and n >= limit:
@@ -252,7 +255,7 @@ def _read(spill: ScanFolder, files: list[Path], column: str | Sequence[str], id_
         cache.prune(used)
     if len(set(variants)) > 1:  # files of different variant counts: where one's rows end is part of the input
         digest.update(json.dumps(variants).encode())
-    return n, digest.hexdigest()
+    return n, digest.hexdigest(), per_file
 
 
 def _read_file(out: dict, file: Path, column: str | Sequence[str], id_column: str | None, with_ids: bool | None,
@@ -360,16 +363,17 @@ def _select(spill: ScanFolder, items: np.ndarray) -> tuple[np.ndarray, np.ndarra
     return keys, spans
 
 
-def _index_ids(spill: ScanFolder, n: int, source: object, column: str) -> None:
-    """The id tensors of the index, written to the folder: offsets, and the hash-sorted lookup table."""
+def _index_ids(spill: ScanFolder, n: int, per_file: list[tuple[Path, int]], column: str) -> None:
+    """The id tensors of the index, written to the folder (little-endian, as safetensors holds them): offsets,
+    and the hash-sorted lookup table; an id seen twice is an error naming the file and row of each."""
     offsets = np.zeros(n + 1, dtype=np.int64)
     np.cumsum(spill.load("id_lengths"), out=offsets[1:])
-    offsets.tofile(spill.file("id_offsets"))
+    offsets.astype("<i8", copy=False).tofile(spill.file("id_offsets"))
     hashes = spill.load("id_hashes").astype(np.int64)  # [N]: the store's id hashes (clipcond._files.id_hashes)
     order = np.argsort(hashes, kind="stable")  # [N]: equal hashes stay in row order
     hashes = hashes[order]
-    order.tofile(spill.file("id_sorted_rows"))
-    hashes.tofile(spill.file("id_sorted_hash"))
+    order.astype("<i8", copy=False).tofile(spill.file("id_sorted_rows"))
+    hashes.astype("<i8", copy=False).tofile(spill.file("id_sorted_hash"))
     same = np.flatnonzero(hashes[1:] == hashes[:-1])  # candidates: an id repeated (or a 64-bit collision)
     del hashes
     if len(same):
@@ -378,5 +382,14 @@ def _index_ids(spill: ScanFolder, n: int, source: object, column: str) -> None:
             a, b = int(order[i]), int(order[i + 1])
             key = ids[offsets[a] : offsets[a + 1]].tobytes()
             if key == ids[offsets[b] : offsets[b + 1]].tobytes():
-                raise ValueError(f"{source}: id column {column!r} repeats id {key.decode()!r} (rows {a} and {b}); "
-                                 "ids must be unique to look rows up by id")
+                raise ValueError(f"id column {column!r} repeats id {key.decode()!r}: {_where(a, per_file)} and "
+                                 f"{_where(b, per_file)}; ids must be unique to look rows up by id")
+
+
+def _where(row: int, per_file: list[tuple[Path, int]]) -> str:
+    """Input row ``row`` (counted across the files) as its file and the row within it."""
+    for file, rows in per_file:
+        if row < rows:
+            return f"{file} row {row}"
+        row -= rows
+    raise IndexError(row)

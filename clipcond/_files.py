@@ -239,18 +239,22 @@ def write_streamed(root: Path, name: str, tensors: dict[str, tuple[torch.dtype, 
         digest.update(data)
         size += len(data)
 
-    with open(tmp, "wb") as f:
-        put(safetensors_header({k: (dtype, shape) for k, (dtype, shape, _) in tensors.items()}, metadata or {}))
-        for key, (dtype, shape, pieces) in tensors.items():
-            start, expected = size, dtype.itemsize * int(torch.Size(shape).numel())
-            for piece in map(memoryview, pieces):
-                if piece.nbytes:  # an empty array's view has no bytes to cast
-                    put(piece.cast("B"))
-            if size - start != expected:
-                raise ValueError(f"{path}: tensor {key!r} got {size - start} bytes, its shape {list(shape)} needs "
-                                 f"{expected}")
-        f.flush()
-        os.fsync(f.fileno())
+    try:
+        with open(tmp, "wb") as f:
+            put(safetensors_header({k: (dtype, shape) for k, (dtype, shape, _) in tensors.items()}, metadata or {}))
+            for key, (dtype, shape, pieces) in tensors.items():
+                start, expected = size, dtype.itemsize * int(torch.Size(shape).numel())
+                for piece in map(memoryview, pieces):
+                    if piece.nbytes:  # an empty array's view has no bytes to cast
+                        put(piece.cast("B"))
+                if size - start != expected:
+                    raise ValueError(f"{path}: tensor {key!r} got {size - start} bytes, its shape {list(shape)} "
+                                     f"needs {expected}")
+            f.flush()
+            os.fsync(f.fileno())
+    except BaseException:
+        tmp.unlink(missing_ok=True)  # a killed process leaves it for the next run to remove; an error does not
+        raise
     publish(tmp, path)
     return {"file": name, "bytes": size, "sha256": digest.hexdigest()}
 

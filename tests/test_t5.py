@@ -504,3 +504,22 @@ def test_precompute_of_an_unmasked_t5_recipe_stores_what_tc_gives(t5_vocab, tmp_
     assert main([*base, "--encoder", "tiny-pixart-sigma", "--out", str(tmp_path / "pixart")]) == 2
     assert "needs its mask (a masked T5 recipe: PixArt)" in capsys.readouterr().err
     assert not (tmp_path / "pixart" / "manifest.json").exists()
+
+
+@pytest.mark.parametrize("dtype", [torch.float32, torch.bfloat16, torch.float16])
+def test_masked_t5_forward_is_transformers_forward_bit_for_bit(dtype):
+    """The masked forward builds T5's position bias plus padding mask once for all blocks (transformers'
+    SDPA path rebuilt it in every block): a wrong fill value, dtype or broadcast would change the rows, so it
+    must equal ``T5EncoderModel(input_ids, attention_mask)`` exactly, ragged masks and an all-ones mask too."""
+    from clipcond.encoders.t5 import random_t5
+
+    spec = clipcond.get_spec("tiny-pixart-sigma").t5.replace(d_model=64, heads=4, d_kv=16, layers=3)
+    tower = random_t5(spec, seed=1).to(dtype)
+    ids = torch.randint(2, 32000, (4, 40), generator=torch.Generator().manual_seed(0))
+    mask = (torch.arange(40)[None] < torch.tensor([1, 7, 40, 23])[:, None]).long()
+    ids[mask == 0] = 0
+    with torch.no_grad():
+        for m in (mask, torch.ones_like(mask), mask[1:2]):
+            got = tower(ids[: len(m)], m)
+            want = tower.model(input_ids=ids[: len(m)], attention_mask=m).last_hidden_state
+            assert torch.equal(got, want), (dtype, m.sum(1).tolist())

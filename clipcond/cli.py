@@ -86,7 +86,8 @@ def _cmd_encode(args: argparse.Namespace) -> int:
 
 
 def _cmd_download(args: argparse.Namespace) -> int:
-    from clipcond.encoders.weights import download, hf_weight_files
+    from clipcond.encoders.hub import download
+    from clipcond.encoders.weights import hf_weight_files
 
     spec = get_spec(args.encoder)
     repo = args.repo or spec.hub_repo

@@ -169,7 +169,7 @@ def test_download_fetches_only_text_encoder_files(monkeypatch, tmp_path):
     from huggingface_hub.errors import EntryNotFoundError
 
     from clipcond import get_spec
-    from clipcond.encoders.weights import download
+    from clipcond.encoders.hub import download
 
     asked = []
 

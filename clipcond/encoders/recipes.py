@@ -28,6 +28,7 @@ from pathlib import Path
 import torch
 
 from clipcond.conditioning import Conditioning
+from clipcond.encoders.hub import Hub
 from clipcond.encoders.t5 import (
     INDEX_FILES,
     TOKENIZER_FILES,
@@ -171,17 +172,12 @@ def load_t5_half(spec: EncoderSpec, weights: str | os.PathLike[str] | None, *, d
 def download(spec: EncoderSpec, repo: str, *, revision: str | None, tokenizer: bool) -> Path:
     """The T5 files of a hub repo (the local Hugging Face cache first): config, index, the shards with encoder
     tensors, and the tokenizer files; nothing else. Returns the snapshot folder."""
-    from huggingface_hub import hf_hub_download
-    from huggingface_hub.errors import EntryNotFoundError, LocalEntryNotFoundError
-
     assert spec.t5 is not None
     sub, tok = spec.t5.hub_subfolder, spec.t5.tokenizer_subfolder
+    hub = Hub(repo, revision)
 
     def get(name: str, folder: str) -> Path | None:
-        try:
-            return Path(hf_hub_download(repo, name, subfolder=folder or None, revision=revision))
-        except (EntryNotFoundError, LocalEntryNotFoundError):
-            return None
+        return hub.get(name, folder or None)
 
     config = get("config.json", sub)
     if config is None:

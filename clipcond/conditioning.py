@@ -81,11 +81,30 @@ class Conditioning:
     def dtype(self) -> torch.dtype:
         return self.sequence.dtype
 
+    def padded(self, length: int) -> Conditioning:
+        """A masked conditioning at ``length`` rows: zero rows under a zero mask appended (exact: the transformer
+        never attends to them); itself at its own length. Unmasked conditionings keep theirs: their transformer
+        attends to every row."""
+        have = self.sequence.shape[1]
+        if length == have:
+            return self
+        if self.mask is None or length < have:
+            what = "an unmasked conditioning (every row is attended)" if self.mask is None else "a shorter length"
+            raise ValueError(f"Conditioning.padded({length}): {have} rows cannot be padded to {what}")
+        sequence = torch.nn.functional.pad(self.sequence, (0, 0, 0, length - have))  # [B, length, D]
+        mask = torch.nn.functional.pad(self.mask, (0, length - have))  # [B, length]
+        text_ids = None if self.text_ids is None else self.text_ids.new_zeros(length, 3)
+        return Conditioning(sequence, self.pooled, mask, text_ids, self.pipeline)
+
     @staticmethod
     def cat(items: Sequence[Conditioning]) -> Conditioning:
-        """Concatenate along rows, e.g. ``cat([null, cond])`` for a CFG batch."""
+        """Concatenate along rows, e.g. ``cat([null, cond])`` for a CFG batch; masked items of different lengths
+        (a masked recipe batched to its longest prompt) are padded to the longest first (``padded``)."""
         if not items:
             raise ValueError("Conditioning.cat needs at least one Conditioning")
+        if items[0].mask is not None:
+            longest = max(c.sequence.shape[1] for c in items)
+            items = [c.padded(longest) if c.mask is not None else c for c in items]
         first = items[0]
         if len({c.mask is None for c in items}) != 1:
             raise ValueError("Conditioning.cat: some items have a mask and some do not (another recipe?)")
@@ -108,9 +127,13 @@ class Conditioning:
                              f"{sorted(PIPELINE_KWARGS)} (encode with a spec whose pipeline field names one)")
         if negative is not None and negative.pipeline != self.pipeline:
             raise ValueError(f"pipeline_kwargs: negative is for {negative.pipeline!r}, not {self.pipeline!r}")
+        positive = self
+        if negative is not None and self.mask is not None:  # the pipelines want both at one length
+            longest = max(self.sequence.shape[1], negative.sequence.shape[1])
+            positive, negative = self.padded(longest), negative.padded(longest)
         out = {}
         for keyword, field in PIPELINE_KWARGS[self.pipeline]:
-            for prefix, c in (("", self), ("negative_", negative)):
+            for prefix, c in (("", positive), ("negative_", negative)):
                 if c is not None:
                     value = getattr(c, field)
                     float_mask = field == "mask" and self.pipeline in FLOAT_MASKS

@@ -44,6 +44,11 @@ Padding = Literal["raw", "zero", "masked"]
 # Prompt text before the T5 tokenizer: "none", or "lower_strip" = str.lower().strip() (PixArt's
 # _text_preprocessing with clean_caption=False, applied to the negative prompt too).
 Preprocess = Literal["none", "lower_strip"]
+# The length of a masked recipe's outputs (padding "masked"; the transformer reads the mask):
+#   "longest"    the batch's longest kept row (exact: the transformer never attends past a row's mask)
+#   "max_length" the recipe's full length (t5_max_length), as the diffusers pipeline returns it
+# Either way T5 runs only to the batch's longest prompt and the rows the mask hides are zeros.
+PadTo = Literal["longest", "max_length"]
 # How the towers make the sequence:
 #   "features" CLIP towers concatenated along features, [B, 77, sum W] (SD 1/2, SDXL; no T5)
 #   "t5"       the T5 sequence alone, [B, L5, d_model]; CLIP towers give only pooled (Flux) or nothing (PixArt)
@@ -62,6 +67,7 @@ _TOWER_CHOICES: dict[str, tuple[object, ...]] = {
 _ENCODER_CHOICES: dict[str, tuple[object, ...]] = {
     "null": NULL_CHOICES, "long_prompts": LONG_PROMPT_CHOICES, "padding": typing.get_args(Padding),
     "preprocess": typing.get_args(Preprocess), "combine": typing.get_args(Combine),
+    "pad_to": typing.get_args(PadTo),
 }
 # Overrides of EncoderSpec.replace that set a field of every tower.
 TOWER_OVERRIDES = ("hidden_layer", "pad_id", "final_norm", "hf_dropped_layers")
@@ -228,6 +234,7 @@ class EncoderSpec:
     # (ChromaPipeline: "all except the first padding token are masked out"). T5 itself sees the tokenizer's mask.
     mask_pads: int = 0
     preprocess: Preprocess = "none"  # the T5 prompt's text before tokenizing, see Preprocess
+    pad_to: PadTo = "max_length"  # a masked recipe's output length, see PadTo ("longest" for the masked presets)
     combine: Combine = "features"  # how tower outputs make the sequence, see Combine
     text_ids: bool = False  # Flux: Conditioning.text_ids = zeros [L, 3] (the transformer's txt_ids)
     # The diffusers pipeline whose __call__ keywords Conditioning.pipeline_kwargs() gives (descriptive: it
@@ -275,6 +282,9 @@ class EncoderSpec:
             raise fail("long_prompts", "must be 'truncate' for a T5 recipe (T5 windows are not defined)")
         if not isinstance(self.mask_pads, int) or self.mask_pads < 0 or (self.mask_pads and self.padding != "masked"):
             raise fail("mask_pads", f"must be an int >= 0, and 0 unless padding is 'masked', got {self.mask_pads!r}")
+        if self.pad_to == "longest" and self.padding != "masked":
+            raise fail("pad_to", f"is 'longest', which needs padding='masked' (a transformer that reads the mask); "
+                                 f"padding is {self.padding!r}")
 
     @property
     def sequence_dim(self) -> int:
@@ -291,9 +301,10 @@ class EncoderSpec:
         return sum(self.towers[i].pooled_dim for i in self.pooled_towers)
 
     def semantics(self) -> dict[str, object]:
-        """The fields that change outputs: ``source``, ``hub_repo`` and ``pipeline`` only describe (fingerprints)."""
+        """The fields that change outputs: ``source``, ``hub_repo`` and ``pipeline`` only describe, ``pad_to`` only
+        adds rows the mask hides (fingerprints: stores of either agree)."""
         fields = self.to_dict()
-        for name in ("source", "hub_repo", "pipeline"):
+        for name in ("source", "hub_repo", "pipeline", "pad_to"):
             fields.pop(name, None)
         return fields
 
@@ -343,8 +354,8 @@ class EncoderSpec:
 # The T5 recipe fields and their defaults: a CLIP spec holds these, and to_dict() leaves them out.
 _RECIPE_DEFAULTS: dict[str, object] = {
     f.name: f.default for f in dataclasses.fields(EncoderSpec)
-    if f.name in ("t5", "t5_max_length", "t5_mask", "padding", "mask_pads", "preprocess", "combine", "text_ids",
-                  "pipeline")
+    if f.name in ("t5", "t5_max_length", "t5_mask", "padding", "mask_pads", "preprocess", "pad_to", "combine",
+                  "text_ids", "pipeline")
 }
 
 
@@ -467,7 +478,7 @@ def _t5_specs(sd3_clip: EncoderSpec, flux_clip: EncoderSpec) -> list[EncoderSpec
                            source="diffusers FluxPipeline.encode_prompt (max_sequence_length=256, FLUX.1-schnell)")
     sigma = EncoderSpec(
         name="pixart-sigma", towers=(), t5=PIXART_T5, t5_max_length=300, t5_mask=True, padding="masked",
-        preprocess="lower_strip", combine="t5", pipeline="PixArtSigmaPipeline", **t5,
+        pad_to="longest", preprocess="lower_strip", combine="t5", pipeline="PixArtSigmaPipeline", **t5,
         hub_repo="PixArt-alpha/PixArt-Sigma-XL-2-1024-MS",
         source="diffusers PixArtSigmaPipeline.encode_prompt (max_sequence_length=300, clean_caption=False)")
     alpha = sigma.replace(name="pixart-alpha", t5_max_length=120, pipeline="PixArtAlphaPipeline",

@@ -69,6 +69,7 @@ def test_recipe_table():
     ({"combine": "features"}, r"encoder spec 'flux': combine is 'features'"),
     ({"preprocess": "upper"}, r"encoder spec 'flux': preprocess must be one of \('none', 'lower_strip'\)"),
     ({"long_prompts": "chunk"}, r"encoder spec 'flux': long_prompts must be 'truncate' for a T5 recipe"),
+    ({"pad_to": "longest"}, r"encoder spec 'flux': pad_to is 'longest', which needs padding='masked'"),
 ])
 def test_bad_recipe_fields_name_spec_and_field(changes, message):
     """Bug: an inconsistent recipe (masked padding without a mask into T5) accepted and silently wrong."""
@@ -91,7 +92,7 @@ def test_t5_vocabulary_facts(t5_vocab):
     c = tc(["a running dog", ""])
     assert c.mask is None  # Flux passes no mask
     pix = TextConditioner.from_pretrained("tiny-pixart-sigma", tokenizer=t5_vocab["sd3"])
-    assert pix(["a running dog", ""]).mask[:, :6].tolist() == [[1, 1, 1, 1, 1, 0], [1, 0, 0, 0, 0, 0]]
+    assert pix(["a running dog", ""]).mask.tolist() == [[1, 1, 1, 1, 1], [1, 0, 0, 0, 0]]  # to the batch's longest
 
 
 @pytest.mark.parametrize("which", ["sd3", "flux"])
@@ -167,28 +168,38 @@ def test_pixart_equals_pixart_pipeline(t5_pipes, name, pipeline, length):
     embeds, mask, neg, neg_mask = pipe.encode_prompt(PROMPTS, negative_prompt=NEGATIVES, device="cpu",
                                                      max_sequence_length=length)
     tc = TextConditioner.from_pretrained(name, weights=t5_pipes.pixart)
+    full = TextConditioner.from_pretrained(name, weights=t5_pipes.pixart, pad_to="max_length")
     c, n = tc(PROMPTS), tc(NEGATIVES)
-    assert c.sequence.shape == (len(PROMPTS), length, 96) and c.pooled.shape == (len(PROMPTS), 0)
-    for got, got_mask, ref, ref_mask in ((c.sequence, c.mask, embeds, mask), (n.sequence, n.mask, neg, neg_mask)):
-        assert torch.equal(got_mask, ref_mask) and got_mask.dtype == ref_mask.dtype
-        torch.testing.assert_close(got[got_mask.bool()], ref[ref_mask.bool()], **TOL)  # the rows attended to
-        torch.testing.assert_close(got, ref, **TOL)  # padded to the full length: every row equal
+    longest = int(mask.sum(1).max())  # pad_to="longest" (the preset): the batch's longest prompt
+    assert c.sequence.shape == (len(PROMPTS), longest, 96) and c.pooled.shape == (len(PROMPTS), 0)
+    assert longest == length and tc(PROMPTS[:-1]).sequence.shape[1] == int(mask[:-1].sum(1).max()) < length
+    for got, ref, ref_mask in ((c, embeds, mask), (n, neg, neg_mask), (full(PROMPTS), embeds, mask)):
+        width = got.sequence.shape[1]
+        assert torch.equal(got.mask, ref_mask[:, :width]) and got.mask.dtype == ref_mask.dtype
+        torch.testing.assert_close(got.sequence[got.mask.bool()], ref[ref_mask.bool()], **TOL)  # the rows attended
+        assert not got.sequence[~got.mask.bool()].any()  # the rest: zeros, never diffusers' unread pad outputs
+    assert full(PROMPTS).sequence.shape == (len(PROMPTS), length, 96)
+    alone = tc(PROMPTS[0])  # batched to its own length: the same row as in the batch, padded
+    assert alone.sequence.shape[1] == int(mask[0].sum())
+    torch.testing.assert_close(alone.padded(longest).sequence, c.sequence[:1], **TOL)
     upper = TextConditioner.from_pretrained(name, weights=t5_pipes.pixart, preprocess="none")(PROMPTS)
     assert not torch.allclose(upper.sequence[3], embeds[3], atol=1e-3)  # "An Astronaut ... HORSE": case matters
     _, _, null, null_mask = pipe.encode_prompt(PROMPTS[:2], device="cpu", max_sequence_length=length)
-    torch.testing.assert_close(tc.null(2).sequence, null, **TOL)
-    assert torch.equal(tc.null(2).mask, null_mask)
+    assert tc.null(2).sequence.shape[1] == 1 and torch.equal(full.null(2).mask, null_mask)  # "": its EOS alone
+    torch.testing.assert_close(tc.null(2).sequence, null[:, :1], **TOL)
 
 
 def test_chroma_equals_chroma_pipeline(t5_pipes):
     """Bug: Chroma's mask without the one pad after the EOS that its transformer attends to, T5 run without the
-    tokenizer's mask (or with Chroma's longer one), its padding rows zeroed, or its mask handed to the pipeline as
+    tokenizer's mask (or with Chroma's longer one), the kept pad's row zeroed, or its mask handed to the pipeline as
     int64 (ChromaPipeline returns it in the embeddings' dtype and SDPA refuses int64 masks)."""
     pipe = t5_pipes.chroma_pipeline()
     embeds, text_ids, mask, neg, neg_ids, neg_mask = pipe.encode_prompt(PROMPTS, negative_prompt=NEGATIVES,
                                                                         device="cpu", max_sequence_length=512)
     tc = TextConditioner.from_pretrained("chroma", weights=t5_pipes.chroma)
     c, n = tc(PROMPTS), tc(NEGATIVES)
+    assert c.sequence.shape[1] < 512  # the batch's longest prompt and its kept pad
+    c, n = c.padded(512), n.padded(512)
     tokenizer_mask = t5_pipes.tokenizer("sd3")(PROMPTS, padding="max_length", max_length=512, truncation=True,
                                                return_tensors="pt").attention_mask
     lengths = torch.clamp(tokenizer_mask.sum(1) + 1, max=512)  # one pad kept; a 512-token prompt has none to keep
@@ -196,15 +207,15 @@ def test_chroma_equals_chroma_pipeline(t5_pipes):
     for got, ref, ref_mask in ((c, embeds, mask), (n, neg, neg_mask)):
         assert torch.equal(got.mask, ref_mask.long())
         torch.testing.assert_close(got.sequence[got.mask.bool()], ref[ref_mask.bool()], **TOL)  # rows attended to
-        torch.testing.assert_close(got.sequence, ref, **TOL)  # and the others: not zeroed, as diffusers leaves them
-        assert got.sequence[~got.mask.bool()].abs().amax() > 0.01
+        assert not got.sequence[~got.mask.bool()].any()  # the others: zeros (diffusers leaves unread pad outputs)
     assert torch.equal(c.text_ids, text_ids) and torch.equal(n.text_ids, neg_ids)
     kwargs = c.pipeline_kwargs(negative=n)
     assert kwargs["prompt_attention_mask"].dtype == mask.dtype and torch.equal(kwargs["prompt_attention_mask"], mask)
     assert torch.equal(kwargs["negative_prompt_attention_mask"], neg_mask)
     _, _, _, null, _, null_mask = pipe.encode_prompt(PROMPTS[:2], device="cpu")  # negative defaults to ""
-    torch.testing.assert_close(tc.null(2).sequence, null, **TOL)
-    assert torch.equal(tc.null(2).mask, null_mask.long()) and tc.null(2).mask[0].tolist()[:3] == [1, 1, 0]
+    assert tc.null(2).mask.tolist() == [[1, 1], [1, 1]]  # "": its EOS and the kept pad
+    torch.testing.assert_close(tc.null(2).sequence, null[:, :2], **TOL)
+    assert torch.equal(tc.null(2).padded(512).mask, null_mask.long())
 
 
 def test_auraflow_equals_auraflow_pipeline(t5_pipes):
@@ -269,8 +280,9 @@ def test_conditioning_carries_mask_and_text_ids(t5_pipes):
     """Bug: cat, indexing or .to() dropping the mask, casting it to float16, or batching Flux's text_ids."""
     pix = TextConditioner.from_pretrained("pixart-alpha", weights=t5_pipes.pixart)
     c = pix(PROMPTS[:3])
-    both = Conditioning.cat([pix.null(2), c])
-    assert both.mask.shape == (5, 120) and torch.equal(both.mask[2:], c.mask)
+    both = Conditioning.cat([pix.null(2), c])  # the null's one row padded to the captions' longest
+    assert both.mask.shape == (5, c.sequence.shape[1]) and torch.equal(both.mask[2:], c.mask)
+    assert both.mask[:2].sum(1).tolist() == [1, 1] and not both.sequence[:2, 1:].any()
     assert both.pipeline == "PixArtAlphaPipeline"
     assert torch.equal(c[1].mask, c.mask[1:2]) and torch.equal(c[[2, 0]].mask, c.mask[[2, 0]])
     half = c.to(torch.float16)
@@ -290,8 +302,9 @@ def test_caption_dropout_keeps_masks(t5_pipes):
     dropped = (torch.rand(len(PROMPTS), generator=torch.Generator().manual_seed(0)) < 0.5).tolist()
     assert 0 < sum(dropped) < len(PROMPTS)
     full = tc(PROMPTS)
+    assert d.sequence.shape[1] == full.sequence.shape[1]
     for i, drop in enumerate(dropped):
-        ref = tc.null(1) if drop else full[i]
+        ref = tc.null(1).padded(full.sequence.shape[1]) if drop else full[i]
         assert torch.equal(d.mask[i], ref.mask[0])
         torch.testing.assert_close(d.sequence[i], ref.sequence[0], **TOL)
 

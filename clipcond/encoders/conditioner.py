@@ -44,7 +44,8 @@ Segments = list[tuple[int, Conditioning]]  # (end step, inclusive; the condition
 
 
 class TextConditioner(nn.Module):
-    """``tc(prompts) -> Conditioning`` with ``sequence [B, 77, D]`` and ``pooled [B, P]``."""
+    """``tc(prompts) -> Conditioning`` with ``sequence [B, 77, D]`` and ``pooled [B, P]`` (a T5 recipe's
+    ``[B, L, D]``; a masked recipe's ``mask`` [B, L], L the batch's longest prompt under ``pad_to="longest"``)."""
 
     def __init__(
         self,
@@ -250,9 +251,16 @@ class TextConditioner(nn.Module):
         clip = [self.run_tower(i, t.ids, t.eos) for i, t in enumerate(tokens[: len(self.towers)])]
         if self.t5 is None:
             return self._assemble(clip)
-        mask = self._put(token_mask(tokens[-1]))  # [B, L5]
-        sequence = self.t5(self._put(tokens[-1].ids), mask if self.spec.t5_mask else None)  # [B, L5, d]
-        return assemble(self.spec, clip, sequence, mask)
+        t5 = tokens[-1]
+        ids, mask = t5.ids, token_mask(t5)  # [B, L5] each
+        if self.spec.t5_mask and len(ids):  # T5 never attends past a row's EOS: run it to the batch's longest only
+            length = min(int(t5.eos.max()) + 1 + self.spec.mask_pads, ids.shape[1])  # Chroma's kept pad included
+            ids, mask = ids[:, :length], mask[:, :length]
+        mask = self._put(mask)
+        sequence = self.t5(self._put(ids), mask if self.spec.t5_mask else None)  # [B, L, d]
+        c = assemble(self.spec, clip, sequence, mask)
+        full = self.spec.padding == "zero" or self.spec.pad_to == "max_length"
+        return c.padded(self.spec.sequence_length) if full and c.mask is not None else c
 
     def _assemble(self, parts: Sequence[tuple[torch.Tensor, torch.Tensor | None]]) -> Conditioning:
         """The one place towers' outputs become a Conditioning: sequences [N, L, W_i] concatenated along
@@ -455,7 +463,10 @@ class TextConditioner(nn.Module):
         if not len(keep):
             return self.null(len(prompts))
         kept = self([prompts[i] for i in keep.tolist()])
-        out = self.null(len(prompts), chunks=len_tokens(kept) // self.max_length)
+        out = self.null(len(prompts), chunks=len_tokens(kept) // self.max_length if self.t5 is None else 1)
+        if out.mask is not None:  # a masked recipe's null and captions may differ in length: both to the longer
+            longest = max(len_tokens(out), len_tokens(kept))
+            out, kept = out.padded(longest), kept.padded(longest)
         keep = keep.to(self.device)
         out.sequence[keep] = kept.sequence
         out.pooled[keep] = kept.pooled

@@ -9,9 +9,10 @@ The rules, read from diffusers 0.42 (each a spec field, clipcond/specs.py):
 - ``FluxPipeline.encode_prompt``: T5 ``[B, 512, 4096]`` without mask (``256`` for schnell), pooled =
   CLIP-L ``pooler_output`` ``[B, 768]``, ``text_ids = zeros(L, 3)``.
 - ``PixArtAlpha/SigmaPipeline.encode_prompt``: prompts ``lower().strip()``, T5 with the attention mask,
-  ``[B, 120 | 300, 4096]`` and the mask ``[B, L]`` (int64, as the tokenizer returns it).
+  ``[B, 120 | 300, 4096]`` and the mask ``[B, L]`` (int64, as the tokenizer returns it). clipcond runs T5 only to
+  the batch's longest prompt and zeroes the rows the mask hides (``pad_to``: the batch's longest or the full length).
 - ``ChromaPipeline.encode_prompt``: T5 with the tokenizer's mask at 512; the mask it returns is
-  ``arange(L) <= mask.sum(1)``: one pad after the EOS kept (``mask_pads=1``); padding rows not zeroed;
+  ``arange(L) <= mask.sum(1)``: one pad after the EOS kept (``mask_pads=1``); the rest unread (zeroed here);
   ``text_ids = zeros(L, 3)``.
 - ``AuraFlowPipeline.encode_prompt``: UMT5 with the mask at 256, ``prompt_embeds * mask``: padding rows zero;
   its mask comes back expanded to ``[B, L * D]``, which its transformer never reads (clipcond keeps ``[B, L]``).
@@ -65,6 +66,8 @@ def assemble(spec: EncoderSpec, clip: Sequence[tuple[torch.Tensor, torch.Tensor 
         t5 = t5 * mask[..., None].to(t5.dtype)  # [B, L5, d]: padding rows zeroed (AuraFlow)
     if spec.mask_pads:  # [B, L5]: Chroma's transformer attends to one pad after the EOS too
         mask = (torch.arange(mask.shape[1], device=mask.device) < mask.sum(1, keepdim=True) + spec.mask_pads).long()
+    if spec.padding == "masked":  # rows the transformer never reads: zeros, so a row is the same in any batch
+        t5 = t5 * mask[..., None].to(t5.dtype)
     sequence = t5
     if spec.combine == "tokens":
         features = torch.cat([s for s, _ in clip], dim=-1)  # [B, 77, sum W]

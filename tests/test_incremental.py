@@ -197,7 +197,7 @@ def test_parts_in_any_order_killed_and_rerun_equal_a_single_run(tmp_path):
     proc.wait()
     for proc in [cli(*args, "--out", str(out), "--part", p) for p in ("3/4", "0/4")]:  # at once
         assert "done; the last part to finish publishes" in finished(proc)
-    assert "clipcond embedding store (format 2" in finished(cli(*args, "--out", str(out), "--part", "1/4"))
+    assert "clipcond embedding store (format 3" in finished(cli(*args, "--out", str(out), "--part", "1/4"))
     assert json.loads((out / MANIFEST).read_text()) == json.loads((single / MANIFEST).read_text())
     assert shard_bytes(out) == shard_bytes(single)
     EmbeddingStore(out, verify=True)

@@ -124,6 +124,6 @@ def test_a_batch_that_does_not_fit_its_shard_s_header_stops_the_run(tmp_path, tc
         return c if len(calls) == 1 else c.to(torch.float16)
 
     monkeypatch.setattr(tc, "encode_tokens", drifting)
-    with pytest.raises(RuntimeError, match=r"shard 0: a batch of torch.float16 \(77, 32\) rows after torch.float32"):
+    with pytest.raises(RuntimeError, match=r"shard 0: a batch of torch.float16 rows after torch.float32 ones"):
         encode(tc, tmp_path / "store")
     assert not list((tmp_path / "store").iterdir())  # the half-written shard's temporary is gone

@@ -507,11 +507,12 @@ def test_shard_writer_refuses_pooled_rows_that_do_not_match(tmp_path):
     float32 one cast silently, one of another width raised torch's RuntimeError. Each is now refused by name,
     and nothing is published."""
     from clipcond.store.format import ShardWriter
+    from clipcond.store.layout import RowLayout
 
     sequence = torch.randn(4, 77, 8).half()
     for pooled in (torch.randn(1, 6).half(), torch.randn(4, 6), torch.randn(4, 3).half()):
-        writer = ShardWriter(tmp_path, 0, 4, torch.float16, (77, 8), 6, {"start": 0, "stop": 4})
+        writer = ShardWriter(tmp_path, 0, 4, torch.float16, RowLayout.whole(77, 8), 6, {"start": 0, "stop": 4})
         with pytest.raises(ValueError, match=r"shard-00000.safetensors: pooled rows of .* beside 4 sequence rows"):
-            writer.add(sequence, pooled)
+            writer.add([sequence], pooled)
         writer.abort()
     assert not list(tmp_path.iterdir())

@@ -228,6 +228,14 @@ class TextConditioner(nn.Module):
         t5 = [] if self.t5_tokenizer is None else [self.t5_tokenizer(prompts)]
         return [tok(prompts) for tok in self.tokenizers] + t5
 
+    def kept_lengths(self, tokens: Sequence[Tokens]) -> torch.Tensor | None:
+        """[B] int64: the rows of each prompt a masked recipe's mask keeps (its tokens with the EOS, and Chroma's one
+        pad), known from ``tokenize()`` before encoding; None where every row is kept (CLIP, SD3, Flux). A store
+        holds only these rows (clipcond/store/layout.py)."""
+        if self.t5 is None or self.spec.padding == "raw":
+            return None
+        return torch.clamp(tokens[-1].eos + 1 + self.spec.mask_pads, max=self.spec.t5_max_length)
+
     @torch.no_grad()
     def forward(self, prompts: str | Sequence[str]) -> Conditioning:
         prompts = check_prompts(prompts)

@@ -23,11 +23,13 @@ from dataclasses import asdict, dataclass
 from pathlib import Path
 from typing import TYPE_CHECKING
 
+import numpy as np
 import torch
 
 from clipcond._files import atomic_write
 from clipcond.conditioning import Conditioning
 from clipcond.store.format import ShardFormat, ShardWriter
+from clipcond.store.layout import RowLayout
 from clipcond.store.manifest import Manifest, ShardEntry
 from clipcond.text.tokenizer import Tokens
 
@@ -156,11 +158,13 @@ def _tokenize(tc: TextConditioner, captions: Sequence[str], shards: list[Shard],
               q: queue.Queue, halt: threading.Event) -> None:
     pin = tc.device.type == "cuda"  # pinned host memory: the encoder's copies to the GPU do not block
     for k, start, stop in shards:
+        # A masked recipe's shard header needs each row's kept length before the first row is encoded.
+        lengths = tc.kept_lengths(tc.tokenize(captions[start:stop]))
         for a in range(start, stop, batch_size):
             tokens = tc.tokenize(captions[a : min(a + batch_size, stop)])
             if pin:
                 tokens = [Tokens(t.ids.pin_memory(), t.eos.pin_memory(), t.truncated) for t in tokens]
-            _put(q, (k, a - start, tokens), halt)
+            _put(q, (k, a - start, tokens, lengths if a == start else None), halt)
     _put(q, _DONE, halt)
 
 
@@ -168,6 +172,8 @@ def _finite_rows(x: torch.Tensor) -> torch.Tensor:
     """[N] True where row n holds no inf/NaN. amax and amin propagate NaN and keep inf: two reads of
     x and no temporary, where isfinite(x) writes a bool per element (~10x slower on float16)."""
     x = x.flatten(1)
+    if not x.shape[1]:  # PixArt's pooled [B, 0]: nothing to overflow
+        return torch.ones(len(x), dtype=torch.bool)
     return x.amax(1).isfinite() & x.amin(1).isfinite()
 
 
@@ -175,28 +181,34 @@ class _ShardFile:
     """One shard of the run, streamed to disk batch by batch (``ShardWriter``), then published: its rows checked
     finite and in order, its sidecar (the shard's manifest entry) written before the rename."""
 
-    def __init__(self, out: Path, shard: Shard, like: Conditioning, meta: dict[str, object]) -> None:
+    def __init__(self, out: Path, shard: Shard, like: Conditioning, layout: RowLayout, lengths: torch.Tensor | None,
+                 meta: dict[str, object]) -> None:
         self.k, self.start, self.stop = shard
-        self.plan, self.truncated, self.filled = meta.get("plan"), 0, 0
-        self.writer = ShardWriter(out, self.k, self.stop - self.start, like.dtype, like.sequence.shape[1:],
-                                  like.pooled.shape[1], {**meta, "start": self.start, "stop": self.stop})
+        self.plan, self.truncated, self.filled, self.layout = meta.get("plan"), 0, 0, layout
+        self.lengths = None if lengths is None else lengths.numpy()  # [n] rows each caption's mask keeps
+        self.writer = ShardWriter(out, self.k, self.stop - self.start, like.dtype, layout, like.pooled.shape[1],
+                                  {**meta, "start": self.start, "stop": self.stop}, self.lengths)
 
     def add(self, k: int, offset: int, cond: Conditioning, truncated: int, captions: Sequence[str]) -> bool:
         """Append one batch; True when the shard is full."""
         if k != self.k or offset != self.filled:
             raise RuntimeError(f"pipeline out of order: shard {k} row {offset}, expected {self.k} row {self.filled}")
-        if cond.dtype != self.writer.dtype or cond.sequence.shape[1:] != self.writer.row_shape:
-            raise RuntimeError(f"shard {k}: a batch of {cond.dtype} {tuple(cond.sequence.shape[1:])} rows after "
-                               f"{self.writer.dtype} {tuple(self.writer.row_shape)} ones (autocast around "
-                               "precompute?)")
-        sequence, pooled = cond.sequence.cpu(), cond.pooled.cpu()  # to the host here, off the encoder thread
-        finite = _finite_rows(sequence) & _finite_rows(pooled)
+        if cond.dtype != self.writer.dtype:
+            raise RuntimeError(f"shard {k}: a batch of {cond.dtype} rows after {self.writer.dtype} ones (autocast "
+                               "around precompute?)")
+        cond = cond.to("cpu")  # to the host here, off the encoder thread
+        parts, kept = self.layout.split(cond)
+        if kept is not None and not np.array_equal(kept.numpy(), self.lengths[offset : offset + len(cond)]):
+            raise RuntimeError(f"shard {k}: the encoder's masks keep other rows than the tokenizer counted")
+        finite = _finite_rows(cond.pooled)
+        for part in parts:
+            finite &= _finite_rows(part)
         if not finite.all():
             bad = [self.start + offset + i for i in (~finite).nonzero().flatten().tolist()]
             shown = ", ".join(f"{captions[i][:60]!r}" for i in bad[:3])
-            raise ValueError(f"{len(bad)} captions encode to inf/NaN in {sequence.dtype} (unique rows "
+            raise ValueError(f"{len(bad)} captions encode to inf/NaN in {cond.dtype} (unique rows "
                              f"{bad[:10]}: {shown}): the encoder overflows; encode in bfloat16 or float32")
-        self.writer.add(sequence, pooled)
+        self.writer.add(parts, cond.pooled)
         self.filled += len(cond)
         self.truncated += truncated
         return self.filled == self.writer.n
@@ -245,7 +257,7 @@ def _owner(out: Path, name: str, plan: str | None) -> str | None:
 
 
 def _write(out: Path, shards: list[Shard], captions: Sequence[str], q: queue.Queue, halt: threading.Event,
-           meta: dict[str, object], stream: torch.cuda.Stream | None) -> None:
+           meta: dict[str, object], layout: RowLayout, stream: torch.cuda.Stream | None) -> None:
     """Stream batches into shard files; a second thread fsyncs and publishes each full shard.
 
     An fsync waits for the disk, and the next shard's writes need not (bench_pipeline.py, 2 GB of
@@ -257,9 +269,9 @@ def _write(out: Path, shards: list[Shard], captions: Sequence[str], q: queue.Que
             torch.cuda.stream(stream) if stream is not None else nullcontext():
         try:
             while (item := _get(q, halt)) is not _DONE:
-                k, offset, cond, truncated = item
+                k, offset, cond, truncated, lengths = item
                 if shard is None:
-                    shard = _ShardFile(out, next(pending), cond, meta)
+                    shard = _ShardFile(out, next(pending), cond, layout, lengths, meta)
                 if shard.add(k, offset, cond, truncated, captions):
                     flushing.append(finisher.submit(shard.finish, out))
                     shard = None
@@ -286,11 +298,11 @@ def _encode(tc: TextConditioner, tokens_q: queue.Queue, outputs_q: queue.Queue, 
     start = time.perf_counter()
     with tqdm(total=stats.rows, desc="encode", unit="row", unit_scale=True, disable=None if progress else True) as bar:
         while (item := clock.get(tokens_q)) is not _DONE:
-            k, offset, tokens = item
+            k, offset, tokens, lengths = item
             t0 = time.perf_counter()
             cond = tc.encode_tokens(tokens)
             stats.encoding += time.perf_counter() - t0
-            clock.put(outputs_q, (k, offset, cond, len(tokens[0].truncated)))
+            clock.put(outputs_q, (k, offset, cond, len(tokens[0].truncated), lengths))
             stats.batches += 1
             bar.update(len(cond))
             if delay:
@@ -307,7 +319,8 @@ def encode_shards(tc: TextConditioner, captions: Sequence[str], shards: list[Sha
     tokens_q, outputs_q = queue.Queue(PREFETCH), queue.Queue(PREFETCH)
     stream = torch.cuda.current_stream(tc.device) if tc.device.type == "cuda" else None
     stages = [_Stage("clipcond-tokenize", lambda: _tokenize(tc, captions, shards, batch_size, tokens_q, halt), halt),
-              _Stage("clipcond-write", lambda: _write(out, shards, captions, outputs_q, halt, meta, stream), halt)]
+              _Stage("clipcond-write", lambda: _write(out, shards, captions, outputs_q, halt, meta,
+                                                       RowLayout.of(tc.spec), stream), halt)]
     for stage in stages:
         stage.start()
     try:

@@ -29,6 +29,7 @@ from pathlib import Path
 from typing import TYPE_CHECKING, TypeVar
 
 import numpy as np
+import torch
 import torch.distributed as dist
 
 from clipcond._files import file_chunks, write_tensors
@@ -48,6 +49,7 @@ from clipcond.precompute.plan import (
 from clipcond.precompute.scan import CHUNK, CaptionTexts, Scan, scan_captions
 from clipcond.precompute.scan_cache import ScanCache
 from clipcond.store.format import IndexFormat, StoreFiles
+from clipcond.store.layout import RowLayout
 from clipcond.store.locks import PartsLock, StoreLock, remove_stale_scans
 from clipcond.store.manifest import FORMAT, FORMAT_VERSION, MANIFEST, NULL, FileEntry, Manifest
 
@@ -169,7 +171,7 @@ def rank_device(device: str) -> str:
 
 # --- plan, resume, finish (rank 0) -----------------------------------------------------
 def default_shard_size(tc: TextConditioner, batch_size: int) -> int:
-    row_bytes = (tc.max_length * tc.sequence_dim + tc.pooled_dim) * tc.dtype.itemsize
+    row_bytes = RowLayout.of(tc.spec).row_bytes(tc.dtype.itemsize) + tc.pooled_dim * tc.dtype.itemsize  # untrimmed
     rows = max(1, TARGET_SHARD_BYTES // row_bytes)
     return rows - rows % batch_size if rows >= batch_size else rows  # whole batches: no short batch per shard
 
@@ -195,15 +197,13 @@ def prepare(tc: TextConditioner, job: PrecomputeJob, scan: Scan, lock: StoreLock
     if existing is not None:
         check_compatible(existing, store_identity(tc, shard_size), out)
     base = existing if existing and existing.complete else None  # incremental runs never unmark a store
-    layout = assign_slots(out, base, scan, checksums=job.verify)
+    layout = assign_slots(out, base, scan, checksums=job.verify, lengths=kept_lengths(tc))
     plan = make_plan(tc, scan, shard_size, base, layout)
     current = base or existing
     null = current.null if current is not None else None
     if null is None or null.problem(out) is not None:
         # The null depends on the encoder alone: rewritten, it is the same bytes the manifest records.
-        cond = tc.null(1)
-        null = FileEntry.from_json(write_tensors(out, NULL, {"sequence": cond.sequence.cpu(),
-                                                             "pooled": cond.pooled.cpu()}))
+        null = FileEntry.from_json(write_tensors(out, NULL, null_tensors(tc)))
     plan = replace(plan, manifest=replace(plan.manifest, null=null))
     if base is not None and base.input == plan.manifest.input and not plan.encoded and not layout.dropped:
         logger.info("%s is complete already: nothing to encode", out)
@@ -219,6 +219,22 @@ def prepare(tc: TextConditioner, job: PrecomputeJob, scan: Scan, lock: StoreLock
     # The captions to encode, by slot, for the other ranks: spans of the scan's texts (in out, seen by all).
     scan.spans[layout.missing].tofile(scan.folder.file(TODO))
     return replace(plan, scan=scan.folder.path.name), layout
+
+
+def null_tensors(tc: TextConditioner) -> dict[str, torch.Tensor]:
+    """What ``null.safetensors`` holds: the null at the recipe's full length, a masked recipe's mask with it."""
+    null = tc.null(1)
+    if null.mask is not None:
+        null = null.padded(tc.max_length)
+    tensors = {"sequence": null.sequence.cpu(), "pooled": null.pooled.cpu()}
+    return tensors if null.mask is None else {**tensors, "mask": null.mask.cpu()}
+
+
+def kept_lengths(tc: TextConditioner) -> Callable[[Sequence[str]], np.ndarray] | None:
+    """A masked recipe's rows kept per caption, from its tokenizer (the plan orders new captions by it)."""
+    if tc.kept_lengths(tc.tokenize([""])) is None:
+        return None
+    return lambda captions: tc.kept_lengths(tc.tokenize(list(captions))).numpy()
 
 
 TODO = "todo"  # in the scan folder: [M, 2] int64 spans of the captions this run encodes, in slot order
@@ -295,9 +311,6 @@ def precompute(tc: TextConditioner, job: PrecomputeJob) -> dict:
     if tc.spec.long_prompts != "truncate":
         raise ValueError(f"precompute stores [{tc.max_length}, D] sequences; encoder {tc.spec.name!r} has "
                          f"long_prompts={tc.spec.long_prompts!r}: load it with long_prompts='truncate'")
-    if tc.spec.t5_mask:
-        raise ValueError(f"precompute stores sequence and pooled rows, no attention mask; encoder {tc.spec.name!r} "
-                         "needs its mask (a masked T5 recipe: PixArt): its stores are not supported yet")
     ranks, lock = Ranks.from_env(), StoreLock(job.out)  # rank 0 holds the lock for the whole job
     if job.part is not None and ranks.world > 1:
         raise ValueError("--part splits a job across independent processes; under torchrun the ranks split it")

@@ -12,6 +12,7 @@ from __future__ import annotations
 import hashlib
 import json
 import logging
+from collections.abc import Callable, Sequence
 from dataclasses import dataclass
 from pathlib import Path
 from typing import TYPE_CHECKING
@@ -20,6 +21,7 @@ import numpy as np
 
 from clipcond.precompute.scan import CHUNK, Scan
 from clipcond.store.format import IndexFormat, ShardFormat, StoreFiles
+from clipcond.store.layout import RowLayout
 from clipcond.store.manifest import MANIFEST, Manifest, ShardEntry
 
 if TYPE_CHECKING:
@@ -41,8 +43,11 @@ class Layout:
     dropped: list[str]  # damaged base shards left out (their captions, if still used, are encoded again)
 
 
-def assign_slots(out: Path, base: Manifest | None, scan: Scan, checksums: bool = False) -> Layout:
-    """Captions the base store holds keep their slots; the others get new slots after its last one."""
+def assign_slots(out: Path, base: Manifest | None, scan: Scan, checksums: bool = False,
+                 lengths: Callable[[Sequence[str]], np.ndarray] | None = None) -> Layout:
+    """Captions the base store holds keep their slots; the others get new slots after its last one, in order of
+    first appearance, or (``lengths``: a masked recipe's kept rows per caption) from the shortest to the longest,
+    so that a batch's captions have about one length and the encoder runs to little more than each one's."""
     keep, dropped = [], []
     base_keys = np.zeros((0, 16), dtype=np.uint8)
     if base is not None:
@@ -59,6 +64,9 @@ def assign_slots(out: Path, base: Manifest | None, scan: Scan, checksums: bool =
     slots[found >= 0] = held[found[found >= 0]]
     missing = np.flatnonzero(found < 0)  # [M], ascending: new slots in order of first appearance
     del found
+    if lengths is not None and len(missing):
+        kept = np.concatenate([lengths(scan.captions(missing[a : a + CHUNK])) for a in range(0, len(missing), CHUNK)])
+        missing = missing[np.argsort(kept, kind="stable")]  # ties in order of first appearance: reruns agree
     first_new = base.slots if base is not None else 0
     slots[missing] = np.arange(first_new, first_new + len(missing))
     return Layout(keep, base_keys, slots, missing, dropped)
@@ -112,7 +120,8 @@ def _digest(*parts: object) -> str:
 def store_identity(tc: TextConditioner, shard_size: int) -> dict:
     """What a store is bound to: the encoder's semantics, its weights, dtype, shards' size (not the input)."""
     return {"encoder": tc.spec.to_dict(), "fingerprint": tc.fingerprint, "dtype": str(tc.dtype).removeprefix("torch."),
-            "sequence_shape": (tc.max_length, tc.sequence_dim), "pooled_dim": tc.pooled_dim, "shard_size": shard_size}
+            "sequence_shape": (tc.max_length, tc.sequence_dim), "pooled_dim": tc.pooled_dim, "shard_size": shard_size,
+            "parts": RowLayout.of(tc.spec).to_json()}
 
 
 def make_plan(tc: TextConditioner, scan: Scan, shard_size: int, base: Manifest | None, layout: Layout) -> Plan:
@@ -154,12 +163,15 @@ def check_unchanged(out: Path, existing: Manifest | None, plan: Plan) -> None:
 
 def check_compatible(existing: Manifest, identity: dict, out: Path) -> None:
     """Refuse to add to a store made with other weights, spec, dtype or shard size (any input is fine)."""
-    # Descriptive spec fields (source, hub_repo) may change between releases, as in the fingerprint.
-    old, new = ({k: v for k, v in e.items() if k not in ("source", "hub_repo")}
+    # Descriptive spec fields (source, hub_repo) may change between releases, as in the fingerprint; pad_to is the
+    # reader's choice (the store holds the kept rows either way).
+    old, new = ({k: v for k, v in e.items() if k not in ("source", "hub_repo", "pad_to")}
                 for e in (existing.encoder, identity["encoder"]))
     diffs = [f"encoder: the store has {_short(old)}, this run {_short(new)}"] if old != new else []
     diffs += [f"{key}: the store has {_short(getattr(existing, key))}, this run {_short(identity[key])}"
               for key in ("fingerprint", "dtype", "shard_size") if getattr(existing, key) != identity[key]]
+    if existing.layout.to_json() != identity["parts"]:
+        diffs.append(f"row layout: the store has {existing.layout.to_json()}, this run {identity['parts']}")
     if diffs:
         raise ValueError(f"{out} holds a store made differently; refusing to add to it:\n  " + "\n  ".join(diffs)
                          + f"\nwrite to another --out, or delete {out} to start over")

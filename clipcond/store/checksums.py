@@ -66,6 +66,43 @@ def row_checksums(sequence: torch.Tensor, pooled: torch.Tensor) -> torch.Tensor:
     return torch.from_numpy(mix_checksums(_word_sums(row_bytes(sequence)), _word_sums(row_bytes(pooled))))
 
 
+def part_checksums(parts: Sequence[torch.Tensor], pooled: torch.Tensor, lengths: np.ndarray | None = None
+                   ) -> torch.Tensor:
+    """[n] int64 checksums of rows held in parts (clipcond/store/layout.py): ``parts`` [n, length, width] each,
+    or a masked layout's one part [n, L_b, D] of which row i keeps its first ``lengths[i]`` rows; ``pooled`` [n, P].
+
+    A row's sequence sum is the sum of its parts' word sums, each part's bytes taken as one buffer, plus its
+    kept length (so that a length moved from one row to the next changes both checks); then mixed with the
+    pooled sum as in ``row_checksums``, which is this for one whole part."""
+    if lengths is None:
+        sums = sum((_word_sums(row_bytes(part)) for part in parts), np.zeros(len(pooled), dtype=np.uint64))
+    else:
+        part = parts[0]
+        sums = np.array([_word_sums(row_bytes(part[i : i + 1, :k]))[0] for i, k in enumerate(lengths.tolist())],
+                        dtype=np.uint64).reshape(-1) + lengths.astype(np.uint64)
+    return torch.from_numpy(mix_checksums(sums, _word_sums(row_bytes(pooled))))
+
+
+def buffers_checksum(parts: Sequence[np.ndarray], pooled: np.ndarray, length: int = 0) -> int:
+    """``part_checksums`` of one row from its parts' bytes (1-D uint8 each, read in place) and its kept length."""
+    if _rows is not None:
+        def word_sum(data: np.ndarray) -> int:
+            return _rows.row_checksum(data, EMPTY, 0) & MASK64
+    else:
+        def word_sum(data: np.ndarray) -> int:
+            return int(_word_sums(data[None])[0])
+    total = sum(word_sum(part) for part in parts) + length + int(CHECK_MIX) * word_sum(pooled)
+    return _signed(total & MASK64)
+
+
+def _signed(value: int) -> int:
+    return value - (1 << 64) if value >= 1 << 63 else value
+
+
+EMPTY = np.zeros(0, dtype=np.uint8)
+MASK64 = (1 << 64) - 1
+
+
 def copy_rows(sources: Sequence[np.ndarray], destinations: Sequence[np.ndarray], *,
               checksums: bool = True) -> np.ndarray | None:
     """Copy each uint8 row of ``sources`` into its destination (same size) and return its word sum, [n] uint64

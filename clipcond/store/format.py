@@ -57,17 +57,21 @@ from clipcond._files import (
     write_streamed,
 )
 from clipcond._files import read_tensors as read_safetensors
-from clipcond.store.checksums import row_checksums
+from clipcond.store.checksums import part_checksums
+from clipcond.store.layout import RowLayout
 from clipcond.store.manifest import MANIFEST, NULL, REPAIR_HINT, FileEntry, Manifest, ShardEntry
 
 logger = logging.getLogger(__name__)
 
 # --- the shards -------------------------------------------------------------------------
 class ShardFormat:
-    """``shard-XXXXX.safetensors``: ``sequence`` [n, L, D], ``pooled`` [n, P] (the store's dtype) and ``check``
-    [n] int64 (``row_checksums``), in this order; one metadata key, ``clipcond``, a JSON of the run's facts."""
+    """``shard-XXXXX.safetensors``: the row layout's parts (``RowLayout``: ``sequence`` [n, L, D] for CLIP; SD3's
+    ``t5`` [n, 256, 4096] and ``clip`` [n, 77, 2048]; a masked recipe's kept rows ``sequence`` [T, D]), ``pooled``
+    [n, P] (the store's dtype), a masked layout's ``lengths`` [n] int64 (rows kept, T in all) and ``check`` [n]
+    int64 (``part_checksums``), in this order, the streamed (largest) part first; one metadata key, ``clipcond``,
+    a JSON of the run's facts."""
 
-    TENSORS = ("sequence", "pooled", "check")
+    TENSORS = ("sequence", "pooled", "check")  # a CLIP store's shard (one whole part)
 
     @staticmethod
     def name(k: int) -> str:
@@ -80,11 +84,13 @@ class ShardFormat:
         return name.replace(".safetensors", ".json")
 
     @staticmethod
-    def write(root: Path, k: int, sequence: torch.Tensor, pooled: torch.Tensor, meta: dict) -> FileEntry:
-        """A whole shard from its rows (``sequence`` [n, L, D], ``pooled`` [n, P]), published at once."""
-        writer = ShardWriter(root, k, len(sequence), sequence.dtype, sequence.shape[1:], pooled.shape[1], meta)
+    def write(root: Path, k: int, layout: RowLayout, parts: Sequence[torch.Tensor], pooled: torch.Tensor,
+              lengths: np.ndarray | None, meta: dict) -> FileEntry:
+        """A whole shard from its rows (``parts`` as ``RowLayout.split`` gives them, ``pooled`` [n, P], a masked
+        layout's ``lengths`` [n]), published at once."""
+        writer = ShardWriter(root, k, len(pooled), pooled.dtype, layout, pooled.shape[1], meta, lengths)
         try:
-            writer.add(sequence, pooled)
+            writer.add(parts, pooled)
             entry = writer.close()
         except BaseException:
             writer.abort()
@@ -93,8 +99,18 @@ class ShardFormat:
         return entry
 
     @staticmethod
-    def _shapes(n: int, dtype: torch.dtype, row_shape: Sequence[int], pooled_dim: int) -> dict:
-        return {"sequence": (dtype, (n, *row_shape)), "pooled": (dtype, (n, pooled_dim)), "check": (torch.int64, (n,))}
+    def _shapes(n: int, dtype: torch.dtype, layout: RowLayout, pooled_dim: int, kept: int | None) -> dict:
+        """Every tensor's (dtype, shape) in file order; ``kept``: a masked layout's rows in all (T)."""
+        order = [layout.streamed] + [i for i in range(len(layout.parts)) if i != layout.streamed]
+        shapes = {}
+        for i in order:
+            part = layout.parts[i]
+            shapes[part.name] = (dtype, (kept, part.width) if part.trimmed else (n, part.length, part.width))
+        shapes["pooled"] = (dtype, (n, pooled_dim))
+        if layout.masked:
+            shapes["lengths"] = (torch.int64, (n,))
+        shapes["check"] = (torch.int64, (n,))
+        return shapes
 
     @staticmethod
     def _about(meta: dict) -> dict[str, str]:
@@ -102,24 +118,30 @@ class ShardFormat:
 
     @staticmethod
     def layout(f: BinaryIO, path: Path, entry: ShardEntry, manifest: Manifest) -> tuple[dict[str, TensorInfo], int]:
-        """The checked layout of the shard open as ``f`` (``entry`` of ``manifest``): its three tensors and the
-        data's offset in the file. Beyond the safetensors rules (``read_safetensors_header``), a shard holds
-        exactly ``sequence`` [n, L, D] and ``pooled`` [n, P] of the store's dtype and ``check`` [n] int64, n the
-        entry's ``stop - start``, [L, D] and P the manifest's, and its metadata names the same slots: a header
-        that disagrees is damage (``ValueError`` naming the file and tensor), never a reason to read less."""
+        """The checked layout of the shard open as ``f`` (``entry`` of ``manifest``): its tensors and the data's
+        offset in the file. Beyond the safetensors rules (``read_safetensors_header``), a shard holds exactly the
+        manifest's row layout's tensors (``_shapes``) of the store's dtype, n the entry's ``stop - start`` (a
+        masked layout's T between n and n * L; its lengths are checked when mapped), and its metadata names the
+        same slots: a header that disagrees is damage (``ValueError`` naming the file and tensor), never a reason
+        to read less."""
         header = read_header(f, path)
         tensors = header.tensors
-        if set(tensors) != set(ShardFormat.TENSORS):
-            raise ValueError(f"{path}: a shard holds tensors {list(ShardFormat.TENSORS)}, this one "
+        n, dtype, layout = entry.stop - entry.start, getattr(torch, manifest.dtype), manifest.layout
+        kept = None
+        if layout.masked and (info := tensors.get(layout.parts[0].name)) is not None and len(info.shape) == 2:
+            kept = info.shape[0] if n <= info.shape[0] <= n * layout.length else -1
+        expected = ShardFormat._shapes(n, dtype, layout, manifest.pooled_dim, kept)
+        if set(tensors) != set(expected):
+            raise ValueError(f"{path}: a shard of this store holds tensors {list(expected)}, this one "
                              f"{sorted(tensors)!r:.200} (damaged header); {REPAIR_HINT}")
-        n, dtype = entry.stop - entry.start, getattr(torch, manifest.dtype)
-        expected = ShardFormat._shapes(n, dtype, manifest.sequence_shape, manifest.pooled_dim)
         for name, (want_dtype, want_shape) in expected.items():
             got = tensors[name]
             if got.dtype != want_dtype or got.shape != tuple(want_shape):
+                want = [("T" if d == -1 else d) for d in want_shape]
                 raise ValueError(f"{path}: tensor {name!r} is {got.dtype} {list(got.shape)}, the manifest's shard "
-                                 f"{entry.file} (slots {entry.start}:{entry.stop}) needs {want_dtype} "
-                                 f"{list(want_shape)} (damaged header); {REPAIR_HINT}")
+                                 f"{entry.file} (slots {entry.start}:{entry.stop}) needs {want_dtype} {want}"
+                                 f"{' with n <= T <= n * L' if -1 in want_shape else ''} (damaged header); "
+                                 f"{REPAIR_HINT}")
         try:
             meta = json.loads(header.metadata.get("clipcond", "null"))
             slots = (meta.get("start"), meta.get("stop")) if isinstance(meta, dict) else None
@@ -134,18 +156,26 @@ class ShardFormat:
 class ShardWriter:
     """The one writer of shards: a shard streamed to disk as its rows arrive, never held whole in memory.
 
-    Every shape is known up front, so the header goes first; the ``sequence`` rows are written and hashed batch
-    by batch, the ``pooled`` rows and their checksums (``n x P`` and ``n``: small) are kept and go last. ``close``
-    fsyncs the file under its temporary name and returns its entry; ``publish`` renames it into place.
+    Every shape is known up front (a masked layout's kept rows from ``lengths``, which the tokenizer gives before
+    the encoder runs), so the header goes first; the largest part's rows are written and hashed batch by batch,
+    the other parts (SD3's CLIP rows: 13 % of a row), the ``pooled`` rows, the lengths and the checksums are kept
+    and go last. ``close`` fsyncs the file under its temporary name and returns its entry; ``publish`` renames
+    it into place.
     """
 
-    def __init__(self, root: Path, k: int, n: int, dtype: torch.dtype, row_shape: Sequence[int], pooled_dim: int,
-                 meta: dict) -> None:
-        self.path, self.n, self.filled = root / ShardFormat.name(k), n, 0
-        self.dtype, self.row_shape = dtype, torch.Size(row_shape)
+    def __init__(self, root: Path, k: int, n: int, dtype: torch.dtype, layout: RowLayout, pooled_dim: int,
+                 meta: dict, lengths: np.ndarray | None = None) -> None:
+        if layout.masked != (lengths is not None) or (lengths is not None and len(lengths) != n):
+            raise ValueError(f"{ShardFormat.name(k)}: a masked layout needs the {n} rows' lengths, another none")
+        self.path, self.n, self.filled, self.layout, self.dtype = root / ShardFormat.name(k), n, 0, layout, dtype
+        self.lengths = None if lengths is None else np.asarray(lengths, dtype=np.int64)  # [n] rows each keeps
+        self.streamed = layout.streamed
+        self.held = {i: torch.empty((n, p.length, p.width), dtype=dtype)  # [n, length, width]: the other parts
+                     for i, p in enumerate(layout.parts) if i != self.streamed}
         self.pooled = torch.empty((n, pooled_dim), dtype=dtype)  # [n, P]
         self.check = torch.empty(n, dtype=torch.int64)  # [n] row checksums, verified on every read
-        shapes = ShardFormat._shapes(n, dtype, row_shape, pooled_dim)
+        kept = None if lengths is None else int(self.lengths.sum())
+        shapes = ShardFormat._shapes(n, dtype, layout, pooled_dim, kept)
         header = safetensors_header(shapes, ShardFormat._about(meta))
         self.expected_size = len(header) + sum(d.itemsize * math.prod(shape) for d, shape in shapes.values())
         self.tmp, self.digest, self.size = temporary(self.path), hashlib.sha256(), 0
@@ -157,26 +187,41 @@ class ShardWriter:
         self.digest.update(data)
         self.size += data.nbytes
 
-    def add(self, sequence: torch.Tensor, pooled: torch.Tensor) -> None:
-        """The next rows: ``sequence`` [b, L, D] and ``pooled`` [b, P], on the CPU, in the shard's dtype."""
-        fits = sequence.dtype == self.dtype and sequence.shape[1:] == self.row_shape
-        if not fits or self.filled + len(sequence) > self.n:
-            raise ValueError(f"{self.path.name}: {len(sequence)} rows of {sequence.dtype} {list(sequence.shape[1:])} "
-                             f"after {self.filled} of {self.n} rows of {self.dtype} {list(self.row_shape)}")
-        if pooled.dtype != self.dtype or tuple(pooled.shape) != (len(sequence), self.pooled.shape[1]):
+    def add(self, parts: Sequence[torch.Tensor], pooled: torch.Tensor) -> None:
+        """The next rows, on the CPU, in the shard's dtype: ``parts`` as ``RowLayout.split`` gives them (a masked
+        layout's [b, L_b, D], row i's first ``lengths[i]`` rows kept) and ``pooled`` [b, P]."""
+        b = len(parts[0]) if parts else len(pooled)
+        rows = slice(self.filled, self.filled + b)
+        lengths = None if self.lengths is None else self.lengths[rows]
+        for part, tensor in zip(self.layout.parts, parts, strict=True):
+            fits = (tensor.dtype == self.dtype and len(tensor) == b and tensor.shape[2] == part.width
+                    and (tensor.shape[1] == part.length if lengths is None
+                         else len(lengths) == b and tensor.shape[1] >= lengths.max(initial=0)))
+            if not fits or self.filled + b > self.n:
+                raise ValueError(f"{self.path.name}: {b} rows of {part.name} {tensor.dtype} {list(tensor.shape)} "
+                                 f"after {self.filled} of {self.n} rows of {self.dtype} [{part.length}, {part.width}]")
+        if pooled.dtype != self.dtype or tuple(pooled.shape) != (b, self.pooled.shape[1]):
             raise ValueError(f"{self.path.name}: pooled rows of {pooled.dtype} {list(pooled.shape)} beside "
-                             f"{len(sequence)} sequence rows; its pooled is {self.dtype} [n, {self.pooled.shape[1]}]")
-        rows = slice(self.filled, self.filled + len(sequence))
+                             f"{b} sequence rows; its pooled is {self.dtype} [n, {self.pooled.shape[1]}]")
         self.pooled[rows].copy_(pooled)
-        self.check[rows] = row_checksums(sequence, self.pooled[rows])
-        self._write(raw_bytes(sequence))
-        self.filled += len(sequence)
+        self.check[rows] = part_checksums(parts, self.pooled[rows], lengths)
+        for i, tensor in self.held.items():
+            tensor[rows].copy_(parts[i])
+        data = parts[self.streamed]
+        if lengths is not None:  # the kept rows only, row after row: [sum(lengths), D]
+            data = data[torch.arange(data.shape[1]) < torch.from_numpy(lengths)[:, None]]
+        self._write(raw_bytes(data))
+        self.filled += b
 
     def close(self) -> FileEntry:
         """Every row added: write the rest, fsync; the entry of the file (still under its temporary name)."""
         if self.filled != self.n:
             raise ValueError(f"{self.path.name}: {self.filled} of its {self.n} rows were written")
+        for i in sorted(self.held):
+            self._write(raw_bytes(self.held[i]))
         self._write(raw_bytes(self.pooled))
+        if self.lengths is not None:
+            self._write(raw_bytes(torch.from_numpy(self.lengths)))
         self._write(raw_bytes(self.check))
         if self.size != self.expected_size:
             raise RuntimeError(f"{self.path.name}: wrote {self.size} bytes, its header says {self.expected_size}")
@@ -191,6 +236,25 @@ class ShardWriter:
     def abort(self) -> None:
         self.file.close()
         self.tmp.unlink(missing_ok=True)  # gone already if it was published
+
+
+def read_rows(path: Path, layout: RowLayout, local: torch.Tensor) -> tuple[list[torch.Tensor], torch.Tensor,
+                                                                             np.ndarray | None, torch.Tensor]:
+    """Rows ``local`` [m] of a shard file, read whole (gc): their parts (a masked layout's as [m, L_m, D] with
+    zeros after each row's kept rows), ``pooled`` [m, P], lengths [m] (masked) and stored checks [m]."""
+    tensors = read_tensors(path)
+    pooled, check = tensors["pooled"][local], tensors["check"][local]
+    if not layout.masked:
+        return [tensors[p.name][local] for p in layout.parts], pooled, None, check
+    data, all_lengths = tensors[layout.parts[0].name], tensors["lengths"].numpy()  # [T, D], [n]
+    if (all_lengths < 1).any() or (all_lengths > layout.length).any() or all_lengths.sum() != len(data):
+        raise ValueError(f"{path}: tensor 'lengths' does not cut its {len(data)} rows; {REPAIR_HINT}")
+    starts = np.concatenate([[0], np.cumsum(all_lengths)])
+    lengths = all_lengths[local.numpy()]
+    rows = data.new_zeros((len(local), int(lengths.max(initial=1)), data.shape[1]))  # [m, L_m, D]
+    for i, (j, k) in enumerate(zip(local.tolist(), lengths.tolist(), strict=True)):
+        rows[i, :k] = data[starts[j] : starts[j] + k]
+    return [rows], pooled, lengths, check
 
 
 # --- the index --------------------------------------------------------------------------
@@ -352,8 +416,9 @@ def read_header(f: BinaryIO, path: Path) -> SafetensorsHeader:
         raise ValueError(f"{err}; {REPAIR_HINT}") from err
 
 
-def read_null(root: Path, manifest: Manifest) -> tuple[torch.Tensor, torch.Tensor]:
-    """``null.safetensors``, its sha256 checked: ``sequence`` [1, L, D] and ``pooled`` [1, P] in the store's dtype."""
+def read_null(root: Path, manifest: Manifest) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor | None]:
+    """``null.safetensors``, its sha256 checked: ``sequence`` [1, L, D] and ``pooled`` [1, P] in the store's dtype,
+    and a masked layout's ``mask`` [1, L] int64 (else None): the null at the recipe's full length, stored once."""
     entry, path = manifest.null, Path(root) / NULL
     if entry is None:
         raise ValueError(f"{root}: the manifest lists no {NULL}; {REPAIR_HINT}")
@@ -362,13 +427,16 @@ def read_null(root: Path, manifest: Manifest) -> tuple[torch.Tensor, torch.Tenso
     except ValueError as err:
         raise ValueError(f"{err}; {REPAIR_HINT}") from err
     dtype, (length, width) = getattr(torch, manifest.dtype), manifest.sequence_shape
-    for name, shape in (("sequence", (1, length, width)), ("pooled", (1, manifest.pooled_dim))):
+    expected = {"sequence": (dtype, (1, length, width)), "pooled": (dtype, (1, manifest.pooled_dim))}
+    if manifest.layout.masked:
+        expected["mask"] = (torch.int64, (1, length))
+    for name, (want, shape) in expected.items():
         got = null.get(name)
-        if got is None or got.dtype != dtype or tuple(got.shape) != shape:
+        if got is None or got.dtype != want or tuple(got.shape) != shape:
             what = "missing" if got is None else f"{got.dtype} {list(got.shape)}"
-            raise ValueError(f"{path}: tensor {name!r} is {what}, the manifest needs {dtype} {list(shape)}; "
+            raise ValueError(f"{path}: tensor {name!r} is {what}, the manifest needs {want} {list(shape)}; "
                              f"{REPAIR_HINT}")
-    return null["sequence"], null["pooled"]
+    return null["sequence"], null["pooled"], null.get("mask")
 
 
 def read_tensors(path: Path, keys: Sequence[str] | None = None) -> dict[str, torch.Tensor]:
@@ -381,4 +449,5 @@ def read_tensors(path: Path, keys: Sequence[str] | None = None) -> dict[str, tor
         raise ValueError(f"{err}; {REPAIR_HINT}") from err
 
 
-__all__ = ["IndexFormat", "ShardFormat", "ShardWriter", "StoreFiles", "read_header", "read_null", "read_tensors"]
+__all__ = ["IndexFormat", "ShardFormat", "ShardWriter", "StoreFiles", "read_header", "read_null", "read_rows",
+           "read_tensors"]

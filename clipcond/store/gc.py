@@ -19,10 +19,10 @@ from pathlib import Path
 import numpy as np
 import torch
 
-from clipcond.store.checksums import row_checksums
-from clipcond.store.format import IndexFormat, ShardFormat, StoreFiles, read_tensors
+from clipcond.store.checksums import part_checksums
+from clipcond.store.format import IndexFormat, ShardFormat, StoreFiles, read_rows
 from clipcond.store.locks import PartsLock, StoreLock, remove_stale_scans
-from clipcond.store.manifest import FORMAT_VERSION, Manifest, ShardEntry
+from clipcond.store.manifest import READ_VERSIONS, Manifest, ShardEntry
 
 logger = logging.getLogger(__name__)
 
@@ -43,8 +43,8 @@ def collect(out: str | os.PathLike[str]) -> Collected:
     try:
         PartsLock.check(out, None, "gc would delete its finished shards and reuse their numbers")
         manifest = Manifest.read(out)
-        if manifest.format_version != FORMAT_VERSION or not manifest.complete:
-            raise ValueError(f"{out}: gc needs a complete version-{FORMAT_VERSION} store (this one: version "
+        if manifest.format_version not in READ_VERSIONS or not manifest.complete:
+            raise ValueError(f"{out}: gc needs a complete store of version {READ_VERSIONS} (this one: version "
                              f"{manifest.format_version}, {'complete' if manifest.complete else 'incomplete'})")
         if problems := manifest.problems(out):
             raise ValueError(f"{out}: damaged, gc would lose rows: {problems[0]}; rerun `clipcond precompute` first")
@@ -69,6 +69,7 @@ def _compact(out: Path, manifest: Manifest, index: dict[str, torch.Tensor]) -> t
     remap = torch.arange(manifest.slots)  # old slot -> new slot
     shards, new_keys = [], []
     slots, next_shard, rewritten, deleted, removed = manifest.slots, manifest.next_shard, 0, 0, 0
+    layout = manifest.layout
     for entry in manifest.shards:
         used = referenced[entry.start : entry.stop]  # [n]
         if used.all():
@@ -79,14 +80,14 @@ def _compact(out: Path, manifest: Manifest, index: dict[str, torch.Tensor]) -> t
             deleted += 1
             continue
         old = used.nonzero().flatten() + entry.start  # [m] slots kept
-        tensors = read_tensors(out / entry.file, ShardFormat.TENSORS)
         local = old - entry.start
-        bad = (row_checksums(tensors["sequence"][local], tensors["pooled"][local]) != tensors["check"][local])
+        parts, pooled, lengths, check = read_rows(out / entry.file, layout, local)
+        bad = part_checksums(parts, pooled, lengths) != check
         if bad.any():  # rewritten, a damaged row would get a checksum that matches: refuse instead
             raise ValueError(f"{out / entry.file}: rows {local[bad].tolist()[:10]} fail their checksum; gc would "
                              "rewrite them as if whole. Rerun `clipcond precompute ... --verify` first, then gc")
         meta = {"gc_of": entry.file, "start": slots, "stop": slots + len(old)}
-        written = ShardFormat.write(out, next_shard, tensors["sequence"][local], tensors["pooled"][local], meta)
+        written = ShardFormat.write(out, next_shard, layout, parts, pooled, lengths, meta)
         shards.append(ShardEntry(file=written.file, bytes=written.bytes, sha256=written.sha256, start=slots,
                                  stop=slots + len(old), plan=f"gc:{manifest.generation}"))
         remap[old] = torch.arange(slots, slots + len(old))

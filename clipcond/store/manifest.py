@@ -15,15 +15,19 @@ from dataclasses import asdict, dataclass, fields
 from pathlib import Path
 
 from clipcond._files import atomic_write, sha256_file
+from clipcond.specs import SpecError, spec_from_dict
+from clipcond.store.layout import RowLayout
 
 logger = logging.getLogger(__name__)
 
 FORMAT = "clipcond-embeddings"
-FORMAT_VERSION = 2  # the only version read: 1 was written by unreleased clipcond only
+FORMAT_VERSION = 3  # what this clipcond writes: 2 plus the row layout (``parts``) that T5 stores need
+READ_VERSIONS = (2, 3)  # 2: a CLIP store (one whole part); 1 was written by unreleased clipcond only
 MANIFEST = "manifest.json"
 NULL = "null.safetensors"
 REPAIR_HINT = "delete the damaged file(s) and rerun the same `clipcond precompute` command to re-encode them"
 STORE_DTYPES = ("float32", "float16", "bfloat16")  # what precompute writes (torch dtype names)
+STORE_ITEMSIZE = {"float32": 4, "float16": 2, "bfloat16": 2}
 SHA256_HEX = frozenset("0123456789abcdef")
 
 
@@ -164,6 +168,12 @@ class Manifest:
     index: FileEntry | None
     null: FileEntry | None
     shards: tuple[ShardEntry, ...] = ()  # sorted by start
+    # How each row's sequence is held (RowLayout.to_json()); None: one whole part (format 2, and CLIP stores).
+    parts: list | None = None
+
+    @property
+    def layout(self) -> RowLayout:
+        return RowLayout.from_json(self.parts, self.sequence_shape)
 
     @classmethod
     def read(cls, root: Path) -> Manifest:
@@ -190,11 +200,14 @@ class Manifest:
             raise ValueError(f"{where}: store format version 1 (clipcond {data.get('clipcond_version')!r:.40}) is "
                              f"no longer read: only unreleased clipcond versions wrote it. Run `clipcond precompute` "
                              f"again with --out a new folder to make a version-{FORMAT_VERSION} store")
-        if version != FORMAT_VERSION:
+        if version not in READ_VERSIONS:
             raise ValueError(f"{where}: store format version {version!r:.40} (clipcond "
-                             f"{data.get('clipcond_version')!r:.40}); this clipcond reads version {FORMAT_VERSION}")
+                             f"{data.get('clipcond_version')!r:.40}); this clipcond reads versions "
+                             f"{', '.join(map(str, READ_VERSIONS))}")
+        if version == 2 and "parts" in data:
+            raise ValueError(f"{where}: a version-2 manifest has no parts (damaged?); {REPAIR_HINT}")
         try:
-            values = {f.name: data[f.name] for f in fields(cls)}
+            values = {f.name: data[f.name] for f in fields(cls) if f.name != "parts" or version > 2}
             entry = FileEntry.from_json
             manifest = cls(**{**values, "sequence_shape": tuple(values["sequence_shape"]),
                               "input": Source.from_json(values["input"]),
@@ -213,19 +226,25 @@ class Manifest:
         ``ValueError`` naming the field (``from_json`` adds the file)."""
         for name in ("rows", "unique", "slots", "next_shard", "num_shards", "truncated"):
             _count(getattr(self, name), name)
-        for name in ("variants", "pooled_dim", "shard_size"):
+        for name in ("variants", "shard_size"):
             _count(getattr(self, name), name, positive=True)
+        _count(self.pooled_dim, "pooled_dim")  # 0: PixArt has no pooled vector
         if self.dtype not in STORE_DTYPES:
             raise ValueError(f"dtype {self.dtype!r:.40} is not one of {STORE_DTYPES}")
         if len(self.sequence_shape) != 2:
             raise ValueError(f"sequence_shape must be [L, D], got {list(self.sequence_shape)!r:.80}")
         for value in self.sequence_shape:
             _count(value, "sequence_shape", positive=True)
+        self.layout  # noqa: B018 (validates parts against sequence_shape)
         if type(self.complete) is not bool or type(self.has_ids) is not bool:
             raise ValueError(f"complete and has_ids must be true or false, got {self.complete!r:.20}, "
                              f"{self.has_ids!r:.20}")
         if not isinstance(self.encoder, dict) or not isinstance(self.encoder.get("name"), str):
             raise ValueError(f"encoder must be a JSON object with a name, got {self.encoder!r:.80}")
+        try:
+            spec_from_dict(self.encoder)
+        except (SpecError, ValueError, TypeError, AttributeError) as err:
+            raise ValueError(f"encoder is not an encoder spec ({err})") from err
         for name in ("clipcond_version", "fingerprint"):
             if not isinstance(getattr(self, name), str):
                 raise ValueError(f"{name} must be a string, got {getattr(self, name)!r:.80}")
@@ -298,7 +317,22 @@ class Manifest:
             f"sha256 {source.sha256[:16]}",
             f"  shards {len(self.shards)}/{self.num_shards} of up to {self.shard_size} embeddings, {_size(disk)} on "
             f"disk; {self.truncated} unique captions truncated to {seq[0]} tokens",
+            self._describe_rows(),
         ]
+
+    def _describe_rows(self) -> str:
+        """Bytes a row takes in the shards, against the padded [L, D] + [P] row the pipeline gets."""
+        layout, itemsize = self.layout, STORE_ITEMSIZE[self.dtype]
+        padded = (layout.length * layout.width + self.pooled_dim) * itemsize
+        slots = sum(e.stop - e.start for e in self.shards)
+        stored = sum(e.bytes for e in self.shards) / slots if slots else float("nan")
+        parts = " + ".join(f"{p.name} [{p.length}, {p.width}]" for p in layout.parts)
+        how = ("the rows each mask keeps, and their lengths (the transformer reads no others)" if layout.masked else
+               f"parts {parts} (zero columns not stored)" if len(layout.parts) > 1 else "whole rows")
+        recipe = self.encoder.get("pipeline") or "CLIP"
+        return (f"  rows ({recipe}): {how}; {_size(stored)} a row on disk (shard headers included), "
+                f"{stored / padded:.1%} of the {_size(padded)} of a padded row ({100 - 100 * stored / padded:.1f} % "
+                f"saved)")
 
 
 def _size(n: float) -> str:

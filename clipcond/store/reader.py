@@ -20,7 +20,7 @@ import os
 import threading
 import weakref
 from collections import OrderedDict
-from collections.abc import Sequence
+from collections.abc import Mapping, Sequence
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Literal
@@ -31,21 +31,30 @@ from torch.utils.data import Dataset, default_collate, get_worker_info
 
 from clipcond._files import id_hash
 from clipcond.conditioning import Conditioning
+from clipcond.encoders.recipes import drop_parts, tower_keys
 from clipcond.specs import EncoderSpec, spec_from_dict
-from clipcond.store.checksums import copy_rows, mix_checksums, populate, row_bytes, row_checksum
+from clipcond.store.checksums import (
+    buffers_checksum,
+    copy_rows,
+    mix_checksums,
+    populate,
+    row_bytes,
+    row_checksum,
+)
 from clipcond.store.format import IndexFormat, ShardFormat, read_null
+from clipcond.store.layout import RowLayout
 from clipcond.store.manifest import REPAIR_HINT, Manifest, ShardEntry
 
 MAX_OPEN_SHARDS = 64  # memory maps kept open per process (DataLoader worker)
 
 
 class ShardView:
-    """A shard's ``sequence`` [n, L, D] and ``pooled`` [n, P] as tensors over one private memory map.
+    """A shard's parts, ``pooled`` [n, P] and checks as tensors over one private memory map.
 
-    A row is a view (no copy, no per-call parsing: ~1 µs); the map is copy-on-write, so a caller
-    writing into a row never touches the file. The header is parsed by the one strict safetensors
-    header reader and held to the shard rules and the manifest (``ShardFormat.layout``) before any
-    byte of data is trusted.
+    A CLIP row (one whole part, ``sequence`` [n, L, D]) is a view (no copy, no per-call parsing: ~1 µs); the map is
+    copy-on-write, so a caller writing into a row never touches the file. The header is parsed by the one strict
+    safetensors header reader and held to the shard rules and the manifest (``ShardFormat.layout``), and a masked
+    layout's ``lengths`` must cut its kept rows exactly, before any byte of data is trusted.
     """
 
     def __init__(self, path: Path, entry: ShardEntry, manifest: Manifest) -> None:
@@ -59,16 +68,60 @@ class ShardView:
             raise ValueError(f"{path}: not a readable shard ({type(err).__name__}: {err}); {REPAIR_HINT}") from err
         tensors = {name: torch.frombuffer(self.map, dtype=info.dtype, count=math.prod(info.shape),
                                           offset=data_start + info.begin).view(info.shape)
+                   if math.prod(info.shape) else torch.empty(info.shape, dtype=info.dtype)  # PixArt's pooled [n, 0]
                    for name, info in layout.items()}
-        self.path = path
-        self.sequence, self.pooled = tensors["sequence"], tensors["pooled"]  # [n, L, D], [n, P]
+        self.path, self.layout = path, manifest.layout
+        self.parts = [tensors[part.name] for part in self.layout.parts]  # [n, length, width] | masked: [T, D]
+        self.sequence, self.pooled = self.parts[0], tensors["pooled"]  # [n, L, D] for a plain layout, [n, P]
         self.checks = tensors["check"].numpy()  # [n] int64
-        self.rows = {name: row_bytes(tensors[name]) for name in ("sequence", "pooled")}  # [n, bytes] uint8 views
+        self.part_rows = [row_bytes(part) for part in self.parts]  # [n, bytes] | masked: [T, bytes per row]
+        self.rows = {"sequence": self.part_rows[0], "pooled": row_bytes(self.pooled)}  # uint8 views
+        self.lengths = self.starts = None
+        if self.layout.masked:
+            lengths = tensors["lengths"].numpy()  # [n] rows each row keeps
+            if len(lengths) and (lengths.min() < 1 or lengths.max() > self.layout.length
+                                 or lengths.sum() != len(self.parts[0])):
+                raise ValueError(f"{path}: tensor 'lengths' does not cut the {len(self.parts[0])} kept rows into "
+                                 f"rows of 1 to {self.layout.length} (damaged); {REPAIR_HINT}")
+            self.lengths, self.starts = lengths, np.concatenate([[0], np.cumsum(lengths)])  # [n], [n + 1]
+
+    def row_parts(self, local: int) -> list[np.ndarray]:
+        """Row ``local``'s parts as stored: 1-D uint8 views, one per part."""
+        if self.starts is None:
+            return [rows[local] for rows in self.part_rows]
+        return [self.part_rows[0][self.starts[local] : self.starts[local + 1]].reshape(-1)]
+
+    def kept(self, local: int) -> int:
+        """Rows of the sequence row ``local`` keeps: a masked layout's length, else all of them."""
+        return self.layout.length if self.lengths is None else int(self.lengths[local])
 
     def verify(self, local: int, what: str) -> None:
         """Row ``local`` as stored matches its checksum: one compiled pass over the row's bytes in place."""
-        if row_checksum(self.rows["sequence"][local], self.rows["pooled"][local]) != self.checks[local]:
+        if self.layout.plain:
+            ok = row_checksum(self.rows["sequence"][local], self.rows["pooled"][local]) == self.checks[local]
+        else:
+            length = 0 if self.lengths is None else int(self.lengths[local])
+            ok = buffers_checksum(self.row_parts(local), self.rows["pooled"][local], length) == self.checks[local]
+        if not ok:
             raise self.damaged(local, what)
+
+    def pairs(self, local: int, row: torch.Tensor) -> list[tuple[np.ndarray, np.ndarray]]:
+        """(stored bytes, destination bytes) pairs that put row ``local``'s parts into ``row`` [L', D] (L' >= its
+        kept rows): a part as wide as the sequence in one piece, a narrower one (SD3's CLIP rows) row by row."""
+        if self.starts is None:
+            out, first = [], 0
+            for part, rows in zip(self.layout.parts, self.part_rows, strict=True):
+                target = row[first : first + part.length, : part.width]  # [length, width]
+                if part.width == row.shape[1]:
+                    out.append((rows[local], row_bytes(target[None])[0]))
+                else:
+                    step = part.width * row.element_size()
+                    out += [(rows[local][t * step : (t + 1) * step], row_bytes(target[t : t + 1])[0])
+                            for t in range(part.length)]
+                first += part.length
+            return out
+        k = int(self.lengths[local])
+        return [(self.row_parts(local)[0], row_bytes(row[None, :k])[0])]
 
     def damaged(self, local: int, what: str) -> ValueError:
         return ValueError(f"{self.path} row {local} ({what}): checksum mismatch, the shard is damaged on disk; "
@@ -100,7 +153,10 @@ class EmbeddingStore(Dataset):
         self._slots = index["rows"]  # [N, k] int64, -1 past a row's last variant; numpy: cheap scalar reads
         self._counts = self._variant_counts(self._slots)  # [N] captions per row, None when every row has k
         self._ids = {name: index[name] for name in IndexFormat.IDS} if self.manifest.has_ids else None
-        self._null = Conditioning(*read_null(self.path, self.manifest))  # [1, L, D], [1, P]
+        self._layout = self.manifest.layout  # how rows are held (clipcond/store/layout.py)
+        self._spec = spec_from_dict(self.manifest.encoder)
+        sequence, pooled, mask = read_null(self.path, self.manifest)  # [1, L, D], [1, P], masked: [1, L]
+        self._null = Conditioning(sequence, pooled, mask, pipeline=self._spec.pipeline)
         self._entries = self.manifest.shards
         self._files = [self.path / entry.file for entry in self._entries]
         self._starts = [entry.start for entry in self._entries]  # [S], sorted
@@ -123,7 +179,12 @@ class EmbeddingStore(Dataset):
     # --- facts ---------------------------------------------------------------------------
     @property
     def spec(self) -> EncoderSpec:
-        return spec_from_dict(self.manifest.encoder)
+        return self._spec
+
+    @property
+    def layout(self) -> RowLayout:
+        """How each row's sequence is held: whole, SD3's parts, or a masked recipe's kept rows."""
+        return self._layout
 
     @property
     def dtype(self) -> torch.dtype:
@@ -169,7 +230,15 @@ class EmbeddingStore(Dataset):
         view, local = self._locate(row, variant)
         if self.verify_rows:
             view.verify(local, f"store row {row}, variant {variant}")
-        return {"sequence": view.sequence[local], "pooled": view.pooled[local], "row": row}  # [L, D], [P] views
+        if self._layout.plain:
+            return {"sequence": view.sequence[local], "pooled": view.pooled[local], "row": row}  # [L, D], [P] views
+        sequence = self._null.sequence.new_zeros(self.manifest.sequence_shape)  # [L, D]: the full padded row
+        for source, target in view.pairs(local, sequence):
+            np.copyto(target, source)
+        item = {"sequence": sequence, "pooled": view.pooled[local], "row": row}
+        if self._layout.masked:
+            item["mask"] = (torch.arange(len(sequence)) < view.kept(local)).long()  # [L]
+        return item
 
     def _locate(self, row: int, variant: int) -> tuple[ShardView, int]:
         """The shard holding row ``row``'s variant ``variant``, opened, and the row's place in it."""
@@ -201,38 +270,109 @@ class EmbeddingStore(Dataset):
 
     def _fetch(self, rows: Sequence[int], columns: dict[str, Column]) -> Rows:
         """``__getitems__``, with ``columns`` (a joined dataset's fields, one value per row) stacked into the same
-        batch memory by the same copy: in a DataLoader worker, one shared-memory segment for the whole batch."""
+        batch memory by the same copy: in a DataLoader worker, one shared-memory segment for the whole batch.
+
+        A masked layout's batch is as long as its longest row (``pad_to="longest"``, the masked presets) or the
+        recipe's full length, with ``mask`` [B, L']; rows the store does not hold (past a row's kept rows, SD3's
+        CLIP padding columns) are zeros."""
         rows = [self._check_row(r) for r in rows]
-        first, n = self._null, len(rows)
-        sequence, pooled, row_ids, dropped, *stacked = _batch_tensors(
-            self._buffers, ((n, *first.sequence.shape[1:]), first.sequence.dtype),
-            ((n, first.pooled.shape[1]), first.pooled.dtype), ((n,), torch.int64), ((n,), torch.bool),
-            *(((n, *column.shape), column.dtype) for column in columns.values()))  # [B, L, D], [B, P], [B], [B]
-        row_ids.copy_(torch.tensor(rows, dtype=torch.int64))
         located = [self._locate(row, 0) for row in rows]
+        n, layout, null = len(rows), self._layout, self._null
+        length = self._batch_length(located)
+        specs = [((n, length, null.sequence.shape[2]), null.sequence.dtype), ((n, null.pooled.shape[1]),
+                 null.pooled.dtype), ((n,), torch.int64), ((n,), torch.bool)]  # [B, L', D], [B, P], [B], [B]
+        if layout.masked:
+            specs.append(((n, length), torch.int64))  # [B, L'] the mask
+        specs += [((n, *column.shape), column.dtype) for column in columns.values()]
+        sequence, pooled, row_ids, dropped, *stacked = _batch_tensors(self._buffers, *specs)
+        mask = stacked.pop(0) if layout.masked else None
+        row_ids.copy_(torch.tensor(rows, dtype=torch.int64))
         order = sorted(range(n), key=lambda i: (id(located[i][0]), located[i][1]))  # file order: readahead
-        sources, destinations = [], []
-        for name, batch in (("sequence", sequence), ("pooled", pooled)):
-            batch_bytes = row_bytes(batch)  # [B, bytes], a view
+        sources, destinations, owners = [], [], []
+        if layout.plain:
+            batch_bytes = row_bytes(sequence)  # [B, bytes], a view
             for i in order:
                 view, local = located[i]
-                sources.append(view.rows[name][local])
+                sources.append(view.rows["sequence"][local])
                 destinations.append(batch_bytes[i])
+        else:
+            for i in order:
+                view, local = located[i]
+                for source, destination in view.pairs(local, sequence[i]):
+                    sources.append(source)
+                    destinations.append(destination)
+                    owners.append(i)
+        pieces = len(sources)
+        batch_bytes = row_bytes(pooled)
+        for i in order:
+            view, local = located[i]
+            sources.append(view.rows["pooled"][local])
+            destinations.append(batch_bytes[i])
         for column, batch in zip(columns.values(), stacked, strict=True):  # summed too when checking: ~free, unused
             sources.extend(column.sources)
             destinations.extend(column.destinations(batch))
-        sums = copy_rows(sources, destinations, checksums=self.verify_rows)
+        aligned = all(p.width == layout.width or p.width * sequence.element_size() % 8 == 0 for p in layout.parts)
+        if self.verify_rows and not aligned:  # pieces of odd sizes do not add up to the row's word sum
+            for row, (view, local) in zip(rows, located, strict=True):
+                view.verify(local, f"store row {row}, variant 0")
+        sums = copy_rows(sources, destinations, checksums=self.verify_rows and aligned)
         if sums is not None:
-            sums = sums[: 2 * n].reshape(2, -1)  # [sequence, pooled] word sums, in file order
-            expected = np.array([located[i][0].checks[located[i][1]] for i in order], dtype=np.int64)
-            for k in np.flatnonzero(mix_checksums(sums[0], sums[1]) != expected):
-                view, local = located[order[k]]
-                raise view.damaged(local, f"store row {rows[order[k]]}, variant 0")
-        items = Rows({"sequence": sequence[i], "pooled": pooled[i], "row": row} for i, row in enumerate(rows))
+            self._check_sums(sums, pieces, order, owners, rows, located)
+        if not layout.plain:
+            self._zero_unstored(sequence, mask, located)
+        items = Rows()
+        for i, row in enumerate(rows):
+            item = {"sequence": sequence[i], "pooled": pooled[i], "row": row}
+            if mask is not None:
+                item["mask"] = mask[i]
+            items.append(item)
         items.batch = {"sequence": sequence, "pooled": pooled, "row": row_ids}
+        if mask is not None:
+            items.batch["mask"] = mask
         items.batch.update(zip(columns, stacked, strict=True))
         items.dropped = dropped
         return items
+
+    def _batch_length(self, located: list[tuple[ShardView, int]]) -> int:
+        """Rows of a batch's sequences: the store's L, or a masked ``pad_to="longest"`` layout's longest kept row."""
+        if self._layout.masked and self._spec.pad_to == "longest" and located:
+            return max(view.kept(local) for view, local in located)
+        return self.manifest.sequence_shape[0]
+
+    def _check_sums(self, sums: np.ndarray, pieces: int, order: list[int], owners: list[int], rows: list[int],
+                    located: list[tuple[ShardView, int]]) -> None:
+        """The copy's word sums (``pieces`` sequence pieces, then a pooled row each, in ``order``) against each row's
+        stored check; ``owners``: the row of each piece where a row has several (else one piece each, in order)."""
+        n = len(rows)
+        if owners:
+            sequence_sums = np.zeros(n, dtype=np.uint64)
+            np.add.at(sequence_sums, np.array(owners), sums[:pieces])
+            if self._layout.masked:
+                sequence_sums += np.array([view.kept(local) for view, local in located], dtype=np.uint64)
+            sequence_sums = sequence_sums[order]  # file order, as the pooled sums
+        else:
+            sequence_sums = sums[:n]
+        pooled_sums = sums[pieces : pieces + n]
+        expected = np.array([located[i][0].checks[located[i][1]] for i in order], dtype=np.int64)
+        for k in np.flatnonzero(mix_checksums(sequence_sums, pooled_sums) != expected):
+            view, local = located[order[k]]
+            raise view.damaged(local, f"store row {rows[order[k]]}, variant 0")
+
+    def _zero_unstored(self, sequence: torch.Tensor, mask: torch.Tensor | None,
+                       located: list[tuple[ShardView, int]]) -> None:
+        """What the store does not hold, in a batch whose memory may be a reused buffer: zeros past each row's kept
+        rows (and the mask), zeros in a narrow part's columns (SD3's CLIP rows past 2048)."""
+        if mask is not None:
+            kept = torch.tensor([view.kept(local) for view, local in located], dtype=torch.int64)  # [B]
+            mask.copy_(torch.arange(sequence.shape[1]) < kept[:, None])
+            for i, k in enumerate(kept.tolist()):
+                sequence[i, k:].zero_()
+            return
+        first = 0
+        for part in self._layout.parts:
+            if part.width < sequence.shape[2]:
+                sequence[:, first : first + part.length, part.width :].zero_()
+            first += part.length
 
     def _check_row(self, row: int) -> int:
         n = len(self._slots)
@@ -303,16 +443,30 @@ class EmbeddingStore(Dataset):
 
     # --- null, dropout, verification ----------------------------------------------------
     def null(self, batch_size: int = 1) -> Conditioning:
-        """The encoder's null conditioning as stored (``""`` encoded, or SDXL's zeros), ``batch_size`` rows."""
-        return Conditioning(self._null.sequence.repeat(batch_size, 1, 1), self._null.pooled.repeat(batch_size, 1))
+        """The encoder's null conditioning as stored (``""`` encoded, or SDXL's zeros), ``batch_size`` rows (a masked
+        recipe's with its mask, at its full length)."""
+        null = self._null
+        mask = None if null.mask is None else null.mask.repeat(batch_size, 1)
+        return self.conditioning({"sequence": null.sequence.repeat(batch_size, 1, 1),
+                                  "pooled": null.pooled.repeat(batch_size, 1), "mask": mask})
 
-    def collate(self, drop_prob: float = 0.0, *, seed: int = 0, epoch: int = 0,
+    def conditioning(self, batch: dict) -> Conditioning:
+        """A collated batch of this store's rows as the ``Conditioning`` its pipeline takes: ``sequence``,
+        ``pooled``, a masked recipe's ``mask``, Flux's and Chroma's ``text_ids``, and the pipeline's name, so that
+        ``store.conditioning(batch).pipeline_kwargs()`` are the diffusers pipeline's keywords."""
+        sequence = batch["sequence"]
+        text_ids = sequence.new_zeros(sequence.shape[1], 3) if self._spec.text_ids else None  # [L, 3]
+        return Conditioning(sequence, batch["pooled"], batch.get("mask"), text_ids, self._spec.pipeline)
+
+    def collate(self, drop_prob: float | Mapping[str, float] = 0.0, *, seed: int = 0, epoch: int = 0,
                 variant: int | Literal["random"] = 0) -> CaptionDropout:
         """A DataLoader ``collate_fn`` dropping rows to the stored null; see ``CaptionDropout``.
 
-        ``variant="random"``: each row gets one of its own caption variants (``variant_count(row)`` of them),
-        chosen uniformly per (seed, epoch, row). A fixed ``variant=j`` on a row with fewer captions is an
-        ``IndexError`` naming the row and its count.
+        ``drop_prob`` per tower for SD3 and Flux (``{"clip_l": 0.1, "clip_g": 0.1, "t5": 0.1}``, kohya's
+        ``--clip_l_dropout_rate`` ...): each tower's part of a row zeroed with its own probability, as
+        ``TextConditioner.encode`` does. ``variant="random"``: each row gets one of its own caption variants
+        (``variant_count(row)`` of them), chosen uniformly per (seed, epoch, row). A fixed ``variant=j`` on a row
+        with fewer captions is an ``IndexError`` naming the row and its count.
         """
         if variant != "random":
             variant = operator.index(variant)  # numpy and torch integers too; a float is a TypeError
@@ -320,7 +474,9 @@ class EmbeddingStore(Dataset):
                 raise ValueError(f"variant must be 'random' or in [0, {self.variants}), got {variant!r}")
         null = self._null
         return CaptionDropout(null.sequence[0], null.pooled[0], drop_prob=drop_prob, seed=seed, epoch=epoch,
-                              variant=variant, store=self if variant != 0 else None)
+                              variant=variant, store=self if variant != 0 else None,
+                              null_mask=None if null.mask is None else null.mask[0],
+                              spec=self._spec if isinstance(drop_prob, Mapping) else None)
 
     def verify(self) -> None:
         """Check every file's size and sha256 (reads the whole store); ``ValueError`` naming bad files."""
@@ -524,14 +680,24 @@ class CaptionDropout:
 
     null_sequence: torch.Tensor  # [L, D]
     null_pooled: torch.Tensor  # [P]
-    drop_prob: float = 0.0
+    drop_prob: float | Mapping[str, float] = 0.0  # a mapping: per tower (SD3, Flux), see EmbeddingStore.collate
     seed: int = 0
     epoch: int = 0
     variant: int | Literal["random"] = 0  # which caption variant each row gets (store items are variant 0)
     store: EmbeddingStore | None = None  # reads the other variants
+    null_mask: torch.Tensor | None = None  # [L] a masked recipe's null's mask
+    spec: EncoderSpec | None = None  # the recipe whose towers a per-tower drop_prob names
 
     def __post_init__(self) -> None:
-        if not 0.0 <= self.drop_prob <= 1.0:
+        if isinstance(self.drop_prob, Mapping):
+            keys = tower_keys(self.spec) if self.spec is not None and self.spec.t5 is not None else None
+            if keys is None or self.spec.padding != "raw":
+                raise ValueError("drop_prob per tower is for SD3 and Flux stores (unmasked T5 recipes); give one "
+                                 "number")
+            if sorted(self.drop_prob) != sorted(keys) or not all(0.0 <= p <= 1.0 for p in self.drop_prob.values()):
+                raise ValueError(f"{self.spec.name}: drop_prob={{...}} needs a probability in [0, 1] for each of "
+                                 f"{keys}, got {dict(self.drop_prob)}")
+        elif not 0.0 <= self.drop_prob <= 1.0:
             raise ValueError(f"drop_prob must be in [0, 1], got {self.drop_prob}")
 
     def set_epoch(self, epoch: int) -> None:
@@ -542,8 +708,12 @@ class CaptionDropout:
         return [int.from_bytes(hashlib.blake2b(f"{self.seed}/{self.epoch}/{r}{salt}".encode(), digest_size=8)
                                .digest(), "little") / 2**64 for r in rows]
 
-    def dropped(self, rows: Sequence[int] | torch.Tensor) -> torch.Tensor:
-        """``[B]`` bool: which of these input rows this epoch replaces by the null conditioning."""
+    def dropped(self, rows: Sequence[int] | torch.Tensor) -> torch.Tensor | dict[str, torch.Tensor]:
+        """``[B]`` bool: which of these input rows this epoch replaces by the null conditioning; per tower, one
+        such mask per tower key (an independent uniform per key)."""
+        if isinstance(self.drop_prob, Mapping):
+            return {key: torch.tensor(self._uniform(rows, f"/{key}"), dtype=torch.float64) < p
+                    for key, p in self.drop_prob.items()}
         return torch.tensor(self._uniform(rows), dtype=torch.float64) < self.drop_prob
 
     def variants(self, rows: Sequence[int] | torch.Tensor) -> list[int]:
@@ -567,13 +737,20 @@ class CaptionDropout:
                 items = [{**item, **self.store.get(item["row"], v)} if v else item
                          for item, v in zip(items, self.variants([item["row"] for item in items]), strict=True)]
             batch = default_collate(items)
-        mask = self.dropped(batch["row"])  # [B]
+        dropped = self.dropped(batch["row"])  # [B], or per tower
+        if isinstance(dropped, dict):  # kohya's per-tower dropout: each tower's part of a row zeroed
+            c = drop_parts(self.spec, Conditioning(batch["sequence"], batch["pooled"]), dropped)
+            batch["sequence"], batch["pooled"], batch["dropped"] = c.sequence, c.pooled, dropped
+            return batch
         if isinstance(items, Rows):
-            mask = items.dropped.copy_(mask)  # in the batch's memory: a worker's batch stays one shared segment
-        if mask.any():
-            batch["sequence"][mask] = self.null_sequence.to(batch["sequence"].dtype)
-            batch["pooled"][mask] = self.null_pooled.to(batch["pooled"].dtype)
-        batch["dropped"] = mask
+            dropped = items.dropped.copy_(dropped)  # in the batch's memory: a worker's batch stays one shared segment
+        if dropped.any():
+            length = batch["sequence"].shape[1]  # a masked batch's longest row, or the full length
+            batch["sequence"][dropped] = self.null_sequence[:length].to(batch["sequence"].dtype)
+            batch["pooled"][dropped] = self.null_pooled.to(batch["pooled"].dtype)
+            if self.null_mask is not None:
+                batch["mask"][dropped] = self.null_mask[:length]
+        batch["dropped"] = dropped
         return batch
 
     def _stacked(self, items: Rows) -> dict:
@@ -582,9 +759,19 @@ class CaptionDropout:
         batch = dict(items.batch)
         others = [key for key in items[0] if key not in batch] if items else []  # a JoinedDataset's unstacked keys
         batch.update({key: default_collate([item[key] for item in items]) for key in others})
-        if self.store is not None:
-            for i, (row, v) in enumerate(zip(batch["row"].tolist(), self.variants(batch["row"]), strict=True)):
-                if v:
-                    chosen = self.store.get(row, v)  # checked
-                    batch["sequence"][i], batch["pooled"][i] = chosen["sequence"], chosen["pooled"]
+        if self.store is None:
+            return batch
+        chosen = {i: self.store.get(row, v) for i, (row, v) in  # checked
+                  enumerate(zip(batch["row"].tolist(), self.variants(batch["row"]), strict=True)) if v}
+        if "mask" in batch and chosen:  # a masked batch as long as its longest row: the chosen ones included
+            longest = max(batch["sequence"].shape[1], *(int(c["mask"].sum()) for c in chosen.values()))
+            pad = longest - batch["sequence"].shape[1]
+            if pad:
+                batch["sequence"] = torch.nn.functional.pad(batch["sequence"], (0, 0, 0, pad))
+                batch["mask"] = torch.nn.functional.pad(batch["mask"], (0, pad))
+        length = batch["sequence"].shape[1]
+        for i, c in chosen.items():
+            batch["sequence"][i], batch["pooled"][i] = c["sequence"][:length], c["pooled"]
+            if "mask" in batch:
+                batch["mask"][i] = c["mask"][:length]
         return batch

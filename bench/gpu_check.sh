@@ -13,6 +13,9 @@
 #                                      in $GPU_CHECK_WHEELS (default .whl/), clipcond from this tree
 #   probe                    60 (~15)  nvidia-smi; torch version and device name; tiny-sdxl on cuda
 #   test_gpu                120 (~60)  python -m pytest -q tests/test_gpu.py (junit OUTDIR/test_gpu.xml)
+#   t5                       90 (~50)  bench_t5_gpu.py: a T5-XL-size random encoder, float16 and bfloat16,
+#                                      masked (by length, input order) and padded to 512: captions/s,
+#                                      TFLOP/s, finite, error against float32
 #   encode_float16/sdxl     100 (~55)  bench_encode.py, cuda, float16, batch 1 16 64 256, real size
 #                                      (random weights), peak CUDA memory, against the naive loop
 #   precompute              130 (~80)  bench_precompute.py, SDXL real size, float16, batch 256,
@@ -23,8 +26,8 @@
 #   pipeline                 45 (~25)  bench_pipeline.py: this machine's tokenizer/writer ceiling (no GPU)
 #
 # One bench_encode.py run per encoder, so that a timeout loses one encoder's rows, not the grid.
-# OUTDIR gets at most 8 files (what the device tool brings back): gpu_check.log (everything),
-# summary.txt, test_gpu.xml, encode_float16.txt and encode_bfloat16.txt (one table per encoder),
+# OUTDIR gets at most 9 files (what the device tool brings back): gpu_check.log (everything),
+# summary.txt, test_gpu.xml, t5.txt, encode_float16.txt and encode_bfloat16.txt (one table per encoder),
 # precompute.txt, pipeline.txt (each bench's stdout: its table) and bench_json.tar.gz (the benches'
 # JSON, with every timed iteration). Exit status: 0 when every step exited 0, else 1.
 #
@@ -192,20 +195,23 @@ EOF
     amend_last 5 "every test skipped: no CUDA?"
   fi
 
-  # 3. The issue's GPU target: SDXL float16 >= 40% of the float16 matmul peak at batch >= 64.
+  # 3. T5 (issue 19): a T5-XL-size encoder in float16 and bfloat16, finite, batched to the longest prompt.
+  step t5 90 "$outdir/t5.txt" "$PY" bench/bench_t5_gpu.py --device cuda --out "$json/t5_gpu.json"
+
+  # 4. The issue's GPU target: SDXL float16 >= 40% of the float16 matmul peak at batch >= 64.
   encode_step float16 sdxl 100
-  # 4. End to end: precompute at real SDXL size against the naive loop (device busy, disk).
+  # 5. End to end: precompute at real SDXL size against the naive loop (device busy, disk).
   step precompute 130 "$outdir/precompute.txt" "$PY" bench/bench_precompute.py --device cuda --encoder sdxl \
     --size real --dtype float16 --batch-size 256 --threads 0 --captions 10000 --repeats 2 \
     --out "$json/precompute.json"
-  # 5. The rest of the encoder grid: SD 1.x and SD 2.x in float16, then all three in bfloat16 (clipcond only).
+  # 6. The rest of the encoder grid: SD 1.x and SD 2.x in float16, then all three in bfloat16 (clipcond only).
   encode_step float16 clip-vit-l-14 70
   encode_step float16 openclip-vit-h-14 70
   encode_step bfloat16 sdxl 50 --no-naive
   encode_step bfloat16 clip-vit-l-14 40 --no-naive
   encode_step bfloat16 openclip-vit-h-14 40 --no-naive
 
-  # 6. How fast this machine's CPUs and disk can tokenize and write SDXL rows (no GPU): precompute's ceiling.
+  # 7. How fast this machine's CPUs and disk can tokenize and write SDXL rows (no GPU): precompute's ceiling.
   step pipeline 45 "$outdir/pipeline.txt" "$PY" bench/bench_pipeline.py --encoder sdxl --dtype float16 \
     --captions 10000 --repeats 2 --out "$json/pipeline.json"
 

@@ -105,3 +105,70 @@ def write_tiny_pipeline(kind: Kind, root: str | Path | None = None) -> Path:
         raise ValueError(f"kind must be 'sd15' or 'sdxl', got {kind!r}")
     pipe.save_pretrained(folder)  # transformers 5 layout for the text encoders; clipcond reads both
     return folder
+
+
+# --- PixArt-Sigma (examples/train_pixart.py) -----------------------------------------------------------------------
+T5_WHEEL = "diffsynth==1.1.9"  # Apache-2.0; its wheel ships SD3's and Flux's T5TokenizerFast folders
+T5_WHEEL_TOKENIZERS = {"sd3": "diffsynth/tokenizer_configs/stable_diffusion_3/tokenizer_3/",
+                       "flux": "diffsynth/tokenizer_configs/flux/tokenizer_2/"}
+
+if TYPE_CHECKING:
+    from diffusers import PixArtTransformer2DModel
+
+
+def t5_tokenizer() -> Path:
+    """The real T5 tokenizer folder (SD3's ``tokenizer_3``: the T5 v1.1 vocabulary PixArt's ``tokenizer/`` holds too),
+    which no tiny spec carries (``t5_tokenizers``)."""
+    return t5_tokenizers()["sd3"]
+
+
+def t5_tokenizers() -> dict[str, Path]:
+    """{"sd3": tokenizer_3 folder, "flux": tokenizer_2 folder} of the real pipelines' T5 tokenizer, from PyPI's
+    ``diffsynth==1.1.9`` wheel, fetched once with ``pip download --no-deps`` into ``$CLIPCOND_TEST_CACHE`` or
+    ``~/.cache/clipcond-test`` and read with zipfile (never installed or imported); the tests and benches take it
+    from here too (tests/t5_fixtures.py). ``SystemExit`` saying what to pass instead when pip cannot get it."""
+    import os
+    import shutil
+    import subprocess
+    import sys
+    import zipfile
+
+    root = Path(os.environ.get("CLIPCOND_TEST_CACHE") or Path.home() / ".cache" / "clipcond-test") / "diffsynth-1.1.9"
+    out = {name: root / "tokenizers" / name for name in T5_WHEEL_TOKENIZERS}
+    if all((folder / "tokenizer.json").is_file() for folder in out.values()):
+        return out
+    wheels = sorted(root.glob("diffsynth-1.1.9-*.whl"))
+    if not wheels:
+        root.mkdir(parents=True, exist_ok=True)
+        cmd = [sys.executable, "-m", "pip", "download", "--no-deps", "--only-binary=:all:", T5_WHEEL, "-d", str(root)]
+        result = subprocess.run(cmd, capture_output=True, text=True, timeout=600)
+        wheels = sorted(root.glob("diffsynth-1.1.9-*.whl"))
+        if result.returncode or not wheels:
+            raise SystemExit(f"--tiny needs a T5 tokenizer: pip could not download PyPI's {T5_WHEEL} wheel that "
+                             f"holds one ({result.stderr.strip()[-300:]}); pass --t5-tokenizer PATH to a T5 "
+                             f"tokenizer folder (e.g. PixArt-Sigma-XL-2-1024-MS/tokenizer)")
+    with zipfile.ZipFile(wheels[0]) as wheel:
+        for name, prefix in T5_WHEEL_TOKENIZERS.items():
+            tmp = out[name].with_name(out[name].name + f".tmp-{os.getpid()}")  # then renamed: never half a folder
+            shutil.rmtree(tmp, ignore_errors=True)
+            tmp.mkdir(parents=True)
+            for member in wheel.namelist():
+                if member.startswith(prefix) and not member.endswith("/"):
+                    (tmp / member[len(prefix):]).write_bytes(wheel.read(member))
+            shutil.rmtree(out[name], ignore_errors=True)
+            tmp.rename(out[name])
+    return out
+
+
+def tiny_pixart_transformer(caption_channels: int, *, seed: int = 0) -> PixArtTransformer2DModel:
+    """A 2-block ``PixArtTransformer2DModel`` on 8x8 latents (PixArt-Sigma-1024: 28 blocks of width 1152 on 128x128),
+    with PixArt's learned-sigma output (``out_channels`` 8 for 4 latent channels) and no micro-conditions, as
+    Sigma's own config; ``caption_channels`` is the T5 width (tiny-pixart-sigma: 96; T5-XXL: 4096)."""
+    from diffusers import PixArtTransformer2DModel
+
+    torch.manual_seed(seed)
+    return PixArtTransformer2DModel(
+        num_attention_heads=2, attention_head_dim=16, in_channels=4, out_channels=8, num_layers=2,
+        cross_attention_dim=32, sample_size=8, patch_size=2, caption_channels=caption_channels,
+        use_additional_conditions=False, interpolation_scale=1,  # cross_attention_dim = heads x head dim, as PixArt
+    )

@@ -14,11 +14,8 @@ imported or installed, and the vocabulary is never committed here.
 from __future__ import annotations
 
 import json
-import os
 import shutil
-import subprocess
 import sys
-import zipfile
 from pathlib import Path
 
 import pytest
@@ -27,42 +24,19 @@ from conftest import hf_text_model, hf_tokenizer, save_published
 
 import clipcond
 
-DIFFSYNTH = "diffsynth==1.1.9"
-WHEEL_TOKENIZERS = {"sd3": "diffsynth/tokenizer_configs/stable_diffusion_3/tokenizer_3/",
-                    "flux": "diffsynth/tokenizer_configs/flux/tokenizer_2/"}
 FINAL_NORM_GAIN = 0.2  # keeps outputs ~0.2-1: SDPA and eager attention already differ by ~1e-5 at output scale 5
 
 
-def cache_dir() -> Path:
-    return Path(os.environ.get("CLIPCOND_TEST_CACHE") or Path.home() / ".cache" / "clipcond-test")
-
-
 def t5_vocabulary() -> dict[str, Path]:
-    """{"sd3": tokenizer_3 folder, "flux": tokenizer_2 folder} of the real pipelines' T5 tokenizer."""
-    root = cache_dir() / "diffsynth-1.1.9"
-    out = {name: root / "tokenizers" / name for name in WHEEL_TOKENIZERS}
-    if all((folder / "tokenizer.json").is_file() for folder in out.values()):
-        return out
-    wheels = sorted(root.glob("diffsynth-1.1.9-*.whl"))
-    if not wheels:
-        root.mkdir(parents=True, exist_ok=True)
-        cmd = [sys.executable, "-m", "pip", "download", "--no-deps", "--only-binary=:all:", DIFFSYNTH, "-d", str(root)]
-        result = subprocess.run(cmd, capture_output=True, text=True, timeout=600)
-        wheels = sorted(root.glob("diffsynth-1.1.9-*.whl"))
-        if result.returncode or not wheels:
-            pytest.skip(f"the T5 vocabulary comes from PyPI's {DIFFSYNTH} wheel, which pip could not download: "
-                        f"{result.stderr[-300:]}")
-    with zipfile.ZipFile(wheels[0]) as wheel:
-        for name, prefix in WHEEL_TOKENIZERS.items():
-            tmp = out[name].with_name(out[name].name + f".tmp-{os.getpid()}")
-            shutil.rmtree(tmp, ignore_errors=True)
-            tmp.mkdir(parents=True)
-            for member in wheel.namelist():
-                if member.startswith(prefix) and not member.endswith("/"):
-                    (tmp / member[len(prefix):]).write_bytes(wheel.read(member))
-            shutil.rmtree(out[name], ignore_errors=True)
-            tmp.rename(out[name])
-    return out
+    """{"sd3": tokenizer_3 folder, "flux": tokenizer_2 folder} of the real pipelines' T5 tokenizer
+    (examples/_tiny.py fetches it once for the tests, benches and examples); skips when pip cannot get it."""
+    sys.path.insert(0, str(Path(__file__).resolve().parents[1] / "examples"))
+    from _tiny import t5_tokenizers
+
+    try:
+        return t5_tokenizers()
+    except SystemExit as err:
+        pytest.skip(str(err))
 
 
 def t5_model(tower: clipcond.specs.T5TowerSpec, *, seed: int):

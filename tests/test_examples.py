@@ -92,3 +92,26 @@ def test_encode_prompts_example_shows_a_t5_recipe_or_says_why_not(t5_vocab):
     assert "sequence  (3, 512, 96) torch.float32  pooled (3, 32)  mask None  text_ids (512, 3)" in out
     assert "[2] 'a running dog': T5 ids [3, 9, 1180, 1782, 1]" in out
     assert "'pooled_prompt_embeds', 'prompt_embeds']" in out
+
+
+def test_pixart_training_example_trains_on_masked_t5_rows_from_2_workers(t5_vocab):
+    """Bug: the PixArt example's loss not falling or not finite, its batches padded to 300 rows (or to another length
+    than their longest caption) instead of carrying the mask, the mask or embeddings not the transformer's width, or
+    the batches not coming from the 2 DataLoader workers."""
+    out = run_example("train_pixart.py", "--steps", "30", "--t5-tokenizer", str(t5_vocab["sd3"]))
+    steps = [float(v) for v in re.findall(r"^step +\d+ .*?loss (\S+)", out, flags=re.M)]
+    assert len(steps) == 30 and all(math.isfinite(v) for v in steps), out[-2000:]
+    first, last = number(r"first loss (\S+)", out), number(r"last loss (\S+)", out)
+    assert "all finite: True" in out
+    assert last < 0.9 * first, f"loss did not fall: first {first}, last {last}"
+    assert re.search(r"EmbeddingStore\(.*rows=8, unique=7, encoder='tiny-pixart-sigma'", out), out[:2000]
+    shapes = re.search(r"first batch: prompt_embeds \[4, (\d+), 96\] prompt_attention_mask \[4, (\d+)\] .*kept rows "
+                       r"\[([\d, ]+)\], from DataLoader worker [01] of 2", out)
+    assert shapes, out[:2000]
+    length, mask_length, kept = int(shapes[1]), int(shapes[2]), [int(k) for k in shapes[3].split(",")]
+    assert length == mask_length == max(kept) < 300  # padded to the batch's longest caption, not to 300
+    assert "epoch 0: batches from DataLoader workers [0, 1] (num_workers=2)" in out
+    lengths = [int(v) for v in re.findall(r"^step .* L' (\d+)$", out, flags=re.M)]
+    assert len(lengths) == 30 and max(lengths) < 300 and len(set(lengths)) > 1  # each batch its own longest
+    dropped = [int(d) for d in re.findall(r"dropped (\d+)/4", out)]
+    assert len(dropped) == 30 and sum(dropped) > 0  # drop_prob 0.1 over 120 rows

@@ -85,3 +85,25 @@ def test_precompute_on_cuda_counts_idle_within_waits_and_matches_tc(tmp_path):
     store = EmbeddingStore(tmp_path / "store")
     # float16 at batch 64 against batch 1: other GEMM kernels, so a float16-sized tolerance.
     torch.testing.assert_close(store[5]["sequence"].cuda(), tc([captions[5]]).sequence[0], atol=1e-2, rtol=1e-2)
+
+
+@pytest.mark.parametrize("dtype", [torch.float16, torch.bfloat16])
+def test_t5_recipes_on_cuda_are_finite_and_match_cpu_float32(dtype):
+    """A masked (PixArt) and an unmasked (Flux) T5 recipe on CUDA: finite in float16 (wo kept float32), close to
+    the CPU float32 encoding of the same random ids, masked batches run to their longest prompt."""
+    import sys
+    from pathlib import Path
+
+    sys.path.insert(0, str(Path(__file__).resolve().parents[1] / "bench"))
+    from bench_t5_gpu import batches, conditioner, lengths
+
+    for recipe in ("masked", "unmasked"):
+        ref = conditioner(recipe, "tiny", torch.float32, "cpu")
+        tc = conditioner(recipe, "tiny", dtype, "cuda")
+        assert tc.t5.model.encoder.block[0].layer[1].DenseReluDense.wo.weight.dtype == (
+            torch.float32 if dtype == torch.float16 else dtype)
+        for tokens in batches(ref, lengths(64), 32, grouped=False):
+            expected, c = ref.encode_tokens(tokens), tc.encode_tokens(tokens)
+            assert c.sequence.device.type == "cuda" and torch.isfinite(c.sequence).all()
+            assert c.sequence.shape == expected.sequence.shape
+            torch.testing.assert_close(c.sequence.float().cpu(), expected.sequence, atol=0.05, rtol=0.05)

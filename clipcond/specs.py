@@ -41,9 +41,10 @@ T5Architecture = Literal["t5", "umt5"]
 #   "zero"   zeroed by the pipeline (AuraFlow), no mask passed on
 #   "masked" a mask [B, L] comes with the sequence and the transformer never attends to them (PixArt)
 Padding = Literal["raw", "zero", "masked"]
-# Prompt text before the T5 tokenizer: "none", or "lower_strip" = str.lower().strip() (PixArt's
-# _text_preprocessing with clean_caption=False, applied to the negative prompt too).
-Preprocess = Literal["none", "lower_strip"]
+# Prompt text before the T5 tokenizer: "none"; "lower_strip" = str.lower().strip() (PixArt's
+# _text_preprocessing with clean_caption=False, applied to the negative prompt too); "clean_caption" = PixArt's
+# clean_caption=True (its pipeline __call__'s default): DeepFloyd IF's caption cleaning, applied twice.
+Preprocess = Literal["none", "lower_strip", "clean_caption"]
 # The length of a masked recipe's outputs (padding "masked"; the transformer reads the mask):
 #   "longest"    the batch's longest kept row (exact: the transformer never attends past a row's mask)
 #   "max_length" the recipe's full length (t5_max_length), as the diffusers pipeline returns it

@@ -536,3 +536,33 @@ def test_masked_t5_forward_is_transformers_forward_bit_for_bit(dtype):
             got = tower(ids[: len(m)], m)
             want = tower.model(input_ids=ids[: len(m)], attention_mask=m).last_hidden_state
             assert torch.equal(got, want), (dtype, m.sum(1).tolist())
+
+
+def test_pixart_clean_caption_equals_the_pipeline_s(t5_pipes):
+    """Bug: clean_caption=True (the PixArt pipelines' __call__ default) not applied, applied once instead of twice,
+    or not to the negative prompt; or a missing dependency making it silently lower-case only."""
+    pipe = t5_pipes.pixart_pipeline("PixArtSigmaPipeline")
+    prompts = ["A <b>Red</b> CAT at https://example.com/cat.jpg #cute @someone", "  Photo: IMG_1234.JPG ***SALE***  ",
+               "a dog   running &amp; jumping -- 100% free!!!", "日本語 a cat"]
+    negatives = ["<i>blurry</i>, www.bad.com", "", "LOW quality", "a"]
+    embeds, mask, neg, neg_mask = pipe.encode_prompt(prompts, negative_prompt=negatives, device="cpu",
+                                                     max_sequence_length=300, clean_caption=True)
+    tc = TextConditioner.from_pretrained("pixart-sigma", weights=t5_pipes.pixart, preprocess="clean_caption",
+                                         pad_to="max_length")
+    assert tc.t5_tokenizer.texts(prompts[:1]) == ["a red cat at cute"]  # the rules' effect, as facts
+    for got, ref, ref_mask in ((tc(prompts), embeds, mask), (tc(negatives), neg, neg_mask)):
+        assert torch.equal(got.mask, ref_mask)
+        torch.testing.assert_close(got.sequence[got.mask.bool()], ref[ref_mask.bool()], **TOL)
+    plain = TextConditioner.from_pretrained("pixart-sigma", weights=t5_pipes.pixart, pad_to="max_length")
+    assert not torch.equal(plain(prompts).mask, mask)  # lower-casing alone keeps the URL's tokens
+
+
+def test_clean_caption_without_its_dependencies_is_refused_not_skipped(t5_pipes, monkeypatch):
+    """Bug: diffusers' silent fallback (lower-case only, a warning) taken over: another conditioning than asked."""
+    import importlib.util
+
+    find_spec = importlib.util.find_spec
+    monkeypatch.setattr(importlib.util, "find_spec", lambda name, *a: None if name == "bs4" else find_spec(name, *a))
+    tc = TextConditioner.from_pretrained("pixart-sigma", weights=t5_pipes.pixart, preprocess="clean_caption")
+    with pytest.raises(ImportError, match=r"needs beautifulsoup4: pip install clipcond\[pixart\]"):
+        tc(["a cat"])

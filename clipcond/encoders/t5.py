@@ -18,10 +18,11 @@ The forward is transformers' (a well-kept implementation; the pipelines run exac
 
 from __future__ import annotations
 
+import functools
 import json
 import logging
 import re
-from collections.abc import Sequence
+from collections.abc import Callable, Sequence
 from pathlib import Path
 
 import torch
@@ -350,7 +351,11 @@ class T5Prompts:
         self.pad_id, self.eos_id = spec.t5.pad_id, spec.t5.eos_id
 
     def texts(self, prompts: Sequence[str]) -> list[str]:
-        """The text T5 is given (PixArt's _text_preprocessing with clean_caption=False: lower().strip())."""
+        """The text T5 is given: PixArt's ``_text_preprocessing`` (``lower().strip()``, or with
+        ``clean_caption=True`` its cleaning twice), or the prompts as they are."""
+        if self.preprocess == "clean_caption":
+            clean = clean_caption()
+            return [clean(clean(p)) for p in prompts]
         return [p.lower().strip() for p in prompts] if self.preprocess == "lower_strip" else list(prompts)
 
     def __call__(self, prompts: str | Sequence[str]) -> Tokens:
@@ -365,6 +370,25 @@ class T5Prompts:
             ids[i, : len(r)] = torch.tensor(r, dtype=torch.long)
         eos = torch.tensor([len(r) - 1 for r in rows], dtype=torch.long)  # [B]
         return Tokens(ids=ids, eos=eos, truncated=truncated)
+
+
+def clean_caption() -> Callable[[str], str]:
+    """PixArt's caption cleaning (``clean_caption=True``: URLs, HTML, @names, CJK, punctuation runs, file names
+    ... removed; DeepFloyd IF's rules), diffusers' own function: clipcond does not keep a second copy of its
+    ~70 rules. Needs diffusers, beautifulsoup4 and ftfy (``pip install clipcond[pixart]``); without them the
+    pipeline falls back to ``lower().strip()`` with a warning, clipcond refuses (another conditioning, silently,
+    is worse)."""
+    import importlib.util
+
+    missing = [name for name, module in (("diffusers", "diffusers"), ("beautifulsoup4", "bs4"), ("ftfy", "ftfy"))
+               if importlib.util.find_spec(module) is None]
+    if missing:
+        raise ImportError(f"preprocess='clean_caption' (PixArt's clean_caption=True) runs diffusers' caption "
+                          f"cleaning, which needs {', '.join(missing)}: pip install clipcond[pixart]")
+    from diffusers import PixArtAlphaPipeline
+
+    # An unbound method whose only use of self is the class attribute bad_punct_regex: the class serves as self.
+    return functools.partial(PixArtAlphaPipeline._clean_caption, PixArtAlphaPipeline)
 
 
 def token_mask(tokens: Tokens) -> torch.Tensor:

@@ -467,6 +467,38 @@ def test_flux_from_the_hub_cache_offline(t5_pipes, tmp_path):
     assert torch.equal(got["s"], ref.sequence) and torch.equal(got["p"], ref.pooled)
 
 
+def test_t5_xxl_from_a_hub_cache_holding_only_pickles(t5_pipes, t5_vocab, tmp_path):
+    """Bug: google/t5-v1_1-xxl's main branch (a full T5 as pytorch_model.bin, no safetensors) refused, its decoder
+    tensors read, or the pickle loaded with code execution allowed."""
+    from transformers import T5ForConditionalGeneration
+
+    full = T5ForConditionalGeneration(t5_pipes.t5.config.__class__(**{**t5_pipes.t5.config.to_dict(),
+                                                                     "is_encoder_decoder": True}))
+    full.encoder.load_state_dict(t5_pipes.t5.encoder.state_dict())
+    full.shared.load_state_dict(t5_pipes.t5.shared.state_dict())
+    repo = "google/t5-v1_1-xxl"
+    snapshot = tmp_path / "hub" / f"models--{repo.replace('/', '--')}" / "snapshots" / ("d" * 40)
+    snapshot.mkdir(parents=True)
+    full.config.save_pretrained(snapshot)
+    torch.save(full.state_dict(), snapshot / "pytorch_model.bin")
+    for file in t5_vocab["sd3"].iterdir():
+        (snapshot / file.name).write_bytes(file.read_bytes())
+    (snapshot.parent.parent / "refs").mkdir()
+    (snapshot.parent.parent / "refs" / "main").write_text("d" * 40)
+    out = tmp_path / "out.safetensors"
+    code = ("import clipcond; from safetensors.torch import save_file\n"
+            f"c = clipcond.TextConditioner.from_pretrained('t5-xxl')({PROMPTS[:3]!r})\n"
+            f"save_file({{'s': c.sequence}}, {str(out)!r})")
+    env = {**os.environ, "HF_HOME": str(tmp_path), "HF_HUB_OFFLINE": "1"}
+    env.pop("HF_HUB_CACHE", None)
+    result = subprocess.run([sys.executable, "-c", code], env=env, capture_output=True, text=True, timeout=300)
+    assert result.returncode == 0, result.stderr[-2000:]
+    assert "pickled weights; prefer .safetensors" in result.stderr
+    ref = TextConditioner.from_pretrained("t5-xxl", weights=t5_pipes.pixart / "text_encoder",
+                                          tokenizer=t5_vocab["sd3"])
+    assert torch.equal(load_file(out)["s"], ref(PROMPTS[:3]).sequence)
+
+
 def test_random_tiny_recipe_needs_a_tokenizer():
     """Bug: a tiny T5 recipe without weights silently tokenizing with some other vocabulary."""
     with pytest.raises(WeightsError, match=r"tiny-flux: random weights, but no T5 tokenizer: pass tokenizer=PATH"):

@@ -192,7 +192,7 @@ def download(spec: EncoderSpec, repo: str, *, revision: str | None, tokenizer: b
         for shard in weight_files(index.parent):
             if get(shard.name, sub) is None:
                 raise WeightsError(f"{repo}/{sub}/{shard.name}: listed in {index.name} but not found")
-    elif get(WEIGHT_FILES[0], sub) is None and get(WEIGHT_FILES[1], sub) is None:
+    elif hub.first(WEIGHT_FILES, sub or None) is None:  # the first one the repo has, and only that one
         raise WeightsError(f"{repo}/{sub}: none of {list(WEIGHT_FILES)} found on the hub or in the cache")
     if tokenizer:
         for name in TOKENIZER_FILES:

@@ -29,14 +29,17 @@ import torch
 from torch import nn
 
 from clipcond._files import SafetensorsHeader, read_safetensors_header, read_tensor
+from clipcond.encoders.weights import load_pickle
 from clipcond.errors import WeightsError
 from clipcond.specs import EncoderSpec, T5TowerSpec
 from clipcond.text.tokenizer import Tokens, check_prompts
 
 logger = logging.getLogger(__name__)
 
-WEIGHT_FILES = ("model.safetensors", "model.fp16.safetensors")  # in preference order
-INDEX_FILES = ("model.safetensors.index.json", "model.fp16.safetensors.index.json")
+# In preference order; the pickles (google/t5-v1_1-xxl's main branch holds only those) through
+# torch.load(weights_only=True), memory-mapped.
+WEIGHT_FILES = ("model.safetensors", "model.fp16.safetensors", "pytorch_model.bin")
+INDEX_FILES = ("model.safetensors.index.json", "model.fp16.safetensors.index.json", "pytorch_model.bin.index.json")
 TOKENIZER_FILES = ("tokenizer.json", "tokenizer_config.json", "special_tokens_map.json", "spiece.model")
 # Tensors of a full T5 (T5ForConditionalGeneration: google/t5-v1_1-xxl) that an encoder never reads.
 IGNORED_PREFIXES = ("decoder.", "lm_head.")
@@ -239,8 +242,12 @@ def read_state(tower: T5TowerSpec, files: Sequence[Path], dtype: torch.dtype) ->
     every other tensor is cast to ``dtype`` (a scale of a weight that is not fp8 is folded into it)."""
     with torch.device("meta"):
         expected = {k: v.shape for k, v in T5Tower(tower).model.state_dict().items()}
-    where = {}  # key in the file -> (file, data start, TensorInfo)
+    where = {}  # key in the file -> (file, data start, TensorInfo), or for a pickle (file, None, the tensor)
     for file in files:
+        if file.suffix == ".bin":
+            state = load_pickle(file)  # memory-mapped: a tensor's pages are read when it is cast
+            where.update({k: (file, None, v) for k, v in state.items() if isinstance(v, torch.Tensor)})
+            continue
         with open(file, "rb") as f:
             try:
                 header = read_safetensors_header(f, file)
@@ -296,7 +303,8 @@ def scale_keys(tower: T5TowerSpec, where: dict[str, tuple], source: str) -> set[
 
 
 def read_one(tower: T5TowerSpec, place: tuple, key: str, shape: tuple[int, ...]) -> torch.Tensor:
-    """Tensor ``key`` at ``place`` (file, data start, TensorInfo), checked to be floating point of ``shape``."""
+    """Tensor ``key`` at ``place`` (file, data start, TensorInfo; or a pickle's tensor), checked to be floating
+    point of ``shape``."""
     file, start, info = place
     if tuple(info.shape) != tuple(shape) and not (shape == () and tuple(info.shape) == (1,)):
         raise WeightsError(f"{file}: tensor {key!r} is {info.dtype} {list(info.shape)}, tower {tower.name!r} "
@@ -304,6 +312,8 @@ def read_one(tower: T5TowerSpec, place: tuple, key: str, shape: tuple[int, ...])
     if not info.dtype.is_floating_point:
         raise WeightsError(f"{file}: tensor {key!r} is {info.dtype} {list(info.shape)}, tower {tower.name!r} "
                            f"expects floating point {list(shape)}: another size or a damaged file")
+    if start is None:  # a pickle's tensor, loaded already
+        return info.reshape(shape)
     with open(file, "rb") as f:
         try:
             tensor = read_tensor(f, SafetensorsHeader({key: info}, {}, start), key, file)

@@ -22,6 +22,7 @@ PIPELINE_KWARGS: dict[str, tuple[tuple[str, str], ...]] = {
     "PixArtAlphaPipeline": (("prompt_embeds", "sequence"), ("prompt_attention_mask", "mask")),
     "PixArtSigmaPipeline": (("prompt_embeds", "sequence"), ("prompt_attention_mask", "mask")),
     "ChromaPipeline": (("prompt_embeds", "sequence"), ("prompt_attention_mask", "mask")),
+    "SanaPipeline": (("prompt_embeds", "sequence"), ("prompt_attention_mask", "mask")),
     # AuraFlow's transformer takes no mask, but its __call__ refuses prompt_embeds without prompt_attention_mask
     # (check_inputs) and only reshapes it to [B, -1]: [B, L] serves, where encode_prompt returns [B, L * D].
     "AuraFlowPipeline": (("prompt_embeds", "sequence"), ("prompt_attention_mask", "mask")),

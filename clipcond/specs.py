@@ -34,8 +34,9 @@ LongPrompts = Literal["truncate", "chunk"]
 # every T5 a diffusion model uses), "relu" = the original T5 (wi, wo).
 FeedForward = Literal["gated-gelu", "relu"]
 # The transformers encoder class (its config's model_type): "t5" = T5EncoderModel (one relative-attention table, in
-# block 0), "umt5" = UMT5EncoderModel (a table in every block: AuraFlow's pile-T5).
-T5Architecture = Literal["t5", "umt5"]
+# block 0), "umt5" = UMT5EncoderModel (a table in every block: AuraFlow's pile-T5), "gemma2" = Gemma2Model (Sana's
+# decoder-only LLM read as an encoder: causal attention, BOS first, no EOS appended, rotary positions).
+T5Architecture = Literal["t5", "umt5", "gemma2"]
 # What the T5 rows after the prompt's EOS hold:
 #   "raw"    as the encoder computes them, attended by the diffusion transformer (SD3, Flux: no mask)
 #   "zero"   zeroed by the pipeline (AuraFlow), no mask passed on
@@ -169,6 +170,7 @@ class T5TowerSpec:
     d_ff: int
     feed_forward: FeedForward
     architecture: T5Architecture = "t5"  # left out of to_dict() at "t5", so that T5 stores made before it still grow
+    kv_heads: int = 0  # Gemma-2's grouped-query key/value heads (0: as many as heads); left out of to_dict() at 0
     relative_attention_num_buckets: int = 32
     relative_attention_max_distance: int = 128
     layer_norm_eps: float = 1e-6
@@ -191,6 +193,8 @@ class T5TowerSpec:
                       "relative_attention_max_distance", "max_length"):
             if not isinstance(getattr(self, field), int) or getattr(self, field) <= 0:
                 raise fail(field, f"must be a positive int, got {getattr(self, field)!r}")
+        if not isinstance(self.kv_heads, int) or self.kv_heads < 0 or (self.kv_heads and self.heads % self.kv_heads):
+            raise fail("kv_heads", f"must be 0 or divide heads {self.heads}, got {self.kv_heads!r}")
         if self.architecture not in typing.get_args(T5Architecture):
             raise fail("architecture", f"must be one of {typing.get_args(T5Architecture)}, got {self.architecture!r}")
         if self.feed_forward not in typing.get_args(FeedForward):
@@ -236,6 +240,10 @@ class EncoderSpec:
     mask_pads: int = 0
     preprocess: Preprocess = "none"  # the T5 prompt's text before tokenizing, see Preprocess
     pad_to: PadTo = "max_length"  # a masked recipe's output length, see PadTo ("longest" for the masked presets)
+    # Text put before every prompt (not the negative or null prompt): Sana's "complex human instruction" lines
+    # joined by newlines. The rows it adds are cut from the output but its first (BOS) row, as SanaPipeline's
+    # select_index [0] + the last t5_max_length - 1: the sequence keeps t5_max_length rows.
+    instruction: str = ""
     combine: Combine = "features"  # how tower outputs make the sequence, see Combine
     text_ids: bool = False  # Flux: Conditioning.text_ids = zeros [L, 3] (the transformer's txt_ids)
     # The diffusers pipeline whose __call__ keywords Conditioning.pipeline_kwargs() gives (descriptive: it
@@ -283,6 +291,8 @@ class EncoderSpec:
             raise fail("long_prompts", "must be 'truncate' for a T5 recipe (T5 windows are not defined)")
         if not isinstance(self.mask_pads, int) or self.mask_pads < 0 or (self.mask_pads and self.padding != "masked"):
             raise fail("mask_pads", f"must be an int >= 0, and 0 unless padding is 'masked', got {self.mask_pads!r}")
+        if self.instruction and (self.t5.architecture != "gemma2" or not self.t5_mask):
+            raise fail("instruction", "is for a decoder-only tower (gemma2) read with its mask (Sana)")
         if self.pad_to == "longest" and self.padding != "masked":
             raise fail("pad_to", f"is 'longest', which needs padding='masked' (a transformer that reads the mask); "
                                  f"padding is {self.padding!r}")
@@ -319,6 +329,8 @@ class EncoderSpec:
             data["t5"] = dataclasses.asdict(self.t5)
             if self.t5.architecture == "t5":
                 del data["t5"]["architecture"]
+            if not self.t5.kv_heads:
+                del data["t5"]["kv_heads"]
         return json.loads(json.dumps(data))
 
     def replace(self, *, clip_skip: int | None = None, pooled: Pooled | None = None, **changes: object) -> EncoderSpec:
@@ -355,8 +367,8 @@ class EncoderSpec:
 # The T5 recipe fields and their defaults: a CLIP spec holds these, and to_dict() leaves them out.
 _RECIPE_DEFAULTS: dict[str, object] = {
     f.name: f.default for f in dataclasses.fields(EncoderSpec)
-    if f.name in ("t5", "t5_max_length", "t5_mask", "padding", "mask_pads", "preprocess", "pad_to", "combine",
-                  "text_ids", "pipeline")
+    if f.name in ("t5", "t5_max_length", "t5_mask", "padding", "mask_pads", "preprocess", "pad_to", "instruction",
+                  "combine", "text_ids", "pipeline")
 }
 
 
@@ -460,10 +472,39 @@ PILE_T5_XL = T5TowerSpec(
 )
 
 
+# Sana's text encoder (Efficient-Large-Model/Sana_*_diffusers text_encoder/): Gemma-2 2B (gemma-2-2b-it) as
+# Gemma2Model: d_model 2304, 26 layers, 8 heads (4 key/value heads) of 256, d_ff 9216. Its tokenizer (tokenizer/,
+# GemmaTokenizerFast): BOS <bos> = 2 first, no EOS appended, padding <pad> = 0 on the right (SanaPipeline sets it).
+GEMMA2_2B = T5TowerSpec(
+    name="gemma-2-2b", architecture="gemma2", vocab_size=256000, d_model=2304, layers=26, heads=8, kv_heads=4,
+    d_kv=256, d_ff=9216, feed_forward="gated-gelu", max_length=8192, pad_id=0, eos_id=1,
+    hub_subfolder="text_encoder", tokenizer_subfolder="tokenizer",
+)
+# SanaPipeline.__call__'s default complex_human_instruction, joined by newlines as _get_gemma_prompt_embeds joins it.
+SANA_INSTRUCTION = "\n".join([
+    "Given a user prompt, generate an 'Enhanced prompt' that provides detailed visual descriptions suitable for image "
+    "generation. Evaluate the level of detail in the user prompt:",
+    "- If the prompt is simple, focus on adding specifics about colors, shapes, sizes, textures, and spatial "
+    "relationships to create vivid and concrete scenes.",
+    "- If the prompt is already detailed, refine and enhance the existing details slightly without overcomplicating.",
+    "Here are examples of how to transform or refine prompts:",
+    "- User Prompt: A cat sleeping -> Enhanced: A small, fluffy white cat curled up in a round shape, sleeping "
+    "peacefully on a warm sunny windowsill, surrounded by pots of blooming red flowers.",
+    "- User Prompt: A busy city street -> Enhanced: A bustling city street scene at dusk, featuring glowing street "
+    "lamps, a diverse crowd of people in colorful clothing, and a double-decker bus passing by towering glass "
+    "skyscrapers.",
+    "Please generate only the enhanced description for the prompt below and avoid including any additional commentary "
+    "or evaluations:",
+    "User Prompt: ",
+])
+
+
 def _tiny_t5(tower: T5TowerSpec) -> T5TowerSpec:
     # Same semantics, toy size: 3 blocks, the real vocabulary (real token ids) and relative-attention table.
     # d_model 96: SD3's tiny CLIP pair (32 + 48 columns) is zero-padded to it, as 2048 to 4096.
-    return tower.replace(name=f"tiny-{tower.name}", d_model=96, layers=3, heads=4, d_kv=16, d_ff=128)
+    kv_heads = 2 if tower.kv_heads else 0  # Gemma-2's grouped-query attention kept
+    return tower.replace(name=f"tiny-{tower.name}", d_model=96, layers=3, heads=4, kv_heads=kv_heads, d_kv=16,
+                         d_ff=128)
 
 
 def _t5_specs(sd3_clip: EncoderSpec, flux_clip: EncoderSpec) -> list[EncoderSpec]:
@@ -496,7 +537,12 @@ def _t5_specs(sd3_clip: EncoderSpec, flux_clip: EncoderSpec) -> list[EncoderSpec
     aura = EncoderSpec(name="auraflow", towers=(), t5=PILE_T5_XL, t5_max_length=256, t5_mask=True, padding="zero",
                        combine="t5", pipeline="AuraFlowPipeline", hub_repo="fal/AuraFlow", **t5,
                        source="diffusers AuraFlowPipeline.encode_prompt (max_sequence_length=256)")
-    return [sd3, flux, schnell, sigma, alpha, plain, chroma, aura]
+    # Sana: Gemma-2 read with its mask, the instruction before the prompt, the last 299 rows and the BOS row kept.
+    sana = sigma.replace(name="sana", t5=GEMMA2_2B, instruction=SANA_INSTRUCTION, pipeline="SanaPipeline",
+                         hub_repo="Efficient-Large-Model/Sana_1600M_1024px_diffusers",
+                         source="diffusers SanaPipeline.encode_prompt (max_sequence_length=300, its __call__'s "
+                                "complex_human_instruction, clean_caption=False)")
+    return [sd3, flux, schnell, sigma, alpha, plain, chroma, aura, sana]
 
 
 def _tiny_recipe(spec: EncoderSpec, towers: tuple[TowerSpec, ...]) -> EncoderSpec:

@@ -86,6 +86,41 @@ def aura_tokenizer(folder: Path) -> Path:
     return folder
 
 
+def gemma_tokenizer(folder: Path) -> Path:
+    """A small tokenizer in Sana's (gemma-2-2b-it's, gated on the hub) format: GemmaTokenizerFast from a
+    tokenizer.json with <pad> 0, <eos> 1, <bos> 2, <unk> 3, BOS first and no EOS appended, trained on the
+    instruction Sana puts before every prompt and a few captions. Only ids and the BOS rule matter to the recipe."""
+    from tokenizers import Tokenizer, decoders, models, pre_tokenizers, processors, trainers
+
+    tok = Tokenizer(models.BPE(unk_token="<unk>"))
+    tok.pre_tokenizer = pre_tokenizers.Metaspace(replacement="▁", prepend_scheme="first")
+    tok.decoder = decoders.Metaspace(replacement="▁", prepend_scheme="first")
+    corpus = [*clipcond.specs.SANA_INSTRUCTION.split("\n"), *AURA_CORPUS]
+    specials = ["<pad>", "<eos>", "<bos>", "<unk>"]
+    tok.train_from_iterator(corpus, trainers.BpeTrainer(vocab_size=600, special_tokens=specials, show_progress=False))
+    tok.post_processor = processors.TemplateProcessing(single="<bos> $A", special_tokens=[("<bos>", 2)])
+    folder.mkdir(parents=True)
+    tok.save(str(folder / "tokenizer.json"))
+    config = {"tokenizer_class": "GemmaTokenizer", "add_bos_token": True, "add_eos_token": False,
+              "bos_token": "<bos>", "eos_token": "<eos>", "unk_token": "<unk>", "pad_token": "<pad>",
+              "model_max_length": 8192, "padding_side": "left"}  # left, as Gemma's: SanaPipeline sets right
+    (folder / "tokenizer_config.json").write_text(json.dumps(config, indent=2))
+    return folder
+
+
+def gemma_model(*, seed: int):
+    """A random transformers Gemma2Model of tiny-sana's sizes (transformers' own init), vocabulary 600."""
+    from transformers import Gemma2Config, Gemma2Model
+
+    t = clipcond.get_spec("tiny-sana").t5
+    torch.manual_seed(seed)
+    config = Gemma2Config(vocab_size=600, hidden_size=t.d_model, intermediate_size=t.d_ff, num_hidden_layers=t.layers,
+                          num_attention_heads=t.heads, num_key_value_heads=t.kv_heads, head_dim=t.d_kv,
+                          query_pre_attn_scalar=t.d_kv, sliding_window=64, pad_token_id=0, eos_token_id=1,
+                          bos_token_id=2)
+    return Gemma2Model(config).eval()
+
+
 def copy_tokenizer(source: Path, folder: Path) -> Path:
     shutil.copytree(source, folder)
     return folder
@@ -131,6 +166,12 @@ class T5Pipelines:
         (self.aura / "model_index.json").write_text(json.dumps(
             {"_class_name": "AuraFlowPipeline", "text_encoder": ["transformers", "UMT5EncoderModel"],
              "tokenizer": ["transformers", "LlamaTokenizerFast"], "_diffusers_version": "0.42.1"}, indent=2))
+        self.sana = root / "sana"
+        gemma_model(seed=23).save_pretrained(self.sana / "text_encoder", max_shard_size="200KB")
+        gemma_tokenizer(self.sana / "tokenizer")
+        (self.sana / "model_index.json").write_text(json.dumps(
+            {"_class_name": "SanaPipeline", "text_encoder": ["transformers", "Gemma2Model"],
+             "tokenizer": ["transformers", "GemmaTokenizerFast"], "_diffusers_version": "0.42.1"}, indent=2))
 
     def _t5(self, folder: Path, sub: str, tok: str, vocab: Path, index: dict) -> None:
         folder.mkdir(parents=True, exist_ok=True)
@@ -179,6 +220,14 @@ class T5Pipelines:
         return AuraFlowPipeline(tokenizer=AutoTokenizer.from_pretrained(self.aura / "tokenizer"),
                                 text_encoder=UMT5EncoderModel.from_pretrained(self.aura / "text_encoder").eval(),
                                 vae=None, transformer=None, scheduler=None)
+
+    def sana_pipeline(self):
+        from diffusers import SanaPipeline
+        from transformers import AutoTokenizer, Gemma2Model
+
+        return SanaPipeline(tokenizer=AutoTokenizer.from_pretrained(self.sana / "tokenizer"),
+                            text_encoder=Gemma2Model.from_pretrained(self.sana / "text_encoder").eval(),
+                            vae=None, transformer=None, scheduler=None)
 
     def pixart_pipeline(self, cls_name: str):
         import diffusers

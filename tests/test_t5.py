@@ -48,14 +48,18 @@ def test_recipe_table():
         "t5-xxl": (512, False, "raw", "none", "t5", (512, 4096), 0, None),
         "chroma": (512, True, "masked", "none", "t5", (512, 4096), 0, "ChromaPipeline"),
         "auraflow": (256, True, "zero", "none", "t5", (256, 2048), 0, "AuraFlowPipeline"),
+        "sana": (300, True, "masked", "lower_strip", "t5", (300, 2304), 0, "SanaPipeline"),
     }
     for name, row in table.items():
         s = get_spec(name)
         assert (s.t5_max_length, s.t5_mask, s.padding, s.preprocess, s.combine, (s.sequence_length, s.sequence_dim),
                 s.pooled_dim, s.pipeline) == row, name
-        ids = {"auraflow": (1, 2)}.get(name, (0, 1))  # pile-T5: pad 1, eos 2
-        assert s.null == "empty" and s.t5.vocab_size == 32128 and (s.t5.pad_id, s.t5.eos_id) == ids, name
-        assert s.mask_pads == (name == "chroma") and s.t5.architecture == ("umt5" if name == "auraflow" else "t5")
+        ids = {"auraflow": (1, 2)}.get(name, (0, 1))  # pile-T5: pad 1, eos 2; Gemma: pad 0, eos 1 (BOS 2 first)
+        vocab = 256000 if name == "sana" else 32128
+        assert s.null == "empty" and s.t5.vocab_size == vocab and (s.t5.pad_id, s.t5.eos_id) == ids, name
+        architecture = {"auraflow": "umt5", "sana": "gemma2"}.get(name, "t5")
+        assert s.mask_pads == (name == "chroma") and s.t5.architecture == architecture
+        assert s.instruction.startswith("Given a user prompt") == (name == "sana")
         tiny = get_spec(f"tiny-{name}")
         differ = {f.name for f in dataclasses.fields(s) if getattr(s, f.name) != getattr(tiny, f.name)}
         assert differ <= {"name", "towers", "t5", "hub_repo"}, differ  # a tiny twin keeps the recipe
@@ -67,7 +71,8 @@ def test_recipe_table():
     ({"t5_max_length": 600}, r"encoder spec 'flux': t5_max_length must be in \[1, 512\], got 600"),
     ({"padding": "masked"}, r"encoder spec 'flux': padding is 'masked', which needs t5_mask=True"),
     ({"combine": "features"}, r"encoder spec 'flux': combine is 'features'"),
-    ({"preprocess": "upper"}, r"encoder spec 'flux': preprocess must be one of \('none', 'lower_strip'\)"),
+    ({"preprocess": "upper"},
+     r"encoder spec 'flux': preprocess must be one of \('none', 'lower_strip', 'clean_caption'\)"),
     ({"long_prompts": "chunk"}, r"encoder spec 'flux': long_prompts must be 'truncate' for a T5 recipe"),
     ({"pad_to": "longest"}, r"encoder spec 'flux': pad_to is 'longest', which needs padding='masked'"),
 ])
@@ -531,7 +536,7 @@ def test_per_tower_files_as_a_mapping(t5_pipes, t5_vocab, tmp_path):
 def test_precompute_of_an_unmasked_t5_recipe_stores_what_tc_gives(t5_vocab, tmp_path, capsys):
     """`clipcond precompute --encoder flux` (issue 18, done-when): the CLI takes the T5 tokenizer (--tokenizer) and
     the store holds each caption's [512, D] sequence and pooled vector exactly as tc() computes them; a masked
-    recipe (PixArt) is refused by name, not stored without the mask its transformer needs."""
+    recipe (PixArt) stores its mask with its rows (issue 19; tests/test_t5_store.py)."""
     from clipcond import EmbeddingStore
     from clipcond.cli import main
 
@@ -546,9 +551,9 @@ def test_precompute_of_an_unmasked_t5_recipe_stores_what_tc_gives(t5_vocab, tmp_
     for i in range(len(captions)):
         torch.testing.assert_close(store[i]["sequence"], expected.sequence[i], atol=1e-6, rtol=0)
         torch.testing.assert_close(store[i]["pooled"], expected.pooled[i], atol=1e-6, rtol=0)
-    assert main([*base, "--encoder", "tiny-pixart-sigma", "--out", str(tmp_path / "pixart")]) == 2
-    assert "needs its mask (a masked T5 recipe: PixArt)" in capsys.readouterr().err
-    assert not (tmp_path / "pixart" / "manifest.json").exists()
+    assert main([*base, "--encoder", "tiny-pixart-sigma", "--out", str(tmp_path / "pixart")]) == 0
+    pixart = TextConditioner.from_pretrained("tiny-pixart-sigma", tokenizer=t5_vocab["flux"], pad_to="max_length")
+    assert torch.equal(EmbeddingStore(tmp_path / "pixart")[1]["mask"], pixart(captions).mask[1])
 
 
 @pytest.mark.parametrize("dtype", [torch.float32, torch.bfloat16, torch.float16])
@@ -598,3 +603,34 @@ def test_clean_caption_without_its_dependencies_is_refused_not_skipped(t5_pipes,
     tc = TextConditioner.from_pretrained("pixart-sigma", weights=t5_pipes.pixart, preprocess="clean_caption")
     with pytest.raises(ImportError, match=r"needs beautifulsoup4: pip install clipcond\[pixart\]"):
         tc(["a cat"])
+
+
+def test_sana_equals_sana_pipeline(t5_pipes):
+    """Bug: Sana's instruction left out (or put before the negative prompt), its rows not cut to SanaPipeline's
+    select_index ([0] + the last 299), the BOS row dropped, Gemma-2 run without its mask or padded on the left
+    (Gemma's tokenizer default), or its null encoded with the instruction."""
+    from clipcond.specs import SANA_INSTRUCTION
+
+    pipe = t5_pipes.sana_pipeline()
+    instruction = SANA_INSTRUCTION.split("\n")
+    embeds, mask, neg, neg_mask = pipe.encode_prompt(PROMPTS, negative_prompt=NEGATIVES, device="cpu",
+                                                     complex_human_instruction=instruction)
+    assert embeds.shape == (len(PROMPTS), 300, 96) and neg.shape == (len(PROMPTS), 300, 96)
+    tc = TextConditioner.from_pretrained("sana", weights=t5_pipes.sana)
+    full = TextConditioner.from_pretrained("sana", weights=t5_pipes.sana, pad_to="max_length")
+    assert tc.spec.t5.d_model == 96 and tc.spec.t5.vocab_size == 600  # sized by the folder's config.json
+    for got, ref, ref_mask in ((tc(PROMPTS), embeds, mask), (tc.negative(NEGATIVES), neg, neg_mask),
+                               (full(PROMPTS), embeds, mask)):
+        width = got.sequence.shape[1]
+        assert not ref_mask[:, width:].any() and torch.equal(got.mask, ref_mask[:, :width])
+        torch.testing.assert_close(got.sequence[got.mask.bool()], ref[ref_mask.bool()], **TOL)
+        assert not got.sequence[~got.mask.bool()].any()
+    assert tc(PROMPTS[:-1]).sequence.shape[1] < 300 and full(PROMPTS[:-1]).sequence.shape[1] == 300
+    _, _, null, null_mask = pipe.encode_prompt(PROMPTS[:2], device="cpu", complex_human_instruction=instruction)
+    assert tc.null(2).mask.tolist() == [[1], [1]] and torch.equal(full.null(2).mask, null_mask)  # "": BOS alone
+    torch.testing.assert_close(tc.null(2).sequence, null[:, :1], **TOL)
+    plain, _, _, _ = pipe.encode_prompt(PROMPTS[:2], device="cpu", do_classifier_free_guidance=False)
+    assert not torch.allclose(tc(PROMPTS[:2]).padded(300).sequence, plain, atol=1e-3)  # the instruction matters
+    kwargs = tc(PROMPTS).pipeline_kwargs(negative=tc.negative(NEGATIVES))
+    assert set(kwargs) == {"prompt_embeds", "prompt_attention_mask", "negative_prompt_embeds",
+                           "negative_prompt_attention_mask"}

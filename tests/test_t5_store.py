@@ -308,3 +308,18 @@ def test_a_format_2_manifest_reads_as_one_whole_part(tmp_path):
     path.write_text(json.dumps({**data, "format_version": 2, "parts": [["sequence", 77, 32, False]]}))
     with pytest.raises(ValueError, match="a version-2 manifest has no parts"):
         EmbeddingStore(tmp_path / "s")
+
+
+def test_a_sana_store_keeps_the_bos_row_and_the_prompt_rows(t5_pipes, tmp_path):
+    """Bug: Sana's kept rows counted from the instruction's tokens (its prefix stored, or the prompt cut), or its
+    null stored with the instruction."""
+    tc = TextConditioner.from_pretrained("sana", weights=t5_pipes.sana)
+    captions = ["a photo of a cat", "an astronaut riding a horse on mars, 8k", "a cat"]
+    precompute(tc, PrecomputeJob(input=write_jsonl(tmp_path / "c.jsonl", captions), out=tmp_path / "store",
+                                 batch_size=2, progress=False))
+    store, expected = EmbeddingStore(tmp_path / "store"), tc(captions)
+    assert [int(s["lengths"].sum()) for s in shard_tensors(tmp_path / "store")] == [int(expected.mask.sum())]
+    batch = store.collate()(store.__getitems__([0, 1, 2]))
+    assert torch.equal(batch["mask"], expected.mask)
+    torch.testing.assert_close(batch["sequence"], expected.sequence, **TOL)
+    assert torch.equal(store.null(1).mask, tc.null(1).padded(300).mask)  # the BOS row alone

@@ -208,7 +208,7 @@ class TextConditioner(nn.Module):
 
     @property
     def _first_weight(self) -> torch.Tensor:
-        return self.towers[0].position_embedding if len(self.towers) else self.t5.model.shared.weight
+        return self.towers[0].position_embedding if len(self.towers) else self.t5.embedding
 
     @property
     def fingerprint(self) -> str:
@@ -223,9 +223,10 @@ class TextConditioner(nn.Module):
         return self._fingerprint
 
     # --- encoding -----------------------------------------------------------------------
-    def tokenize(self, prompts: str | Sequence[str]) -> list[Tokens]:
-        """The token ids each tower sees (SDXL: two, padded with 49407 and 0; a T5 recipe's T5 ids last)."""
-        t5 = [] if self.t5_tokenizer is None else [self.t5_tokenizer(prompts)]
+    def tokenize(self, prompts: str | Sequence[str], *, instruct: bool = True) -> list[Tokens]:
+        """The token ids each tower sees (SDXL: two, padded with 49407 and 0; a T5 recipe's T5 ids last).
+        ``instruct=False``: without an instruction recipe's instruction (Sana's negative and null prompts)."""
+        t5 = [] if self.t5_tokenizer is None else [self.t5_tokenizer(prompts, instruct=instruct)]
         return [tok(prompts) for tok in self.tokenizers] + t5
 
     def kept_lengths(self, tokens: Sequence[Tokens]) -> torch.Tensor | None:
@@ -234,7 +235,8 @@ class TextConditioner(nn.Module):
         holds only these rows (clipcond/store/layout.py)."""
         if self.t5 is None or self.spec.padding == "raw":
             return None
-        return torch.clamp(tokens[-1].eos + 1 + self.spec.mask_pads, max=self.spec.t5_max_length)
+        t5 = tokens[-1]
+        return torch.clamp(t5.eos + 1 + self.spec.mask_pads - t5.prefix, max=self.spec.t5_max_length)
 
     @torch.no_grad()
     def forward(self, prompts: str | Sequence[str]) -> Conditioning:
@@ -266,6 +268,9 @@ class TextConditioner(nn.Module):
             ids, mask = ids[:, :length], mask[:, :length]
         mask = self._put(mask)
         sequence = self.t5(self._put(ids), mask if self.spec.t5_mask else None)  # [B, L, d]
+        if t5.prefix:  # Sana: the instruction's rows cut but the first (BOS), as SanaPipeline's select_index
+            keep = slice(t5.prefix + 1, None)
+            sequence, mask = (torch.cat([x[:, :1], x[:, keep]], dim=1) for x in (sequence, mask))
         c = assemble(self.spec, clip, sequence, mask)
         full = self.spec.padding == "zero" or self.spec.pad_to == "max_length"
         return c.padded(self.spec.sequence_length) if full and c.mask is not None else c
@@ -442,10 +447,24 @@ class TextConditioner(nn.Module):
 
     def empty(self) -> Conditioning:
         """The empty prompt's encoding, one window ([1, 77, D], [1, P]); cached. The window prompts are padded
-        with, the "empty" null, and the ``z_empty`` that ComfyUI's and compel's weights move tokens from."""
+        with, the "empty" null, and the ``z_empty`` that ComfyUI's and compel's weights move tokens from. Sana's
+        is without the instruction, as its pipeline's negative prompt."""
         if self._empty_cache is None:
-            self._empty_cache = self.encode_tokens(self.tokenize([""]))
+            self._empty_cache = self.encode_tokens(self.tokenize([""], instruct=False))
         return self._empty_cache
+
+    @torch.no_grad()
+    def negative(self, prompts: str | Sequence[str]) -> Conditioning:
+        """Negative prompts as the pipeline encodes them: Sana's without the instruction its prompts get
+        (``SanaPipeline.encode_prompt``); every other encoder's exactly as ``tc(prompts)``."""
+        if not self.spec.instruction:
+            return self(prompts)
+        prompts = check_prompts(prompts)
+        if not prompts:
+            return self._zeros(0)
+        tokens = self.tokenize(prompts, instruct=False)
+        warn_truncated(tokens[-1], self.spec.t5_max_length, "the text encoder")
+        return self.encode_tokens(tokens)
 
     def encode(
         self, prompts: str | Sequence[str], *, drop_prob: float | Mapping[str, float] = 0.0,

@@ -59,15 +59,35 @@ CONFIG_SIZES = {"vocab_size": "vocab_size", "d_model": "d_model", "layers": "num
                 "layer_norm_eps": "layer_norm_epsilon"}
 
 
+GEMMA_CONFIG_SIZES = {"vocab_size": "vocab_size", "d_model": "hidden_size", "layers": "num_hidden_layers",
+                      "heads": "num_attention_heads", "kv_heads": "num_key_value_heads", "d_kv": "head_dim",
+                      "d_ff": "intermediate_size", "layer_norm_eps": "rms_norm_eps"}
+
+
 def t5_config(tower: T5TowerSpec):  # noqa: ANN201 (transformers' T5Config / UMT5Config, imported lazily)
     from transformers import T5Config, UMT5Config
 
+    if tower.architecture == "gemma2":
+        return gemma2_config(tower)
     sizes = {key: getattr(tower, field) for field, key in CONFIG_SIZES.items()}
     config = {"t5": T5Config, "umt5": UMT5Config}[tower.architecture]
     # dropout 0: frozen anyway; sdpa: what from_pretrained picks, so that the pipelines' numbers are ours.
     return config(**sizes, feed_forward_proj=tower.feed_forward, dropout_rate=0.0, is_encoder_decoder=False,
                     use_cache=False, pad_token_id=tower.pad_id, eos_token_id=tower.eos_id,
                     attn_implementation="sdpa")
+
+
+def gemma2_config(tower: T5TowerSpec, base: dict | None = None):  # noqa: ANN201 (transformers' Gemma2Config)
+    """A Gemma2Config of the tower's sizes over ``base`` (a folder's config.json: its rotary, sliding-window and
+    soft-capping settings) or Gemma-2 2B's defaults; the query scale is the head size, as Gemma-2 2B's."""
+    from transformers import Gemma2Config
+
+    sizes = {key: getattr(tower, field) for field, key in GEMMA_CONFIG_SIZES.items()}
+    sizes["num_key_value_heads"] = tower.kv_heads or tower.heads
+    config = {"query_pre_attn_scalar": tower.d_kv, **(base or {}), **sizes, "pad_token_id": tower.pad_id,
+              "eos_token_id": tower.eos_id, "use_cache": False}
+    config.pop("model_type", None)
+    return Gemma2Config(**config)
 
 
 def keeps_fp32(key: str, dtype: torch.dtype) -> bool:
@@ -79,13 +99,20 @@ def keeps_fp32(key: str, dtype: torch.dtype) -> bool:
 class T5Tower(nn.Module):
     """``T5EncoderModel`` (UMT5's) of ``spec``: ``forward(ids [B, L], mask [B, L] | None) -> [B, L, d_model]``."""
 
-    def __init__(self, spec: T5TowerSpec) -> None:
+    def __init__(self, spec: T5TowerSpec, config: object = None) -> None:
+        """``config``: the transformers config to build (a folder's), else one of the spec's sizes."""
         super().__init__()
-        from transformers import T5EncoderModel, UMT5EncoderModel
+        from transformers import Gemma2Model, T5EncoderModel, UMT5EncoderModel
 
         self.spec = spec
-        self.model = {"t5": T5EncoderModel, "umt5": UMT5EncoderModel}[spec.architecture](t5_config(spec))
+        classes = {"t5": T5EncoderModel, "umt5": UMT5EncoderModel, "gemma2": Gemma2Model}
+        self.model = classes[spec.architecture](config if config is not None else t5_config(spec))
         self.fp8: Fp8Blocks | None = None  # set by use_fp8() when a file's Linear weights are fp8
+
+    @property
+    def embedding(self) -> torch.Tensor:
+        """The token embedding table (T5's ``shared``, Gemma's ``embed_tokens``): the tower's dtype and device."""
+        return self.model.get_input_embeddings().weight
 
     def forward(self, ids: torch.Tensor, mask: torch.Tensor | None = None) -> torch.Tensor:
         if mask is None or self.spec.architecture != "t5" or self.model.config._attn_implementation != "sdpa":
@@ -129,7 +156,7 @@ class T5Tower(nn.Module):
             fn = self.fp8.keeping_dtypes(fn)
         before = [m.weight.data for m in self._wo()]
         out = super()._apply(fn, recurse)
-        if self.model.shared.weight.dtype == torch.float16:
+        if self.embedding.dtype == torch.float16:
             for m, old in zip(self._wo(), before, strict=True):
                 if m.weight.dtype != torch.float32:
                     m.weight = nn.Parameter(old.to(m.weight.device, torch.float32), requires_grad=False)
@@ -166,7 +193,7 @@ class Fp8Blocks:
         return apply
 
     def _upcast(self, block: nn.Module, args: object) -> None:
-        dtype = self.tower.model.shared.weight.dtype
+        dtype = self.tower.embedding.dtype
         for name, m in block.named_modules():
             if m in self.weights:
                 stored = m._parameters["weight"]
@@ -190,7 +217,9 @@ def random_t5(tower: T5TowerSpec, *, seed: int) -> T5Tower:
     model = T5Tower(tower)
     with torch.no_grad():
         for name, param in model.model.named_parameters():
-            if name.endswith("layer_norm.weight"):
+            if tower.architecture == "gemma2":  # RMSNorms scale by 1 + weight; the embedding is scaled by sqrt(d)
+                param.normal_(0.0, 0.05 if "norm" in name else 0.02, generator=generator)
+            elif name.endswith("layer_norm.weight"):
                 param.normal_(0.0, 0.1, generator=generator).add_(0.2 if "final" in name else 1.0)
             else:
                 param.normal_(0.0, 1.0 if name == "shared.weight" else 0.05, generator=generator)
@@ -207,6 +236,11 @@ def tower_from_config(tower: T5TowerSpec, folder: Path) -> T5TowerSpec:
     if config.get("model_type", "t5") != tower.architecture:
         raise WeightsError(f"{path}: model_type {config.get('model_type')!r}, but tower {tower.name!r} is a "
                            f"{tower.architecture!r} encoder: these weights belong to another encoder")
+    if tower.architecture == "gemma2":
+        try:
+            return tower.replace(**{field: config[key] for field, key in GEMMA_CONFIG_SIZES.items()})
+        except KeyError as err:
+            raise WeightsError(f"{path}: config has no {err.args[0]!r}") from err
     ff = config.get("feed_forward_proj", "relu")
     if ff != tower.feed_forward:
         raise WeightsError(f"{path}: feed_forward_proj {ff!r}, but tower {tower.name!r} is {tower.feed_forward!r} "
@@ -235,13 +269,14 @@ def weight_files(folder: Path) -> list[Path]:
     raise WeightsError(f"{folder}: no T5 weights; expected one of {list(INDEX_FILES + WEIGHT_FILES)}")
 
 
-def read_state(tower: T5TowerSpec, files: Sequence[Path], dtype: torch.dtype) -> dict[str, torch.Tensor]:
+def read_state(tower: T5TowerSpec, files: Sequence[Path], dtype: torch.dtype, config: object = None
+               ) -> dict[str, torch.Tensor]:
     """Every encoder tensor of ``files``, checked against ``tower`` (names and shapes), cast one at a time.
 
     fp8 Linear weights stay fp8, each with its ``<linear>.scale_weight`` (float32) where a scaled-fp8 file has one;
     every other tensor is cast to ``dtype`` (a scale of a weight that is not fp8 is folded into it)."""
     with torch.device("meta"):
-        expected = {k: v.shape for k, v in T5Tower(tower).model.state_dict().items()}
+        expected = {k: v.shape for k, v in T5Tower(tower, config).model.state_dict().items()}
     where = {}  # key in the file -> (file, data start, TensorInfo), or for a pickle (file, None, the tensor)
     for file in files:
         if file.suffix == ".bin":
@@ -281,7 +316,8 @@ def read_state(tower: T5TowerSpec, files: Sequence[Path], dtype: torch.dtype) ->
         if scale is not None:
             tensor = tensor.float() * scale
         state[key] = tensor.to(torch.float32 if keeps_fp32(key, dtype) else dtype)
-    state[TIED] = state["shared.weight"]
+    if TIED in expected:
+        state[TIED] = state["shared.weight"]
     return state
 
 
@@ -322,14 +358,20 @@ def read_one(tower: T5TowerSpec, place: tuple, key: str, shape: tuple[int, ...])
     return tensor.reshape(shape)
 
 
-def tower_from_state(tower: T5TowerSpec, state: dict[str, torch.Tensor]) -> T5Tower:
+def tower_from_state(tower: T5TowerSpec, state: dict[str, torch.Tensor], config: object = None) -> T5Tower:
     """Built on the meta device, adopting the loaded tensors (no second copy); the embedding stays tied. fp8
     Linear weights stay fp8, their scales become ``scale_weight`` buffers, and the tower computes through
     ``Fp8Blocks``."""
     scales = {k.removesuffix(".scale_weight"): state.pop(k) for k in [k for k in state if k.endswith(".scale_weight")]}
     with torch.device("meta"):
-        model = T5Tower(tower)
+        model = T5Tower(tower, config)
     model.model.load_state_dict(state, strict=True, assign=True)
+    if tower.architecture == "gemma2":  # its computed buffers are no weights: made here, not on the meta device
+        gemma = model.model
+        gemma.rotary_emb = type(gemma.rotary_emb)(gemma.config)  # inv_freq
+        embed = gemma.embed_tokens
+        embed.register_buffer("embed_scale", torch.tensor(embed.scalar_embed_scale), persistent=False)  # sqrt(d)
+        return model.requires_grad_(False)
     model.model.encoder.embed_tokens = model.model.shared
     model.model.encoder.block[0].layer[0].SelfAttention.relative_attention_bias.weight.requires_grad_(False)
     for name, scale in scales.items():
@@ -342,7 +384,10 @@ def tower_from_state(tower: T5TowerSpec, state: dict[str, torch.Tensor]) -> T5To
 def load_folder(tower: T5TowerSpec, folder: Path, dtype: torch.dtype) -> T5Tower:
     """A T5 tower from a transformers T5 folder (``config.json`` + safetensors), sized by its config."""
     sized = tower_from_config(tower, folder)
-    return tower_from_state(sized, read_state(sized, weight_files(folder), dtype))
+    config = None
+    if tower.architecture == "gemma2":  # built from the folder's config: its rotary and soft-capping settings
+        config = gemma2_config(sized, json.loads((folder / "config.json").read_text()))
+    return tower_from_state(sized, read_state(sized, weight_files(folder), dtype, config), config)
 
 
 class T5Prompts:
@@ -368,7 +413,8 @@ class T5Prompts:
             return [clean(clean(p)) for p in prompts]
         return [p.lower().strip() for p in prompts] if self.preprocess == "lower_strip" else list(prompts)
 
-    def __call__(self, prompts: str | Sequence[str]) -> Tokens:
+    def __call__(self, prompts: str | Sequence[str], *, instruct: bool = True) -> Tokens:
+        """``instruct``: an instruction recipe's prompt (GemmaPrompts); T5 recipes have none."""
         texts = self.texts(check_prompts(prompts))
         length = self.max_length
         rows = self.tokenizer(texts, add_special_tokens=True, verbose=False).input_ids if texts else []  # untruncated
@@ -380,6 +426,34 @@ class T5Prompts:
             ids[i, : len(r)] = torch.tensor(r, dtype=torch.long)
         eos = torch.tensor([len(r) - 1 for r in rows], dtype=torch.long)  # [B]
         return Tokens(ids=ids, eos=eos, truncated=truncated)
+
+
+class GemmaPrompts(T5Prompts):
+    """Sana's Gemma-2 tokenizer as ``SanaPipeline._get_gemma_prompt_embeds`` calls it: the instruction before each
+    prompt (``spec.instruction``), BOS first, no EOS, right padding to ``n + L - 2`` tokens (n: the instruction's
+    own tokens, BOS included; L: ``t5_max_length``), cut at the end. Of the output the pipeline keeps row 0 (BOS)
+    and the last L - 1 (its ``select_index``): ``Tokens.prefix`` = n - 2 rows after the first are cut. Without the
+    instruction (``instruct=False``: the negative and null prompts, as the pipeline encodes them) L tokens, none
+    cut."""
+
+    def __init__(self, tokenizer: object, spec: EncoderSpec) -> None:
+        super().__init__(tokenizer, spec)
+        self.instruction = spec.instruction
+        self.instruction_tokens = len(tokenizer.encode(self.instruction)) if self.instruction else 0
+
+    def __call__(self, prompts: str | Sequence[str], *, instruct: bool = True) -> Tokens:
+        texts = self.texts(check_prompts(prompts))
+        n = self.instruction_tokens if instruct else 0
+        if n:
+            texts = [self.instruction + t for t in texts]
+        length = n + self.max_length - 2 if n else self.max_length
+        rows = self.tokenizer(texts, add_special_tokens=True, verbose=False).input_ids if texts else []  # untruncated
+        truncated = tuple((i, self.tokenizer.decode(r[length:])) for i, r in enumerate(rows) if len(r) > length)
+        ids = torch.full((len(rows), length), self.pad_id, dtype=torch.long)  # [B, L']
+        for i, r in enumerate(rows):
+            ids[i, : min(len(r), length)] = torch.tensor(r[:length], dtype=torch.long)
+        eos = torch.tensor([min(len(r), length) - 1 for r in rows], dtype=torch.long)  # [B]: the last real token
+        return Tokens(ids=ids, eos=eos, truncated=truncated, prefix=max(n - 2, 0))
 
 
 def clean_caption() -> Callable[[str], str]:
@@ -416,4 +490,4 @@ def load_tokenizer(source: object, spec: EncoderSpec) -> T5Prompts:
             raise WeightsError(f"{folder}: no T5 tokenizer ({', '.join(TOKENIZER_FILES)}); pass tokenizer=PATH to a "
                                f"pipeline's tokenizer folder (e.g. FLUX.1-dev/tokenizer_2)")
         source = AutoTokenizer.from_pretrained(folder)
-    return T5Prompts(source, spec)
+    return (GemmaPrompts if spec.t5.architecture == "gemma2" else T5Prompts)(source, spec)

@@ -135,6 +135,9 @@ class Tokens:
     ids: torch.Tensor  # [B, L] int64, BOS ... EOS pad
     eos: torch.Tensor  # [B] int64, position of the first EOS id (where the pooled vector is read)
     truncated: tuple[tuple[int, str], ...]  # (row, dropped text) for prompts longer than L
+    # Rows of an instruction before the prompt that the output leaves out, but the first (Sana: rows 1 to prefix
+    # of the encoder's output are cut); 0: none.
+    prefix: int = 0
 
 
 def check_prompts(prompts: str | Sequence[str]) -> list[str]:

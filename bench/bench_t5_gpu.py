@@ -11,10 +11,10 @@ The GPU check's T5 section (bench/gpu_check.sh). A random T5 v1.1 encoder of T5-
 
 Token ids are drawn at random (the vocabulary plays no part in the arithmetic), so nothing needs the T5 tokenizer
 files, which a GPU machine without the network cannot fetch. Each row: captions/s and real tokens/s (median of
-``--repeats`` timed passes after a warm-up), TFLOP/s of the tokens computed (2 x matmul parameters x rows run,
-padding included, the embedding lookup and attention left out), peak CUDA memory, and whether every output is finite and close to the float32
-encoder's on the first batch (max |difference| / max |float32|). float16 must stay finite: T5 v1.1 overflows in
-float16 unless its ``wo`` projections stay float32, which clipcond keeps.
+``--repeats`` timed passes after a warm-up), TFLOP/s of the tokens computed (2 x matmul parameters x rows
+run, padding included, the embedding lookup and attention left out), peak CUDA memory, and whether every output
+is finite and close to the float32 encoder's on the first batch (max |difference| / max |float32|). float16 must
+stay finite: T5 v1.1 overflows in float16 unless its ``wo`` projections stay float32, which clipcond keeps.
 
     python bench/bench_t5_gpu.py --device cuda                 # ~1 min on an H100
     python bench/bench_t5_gpu.py --device cpu --size tiny      # the script itself, on a CPU (seconds)
@@ -116,8 +116,8 @@ def main() -> None:
     parser.add_argument("--out", type=Path, default=OUT)
     args = parser.parse_args()
     rows = []
-    print(f"| recipe | order | dtype | captions/s | tokens/s | TFLOP/s | finite | rel. err vs fp32 | peak GiB |\n"
-          f"|---|---|---|---:|---:|---:|---|---:|---:|")
+    print("| recipe | order | dtype | captions/s | tokens/s | TFLOP/s | finite | rel. err vs fp32 | peak GiB |\n"
+          "|---|---|---|---:|---:|---:|---|---:|---:|")
     for dtype in args.dtypes:
         for recipe, grouped in (("masked", True), ("masked", False), ("unmasked", False)):
             row = run(recipe, args.size, getattr(torch, dtype), args.device, args.captions, args.batch,

@@ -60,6 +60,7 @@ logger = logging.getLogger(__name__)
 T = TypeVar("T")
 
 TARGET_SHARD_BYTES = 256 * 2**20  # default shard size: few files, yet one shard re-encodes in seconds
+KEPT_ROWS = 64  # a masked recipe's rows a caption, for the default shard size (LAION captions keep ~26 T5 rows)
 # Ranks wait at barriers for the slowest one; gloo's 30-minute default is shorter than a big job.
 BARRIER_TIMEOUT = timedelta(hours=48)
 
@@ -171,8 +172,11 @@ def rank_device(device: str) -> str:
 
 # --- plan, resume, finish (rank 0) -----------------------------------------------------
 def default_shard_size(tc: TextConditioner, batch_size: int) -> int:
-    row_bytes = RowLayout.of(tc.spec).row_bytes(tc.dtype.itemsize) + tc.pooled_dim * tc.dtype.itemsize  # untrimmed
-    rows = max(1, TARGET_SHARD_BYTES // row_bytes)
+    """Rows a shard holds to be about ``TARGET_SHARD_BYTES``; a masked recipe's rows sized at ``KEPT_ROWS``."""
+    layout = RowLayout.of(tc.spec)
+    kept = min(KEPT_ROWS, layout.length) if layout.masked else None
+    row_bytes = layout.row_bytes(tc.dtype.itemsize, kept) + tc.pooled_dim * tc.dtype.itemsize
+    rows = max(1, int(TARGET_SHARD_BYTES // row_bytes))
     return rows - rows % batch_size if rows >= batch_size else rows  # whole batches: no short batch per shard
 
 

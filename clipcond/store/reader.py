@@ -285,6 +285,7 @@ class EmbeddingStore(Dataset):
             specs.append(((n, length), torch.int64))  # [B, L'] the mask
         specs += [((n, *column.shape), column.dtype) for column in columns.values()]
         sequence, pooled, row_ids, dropped, *stacked = _batch_tensors(self._buffers, *specs)
+        fresh = get_worker_info() is not None  # a new shared segment: zeros already (_batch_tensors)
         mask = stacked.pop(0) if layout.masked else None
         row_ids.copy_(torch.tensor(rows, dtype=torch.int64))
         order = sorted(range(n), key=lambda i: (id(located[i][0]), located[i][1]))  # file order: readahead
@@ -319,7 +320,7 @@ class EmbeddingStore(Dataset):
         if sums is not None:
             self._check_sums(sums, pieces, order, owners, rows, located)
         if not layout.plain:
-            self._zero_unstored(sequence, mask, located)
+            self._zero_unstored(sequence, mask, located, fresh=fresh)
         items = Rows()
         for i, row in enumerate(rows):
             item = {"sequence": sequence[i], "pooled": pooled[i], "row": row}
@@ -359,14 +360,18 @@ class EmbeddingStore(Dataset):
             raise view.damaged(local, f"store row {rows[order[k]]}, variant 0")
 
     def _zero_unstored(self, sequence: torch.Tensor, mask: torch.Tensor | None,
-                       located: list[tuple[ShardView, int]]) -> None:
-        """What the store does not hold, in a batch whose memory may be a reused buffer: zeros past each row's kept
-        rows (and the mask), zeros in a narrow part's columns (SD3's CLIP rows past 2048)."""
+                       located: list[tuple[ShardView, int]], *, fresh: bool) -> None:
+        """What the store does not hold: zeros past each row's kept rows (and the mask), zeros in a narrow part's
+        columns (SD3's CLIP rows past 2048); ``fresh``: the batch memory is zeros already (a worker's new shared
+        segment), else it may be a reused buffer."""
         if mask is not None:
             kept = torch.tensor([view.kept(local) for view, local in located], dtype=torch.int64)  # [B]
             mask.copy_(torch.arange(sequence.shape[1]) < kept[:, None])
-            for i, k in enumerate(kept.tolist()):
-                sequence[i, k:].zero_()
+            if not fresh:
+                for i, k in enumerate(kept.tolist()):
+                    sequence[i, k:].zero_()
+            return
+        if fresh:
             return
         first = 0
         for part in self._layout.parts:

@@ -634,3 +634,29 @@ def test_sana_equals_sana_pipeline(t5_pipes):
     kwargs = tc(PROMPTS).pipeline_kwargs(negative=tc.negative(NEGATIVES))
     assert set(kwargs) == {"prompt_embeds", "prompt_attention_mask", "negative_prompt_embeds",
                            "negative_prompt_attention_mask"}
+
+
+def test_blend_and_schedule_on_t5_recipes(t5_pipes):
+    """Bug: a blend of masked prompts of different lengths refused or cut to the shorter one's mask (rows the longer
+    prompt attends to lost), Flux's text_ids or pipeline dropped by a blend, or schedules refusing T5 recipes."""
+    pix = TextConditioner.from_pretrained("pixart-sigma", weights=t5_pipes.pixart)
+    short, long = pix("a cat"), pix("an astronaut riding a horse on mars")
+    b = pix.blend(["a cat", "an astronaut riding a horse on mars"], [0.7, 0.3])
+    assert torch.equal(b.mask, long.mask) and b.pipeline == "PixArtSigmaPipeline"  # the union: the longer's rows
+    k = short.sequence.shape[1]
+    torch.testing.assert_close(b.sequence[:, :k], 0.7 * short.sequence + 0.3 * long.sequence[:, :k])
+    torch.testing.assert_close(b.sequence[:, k:], 0.3 * long.sequence[:, k:])
+    flux = TextConditioner.from_pretrained("flux-schnell", weights=t5_pipes.flux)
+    f = flux.blend(["a cat", "a dog"], [0.25, 0.75])
+    cat, dog = flux("a cat"), flux("a dog")
+    torch.testing.assert_close(f.sequence, 0.25 * cat.sequence + 0.75 * dog.sequence)
+    torch.testing.assert_close(f.pooled, 0.25 * cat.pooled + 0.75 * dog.pooled)
+    assert f.text_ids.shape == (256, 3) and f.pipeline == "FluxPipeline"
+    segments = pix.schedule("a [cat:astronaut riding a horse:0.5] on mars", 10, style=None)
+    assert [end for end, _ in segments] == [5, 10]
+    expected = pix(["a cat on mars", "a astronaut riding a horse on mars"])
+    for i, (_, c) in enumerate(segments):
+        assert torch.equal(c.mask, expected.mask[i : i + 1])
+        torch.testing.assert_close(c.sequence, expected.sequence[i : i + 1])
+    with pytest.raises(NotImplementedError, match=r"prompt weighting \(style='a1111'\) of T5 recipes .*style=None"):
+        pix.schedule("a [cat:dog:0.5]", 10)

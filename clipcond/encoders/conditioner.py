@@ -306,8 +306,9 @@ class TextConditioner(nn.Module):
                   emphasis: Emphasis = "original", one_batch: bool = False) -> Conditioning:
         """``weighted``; ``one_batch``: the prompts share A1111's emphasis mean (``_encode_windows``)."""
         if self.t5 is not None:
-            raise NotImplementedError(f"{self.spec.name}: prompt weighting and schedules of T5 recipes are not done "
-                                      f"yet (issue 18, section 5)")
+            raise NotImplementedError(f"{self.spec.name}: prompt weighting (style={style!r}) of T5 recipes is not "
+                                      f"done yet; tc.schedule(..., style=None) and tc.blend() read prompts as tc() "
+                                      f"does")
         if style not in ("a1111", "comfy", "compel"):
             raise ValueError(f"style must be 'a1111', 'comfy' or 'compel', got {style!r}")
         if emphasis not in ("original", "no_norm"):
@@ -325,7 +326,7 @@ class TextConditioner(nn.Module):
                                     one_batch=one_batch)
 
     @torch.no_grad()
-    def schedule(self, prompt: str, steps: int, *, style: WeightStyle = "a1111", hires_steps: int | None = None,
+    def schedule(self, prompt: str, steps: int, *, style: WeightStyle | None = "a1111", hires_steps: int | None = None,
                  **weighting: object) -> Segments | list[tuple[float, Segments]]:
         """A1111 prompt editing (``[from:to:0.4]``, ``[to:12]``, ``[from::0.6]``) and alternation (``[cat|dog]``).
 
@@ -334,15 +335,19 @@ class TextConditioner(nn.Module):
         first segment with ``end_step >= i``); each segment's text read with ``weighted(..., style=style)``,
         except that A1111 encodes a prompt's segments as one batch, so ``emphasis="original"`` restores one
         mean over all of them, window by window. With ``AND``, one such list per sub-prompt with its weight:
-        ``[(weight, segments), ...]``.
+        ``[(weight, segments), ...]``. ``style=None``: each segment's text encoded as ``tc(text)`` (no weighting
+        syntax: the T5 recipes' way, whose masked segments are each as long as the longest).
         """
         from clipcond.text.schedules import prompt_schedule, split_and
 
         parts = split_and(prompt)
+        if style is not None and self.t5 is not None:
+            self._weighted([], style=style)  # refuses weighting syntax on T5 recipes, saying so
 
         def segments(text: str) -> list[tuple[int, Conditioning]]:
             plan = prompt_schedule(text, steps, hires_steps=hires_steps)
-            encoded = self._weighted([t for _, t in plan], style=style, one_batch=True, **weighting)
+            texts = [t for _, t in plan]
+            encoded = self(texts) if style is None else self._weighted(texts, style=style, one_batch=True, **weighting)
             return [(end, encoded[i : i + 1]) for i, (end, _) in enumerate(plan)]
 
         if len(parts) == 1 and parts[0][0] == 1.0:
@@ -355,18 +360,24 @@ class TextConditioner(nn.Module):
         """``Σ w_i · c_i`` over sequence and pooled, the weights as given (``(1 - a) c_cat + a c_dog``).
 
         Chunked prompts are padded to the same number of windows first (with the empty prompt's, as
-        ``pad_chunks``); ``style`` reads each prompt with that tool's syntax (``weighted``).
+        ``pad_chunks``); ``style`` reads each prompt with that tool's syntax (``weighted``). A masked recipe's
+        prompts are padded to the longest (zero rows, ``Conditioning.padded``) and the blend attends wherever any
+        of them does (the masks' union): the rows of one prompt's padding add nothing to the others'.
         """
         prompts = check_prompts(prompts)
         if len(prompts) != len(weights) or not prompts:
             raise ValueError(f"blend needs one weight per prompt, got {len(prompts)} prompts and {len(weights)} "
                              "weights")
-        parts = self.pad_chunks(*(self.weighted(p, style=style, **weighting) if style else self(p) for p in prompts))
+        parts = [self.weighted(p, style=style, **weighting) if style else self(p) for p in prompts]
+        if parts[0].mask is not None:
+            longest = max(len_tokens(c) for c in parts)
+            parts = [c.padded(longest) for c in parts]
+            mask = torch.stack([c.mask for c in parts]).amax(0)  # [B, L]: the union
+        else:
+            parts, mask = self.pad_chunks(*parts), None
         sequence = sum(w * c.sequence for w, c in zip(weights, parts, strict=True))
         pooled = sum(w * c.pooled for w, c in zip(weights, parts, strict=True))
-        if parts[0].mask is not None and any(not torch.equal(c.mask, parts[0].mask) for c in parts):
-            raise NotImplementedError(f"{self.spec.name}: blending prompts of different masks is not done yet")
-        return Conditioning(sequence, pooled, parts[0].mask, parts[0].text_ids, parts[0].pipeline)
+        return Conditioning(sequence, pooled, mask, parts[0].text_ids, parts[0].pipeline)
 
     def _encode_windows(self, prompts: list[str], *, style: WeightStyle | None, comma_backtrack: int = 20,
                         emphasis: Emphasis = "original", one_batch: bool = False) -> Conditioning:

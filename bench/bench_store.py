@@ -272,10 +272,10 @@ def checksum_cost(store_dir: Path, batches: list[list[int]]) -> tuple[dict[bool,
 class Latents(Dataset):
     """A user's map-style dataset of VAE latents, one memory-mapped ``.npy`` of them all (copy-on-write: each item is
     a view, no copy, as a per-sample safetensors file's tensors are), with ``files`` its text conditioning from one
-    ``.safetensors`` per sample; ``index=True`` adds the item's index (for a join in the main process)."""
+    ``.safetensors`` per sample."""
 
-    def __init__(self, latents: Path, files: list[Path] | None = None, *, index: bool = False) -> None:
-        self.latents, self.files, self.index = np.load(latents, mmap_mode="c"), files, index
+    def __init__(self, latents: Path, files: list[Path] | None = None) -> None:
+        self.latents, self.files = np.load(latents, mmap_mode="c"), files
 
     def __len__(self) -> int:
         return len(self.latents)
@@ -286,8 +286,6 @@ class Latents(Dataset):
             from safetensors.torch import load_file
 
             item.update(load_file(self.files[i]))  # sequence [77, 2048], pooled [1280]
-        if self.index:
-            item["index"] = i
         return item
 
 
@@ -335,7 +333,7 @@ def joined_reads(store_dir: Path, text_files: list[Path], order: list[int], root
     """(rows/s, main CPU ms a batch, workers' CPU ms a batch) of each way with JOIN_WORKERS workers, warm (a pass of
     each first), JOIN_PASSES passes each, their order alternating."""
     from clipcond import EmbeddingStore
-    from clipcond.store.reader import JoinedDataset
+    from clipcond.store.join import JoinedDataset, JoinedLoader
 
     latents = root / "latents.npy"
     np.save(latents, torch.randn((len(text_files), *LATENT), generator=torch.Generator().manual_seed(SEED))
@@ -343,18 +341,21 @@ def joined_reads(store_dir: Path, text_files: list[Path], order: list[int], root
     samples = write_samples(EmbeddingStore(store_dir), latents, root)
     per_row = sum(math.prod(shape) * 2 for shape in (LATENT, (77, 2048), (1280,)))  # float16 bytes a row
 
-    def rate(dataset: Dataset, collate=None, join: EmbeddingStore | None = None) -> tuple:  # noqa: ANN001
-        loader = DataLoader(dataset, batch_size=BATCH, sampler=order, num_workers=JOIN_WORKERS, collate_fn=collate,
-                            prefetch_factor=4)
+    def rate(dataset: Dataset, collate=None, loader=None) -> tuple:  # noqa: ANN001
+        loader = loader or DataLoader(dataset, batch_size=BATCH, sampler=order, num_workers=JOIN_WORKERS,
+                                      collate_fn=collate, prefetch_factor=4)
         (main0, workers0), start, n = cpu_seconds(), time.perf_counter(), 0
         for batch in loader:
-            if join is not None:  # the main process copies the rows into its own (reused) batch memory
-                batch.update(join.batch(batch["index"]))
             n += len(batch["latent"])
         wall = time.perf_counter() - start
         del loader  # its workers end: their CPU time is counted
         (main1, workers1), batches = cpu_seconds(), n / BATCH
         return n / wall, (main1 - main0) / batches * 1e3, (workers1 - workers0) / batches * 1e3
+
+    def joined_loader() -> JoinedLoader:
+        store = EmbeddingStore(store_dir)
+        return JoinedLoader(Latents(latents), store, batch_size=BATCH, sampler=order, num_workers=JOIN_WORKERS,
+                            prefetch_factor=4, collate=store.collate())
 
     def joined(collate: bool) -> tuple:
         store = EmbeddingStore(store_dir)
@@ -366,8 +367,8 @@ def joined_reads(store_dir: Path, text_files: list[Path], order: list[int], root
             lambda: rate(Latents(latents, text_files)),
             "JoinedDataset(latents .npy, store), store.collate()": lambda: joined(True),
             "JoinedDataset(latents .npy, store), default collate": lambda: joined(False),
-            "workers: latents .npy only; main process: store rows": lambda: rate(
-                Latents(latents, index=True), join=EmbeddingStore(store_dir)),
+            "JoinedLoader(latents .npy, store): workers the latents, the main process the rows": lambda: rate(
+                None, loader=joined_loader()),
             "floor: a fresh shared segment a batch, nothing copied": lambda: rate(Segment(len(order), per_row),
                                                                                    lambda items: items[0])}
     out: dict[str, list[tuple]] = {name: [] for name in ways}

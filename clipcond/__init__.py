@@ -16,7 +16,8 @@ from clipcond.specs import EncoderSpec, SpecError, TowerSpec, list_encoders, reg
 if TYPE_CHECKING:
     from clipcond.conditioning import Conditioning
     from clipcond.encoders.conditioner import TextConditioner
-    from clipcond.store.reader import EmbeddingStore, JoinedDataset
+    from clipcond.store.join import JoinedDataset, JoinedLoader
+    from clipcond.store.reader import EmbeddingStore
     from clipcond.text.tokenizer import ClipTokenizer, Tokens
     from clipcond.time_ids import added_cond_kwargs, sdxl_refiner_time_ids, sdxl_time_ids
 
@@ -25,7 +26,8 @@ _LAZY = {
     "TextConditioner": "clipcond.encoders.conditioner",
     "Conditioning": "clipcond.conditioning",
     "EmbeddingStore": "clipcond.store.reader",
-    "JoinedDataset": "clipcond.store.reader",
+    "JoinedDataset": "clipcond.store.join",
+    "JoinedLoader": "clipcond.store.join",
     "ClipTokenizer": "clipcond.text.tokenizer",
     "Tokens": "clipcond.text.tokenizer",
     "added_cond_kwargs": "clipcond.time_ids",
@@ -39,6 +41,7 @@ __all__ = [
     "EmbeddingStore",
     "EncoderSpec",
     "JoinedDataset",
+    "JoinedLoader",
     "SpecError",
     "TextConditioner",
     "Tokens",

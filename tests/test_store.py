@@ -150,6 +150,26 @@ def test_a_joined_batch_is_collated_as_default_collate_would(store):
         collate(JoinedDataset(Ragged(), store).__getitems__([0, 1]))
 
 
+def test_the_joined_loader_gives_the_joined_dataset_s_batches(store):
+    """JoinedLoader (your items from 2 workers, the store's rows fetched in the main process) must give what the
+    worker-side join gives: the same rows for the same items (by index and by id), the same caption dropout."""
+    from clipcond import JoinedLoader
+
+    order = [5, 17, 3, 392, 250, 0, 399, 42] * 4
+    collate = store.collate(0.5, seed=3)
+    reference = DataLoader(JoinedDataset(Images(), store), batch_size=8, sampler=order, collate_fn=collate)
+    for by in ("index", "id"):
+        loader = JoinedLoader(Images(), store, by=by, id_key="key", batch_size=8, sampler=order, num_workers=2,
+                              collate=collate)
+        assert len(loader) == 4
+        for got, want in zip(loader, reference, strict=True):
+            assert got.keys() == want.keys()
+            for key, value in want.items():
+                assert torch.equal(got[key], value) if isinstance(value, torch.Tensor) else got[key] == value, key
+    with pytest.raises(TypeError, match="give the store's collate as collate="):
+        JoinedLoader(Images(), store, collate_fn=collate)
+
+
 def test_a_joined_batch_made_in_a_worker_is_one_shared_segment(store):
     """In a DataLoader worker the batch (the store's rows, your stacked fields and the dropout mask) is made in
     shared memory, in one segment: the pickler then sends it as one handle. Before, the store's rows were in shared

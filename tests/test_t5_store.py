@@ -323,3 +323,21 @@ def test_a_sana_store_keeps_the_bos_row_and_the_prompt_rows(t5_pipes, tmp_path):
     assert torch.equal(batch["mask"], expected.mask)
     torch.testing.assert_close(batch["sequence"], expected.sequence, **TOL)
     assert torch.equal(store.null(1).mask, tc.null(1).padded(300).mask)  # the BOS row alone
+
+
+def test_the_joined_loader_reads_masked_rows_in_the_main_process(pixart_store):
+    """Bug: JoinedLoader losing a masked batch's mask or length, or joining rows to the wrong items."""
+    from clipcond import JoinedLoader
+
+    out, _ = pixart_store
+    store = EmbeddingStore(out)
+    latents = [{"latent": torch.full((4, 2, 2), float(i))} for i in range(len(store))]
+    loader = JoinedLoader(latents, store, batch_size=16, shuffle=True, num_workers=2, collate=store.collate())
+    seen = 0
+    for batch in loader:
+        rows = batch["row"].tolist()
+        assert batch["latent"][:, 0, 0, 0].tolist() == [float(r) for r in rows]
+        ref = store.collate()(store.__getitems__(rows))
+        assert torch.equal(batch["mask"], ref["mask"]) and torch.equal(batch["sequence"], ref["sequence"])
+        seen += len(rows)
+    assert seen == len(store)

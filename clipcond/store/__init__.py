@@ -2,5 +2,7 @@
 
 ``manifest`` (``manifest.json``: what a store is bound to, every file it holds), ``format`` (shards, the
 index, which files are a store's), ``checksums`` (row checks; ``_rows.c``, the compiled copy-and-checksum),
-``locks``, ``reader`` (``EmbeddingStore``, ``JoinedDataset``), ``gc``. Imports only the leaves.
+``locks``, ``layout`` (how a row's sequence is held), ``reader`` (``EmbeddingStore``), ``join``
+(``JoinedDataset``, ``JoinedLoader``), ``gc``. Imports the leaves, and clipcond.encoders.recipes for
+per-tower caption dropout.
 """

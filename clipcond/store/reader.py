@@ -1,5 +1,5 @@
-"""``EmbeddingStore``: a precomputed store (clipcond/store/format.py) read back as a memory-mapped ``Dataset``;
-``JoinedDataset``: a user's dataset (images, latents) and the store's rows, fetched a batch at a time.
+"""``EmbeddingStore``: a precomputed store (clipcond/store/format.py) read back as a memory-mapped ``Dataset``, the
+batch copy it shares with the joins of your data (clipcond/store/join.py), and caption dropout (``CaptionDropout``).
 
 Opening reads the manifest (validated field by field) and the row index (8 bytes a row and variant, its
 sha256 checked) and checks file sizes; shards are memory-mapped lazily, per process, so DataLoader workers
@@ -603,71 +603,6 @@ class Column:
 def _tensor_bytes(tensor: torch.Tensor) -> np.ndarray:
     """A CPU tensor's values as contiguous bytes (a view when it is contiguous)."""
     return tensor.resolve_conj().resolve_neg().contiguous().reshape(-1).view(torch.uint8).numpy()
-
-
-STORE_KEYS = ("sequence", "pooled", "row")  # what a store item holds
-
-
-class JoinedDataset(Dataset):
-    """A map-style dataset of yours (images, VAE latents, sizes) joined with an ``EmbeddingStore``, a batch at a time.
-
-    Item ``i`` is ``dataset[i]`` (a dict; anything else comes under ``"data"``) with the store's row added:
-    ``"sequence"`` [77, D], ``"pooled"`` [P] and ``"row"``. ``by="index"``: row ``i`` (the store was precomputed
-    from the same rows in the same order); ``by="id"``: the row whose id is ``dataset[i][id_key]``
-    (``store.by_id``). A DataLoader with ``batch_size`` calls ``__getitems__``, which fetches the whole batch's
-    rows from the store in one checked copy (``EmbeddingStore.__getitems__``) and your items through your
-    dataset's own ``__getitems__`` where it has one, so each worker hands over whole batches:
-
-        joined = JoinedDataset(latents, store)
-        loader = DataLoader(joined, batch_size=16, shuffle=True, num_workers=2,
-                            collate_fn=store.collate(drop_prob=0.1, seed=0))  # or the default collate
-
-    ``store.collate(...)`` takes the store's rows as already stacked (no second copy), collates your keys with
-    the default collate and drops captions to the null for classifier-free guidance; the default collate
-    works too, stacking the rows again. torch's ``StackDataset`` zips datasets the same way, but its batches of
-    per-sample store rows are stacked again by every collate.
-    """
-
-    def __init__(self, dataset: Dataset, store: EmbeddingStore, *, by: Literal["index", "id"] = "index",
-                 id_key: str = "id") -> None:
-        if by not in ("index", "id"):
-            raise ValueError(f"by must be 'index' or 'id', got {by!r}")
-        if by == "index" and len(dataset) != len(store):
-            raise ValueError(f"by='index' joins row i of the dataset with row i of the store, but the dataset has "
-                             f"{len(dataset)} rows and store {store.path} {len(store)}; join by='id' instead")
-        self.dataset, self.store, self.by, self.id_key = dataset, store, by, id_key
-
-    def __len__(self) -> int:
-        return len(self.dataset)
-
-    def __getitem__(self, index: int) -> dict:
-        return self.__getitems__([index])[0]
-
-    def __getitems__(self, indices: Sequence[int]) -> Rows:
-        fetch = getattr(self.dataset, "__getitems__", None)
-        items = [self._as_dict(item) for item in (fetch(indices) if fetch else [self.dataset[i] for i in indices])]
-        rows = list(indices) if self.by == "index" else [self._row_of(item, i) for item, i in
-                                                          zip(items, indices, strict=True)]
-        columns = {key: column for key in (items[0] if items else ()) if all(key in item for item in items)
-                   and (column := Column.of([item[key] for item in items])) is not None}
-        fetched = self.store._fetch(rows, columns)  # [B, L, D], [B, P] and your columns: one copy, rows checked
-        joined = Rows({**item, **row} for item, row in zip(items, fetched, strict=True))
-        joined.batch, joined.dropped = fetched.batch, fetched.dropped
-        return joined
-
-    def _as_dict(self, item: object) -> dict:
-        if not isinstance(item, dict):
-            return {"data": item}
-        if clash := [key for key in STORE_KEYS if key in item]:
-            raise ValueError(f"JoinedDataset adds the store's {list(STORE_KEYS)} to each item; the dataset's items "
-                             f"already hold {clash}: rename them")
-        return item
-
-    def _row_of(self, item: dict, index: int) -> int:
-        if self.id_key not in item:
-            raise KeyError(f"JoinedDataset(by='id') reads each item's id from {self.id_key!r}; item {index} has "
-                           f"keys {sorted(item)}: pass id_key=")
-        return self.store.row_of(item[self.id_key])
 
 
 @dataclass

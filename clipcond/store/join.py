@@ -1,0 +1,145 @@
+"""Your dataset (images, VAE latents, sizes) joined with an ``EmbeddingStore``'s rows, a batch at a time.
+
+``JoinedDataset``: the store's rows fetched in the DataLoader's workers, with your items, in one checked copy per
+batch. ``JoinedLoader``: your items loaded by the workers, the store's rows fetched in the main process, so that
+they never cross a process boundary (the faster way when workers are on: docs/performance.md).
+"""
+
+from __future__ import annotations
+
+from collections.abc import Callable, Iterator, Sequence
+from typing import Literal
+
+import torch
+from torch.utils.data import DataLoader, Dataset, default_collate
+
+from clipcond.store.reader import Column, EmbeddingStore, Rows
+
+STORE_KEYS = ("sequence", "pooled", "row")  # what a store item holds
+
+
+class JoinedDataset(Dataset):
+    """A map-style dataset of yours (images, VAE latents, sizes) joined with an ``EmbeddingStore``, a batch at a time.
+
+    Item ``i`` is ``dataset[i]`` (a dict; anything else comes under ``"data"``) with the store's row added:
+    ``"sequence"`` [77, D], ``"pooled"`` [P] and ``"row"``. ``by="index"``: row ``i`` (the store was precomputed
+    from the same rows in the same order); ``by="id"``: the row whose id is ``dataset[i][id_key]``
+    (``store.by_id``). A DataLoader with ``batch_size`` calls ``__getitems__``, which fetches the whole batch's
+    rows from the store in one checked copy (``EmbeddingStore.__getitems__``) and your items through your
+    dataset's own ``__getitems__`` where it has one, so each worker hands over whole batches:
+
+        joined = JoinedDataset(latents, store)
+        loader = DataLoader(joined, batch_size=16, shuffle=True, num_workers=2,
+                            collate_fn=store.collate(drop_prob=0.1, seed=0))  # or the default collate
+
+    ``store.collate(...)`` takes the store's rows as already stacked (no second copy), collates your keys with
+    the default collate and drops captions to the null for classifier-free guidance; the default collate
+    works too, stacking the rows again. torch's ``StackDataset`` zips datasets the same way, but its batches of
+    per-sample store rows are stacked again by every collate.
+    """
+
+    def __init__(self, dataset: Dataset, store: EmbeddingStore, *, by: Literal["index", "id"] = "index",
+                 id_key: str = "id") -> None:
+        if by not in ("index", "id"):
+            raise ValueError(f"by must be 'index' or 'id', got {by!r}")
+        if by == "index" and len(dataset) != len(store):
+            raise ValueError(f"by='index' joins row i of the dataset with row i of the store, but the dataset has "
+                             f"{len(dataset)} rows and store {store.path} {len(store)}; join by='id' instead")
+        self.dataset, self.store, self.by, self.id_key = dataset, store, by, id_key
+
+    def __len__(self) -> int:
+        return len(self.dataset)
+
+    def __getitem__(self, index: int) -> dict:
+        return self.__getitems__([index])[0]
+
+    def __getitems__(self, indices: Sequence[int]) -> Rows:
+        fetch = getattr(self.dataset, "__getitems__", None)
+        items = [self._as_dict(item) for item in (fetch(indices) if fetch else [self.dataset[i] for i in indices])]
+        rows = list(indices) if self.by == "index" else [self._row_of(item, i) for item, i in
+                                                          zip(items, indices, strict=True)]
+        columns = {key: column for key in (items[0] if items else ()) if all(key in item for item in items)
+                   and (column := Column.of([item[key] for item in items])) is not None}
+        fetched = self.store._fetch(rows, columns)  # [B, L, D], [B, P] and your columns: one copy, rows checked
+        joined = Rows({**item, **row} for item, row in zip(items, fetched, strict=True))
+        joined.batch, joined.dropped = fetched.batch, fetched.dropped
+        return joined
+
+    def _as_dict(self, item: object) -> dict:
+        if not isinstance(item, dict):
+            return {"data": item}
+        if clash := [key for key in STORE_KEYS if key in item]:
+            raise ValueError(f"JoinedDataset adds the store's {list(STORE_KEYS)} to each item; the dataset's items "
+                             f"already hold {clash}: rename them")
+        return item
+
+    def _row_of(self, item: dict, index: int) -> int:
+        if self.id_key not in item:
+            raise KeyError(f"JoinedDataset(by='id') reads each item's id from {self.id_key!r}; item {index} has "
+                           f"keys {sorted(item)}: pass id_key=")
+        return self.store.row_of(item[self.id_key])
+
+
+class JoinedLoader:
+    """A DataLoader over your dataset whose workers load only your items; each batch's store rows are fetched in the
+    main process, checked, into batch memory it reuses once a batch is gone (``EmbeddingStore.batch``).
+
+    The fast way to train from a store beside per-sample data once workers are on: a worker-side join
+    (``JoinedDataset``) copies each batch's rows into a new shared-memory segment to hand it over, whose making
+    alone costs more than reading the rows from the page cache (docs/performance.md, "Reading a store in
+    training" and "T5 stores"). Rows as in ``JoinedDataset``: ``by="index"`` (row i with row i) or ``by="id"``
+    (``store.row_of(item[id_key])``). ``collate``: ``store.collate(...)`` (caption dropout, variants, per-tower
+    dropout; run here, in the main process, so ``set_epoch`` needs no new loader); None: the rows as stacked.
+    Every other keyword goes to the ``DataLoader`` (``batch_size``, ``shuffle``, ``num_workers``, ``sampler``...);
+    your items are collated there by ``default_collate``:
+
+        loader = clipcond.JoinedLoader(latents, store, batch_size=16, shuffle=True, num_workers=2,
+                                       collate=store.collate(drop_prob=0.1, seed=0))
+        for batch in loader:  # your keys + "sequence", "pooled", "row" (a masked recipe's "mask"), "dropped"
+            ...
+    """
+
+    def __init__(self, dataset: Dataset, store: EmbeddingStore, *, by: Literal["index", "id"] = "index",
+                 id_key: str = "id", collate: Callable[[Rows], dict] | None = None, **loader_kwargs: object) -> None:
+        if "collate_fn" in loader_kwargs:
+            raise TypeError("JoinedLoader collates your items with default_collate in the workers; give the store's "
+                            "collate as collate= (it runs in the main process)")
+        self.items = JoinedDataset(dataset, store, by=by, id_key=id_key)  # the same checks and row rules
+        self.store, self.collate = store, collate
+        self.loader = DataLoader(_Items(self.items), collate_fn=_collate_items, **loader_kwargs)
+
+    def __len__(self) -> int:
+        return len(self.loader)
+
+    def __iter__(self) -> Iterator[dict]:
+        for batch, indices in self.loader:
+            rows = indices.tolist() if self.items.by == "index" else self._rows_by_id(batch)
+            fetched = self.store._fetch(rows, {})  # [B, L, D], [B, P], ...: one checked copy, reused memory
+            yield {**batch, **(self.collate(fetched) if self.collate is not None else fetched.batch)}
+
+    def _rows_by_id(self, batch: dict) -> list[int]:
+        key = self.items.id_key
+        if key not in batch:
+            raise KeyError(f"JoinedLoader(by='id') reads each item's id from {key!r}; the items have keys "
+                           f"{sorted(batch)}: pass id_key=")
+        ids = batch[key]
+        return [self.store.row_of(k) for k in (ids.tolist() if isinstance(ids, torch.Tensor) else ids)]
+
+
+class _Items(Dataset):
+    """A worker's side of ``JoinedLoader``: your items (as dicts) and their indices, no store rows."""
+
+    def __init__(self, joined: JoinedDataset) -> None:
+        self.joined = joined
+
+    def __len__(self) -> int:
+        return len(self.joined)
+
+    def __getitem__(self, index: int) -> tuple[dict, int]:
+        return self.joined._as_dict(self.joined.dataset[index]), index
+
+
+def _collate_items(samples: list[tuple[dict, int]]) -> tuple[dict, torch.Tensor]:
+    return default_collate([item for item, _ in samples]), torch.tensor([i for _, i in samples], dtype=torch.int64)
+
+

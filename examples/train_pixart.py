@@ -57,7 +57,7 @@ from torch.utils.data import DataLoader, Dataset, get_worker_info
 
 from clipcond import EmbeddingStore, TextConditioner
 from clipcond.precompute.job import PrecomputeJob, precompute
-from clipcond.store.reader import JoinedDataset
+from clipcond.store.join import JoinedDataset
 
 if TYPE_CHECKING:
     from diffusers import DDPMScheduler, PixArtTransformer2DModel

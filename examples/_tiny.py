@@ -172,3 +172,25 @@ def tiny_pixart_transformer(caption_channels: int, *, seed: int = 0) -> PixArtTr
         cross_attention_dim=32, sample_size=8, patch_size=2, caption_channels=caption_channels,
         use_additional_conditions=False, interpolation_scale=1,  # cross_attention_dim = heads x head dim, as PixArt
     )
+
+
+# --- Flux.1 (examples/train_flux.py) -------------------------------------------------------------------------------
+if TYPE_CHECKING:
+    from diffusers import FluxTransformer2DModel
+
+
+def tiny_flux_transformer(joint_attention_dim: int, pooled_projection_dim: int, *, guidance_embeds: bool = False,
+                          seed: int = 0) -> FluxTransformer2DModel:
+    """A 1 + 1 block ``FluxTransformer2DModel`` (FLUX.1: 19 double-stream and 38 single-stream blocks of 24 heads of
+    128) on 4-channel latents packed in 2x2 patches (``in_channels`` 16; FLUX.1's 16-channel VAE latents: 64), 2 heads
+    of 16 with rope axes (4, 6, 6) summing to the head dim as FLUX.1's (16, 56, 56) sum to 128. ``joint_attention_dim``
+    is the T5 width (tiny-flux: 96; T5-XXL: 4096), ``pooled_projection_dim`` CLIP-L's pooled width (tiny: 32; 768);
+    ``guidance_embeds`` as FLUX.1-dev (guidance-distilled), off as FLUX.1-schnell."""
+    from diffusers import FluxTransformer2DModel
+
+    torch.manual_seed(seed)
+    return FluxTransformer2DModel(
+        patch_size=1, in_channels=16, num_layers=1, num_single_layers=1, attention_head_dim=16, num_attention_heads=2,
+        joint_attention_dim=joint_attention_dim, pooled_projection_dim=pooled_projection_dim,
+        guidance_embeds=guidance_embeds, axes_dims_rope=(4, 6, 6),
+    )

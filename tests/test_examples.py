@@ -115,3 +115,27 @@ def test_pixart_training_example_trains_on_masked_t5_rows_from_2_workers(t5_voca
     assert len(lengths) == 30 and max(lengths) < 300 and len(set(lengths)) > 1  # each batch its own longest
     dropped = [int(d) for d in re.findall(r"dropped (\d+)/4", out)]
     assert len(dropped) == 30 and sum(dropped) > 0  # drop_prob 0.1 over 120 rows
+
+
+def test_flux_training_example_trains_on_t5_rows_from_2_workers(t5_vocab):
+    """Bug: the Flux example's loss not falling or not finite, its batches not FluxPipeline's shapes (T5 rows padded to
+    256 for schnell, CLIP-L's pooled vector, txt_ids [256, 3]), the batches not coming from the 2 DataLoader workers,
+    or the per-tower caption dropout ({"clip_l": p, "t5": p}) never dropping one of the two text encoders."""
+    out = run_example("train_flux.py", "--steps", "30", "--t5-tokenizer", str(t5_vocab["flux"]))
+    steps = [float(v) for v in re.findall(r"^step +\d+ .*?loss (\S+)", out, flags=re.M)]
+    assert len(steps) == 30 and all(math.isfinite(v) for v in steps), out[-2000:]
+    first, last = number(r"first loss (\S+)", out), number(r"last loss (\S+)", out)
+    assert "all finite: True" in out
+    assert last < 0.9 * first, f"loss did not fall: first {first}, last {last}"
+    assert re.search(r"EmbeddingStore\(.*rows=8, unique=7, encoder='tiny-flux-schnell'", out), out[:2000]
+    # tiny-flux-schnell: T5 width 96 at schnell's 256 rows, all kept (no mask); CLIP-L's pooled width 32.
+    shapes = re.search(r"first batch: prompt_embeds \[4, 256, 96\] pooled_prompt_embeds \[4, 32\] txt_ids \[256, 3\] "
+                       r".*hidden_states \[4, 16, 16\] img_ids \[16, 3\] guidance None, from DataLoader worker [01] "
+                       r"of 2", out)
+    assert shapes, out[:2000]
+    assert "epoch 0: batches from DataLoader workers [0, 1] (num_workers=2)" in out
+    dropped = re.findall(r"^step .* dropped clip_l (\d)/4  t5 (\d)/4$", out, flags=re.M)
+    assert len(dropped) == 30, out[-2000:]
+    clip_l, t5 = sum(int(c) for c, _ in dropped), sum(int(t) for _, t in dropped)
+    assert clip_l > 0 and t5 > 0  # drop_prob 0.1 per tower over 120 rows
+    assert f"clip_l dropped {clip_l} of 120 rows (p 0.1), t5 dropped {t5} of 120 rows (p 0.1)" in out

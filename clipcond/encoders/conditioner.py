@@ -484,7 +484,7 @@ class TextConditioner(nn.Module):
         """Training-time encoding: each row is replaced by ``null()`` with probability ``drop_prob``.
 
         Dropped rows are never encoded. ``generator`` (any device) makes the choice reproducible.
-        A mapping drops each tower on its own, as kohya's SD3 / Flux scripts do (``--clip_l_dropout_rate`` ...):
+        A mapping drops each tower on its own, as kohya's SD3 scripts do (``--clip_l_dropout_rate`` ...):
         ``drop_prob={"clip_l": 0.1, "clip_g": 0.1, "t5": 0.1}`` zeroes each tower's part of a row with its own
         probability (``recipes.drop_parts``); one ``torch.rand(B)`` per key, in ``tower_keys`` order.
         """

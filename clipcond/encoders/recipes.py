@@ -100,8 +100,10 @@ def repeat(c: Conditioning, rows: int) -> Conditioning:
 
 
 def drop_parts(spec: EncoderSpec, c: Conditioning, dropped: Mapping[str, torch.Tensor]) -> Conditioning:
-    """Caption dropout per tower, as kohya's sd-scripts do it (strategy_sd3 / strategy_flux): a dropped tower's
-    part of a row is zeroed, not replaced by the empty prompt's. ``dropped``: a bool [B] per ``tower_keys`` key.
+    """Caption dropout per tower, as kohya's sd-scripts do it for SD3 (strategy_sd3: ``--clip_l_dropout_rate``,
+    ``--clip_g_dropout_rate``, ``--t5_dropout_rate``; the same rule applied to Flux's two encoders here, kohya's Flux
+    scripts having no per-encoder rate): a dropped tower's part of a row is zeroed, not replaced by the empty
+    prompt's. ``dropped``: a bool [B] per ``tower_keys`` key.
     SD3: CLIP-L's columns [:W_L] and CLIP-G's [W_L:W_L+W_G] of the 77 CLIP rows and each one's slice of the pooled
     vector; T5's rows 77: (all of them for Flux, whose CLIP-L gives only the pooled vector)."""
     if spec.padding != "raw":

@@ -22,7 +22,8 @@ class JoinedDataset(Dataset):
     """A map-style dataset of yours (images, VAE latents, sizes) joined with an ``EmbeddingStore``, a batch at a time.
 
     Item ``i`` is ``dataset[i]`` (a dict; anything else comes under ``"data"``) with the store's row added:
-    ``"sequence"`` [77, D], ``"pooled"`` [P] and ``"row"``. ``by="index"``: row ``i`` (the store was precomputed
+    ``"sequence"`` [L, D], ``"pooled"`` [P] and ``"row"`` (a masked recipe's ``"mask"`` too; the batch as long as its
+    longest row). ``by="index"``: row ``i`` (the store was precomputed
     from the same rows in the same order); ``by="id"``: the row whose id is ``dataset[i][id_key]``
     (``store.by_id``). A DataLoader with ``batch_size`` calls ``__getitems__``, which fetches the whole batch's
     rows from the store in one checked copy (``EmbeddingStore.__getitems__``) and your items through your

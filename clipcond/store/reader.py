@@ -131,10 +131,11 @@ class ShardView:
 class EmbeddingStore(Dataset):
     """A precomputed store as a ``Dataset`` of the input's rows, in input order.
 
-    ``store[i]`` is ``{"sequence": [77, D], "pooled": [P], "row": i}`` in the store's dtype, on the CPU, so the
-    default collate gives ``sequence [B, 77, D]`` / ``pooled [B, P]``: ``Conditioning(b["sequence"],
-    b["pooled"])``. ``store.by_id(id)`` looks a row up by the precompute's ``--id-column``;
-    ``store.collate(drop_prob, seed=...)`` is a ``collate_fn`` with caption dropout to the stored null.
+    ``store[i]`` is ``{"sequence": [L, D], "pooled": [P], "row": i}`` (L: 77 for CLIP encoders, a T5 recipe's
+    length; a masked recipe's with ``"mask": [L]``) in the store's dtype, on the CPU, so the default collate gives
+    ``sequence [B, L, D]`` / ``pooled [B, P]``: ``store.conditioning(batch)``. ``store.by_id(id)`` looks a row up
+    by the precompute's ``--id-column``; ``store.collate(drop_prob, seed=...)`` is a ``collate_fn`` with caption
+    dropout to the stored null.
 
     Opening reads the manifest and the row index (its sha256 checked: it is read whole anyway, ~1 ms a MB)
     and checks file sizes; shards are memory-mapped lazily, per process, so DataLoader workers each open their
@@ -467,7 +468,7 @@ class EmbeddingStore(Dataset):
                 variant: int | Literal["random"] = 0) -> CaptionDropout:
         """A DataLoader ``collate_fn`` dropping rows to the stored null; see ``CaptionDropout``.
 
-        ``drop_prob`` per tower for SD3 and Flux (``{"clip_l": 0.1, "clip_g": 0.1, "t5": 0.1}``, kohya's
+        ``drop_prob`` per tower for SD3 and Flux (``{"clip_l": 0.1, "clip_g": 0.1, "t5": 0.1}``, kohya's SD3
         ``--clip_l_dropout_rate`` ...): each tower's part of a row zeroed with its own probability, as
         ``TextConditioner.encode`` does. ``variant="random"``: each row gets one of its own caption variants
         (``variant_count(row)`` of them), chosen uniformly per (seed, epoch, row). A fixed ``variant=j`` on a row
@@ -678,7 +679,7 @@ class CaptionDropout:
                          for item, v in zip(items, self.variants([item["row"] for item in items]), strict=True)]
             batch = default_collate(items)
         dropped = self.dropped(batch["row"])  # [B], or per tower
-        if isinstance(dropped, dict):  # kohya's per-tower dropout: each tower's part of a row zeroed
+        if isinstance(dropped, dict):  # kohya's SD3 per-tower dropout: each tower's part of a row zeroed
             c = drop_parts(self.spec, Conditioning(batch["sequence"], batch["pooled"]), dropped)
             batch["sequence"], batch["pooled"], batch["dropped"] = c.sequence, c.pooled, dropped
             return batch

@@ -9,8 +9,8 @@ plain fine-tune: no LoRA), with clipcond as both text encoders:
    beside the 12B transformer. Flux lets T5 attend to its padding and its transformer takes no mask: the store keeps
    every row, and every batch is ``[B, 256, D]``;
 2. your latents dataset (``Latents``: a VAE latent per row) and the store are read together by
-   ``JoinedDataset(latents, store)``: each of the ``num_workers=2`` DataLoader workers opens the store on its own and
-   fetches a whole batch's rows in one checked copy; ``store.collate(drop_prob={"clip_l": 0.1, "t5": 0.1}, seed=0)``
+   ``JoinedLoader(latents, store)``: the ``num_workers=2`` DataLoader workers load the latents and the main process
+   fetches each batch's store rows in one checked copy; ``store.collate(drop_prob={"clip_l": 0.1, "t5": 0.1}, seed=0)``
    drops each text encoder's part of a row on its own, zeroed (a row may lose its CLIP-L pooled vector, its T5 rows,
    both or neither: kohya sd-scripts' ``--clip_l_dropout_rate`` / ``--t5_dropout_rate``, which it offers for SD3;
    one number instead replaces whole rows by the stored ``""`` encoding, as a caption dropout to ``""`` does);
@@ -65,10 +65,10 @@ from pathlib import Path
 from typing import TYPE_CHECKING
 
 import torch
-from torch.utils.data import DataLoader, Dataset, get_worker_info
+from torch.utils.data import Dataset, get_worker_info
 
 import clipcond
-from clipcond import EmbeddingStore, JoinedDataset, TextConditioner
+from clipcond import EmbeddingStore, JoinedLoader, TextConditioner
 from clipcond.precompute.job import PrecomputeJob, precompute
 
 if TYPE_CHECKING:
@@ -225,11 +225,12 @@ def train(args: argparse.Namespace, store: EmbeddingStore) -> list[float]:
     transformer, scheduler = load_transformer(args, store)
     device = torch.device(args.device)
     g = torch.Generator(device).manual_seed(args.seed)  # noise and timesteps: reproducible
-    joined = JoinedDataset(load_latents(args, store, transformer), store)  # row r: your latent + the store's row r
     drop_prob = {"clip_l": args.clip_l_drop_prob, "t5": args.t5_drop_prob}  # per text encoder, zeroed
     collate = store.collate(drop_prob=drop_prob, seed=args.seed)  # parts of rows zeroed, a new draw per epoch
-    loader = DataLoader(joined, batch_size=args.batch_size, shuffle=True, num_workers=args.workers,
-                        collate_fn=collate, generator=torch.Generator().manual_seed(args.seed))
+    # Row r: your latent (loaded by the workers) + the store's row r (fetched in the main process, checked).
+    loader = JoinedLoader(load_latents(args, store, transformer), store, batch_size=args.batch_size, shuffle=True,
+                          num_workers=args.workers, collate=collate,
+                          generator=torch.Generator().manual_seed(args.seed))
     optimizer = torch.optim.AdamW(transformer.parameters(), lr=args.lr)
     losses, epoch, seen = [], 0, 0
     dropped_total = dict.fromkeys(drop_prob, 0)

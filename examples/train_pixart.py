@@ -8,10 +8,11 @@ The conditioning part of a PixArt-Sigma training step (PixArt-sigma's ``train_sc
    caption's mask keeps (its tokens and EOS: ~20 of 300 rows for a LAION-like caption), so T5-XXL (9.5 GB in fp16)
    never sits beside the transformer and the store is ~15x smaller than padded rows;
 2. your latents dataset (``Latents``: a VAE latent per row) and the store are read together by
-   ``JoinedDataset(latents, store)``: each of the ``num_workers=2`` DataLoader workers opens the store on its own,
-   fetches a whole batch's rows in one checked copy, pads them to the batch's longest caption (``L' <= 300``) and
-   builds the mask ``[B, L']``; ``store.collate(drop_prob=0.1, seed=0)`` replaces rows by the stored null (``""``
-   encoded, with its mask: what the pipeline uses as "no negative prompt") for classifier-free guidance;
+   ``JoinedLoader(latents, store)``: the ``num_workers=2`` DataLoader workers load the latents, and the main process
+   fetches each batch's store rows in one checked copy, pads them to the batch's longest caption (``L' <= 300``)
+   and builds the mask ``[B, L']`` (the rows never cross a process boundary: docs/store.md);
+   ``store.collate(drop_prob=0.1, seed=0)`` replaces rows by the stored null (``""`` encoded, with its mask: what the
+   pipeline uses as "no negative prompt") for classifier-free guidance;
 3. ``store.conditioning(batch).pipeline_kwargs()`` names the tensors as ``PixArtSigmaPipeline.__call__`` does:
    ``prompt_embeds [B, L', 4096]`` and ``prompt_attention_mask [B, L']``, which the pipeline hands to its
    transformer as ``encoder_hidden_states`` and ``encoder_attention_mask``; so does this training step;
@@ -53,11 +54,11 @@ from typing import TYPE_CHECKING
 
 import torch
 import torch.nn.functional as F
-from torch.utils.data import DataLoader, Dataset, get_worker_info
+from torch.utils.data import Dataset, get_worker_info
 
 from clipcond import EmbeddingStore, TextConditioner
 from clipcond.precompute.job import PrecomputeJob, precompute
-from clipcond.store.join import JoinedDataset
+from clipcond.store.join import JoinedLoader
 
 if TYPE_CHECKING:
     from diffusers import DDPMScheduler, PixArtTransformer2DModel
@@ -156,10 +157,11 @@ def train(args: argparse.Namespace, store: EmbeddingStore) -> list[float]:
     transformer, scheduler = load_transformer(args, store)
     device = torch.device(args.device)
     g = torch.Generator(device).manual_seed(args.seed)  # noise and timesteps: reproducible
-    joined = JoinedDataset(load_latents(args, store, transformer), store)  # row r: your latent + the store's row r
     collate = store.collate(drop_prob=args.drop_prob, seed=args.seed)  # rows -> the stored null, per epoch
-    loader = DataLoader(joined, batch_size=args.batch_size, shuffle=True, num_workers=args.workers,
-                        collate_fn=collate, generator=torch.Generator().manual_seed(args.seed))
+    # Row r: your latent (loaded by the workers) + the store's row r (fetched in the main process, checked).
+    loader = JoinedLoader(load_latents(args, store, transformer), store, batch_size=args.batch_size, shuffle=True,
+                          num_workers=args.workers, collate=collate,
+                          generator=torch.Generator().manual_seed(args.seed))
     optimizer = torch.optim.AdamW(transformer.parameters(), lr=args.lr)
     max_length = store.spec.t5_max_length  # 300: what a padded row would hold
     losses, epoch = [], 0

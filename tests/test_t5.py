@@ -9,6 +9,7 @@ import json
 import os
 import subprocess
 import sys
+from pathlib import Path
 
 import pytest
 import torch
@@ -449,26 +450,40 @@ def test_full_t5_folder_reads_only_the_encoder(t5_pipes, t5_vocab, tmp_path):
     assert torch.equal(tc(PROMPTS).sequence, ref(PROMPTS).sequence) and tc.fingerprint == ref.fingerprint
 
 
-def test_flux_from_the_hub_cache_offline(t5_pipes, tmp_path):
-    """Bug: a hub id resolving only the CLIP half (text_encoder/), or downloading more than the text encoders."""
-    repo = "black-forest-labs/FLUX.1-dev"
-    snapshot = tmp_path / "hub" / f"models--{repo.replace('/', '--')}" / "snapshots" / ("c" * 40)
-    for sub in ("text_encoder", "text_encoder_2", "tokenizer_2"):
-        (snapshot / sub).mkdir(parents=True)
-        for file in (t5_pipes.flux / sub).iterdir():
-            (snapshot / sub / file.name).write_bytes(file.read_bytes())
+def hub_snapshot(tmp_path: Path, repo: str) -> Path:
+    """An empty snapshot folder of ``repo`` in a Hugging Face cache under ``tmp_path`` (HF_HOME), ``main`` at it."""
+    commit = "c" * 40
+    snapshot = tmp_path / "hub" / f"models--{repo.replace('/', '--')}" / "snapshots" / commit
+    snapshot.mkdir(parents=True)
     (snapshot.parent.parent / "refs").mkdir()
-    (snapshot.parent.parent / "refs" / "main").write_text("c" * 40)
+    (snapshot.parent.parent / "refs" / "main").write_text(commit)
+    return snapshot
+
+
+def offline_encode(tmp_path: Path, name: str, prompts: list[str]) -> tuple[dict[str, torch.Tensor], str]:
+    """``TextConditioner.from_pretrained(name)(prompts)`` in a fresh process offline, with ``tmp_path`` as HF_HOME:
+    its sequence and pooled tensors, and its stderr."""
     out = tmp_path / "out.safetensors"
     code = ("import clipcond; from safetensors.torch import save_file\n"
-            f"c = clipcond.TextConditioner.from_pretrained('flux')({PROMPTS[:3]!r})\n"
+            f"c = clipcond.TextConditioner.from_pretrained({name!r})({prompts!r})\n"
             f"save_file({{'s': c.sequence, 'p': c.pooled}}, {str(out)!r})")
     env = {**os.environ, "HF_HOME": str(tmp_path), "HF_HUB_OFFLINE": "1"}
     env.pop("HF_HUB_CACHE", None)
     result = subprocess.run([sys.executable, "-c", code], env=env, capture_output=True, text=True, timeout=300)
     assert result.returncode == 0, result.stderr[-2000:]
+    return load_file(out), result.stderr
+
+
+def test_flux_from_the_hub_cache_offline(t5_pipes, tmp_path):
+    """Bug: a hub id resolving only the CLIP half (text_encoder/), or downloading more than the text encoders."""
+    repo = "black-forest-labs/FLUX.1-dev"
+    snapshot = hub_snapshot(tmp_path, repo)
+    for sub in ("text_encoder", "text_encoder_2", "tokenizer_2"):
+        (snapshot / sub).mkdir()
+        for file in (t5_pipes.flux / sub).iterdir():
+            (snapshot / sub / file.name).write_bytes(file.read_bytes())
+    got, _ = offline_encode(tmp_path, "flux", PROMPTS[:3])
     ref = TextConditioner.from_pretrained("flux", weights=t5_pipes.flux)(PROMPTS[:3])
-    got = load_file(out)
     assert torch.equal(got["s"], ref.sequence) and torch.equal(got["p"], ref.pooled)
 
 
@@ -481,27 +496,16 @@ def test_t5_xxl_from_a_hub_cache_holding_only_pickles(t5_pipes, t5_vocab, tmp_pa
                                                                      "is_encoder_decoder": True}))
     full.encoder.load_state_dict(t5_pipes.t5.encoder.state_dict())
     full.shared.load_state_dict(t5_pipes.t5.shared.state_dict())
-    repo = "google/t5-v1_1-xxl"
-    snapshot = tmp_path / "hub" / f"models--{repo.replace('/', '--')}" / "snapshots" / ("d" * 40)
-    snapshot.mkdir(parents=True)
+    snapshot = hub_snapshot(tmp_path, "google/t5-v1_1-xxl")
     full.config.save_pretrained(snapshot)
     torch.save(full.state_dict(), snapshot / "pytorch_model.bin")
     for file in t5_vocab["sd3"].iterdir():
         (snapshot / file.name).write_bytes(file.read_bytes())
-    (snapshot.parent.parent / "refs").mkdir()
-    (snapshot.parent.parent / "refs" / "main").write_text("d" * 40)
-    out = tmp_path / "out.safetensors"
-    code = ("import clipcond; from safetensors.torch import save_file\n"
-            f"c = clipcond.TextConditioner.from_pretrained('t5-xxl')({PROMPTS[:3]!r})\n"
-            f"save_file({{'s': c.sequence}}, {str(out)!r})")
-    env = {**os.environ, "HF_HOME": str(tmp_path), "HF_HUB_OFFLINE": "1"}
-    env.pop("HF_HUB_CACHE", None)
-    result = subprocess.run([sys.executable, "-c", code], env=env, capture_output=True, text=True, timeout=300)
-    assert result.returncode == 0, result.stderr[-2000:]
-    assert "pickled weights; prefer .safetensors" in result.stderr
+    got, stderr = offline_encode(tmp_path, "t5-xxl", PROMPTS[:3])
+    assert "pickled weights; prefer .safetensors" in stderr
     ref = TextConditioner.from_pretrained("t5-xxl", weights=t5_pipes.pixart / "text_encoder",
                                           tokenizer=t5_vocab["sd3"])
-    assert torch.equal(load_file(out)["s"], ref(PROMPTS[:3]).sequence)
+    assert torch.equal(got["s"], ref(PROMPTS[:3]).sequence)
 
 
 def test_random_tiny_recipe_needs_a_tokenizer():

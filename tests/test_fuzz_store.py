@@ -90,8 +90,14 @@ def refused(err: BaseException, root: Path, named: str) -> None:
 
 
 def same(item: dict, expected: dict, row: int) -> None:
+    """``item`` is row ``row`` as it was stored; a masked row in a batch is as long as the batch's longest row, so
+    the original row past that length must be padding (mask 0, zeros)."""
     assert item["row"] == row
-    assert torch.equal(item["sequence"], expected["sequence"]) and torch.equal(item["pooled"], expected["pooled"])
+    length = len(item["sequence"])
+    if "mask" in expected:
+        assert torch.equal(item["mask"], expected["mask"][:length]) and not expected["mask"][length:].any()
+    assert torch.equal(item["sequence"], expected["sequence"][:length]) and not expected["sequence"][length:].any()
+    assert torch.equal(item["pooled"], expected["pooled"])
 
 
 def read_everything(root: Path, rows: dict, named: str) -> None:
@@ -329,3 +335,83 @@ def test_a_manifest_that_is_not_utf8_is_named(work):
     with replaced(path, b"\xff\xfe" + path.read_bytes()):
         with pytest.raises(ValueError, match=rf"{MANIFEST}: not UTF-8"):
             EmbeddingStore(work)
+
+
+# --- T5 row layouts: a masked recipe's kept rows and lengths, SD3's two parts ----------------------------------
+T5_FUZZ = settings(FUZZ, max_examples=60)
+
+
+@pytest.fixture(scope="module", params=["tiny-pixart-sigma", "tiny-sd3"])
+def t5_pristine(request, tmp_path_factory, t5_vocab) -> Pristine:
+    """The same 40 rows (ids, shards of 16, 16 and 4) through a T5 recipe: PixArt-Σ (shards of kept rows and
+    lengths) or SD3 (clip and t5 parts)."""
+    from clipcond import TextConditioner
+
+    tc = TextConditioner.from_pretrained(request.param, tokenizer=t5_vocab["sd3"])
+    root = tmp_path_factory.mktemp("fuzz-t5")
+    captions = root / "captions.jsonl"
+    captions.write_text("".join(json.dumps({"caption": f"thing {i % 36} " + "word " * (i % 7), "key": f"k{i}"})
+                                + "\n" for i in range(ROWS)))
+    precompute(tc, PrecomputeJob(input=captions, out=root / "store", id_column="key", shard_size=SHARD,
+                                 progress=False))
+    store = EmbeddingStore(root / "store")
+    rows = {r: {k: v.clone() for k, v in store[r].items() if k != "row"} for r in range(ROWS)}
+    return Pristine((root / "store", rows))
+
+
+@pytest.fixture(scope="module")
+def t5_work(t5_pristine, tmp_path_factory) -> Path:
+    return Path(shutil.copytree(t5_pristine[0], tmp_path_factory.mktemp("work-t5") / "store"))
+
+
+@T5_FUZZ
+@given(shard=st.integers(0, 2), where=st.floats(0, 1, exclude_max=True), xor=st.integers(1, 255),
+       in_header=st.booleans())
+def test_a_flipped_byte_in_a_t5_shard(t5_pristine, t5_work, shard, where, xor, in_header):
+    """Bit rot in a shard of kept rows (their lengths included) or of SD3's parts: refused naming the shard, or
+    exactly the original rows and masks."""
+    path = shard_file(t5_work, shard)
+    data = bytearray(path.read_bytes())
+    span = 8 + int.from_bytes(data[:8], "little") if in_header else len(data)
+    data[int(where * span)] ^= xor
+    with replaced(path, bytes(data)):
+        read_everything(t5_work, t5_pristine[1], path.name)
+
+
+@T5_FUZZ
+@given(shard=st.integers(0, 2), pick=st.integers(0, 5), field=st.sampled_from(["dtype", "shape", "data_offsets"]),
+       value=field_values)
+@example(shard=0, pick=1, field="shape", value=[16])  # lengths (PixArt) / t5 (SD3) given another shape
+def test_a_t5_shard_header_field_rewritten(t5_pristine, t5_work, shard, pick, field, value, monkeypatch):
+    """One tensor of a T5 shard's header (the kept rows, lengths, a part, pooled, check) said otherwise."""
+    sizes_unchecked(monkeypatch)
+    path = shard_file(t5_work, shard)
+    data = path.read_bytes()
+    n, header = header_of(data)
+    names = sorted(k for k in header if k != "__metadata__")
+    header[names[pick % len(names)]][field] = value
+    with replaced(path, with_header(data, n, header)):
+        read_everything(t5_work, t5_pristine[1], path.name)
+
+
+def test_lengths_moved_between_rows_are_caught(t5_pristine, t5_work):
+    """Two rows' lengths traded (their sum, and so the header, unchanged): each row's check covers its length and
+    the bytes its length spans, so both rows are refused, never served cut at another place."""
+    path = shard_file(t5_work, 0)
+    data = bytearray(path.read_bytes())
+    n, header = header_of(bytes(data))
+    if "lengths" not in header:
+        pytest.skip("SD3's rows keep every row: no lengths")
+    start = 8 + n + header["lengths"]["data_offsets"][0]
+    lengths = torch.frombuffer(bytearray(data[start : start + 16 * 8]), dtype=torch.int64)
+    a, b = next((i, j) for i in range(16) for j in range(i + 1, 16) if lengths[i] != lengths[j])
+    lengths[[a, b]] = lengths[[b, a]]
+    data[start : start + 16 * 8] = lengths.numpy().tobytes()
+    store_rows = EmbeddingStore(t5_work)._slots[:, 0]
+    with replaced(path, bytes(data)):
+        store = EmbeddingStore(t5_work)
+        for local in (a, b):
+            row = int((torch.from_numpy(store_rows) == local).nonzero()[0])
+            with pytest.raises(ValueError, match=rf"shard-00000.safetensors row {local} .*checksum mismatch"):
+                store[row]
+        read_everything(t5_work, t5_pristine[1], path.name)

@@ -407,11 +407,11 @@ def test_lengths_moved_between_rows_are_caught(t5_pristine, t5_work):
     a, b = next((i, j) for i in range(16) for j in range(i + 1, 16) if lengths[i] != lengths[j])
     lengths[[a, b]] = lengths[[b, a]]
     data[start : start + 16 * 8] = lengths.numpy().tobytes()
-    store_rows = EmbeddingStore(t5_work)._slots[:, 0]
+    store_rows = torch.tensor(EmbeddingStore(t5_work)._slots[:, 0])
     with replaced(path, bytes(data)):
         store = EmbeddingStore(t5_work)
         for local in (a, b):
-            row = int((torch.from_numpy(store_rows) == local).nonzero()[0])
+            row = int((store_rows == local).nonzero()[0])
             with pytest.raises(ValueError, match=rf"shard-00000.safetensors row {local} .*checksum mismatch"):
                 store[row]
         read_everything(t5_work, t5_pristine[1], path.name)

@@ -664,3 +664,48 @@ def test_blend_and_schedule_on_t5_recipes(t5_pipes):
         torch.testing.assert_close(c.sequence, expected.sequence[i : i + 1])
     with pytest.raises(NotImplementedError, match=r"prompt weighting \(style='a1111'\) of T5 recipes .*style=None"):
         pix.schedule("a [cat:dog:0.5]", 10)
+
+
+def test_compel_style_on_flux_equals_compel_for_flux(t5_pipes, tiny):
+    """Bug: compel's T5 arithmetic for Flux not followed: a weight applied to unweighted tokens (compel keeps z
+    itself where w == 1), the down-weighted fragment not masked out of T5's attention for its blend partner, the
+    EOS or padding placed otherwise (compel pads to 512, flux-schnell included), z_empty run with a mask, or the
+    pooled vector read from the raw string with its syntax (compel joins the fragments' text)."""
+    from compel import CompelForFlux
+
+    pipe = t5_pipes.flux_pipeline(tiny)
+    compel = CompelForFlux(pipe)
+    prompts = ["a photo of a cat", "a (red)1.3 cat on a mat", "a red-- cat, blue++ sky", "(a dog)0.5 and a cat",
+               "a (very long prompt with many words)0.8 " * 40]
+    for name in ("flux", "flux-schnell"):
+        tc = TextConditioner.from_pretrained(name, weights=t5_pipes.flux)
+        got = tc.weighted(prompts, style="compel")
+        ref = compel(prompts)
+        assert got.sequence.shape == ref.embeds.shape == (len(prompts), 512, 96)  # schnell too: compel's 512
+        torch.testing.assert_close(got.sequence, ref.embeds, **TOL)
+        torch.testing.assert_close(got.pooled, ref.pooled_embeds, **TOL)
+        assert got.text_ids.shape == (512, 3) and got.pipeline == "FluxPipeline"
+    plain = tc.weighted(["a photo of a cat"], style="compel")
+    assert not torch.equal(plain.sequence, tc.weighted(["a (photo)1.5 of a cat"], style="compel").sequence)
+    blend = tc.weighted(['("a cat", "a dog").blend(0.7, 0.3)'], style="compel")
+    cat, dog = tc.weighted(["a cat"], style="compel"), tc.weighted(["a dog"], style="compel")
+    torch.testing.assert_close(blend.sequence, 0.7 * cat.sequence + 0.3 * dog.sequence, **TOL)
+    torch.testing.assert_close(blend.pooled, 0.7 * cat.pooled + 0.3 * dog.pooled, **TOL)  # clipcond's choice
+    with pytest.raises(NotImplementedError, match=r"done for style='compel' on Flux and Sana only"):
+        TextConditioner.from_pretrained("pixart-sigma", weights=t5_pipes.pixart).weighted(["a cat"], style="compel")
+
+
+def test_compel_style_on_sana_equals_compel_for_sana(t5_pipes):
+    """Bug: CompelForSana's own rules missed: the prompt not lower-cased, an EOS appended (it suppresses Gemma's),
+    BOS not first, the padding attended (its mask value is 0), or SanaPipeline's instruction put before the prompt
+    (compel puts none)."""
+    from compel import CompelForSana
+
+    compel = CompelForSana(t5_pipes.sana_pipeline())
+    prompts = ["A Photo of a Cat", "a (red)1.3 cat on a mat", "a red-- cat, blue++ sky", "(a dog)0.5 and a cat"]
+    tc = TextConditioner.from_pretrained("sana", weights=t5_pipes.sana)
+    got, ref = tc.weighted(prompts, style="compel"), compel(prompts)
+    assert got.sequence.shape == ref.embeds.shape == (len(prompts), 300, 96)
+    assert torch.equal(got.mask, ref.attention_mask.long())
+    torch.testing.assert_close(got.sequence[got.mask.bool()], ref.embeds[ref.attention_mask.bool()], **TOL)
+    assert not got.sequence[~got.mask.bool()].any() and got.pooled.shape == (len(prompts), 0)

@@ -305,10 +305,10 @@ class TextConditioner(nn.Module):
     def _weighted(self, prompts: list[str], *, style: WeightStyle = "a1111", comma_backtrack: int = 20,
                   emphasis: Emphasis = "original", one_batch: bool = False) -> Conditioning:
         """``weighted``; ``one_batch``: the prompts share A1111's emphasis mean (``_encode_windows``)."""
-        if self.t5 is not None:
-            raise NotImplementedError(f"{self.spec.name}: prompt weighting (style={style!r}) of T5 recipes is not "
-                                      f"done yet; tc.schedule(..., style=None) and tc.blend() read prompts as tc() "
-                                      f"does")
+        if self.t5 is not None and not (style == "compel" and self.spec.pipeline in ("FluxPipeline", "SanaPipeline")):
+            raise NotImplementedError(f"{self.spec.name}: prompt weighting (style={style!r}) of T5 recipes is done "
+                                      f"for style='compel' on Flux and Sana only; tc.schedule(..., style=None) and "
+                                      f"tc.blend() read prompts as tc() does")
         if style not in ("a1111", "comfy", "compel"):
             raise ValueError(f"style must be 'a1111', 'comfy' or 'compel', got {style!r}")
         if emphasis not in ("original", "no_norm"):
@@ -317,6 +317,11 @@ class TextConditioner(nn.Module):
             raise ValueError(f"comma_backtrack must be in [0, 74] (A1111's slider), got {comma_backtrack}")
         if not prompts:
             return self._zeros(0)
+        if style == "compel" and self.t5 is not None:
+            from clipcond.text.compel_style import T5Reader
+
+            read = T5Reader(self)
+            return Conditioning.cat([read(p) for p in prompts])
         if style == "compel":
             from clipcond.text.compel_style import CompelReader
 

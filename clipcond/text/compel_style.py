@@ -16,6 +16,16 @@ compel's definition, so it is used, not re-written); the embeddings follow compe
   ``("a", "b").and()``: concatenated along the tokens (a weight pulls a part from the empty prompt);
 - the pooled vector is read from the raw prompt string, syntax included, truncated to 75 tokens:
   what compel returns (compel#96).
+
+Flux (``CompelForFlux``): the same arithmetic on T5 alone (``T5Reader``): fragments tokenized on their own by the
+pipeline's T5 tokenizer, concatenated, cut to 511 tokens, EOS, padded to the tokenizer's 512 (``flux-schnell`` too:
+compel pads to 512 always), T5 run with an all-ones mask (a fragment with ``w < 1`` masked out for its blend
+partner); ``z_empty`` is ``[EOS, pad...]`` run without a mask. Flux's pooled vector is CLIP-L's ``pooler_output``
+of the fragments' text joined by spaces (syntax removed, weights not applied: compel's POOLED path); a blend's is the
+blend of its prompts' pooled vectors (compel returns a pooled row per blended prompt, which the pipeline cannot
+take), an ``.and()``'s that of its first part. Sana (``CompelForSana``): the prompt lower-cased, Gemma-2 over
+``[BOS, tokens]`` padded to 300 with the padding masked out, no EOS, and no instruction (compel does not put
+SanaPipeline's before the prompt); its mask is the tokens', the rows it hides zeros.
 """
 
 from __future__ import annotations
@@ -153,3 +163,107 @@ class CompelReader:
         """compel's pooled vector: the raw prompt, syntax and all, through each pooled tower (compel#96)."""
         tokens = [tok([prompt]) for tok in self.tokenizers]
         return self.tc.encode_tokens(tokens).pooled
+
+
+class T5Reader:
+    """compel's encoding of one prompt on a T5 recipe's sequence tower: Flux's T5 with CLIP-L's pooled vector
+    (``CompelForFlux``) or Sana's Gemma-2 (``CompelForSana``); see the module."""
+
+    def __init__(self, tc: TextConditioner) -> None:
+        self.tc = tc
+        self.tokenizer = tc.t5_tokenizer.tokenizer  # the pipeline's own, as compel is given it
+        self.sana = tc.spec.t5.architecture == "gemma2"
+        # CompelForSana: model_max_length 300, no EOS (suppress_eos), padding masked out (value 0); CompelForFlux:
+        # the tokenizer's 512, EOS appended, T5 attending to the padding (value 1).
+        self.length = tc.spec.t5_max_length if self.sana else self.tokenizer.model_max_length
+        self.bos = [] if self.tokenizer.bos_token_id is None else [self.tokenizer.bos_token_id]
+        self.eos = [] if self.sana else [tc.spec.t5.eos_id]
+        self.pad, self.padding_mask = tc.spec.t5.pad_id, 0 if self.sana else 1
+        self.clip = None if self.sana else ClipTokenizer("hf", pad_id=tc.spec.towers[0].pad_id,
+                                                         max_length=tc.spec.max_length)
+        self._empty: torch.Tensor | None = None
+
+    def __call__(self, prompt: str) -> Conditioning:
+        conjunction = parse(prompt.lower().strip() if self.sana else prompt)  # CompelForSana lower-cases the prompt
+        parts, masks, pooled = [], [], None
+        for part, weight in zip(conjunction.prompts, conjunction.weights, strict=True):
+            c, p, m = self._prompt_object(part)  # [1, L, D], [1, P], [1, L]
+            if weight != 1:  # the whole part pulled from the empty prompt
+                c = self.empty() + (c - self.empty()) * weight
+            parts.append(c)
+            masks.append(m)
+            pooled = p if pooled is None else pooled
+        sequence = torch.cat(parts, dim=1)  # [1, L k, D]
+        if self.sana:  # its tokens' mask (compel's _build_attention_masks); the rows it hides: zeros, as clipcond's
+            mask = torch.cat(masks, dim=1).to(sequence.device)
+            sequence = sequence * mask[..., None].to(sequence.dtype)
+            return Conditioning(sequence, pooled, mask, None, self.tc.spec.pipeline)
+        return Conditioning(sequence, pooled, None, sequence.new_zeros(sequence.shape[1], 3), self.tc.spec.pipeline)
+
+    def _prompt_object(self, part) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:  # noqa: ANN001
+        from compel.prompt_parser import Blend
+
+        if isinstance(part, Blend):
+            encoded = [self._prompt_object(p) for p in part.prompts]
+            weights = torch.tensor(part.weights, dtype=encoded[0][0].dtype)
+            if part.normalize_weights:
+                weights = weights / weights.sum()
+            mask = torch.stack([m for _, _, m in encoded]).amax(0)  # compel: each blended prompt's tokens
+            return (sum(w * c for w, (c, _, _) in zip(weights, encoded, strict=True)),
+                    sum(w * p for w, (_, p, _) in zip(weights, encoded, strict=True)), mask)
+        fragments = [(f.text, f.weight) for f in part.children] or [("", 1.0)]
+        sequence, ids = self._sequence(fragments)
+        return sequence, self._pooled(" ".join(text for text, _ in fragments)), (ids != self.pad).long()
+
+    def _sequence(self, fragments: list[tuple[str, float]]) -> tuple[torch.Tensor, torch.Tensor]:
+        """compel's weighted embedding of one prompt's fragments, [1, L, D], and its token ids [1, L]."""
+        ids, weights, owner = [], [], []
+        for f, (text, weight) in enumerate(fragments):
+            encoded = self.tokenizer(text, truncation=True).input_ids
+            encoded = encoded[len(self.bos):] if self.bos and encoded[:1] == self.bos else encoded
+            encoded = encoded[:-1] if encoded and encoded[-1:] == self.eos else encoded  # markers stripped
+            ids += encoded
+            weights += [float(weight)] * len(encoded)
+            owner += [f] * len(encoded)
+        room, start = self.length - len(self.bos) - len(self.eos), len(self.bos)
+        ids = self.bos + ids[:room] + self.eos
+        weights, owner = [1.0] * start + weights[:room] + [1.0] * len(self.eos), owner[:room]
+        pad = self.length - len(ids)
+        mask = torch.tensor([[1] * len(ids) + [self.padding_mask] * pad])  # [1, L]
+        ids = torch.tensor([ids + [self.pad] * pad])  # [1, L]
+        weights = torch.tensor(weights + [1.0] * pad)  # [L]
+        base = self._weighted(ids, weights, mask)
+        embeddings, lambdas = [base], [1.0]
+        for f, (_, weight) in enumerate(fragments):
+            members = [start + j for j, o in enumerate(owner) if o == f]
+            if weight >= 1 or not members:
+                continue
+            without = mask.clone()
+            without[0, members[0] : members[-1] + 1] = 0
+            embeddings.append(self._weighted(ids, weights, without))
+            lambdas.append(math.tan((1.0 - max(1e-5, weight)) * math.pi / 2))
+        w = torch.tensor(lambdas, dtype=base.dtype)
+        mixed = sum(wi * e for wi, e in zip(w / w.sum(), embeddings, strict=True)) if len(embeddings) > 1 else base
+        return mixed, ids
+
+    def _weighted(self, ids: torch.Tensor, weights: torch.Tensor, mask: torch.Tensor) -> torch.Tensor:
+        """compel's ``build_weighted_embedding_tensor``: ``z_empty + (z - z_empty) * w`` where ``w != 1``, ``z``
+        itself where ``w == 1``."""
+        z = self.tc.t5(self.tc._put(ids), self.tc._put(mask))  # [1, L, D]
+        w = weights.to(z.device, z.dtype)[None, :, None]
+        return torch.where(w == 1, z, self.empty() + (z - self.empty()) * w)
+
+    def empty(self) -> torch.Tensor:
+        """compel's ``empty_z``: ``[BOS, EOS, pad, ...]`` (the markers its tokenizer has) without a mask, [1, L, D]."""
+        if self._empty is None:
+            markers = self.bos + self.eos
+            ids = torch.tensor([markers + [self.pad] * (self.length - len(markers))])
+            self._empty = self.tc.t5(self.tc._put(ids), None)
+        return self._empty
+
+    def _pooled(self, text: str) -> torch.Tensor:
+        """CLIP-L's ``pooler_output`` of ``text``, truncated to 77 tokens (compel's POOLED embeddings); Sana: none."""
+        if self.clip is None:
+            return self.empty().new_zeros(1, 0)
+        tokens = self.clip([text])
+        return self.tc.run_tower(0, tokens.ids, tokens.eos)[1]  # [1, P]

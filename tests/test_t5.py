@@ -709,3 +709,33 @@ def test_compel_style_on_sana_equals_compel_for_sana(t5_pipes):
     assert torch.equal(got.mask, ref.attention_mask.long())
     torch.testing.assert_close(got.sequence[got.mask.bool()], ref.embeds[ref.attention_mask.bool()], **TOL)
     assert not got.sequence[~got.mask.bool()].any() and got.pooled.shape == (len(prompts), 0)
+
+
+def test_comfy_style_on_flux_follows_comfyui_s_t5_rules(t5_pipes):
+    """ComfyUI's Flux text encoding (comfy/text_encoders/flux.py, comfy/sd1_clip.py) as facts: each weighted segment
+    tokenized whole by T5 without its EOS, one EOS, padding with 0 to at least 256 rows and no truncation, T5 run
+    without a mask, z_empty + (z - z_empty) * w on the weighted rows with z_empty = [EOS, pad...] at that length,
+    the pooled vector CLIP-L's of the parsed text. Bug: windows of 77, diffusers' 512, a mask into T5, or weights
+    applied to every row."""
+    tc = TextConditioner.from_pretrained("flux", weights=t5_pipes.flux)
+    t5, tok = t5_pipes.reference_t5(t5_pipes.flux, "text_encoder_2"), t5_pipes.tokenizer("flux")
+    segments = [("a ", 1.0), ("red", 1.5), (" cat on a mat", 1.0)]  # "a (red:1.5) cat on a mat", as ComfyUI reads it
+    ids = [i for text, _ in segments for i in tok(text).input_ids[:-1]]
+    weights = [w for text, w in segments for _ in tok(text).input_ids[:-1]]
+    ids, weights = ids + [1] + [0] * (255 - len(ids)), weights + [1.0] * (256 - len(weights))
+    with torch.no_grad():
+        z = t5(torch.tensor([ids])).last_hidden_state
+        z_empty = t5(torch.tensor([[1] + [0] * 255])).last_hidden_state
+    w = torch.tensor(weights)[None, :, None]
+    expected = torch.where(w == 1, z, z_empty + (z - z_empty) * w)
+    got = tc.weighted(["a (red:1.5) cat on a mat"], style="comfy")
+    assert got.sequence.shape == (1, 256, 96) and got.text_ids.shape == (256, 3)
+    torch.testing.assert_close(got.sequence, expected, **TOL)
+    torch.testing.assert_close(got.pooled, tc("a red cat on a mat").pooled, **TOL)  # unweighted, syntax parsed out
+    schnell = TextConditioner.from_pretrained("flux-schnell", weights=t5_pipes.flux)  # T5 at 256 without a mask
+    torch.testing.assert_close(tc.weighted(["a photo of a cat"], style="comfy").sequence,
+                               schnell("a photo of a cat").sequence, **TOL)
+    long = "word " * 300
+    assert tc.weighted([long], style="comfy").sequence.shape[1] == len(tok(long).input_ids)  # no truncation
+    with pytest.raises(ValueError, match=r"encode to different lengths \[256, 301\]"):
+        tc.weighted(["a cat", long], style="comfy")

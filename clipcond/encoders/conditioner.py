@@ -305,10 +305,11 @@ class TextConditioner(nn.Module):
     def _weighted(self, prompts: list[str], *, style: WeightStyle = "a1111", comma_backtrack: int = 20,
                   emphasis: Emphasis = "original", one_batch: bool = False) -> Conditioning:
         """``weighted``; ``one_batch``: the prompts share A1111's emphasis mean (``_encode_windows``)."""
-        if self.t5 is not None and not (style == "compel" and self.spec.pipeline in ("FluxPipeline", "SanaPipeline")):
+        done = {"compel": ("FluxPipeline", "SanaPipeline"), "comfy": ("FluxPipeline",)}
+        if self.t5 is not None and self.spec.pipeline not in done.get(style, ()):
             raise NotImplementedError(f"{self.spec.name}: prompt weighting (style={style!r}) of T5 recipes is done "
-                                      f"for style='compel' on Flux and Sana only; tc.schedule(..., style=None) and "
-                                      f"tc.blend() read prompts as tc() does")
+                                      f"for style='compel' on Flux and Sana and style='comfy' on Flux only; "
+                                      f"tc.schedule(..., style=None) and tc.blend() read prompts as tc() does")
         if style not in ("a1111", "comfy", "compel"):
             raise ValueError(f"style must be 'a1111', 'comfy' or 'compel', got {style!r}")
         if emphasis not in ("original", "no_norm"):
@@ -317,11 +318,17 @@ class TextConditioner(nn.Module):
             raise ValueError(f"comma_backtrack must be in [0, 74] (A1111's slider), got {comma_backtrack}")
         if not prompts:
             return self._zeros(0)
-        if style == "compel" and self.t5 is not None:
+        if self.t5 is not None:  # Flux (compel, comfy) or Sana (compel): a prompt at a time, as the tools
+            from clipcond.text.comfy_t5 import ComfyT5Reader
             from clipcond.text.compel_style import T5Reader
 
-            read = T5Reader(self)
-            return Conditioning.cat([read(p) for p in prompts])
+            read = (T5Reader if style == "compel" else ComfyT5Reader)(self)
+            encoded = [read(p) for p in prompts]
+            if len({len_tokens(c) for c in encoded}) > 1 and encoded[0].mask is None:
+                raise ValueError(f"{self.spec.name}: under style={style!r} these prompts encode to different lengths "
+                                 f"{sorted({len_tokens(c) for c in encoded})} (ComfyUI's T5 rows grow past 256 "
+                                 f"tokens): encode them one at a time")
+            return Conditioning.cat(encoded)
         if style == "compel":
             from clipcond.text.compel_style import CompelReader
 

@@ -12,7 +12,7 @@ from __future__ import annotations
 
 import logging
 import re
-from collections.abc import Mapping, Sequence
+from collections.abc import Callable, Mapping, Sequence
 from typing import Literal
 
 from clipcond.text.prompts import (
@@ -45,7 +45,7 @@ def read_windows(prompts: Sequence[str], tokenizer: ClipTokenizer, *, style: Sty
         # ComfyUI's SDTokenizer: transformers' tokenization on every tower, the tower's padding, no added words
         # (its textual inversion is "embedding:name").
         plain = ClipTokenizer("hf", pad_id=tokenizer.pad_id, max_length=tokenizer.max_length)
-        return [_comfy(p, plain, tokenizer) for p in prompts]
+        return [comfy_windows(comfy_pieces(p, plain.encode, tokenizer.added)) for p in prompts]
     raise ValueError(f"style must be 'a1111', 'comfy' or None, got {style!r}")
 
 
@@ -57,14 +57,16 @@ def _a1111(prompt: str, tokenizer: ClipTokenizer, comma_backtrack: int) -> list[
     return a1111_windows(tokens, comma=tokenizer.comma, backtrack=comma_backtrack, groups=tokenizer.groups())
 
 
-def _comfy(prompt: str, plain: ClipTokenizer, tokenizer: ClipTokenizer) -> list[Window]:
-    """ComfyUI's pieces: each weighted segment's words (``_comfy_words``), each tokenized on its own."""
+def comfy_pieces(prompt: str, encode: Callable[[list[str]], list[list[int]]],
+                 added: Mapping[str, tuple[int, ...]]) -> list[Window]:
+    """ComfyUI's pieces of (token id, weight): each weighted segment's words (``_comfy_words``), each tokenized on
+    its own by ``encode`` (texts -> ids without start and end tokens), ``embedding:name`` as ``added``'s vectors."""
     pieces: list[Window] = []
     for text, weight in comfy_weights(prompt):
-        items = _comfy_words(text, tokenizer.added)
-        encoded = iter(plain.encode([item for item in items if isinstance(item, str)]))
+        items = _comfy_words(text, added)
+        encoded = iter(encode([item for item in items if isinstance(item, str)]))
         pieces += [[(i, weight) for i in (next(encoded) if isinstance(item, str) else item)] for item in items]
-    return comfy_windows([piece for piece in pieces if piece])
+    return [piece for piece in pieces if piece]
 
 
 def _comfy_words(text: str, added: Mapping[str, tuple[int, ...]]) -> list[str | tuple[int, ...]]:

@@ -150,8 +150,10 @@ def load_t5_half(spec: EncoderSpec, weights: str | os.PathLike[str] | None, *, d
     if weights is None and spec.hub_repo is None:
         logger.info("%s names no published weights: seeded random T5 weights (tests and demos)", spec.name)
         if tokenizer is None:
-            raise WeightsError(f"{spec.name}: random weights, but no T5 tokenizer: pass tokenizer=PATH to a "
-                               f"pipeline's T5 tokenizer folder (e.g. FLUX.1-dev/tokenizer_2)")
+            kind, example = (("Gemma", "Sana_1600M_1024px_diffusers/tokenizer") if spec.t5.architecture == "gemma2"
+                             else ("T5", "FLUX.1-dev/tokenizer_2"))
+            raise WeightsError(f"{spec.name}: random weights, but no {kind} tokenizer: pass tokenizer=PATH to a "
+                               f"pipeline's {kind} tokenizer folder (e.g. {example})")
         return random_t5(spec.t5, seed=len(spec.towers)).to(dtype), load_tokenizer(tokenizer, spec)
     root = Path(weights if weights is not None else spec.hub_repo).expanduser()
     if root.is_file():  # a standalone encoder file (ComfyUI / kohya t5xxl_fp16.safetensors): the spec's sizes

@@ -16,7 +16,7 @@ from clipcond.specs import EncoderSpec, SpecError, TowerSpec, list_encoders, reg
 if TYPE_CHECKING:
     from clipcond.conditioning import Conditioning
     from clipcond.encoders.conditioner import TextConditioner
-    from clipcond.store.join import JoinedDataset, JoinedLoader
+    from clipcond.store.join import JoinedDataset, JoinedLoader, LengthGroupedSampler
     from clipcond.store.reader import EmbeddingStore
     from clipcond.text.tokenizer import ClipTokenizer, Tokens
     from clipcond.time_ids import added_cond_kwargs, sdxl_refiner_time_ids, sdxl_time_ids
@@ -28,6 +28,7 @@ _LAZY = {
     "EmbeddingStore": "clipcond.store.reader",
     "JoinedDataset": "clipcond.store.join",
     "JoinedLoader": "clipcond.store.join",
+    "LengthGroupedSampler": "clipcond.store.join",
     "ClipTokenizer": "clipcond.text.tokenizer",
     "Tokens": "clipcond.text.tokenizer",
     "added_cond_kwargs": "clipcond.time_ids",
@@ -42,6 +43,7 @@ __all__ = [
     "EncoderSpec",
     "JoinedDataset",
     "JoinedLoader",
+    "LengthGroupedSampler",
     "SpecError",
     "TextConditioner",
     "Tokens",

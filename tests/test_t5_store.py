@@ -183,7 +183,7 @@ def test_flux_store_keeps_every_row_and_gives_text_ids(t5_vocab, tmp_path):
     precompute(tc, PrecomputeJob(input=write_jsonl(tmp_path / "c.jsonl", captions), out=tmp_path / "store",
                                  progress=False))
     store = EmbeddingStore(tmp_path / "store")
-    assert store.layout.plain and "mask" not in store[0]
+    assert store.layout.plain and "mask" not in store[0] and (store.kept_lengths() == 256).all()
     batch = store.collate()(store.__getitems__([1, 2]))
     c = store.conditioning(batch)
     assert c.text_ids.shape == (256, 3) and c.pipeline == "FluxPipeline"
@@ -341,3 +341,25 @@ def test_the_joined_loader_reads_masked_rows_in_the_main_process(pixart_store):
         assert torch.equal(batch["mask"], ref["mask"]) and torch.equal(batch["sequence"], ref["sequence"])
         seen += len(rows)
     assert seen == len(store)
+
+
+def test_length_grouped_batches_of_a_masked_store(pixart, pixart_store):
+    """Bug: the sampler dropping or repeating rows, ignoring the epoch or seed, or batches as long as shuffled
+    ones (a masked batch is as long as its longest row: the padding a transformer would attend over)."""
+    from clipcond import LengthGroupedSampler
+
+    out, captions = pixart_store
+    store = EmbeddingStore(out)
+    lengths = store.kept_lengths()
+    assert lengths.tolist() == pixart(captions).mask.sum(1).tolist()  # each row's own, in input order
+    sampler = LengthGroupedSampler(lengths, 8, seed=0, mega=4)
+    first = list(sampler)
+    assert sorted(first) == list(range(len(store))) and list(sampler) == first
+    sampler.set_epoch(1)
+    assert list(sampler) != first and sorted(sampler) == list(range(len(store)))
+    grouped = DataLoader(store, batch_size=8, sampler=sampler, collate_fn=store.collate())
+    shuffled = DataLoader(store, batch_size=8, shuffle=True, generator=torch.Generator().manual_seed(0),
+                          collate_fn=store.collate())
+    width = {name: sum(b["sequence"].shape[1] * len(b["row"]) for b in loader) / len(store)
+             for name, loader in (("grouped", grouped), ("shuffled", shuffled))}
+    assert width["grouped"] < 0.7 * width["shuffled"], width

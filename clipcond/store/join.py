@@ -1,4 +1,5 @@
-"""Your dataset (images, VAE latents, sizes) joined with an ``EmbeddingStore``'s rows, a batch at a time.
+"""Your dataset (images, VAE latents, sizes) joined with an ``EmbeddingStore``'s rows, a batch at a time, and a
+sampler that batches rows of about one length (a masked recipe's batch is as long as its longest row).
 
 ``JoinedDataset``: the store's rows fetched in the DataLoader's workers, with your items, in one checked copy per
 batch. ``JoinedLoader``: your items loaded by the workers, the store's rows fetched in the main process, so that
@@ -10,8 +11,9 @@ from __future__ import annotations
 from collections.abc import Callable, Iterator, Sequence
 from typing import Literal
 
+import numpy as np
 import torch
-from torch.utils.data import DataLoader, Dataset, default_collate
+from torch.utils.data import DataLoader, Dataset, Sampler, default_collate
 
 from clipcond.store.reader import Column, EmbeddingStore, Rows
 
@@ -144,3 +146,32 @@ def _collate_items(samples: list[tuple[dict, int]]) -> tuple[dict, torch.Tensor]
     return default_collate([item for item, _ in samples]), torch.tensor([i for _, i in samples], dtype=torch.int64)
 
 
+
+
+class LengthGroupedSampler(Sampler[int]):
+    """Indices in a random order whose consecutive ``batch_size`` have about one length: each epoch a seeded
+    permutation, cut into megabatches of ``mega * batch_size``, each sorted by length, longest first (as
+    transformers' ``LengthGroupedSampler`` for ``group_by_length``). For a masked T5 store, whose batches are as
+    long as their longest row, it cuts the padding a transformer attends over (``lengths``:
+    ``store.kept_lengths()``). Every index once an epoch; the order depends on (seed, epoch) only: call
+    ``set_epoch(e)`` each epoch, and give it as the DataLoader's ``sampler`` with the same ``batch_size``."""
+
+    def __init__(self, lengths: Sequence[int] | np.ndarray, batch_size: int, *, seed: int = 0, mega: int = 50
+                 ) -> None:
+        if batch_size < 1 or mega < 1:
+            raise ValueError(f"batch_size and mega must be >= 1, got {batch_size} and {mega}")
+        self.lengths = np.asarray(lengths, dtype=np.int64)  # [N]
+        self.batch_size, self.seed, self.mega, self.epoch = batch_size, seed, mega, 0
+
+    def set_epoch(self, epoch: int) -> None:
+        self.epoch = epoch
+
+    def __len__(self) -> int:
+        return len(self.lengths)
+
+    def __iter__(self) -> Iterator[int]:
+        order = np.random.default_rng([self.seed, self.epoch]).permutation(len(self.lengths))
+        size = self.mega * self.batch_size
+        for a in range(0, len(order), size):
+            chunk = order[a : a + size]
+            yield from chunk[np.argsort(-self.lengths[chunk], kind="stable")].tolist()

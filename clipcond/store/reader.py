@@ -213,6 +213,18 @@ class EmbeddingStore(Dataset):
         0, which every row has; ``variant_count(i)`` is row i's own number."""
         return self._slots.shape[1]
 
+    def kept_lengths(self) -> np.ndarray:
+        """[N] int64: the sequence rows each input row's caption (variant 0) keeps: a masked recipe's mask length
+        (PixArt, Chroma, AuraFlow, Sana), else the full length. For batches of about one length
+        (``LengthGroupedSampler``): a masked batch is as long as its longest row."""
+        slots = self._slots[:, 0]
+        if not self._layout.masked:
+            return np.full(len(slots), self._layout.length, dtype=np.int64)
+        by_slot = np.zeros(self.manifest.slots, dtype=np.int64)
+        for k, entry in enumerate(self._entries):
+            by_slot[entry.start : entry.stop] = self._shard(k).lengths  # checked when the shard is mapped
+        return by_slot[slots]
+
     def variant_count(self, row: int) -> int:
         """How many caption variants row ``row`` holds (1 to ``variants``: a list column's rows may differ)."""
         row = self._check_row(row)

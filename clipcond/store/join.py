@@ -15,7 +15,8 @@ import numpy as np
 import torch
 from torch.utils.data import DataLoader, Dataset, Sampler, default_collate
 
-from clipcond.store.reader import Column, EmbeddingStore, Rows
+from clipcond.store.batch import Column, Rows
+from clipcond.store.reader import EmbeddingStore
 
 STORE_KEYS = ("sequence", "pooled", "row")  # what a store item holds
 

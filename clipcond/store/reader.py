@@ -1,5 +1,6 @@
-"""``EmbeddingStore``: a precomputed store (clipcond/store/format.py) read back as a memory-mapped ``Dataset``, the
-batch copy it shares with the joins of your data (clipcond/store/join.py), and caption dropout (``CaptionDropout``).
+"""``EmbeddingStore``: a precomputed store (clipcond/store/format.py) read back as a memory-mapped ``Dataset``, a row
+or a batch at a time (the batch memory: clipcond/store/batch.py; caption dropout: clipcond/store/dropout.py; your
+data joined with the rows: clipcond/store/join.py).
 
 Opening reads the manifest (validated field by field) and the row index (8 bytes a row and variant, its
 sha256 checked) and checks file sizes; shards are memory-mapped lazily, per process, so DataLoader workers
@@ -12,35 +13,25 @@ of format 1 (unreleased clipcond) are not read: opening one says to precompute a
 from __future__ import annotations
 
 import bisect
-import hashlib
 import math
 import mmap
 import operator
 import os
-import threading
-import weakref
 from collections import OrderedDict
 from collections.abc import Mapping, Sequence
-from dataclasses import dataclass
 from pathlib import Path
 from typing import Literal
 
 import numpy as np
 import torch
-from torch.utils.data import Dataset, default_collate, get_worker_info
+from torch.utils.data import Dataset, get_worker_info
 
 from clipcond._files import id_hash
 from clipcond.conditioning import Conditioning
-from clipcond.encoders.recipes import drop_parts, tower_keys
 from clipcond.specs import EncoderSpec, spec_from_dict
-from clipcond.store.checksums import (
-    buffers_checksum,
-    copy_rows,
-    mix_checksums,
-    populate,
-    row_bytes,
-    row_checksum,
-)
+from clipcond.store.batch import BatchBuffers, Column, Rows, batch_tensors
+from clipcond.store.checksums import buffers_checksum, copy_rows, mix_checksums, row_bytes, row_checksum
+from clipcond.store.dropout import CaptionDropout
 from clipcond.store.format import IndexFormat, ShardFormat, read_null
 from clipcond.store.layout import RowLayout
 from clipcond.store.manifest import REPAIR_HINT, Manifest, ShardEntry
@@ -297,7 +288,7 @@ class EmbeddingStore(Dataset):
         if layout.masked:
             specs.append(((n, length), torch.int64))  # [B, L'] the mask
         specs += [((n, *column.shape), column.dtype) for column in columns.values()]
-        sequence, pooled, row_ids, dropped, *stacked = _batch_tensors(self._buffers, *specs)
+        sequence, pooled, row_ids, dropped, *stacked = batch_tensors(self._buffers, *specs)
         fresh = get_worker_info() is not None  # a new shared segment: zeros already (_batch_tensors)
         mask = stacked.pop(0) if layout.masked else None
         row_ids.copy_(torch.tensor(rows, dtype=torch.int64))
@@ -499,232 +490,3 @@ class EmbeddingStore(Dataset):
     def verify(self) -> None:
         """Check every file's size and sha256 (reads the whole store); ``ValueError`` naming bad files."""
         self.manifest.raise_problems(self.path, checksums=True)
-
-
-class BatchBuffers:
-    """Batch memory for fetches in the main process, handed out again once no batch made from it is left.
-
-    A fresh buffer is zeroed page by page by the kernel as the copy first touches it: for 16 SDXL rows (5 MB)
-    ~1,200 page faults, longer than copying the rows. A buffer is reused only when the array the batch was
-    made from is gone (a weak reference: every tensor, view or array of the batch keeps it alive), so a batch
-    that a training loop, a pin-memory thread or a list still holds is never written over. Two are kept: the
-    batch a loop holds while the next one is fetched.
-    """
-
-    KEEP = 2
-
-    def __init__(self) -> None:
-        self.kept: list[tuple[np.ndarray, weakref.ref]] = []  # (buffer, the array its last batch was made of)
-        self.lock = threading.Lock()  # fetches from several threads never get the same buffer
-
-    def __reduce__(self) -> tuple:
-        return BatchBuffers, ()  # another process (a spawned worker) starts with none
-
-    def get(self, size: int) -> torch.Tensor:
-        """``size`` bytes as a uint8 tensor that nothing else uses (the old contents left in place)."""
-        with self.lock:
-            free = [k for k, (buffer, lent) in enumerate(self.kept) if buffer.nbytes == size and lent() is None]
-            if free:
-                buffer = self.kept.pop(free[0])[0]
-            else:
-                buffer = np.empty(size, dtype=np.uint8)
-                if len(self.kept) >= self.KEEP:
-                    self.kept.pop(0)  # the oldest; a batch still made of it keeps it alive as long as it needs
-            lent = buffer[:]  # the batch's own array: gone when the batch is
-            self.kept.append((buffer, weakref.ref(lent)))
-            return torch.from_numpy(lent)
-
-
-def _batch_tensors(buffers: BatchBuffers, *specs: tuple[tuple[int, ...], torch.dtype]) -> list[torch.Tensor]:
-    """Empty batch tensors of these (shape, dtype)s, views of one buffer. In a DataLoader worker the buffer is a
-    new shared-memory segment, its pages given at once (``populate``), as default_collate makes its batches there:
-    handing the batch to the main process then copies nothing, and passes one segment (one file descriptor,
-    ~0.5 ms each to send and receive) for all of its tensors. In the main process, from ``buffers``."""
-    offsets, size = [], 0
-    for shape, dtype in specs:
-        size += -size % 8  # every view 8-byte aligned
-        offsets.append(size)
-        size += math.prod(shape) * dtype.itemsize
-    if get_worker_info() is None:
-        buffer = buffers.get(size)
-    elif size:
-        buffer = torch.empty(0, dtype=torch.uint8).new(torch.UntypedStorage._new_shared(size))
-        populate(buffer.numpy())
-    else:  # nothing to share (an empty batch): a segment cannot be empty
-        buffer = torch.empty(0, dtype=torch.uint8)
-    return [buffer[a : a + math.prod(shape) * dtype.itemsize].view(dtype).view(shape) if math.prod(shape)
-            else torch.empty(shape, dtype=dtype) for a, (shape, dtype) in zip(offsets, specs, strict=True)]
-
-
-class Rows(list):
-    """``EmbeddingStore.__getitems__``'s items, with ``batch``: the same rows already stacked, and ``dropped``: a
-    [B] bool in the same memory, for the collate's caption dropout mask."""
-
-    batch: dict[str, torch.Tensor]
-    dropped: torch.Tensor
-
-
-SCALARS = {bool: (torch.bool, np.bool_), int: (torch.int64, np.int64), float: (torch.float64, np.float64)}
-
-
-@dataclass(frozen=True)
-class Column:
-    """One field of a joined dataset's items, to be stacked by the store's copy into the batch's memory exactly as
-    ``default_collate`` would stack it: ``shape`` of one item, ``dtype``, and the bytes to copy (``sources``: one
-    contiguous buffer per item, or with ``whole`` one for the whole column)."""
-
-    shape: tuple[int, ...]
-    dtype: torch.dtype
-    sources: list[np.ndarray]
-    whole: bool = False
-
-    def destinations(self, batch: torch.Tensor) -> list[np.ndarray]:
-        """Where ``sources`` go in ``batch`` [B, *shape]: its rows' bytes, or all of them."""
-        rows = row_bytes(batch)  # [B, bytes], a view
-        return [rows.reshape(-1)] if self.whole else list(rows)
-
-    @staticmethod
-    def of(values: list) -> Column | None:
-        """The column ``default_collate`` makes of ``values`` (one per item) when it is one tensor: CPU tensors or
-        numeric numpy arrays of one shape and dtype, Python bools, ints (int64) or floats (float64); else None
-        (strings, tuples, mixed types and shapes: left to the collate, which stacks or refuses them as ever)."""
-        kind = type(values[0])
-        if not all(type(v) is kind for v in values):
-            return None
-        if kind in SCALARS:  # default_collate's torch.tensor(values): ordinary memory, a segment of its own
-            try:
-                return Column((), SCALARS[kind][0], [np.array(values, dtype=SCALARS[kind][1])], whole=True)
-            except OverflowError:  # past int64: default_collate's own error says so
-                return None
-        first = values[0]
-        if kind is torch.Tensor:
-            if (first.layout != torch.strided or first.device.type != "cpu" or first.is_quantized
-                    or any(v.shape != first.shape or v.dtype != first.dtype or v.requires_grad for v in values)):
-                return None
-            return Column(tuple(first.shape), first.dtype, [_tensor_bytes(v) for v in values])
-        if issubclass(kind, np.ndarray) and first.dtype.kind in "biufc" and first.dtype.isnative:
-            if any(v.shape != first.shape or v.dtype != first.dtype for v in values):
-                return None
-            try:
-                dtype = torch.from_numpy(np.empty(0, dtype=first.dtype)).dtype
-            except TypeError:  # a numpy dtype torch has no tensor of
-                return None
-            return Column(first.shape, dtype, [np.ascontiguousarray(v) for v in values])
-        return None
-
-
-def _tensor_bytes(tensor: torch.Tensor) -> np.ndarray:
-    """A CPU tensor's values as contiguous bytes (a view when it is contiguous)."""
-    return tensor.resolve_conj().resolve_neg().contiguous().reshape(-1).view(torch.uint8).numpy()
-
-
-@dataclass
-class CaptionDropout:
-    """``collate_fn`` for store items: ``default_collate``, then rows replaced by the null conditioning.
-
-    Row ``r`` is dropped in epoch ``e`` when ``u(seed, e, r) < drop_prob``, ``u`` a hash-based
-    uniform in [0, 1): the choice depends on nothing else (not batch size, shuffling, worker count),
-    so it is reproducible and changes every epoch. ``variant="random"`` picks each row's caption
-    variant the same way (an independent uniform per (seed, epoch, row)). Call ``set_epoch(e)`` before iterating the
-    DataLoader each epoch; workers copy the collate_fn when an epoch's iterator starts, so with
-    ``persistent_workers=True`` build a new DataLoader (or collate) per epoch instead.
-    The batch gains ``"dropped"`` ``[B]`` bool.
-    """
-
-    null_sequence: torch.Tensor  # [L, D]
-    null_pooled: torch.Tensor  # [P]
-    drop_prob: float | Mapping[str, float] = 0.0  # a mapping: per tower (SD3, Flux), see EmbeddingStore.collate
-    seed: int = 0
-    epoch: int = 0
-    variant: int | Literal["random"] = 0  # which caption variant each row gets (store items are variant 0)
-    store: EmbeddingStore | None = None  # reads the other variants
-    null_mask: torch.Tensor | None = None  # [L] a masked recipe's null's mask
-    spec: EncoderSpec | None = None  # the recipe whose towers a per-tower drop_prob names
-
-    def __post_init__(self) -> None:
-        if isinstance(self.drop_prob, Mapping):
-            keys = tower_keys(self.spec) if self.spec is not None and self.spec.t5 is not None else None
-            if keys is None or self.spec.padding != "raw":
-                raise ValueError("drop_prob per tower is for SD3 and Flux stores (unmasked T5 recipes); give one "
-                                 "number")
-            if sorted(self.drop_prob) != sorted(keys) or not all(0.0 <= p <= 1.0 for p in self.drop_prob.values()):
-                raise ValueError(f"{self.spec.name}: drop_prob={{...}} needs a probability in [0, 1] for each of "
-                                 f"{keys}, got {dict(self.drop_prob)}")
-        elif not 0.0 <= self.drop_prob <= 1.0:
-            raise ValueError(f"drop_prob must be in [0, 1], got {self.drop_prob}")
-
-    def set_epoch(self, epoch: int) -> None:
-        self.epoch = epoch
-
-    def _uniform(self, rows: Sequence[int] | torch.Tensor, salt: str = "") -> list[float]:
-        rows = rows.tolist() if isinstance(rows, torch.Tensor) else list(rows)
-        return [int.from_bytes(hashlib.blake2b(f"{self.seed}/{self.epoch}/{r}{salt}".encode(), digest_size=8)
-                               .digest(), "little") / 2**64 for r in rows]
-
-    def dropped(self, rows: Sequence[int] | torch.Tensor) -> torch.Tensor | dict[str, torch.Tensor]:
-        """``[B]`` bool: which of these input rows this epoch replaces by the null conditioning; per tower, one
-        such mask per tower key (an independent uniform per key)."""
-        if isinstance(self.drop_prob, Mapping):
-            return {key: torch.tensor(self._uniform(rows, f"/{key}"), dtype=torch.float64) < p
-                    for key, p in self.drop_prob.items()}
-        return torch.tensor(self._uniform(rows), dtype=torch.float64) < self.drop_prob
-
-    def variants(self, rows: Sequence[int] | torch.Tensor) -> list[int]:
-        """The caption variant of each row this epoch: fixed, or uniform among the row's own
-        ``store.variant_count(row)`` per (seed, epoch, row)."""
-        if self.variant != "random":
-            return [self.variant] * len(rows)
-        rows = rows.tolist() if isinstance(rows, torch.Tensor) else list(rows)
-        counts = [self.store.variant_count(r) for r in rows]
-        return [min(int(u * k), k - 1) for u, k in zip(self._uniform(rows, "/variant"), counts, strict=True)]
-
-    def __call__(self, items: list[dict]) -> dict:
-        missing = {"sequence", "pooled", "row"} - set(items[0]) if items else set()
-        if missing:
-            raise TypeError(f"CaptionDropout needs items with 'sequence', 'pooled' and 'row' (EmbeddingStore "
-                            f"items), got keys {sorted(items[0])}")
-        if isinstance(items, Rows):  # a batched fetch stacked the rows already: take its tensors, no second copy
-            batch = self._stacked(items)
-        else:
-            if self.store is not None:  # items are variant 0: read the chosen variants instead
-                items = [{**item, **self.store.get(item["row"], v)} if v else item
-                         for item, v in zip(items, self.variants([item["row"] for item in items]), strict=True)]
-            batch = default_collate(items)
-        dropped = self.dropped(batch["row"])  # [B], or per tower
-        if isinstance(dropped, dict):  # kohya's SD3 per-tower dropout: each tower's part of a row zeroed
-            c = drop_parts(self.spec, Conditioning(batch["sequence"], batch["pooled"]), dropped)
-            batch["sequence"], batch["pooled"], batch["dropped"] = c.sequence, c.pooled, dropped
-            return batch
-        if isinstance(items, Rows):
-            dropped = items.dropped.copy_(dropped)  # in the batch's memory: a worker's batch stays one shared segment
-        if dropped.any():
-            length = batch["sequence"].shape[1]  # a masked batch's longest row, or the full length
-            batch["sequence"][dropped] = self.null_sequence[:length].to(batch["sequence"].dtype)
-            batch["pooled"][dropped] = self.null_pooled.to(batch["pooled"].dtype)
-            if self.null_mask is not None:
-                batch["mask"][dropped] = self.null_mask[:length]
-        batch["dropped"] = dropped
-        return batch
-
-    def _stacked(self, items: Rows) -> dict:
-        """The batch a fetch stacked (``items.batch``), the items' other keys collated, the chosen variants read
-        into the rows that get another one than variant 0."""
-        batch = dict(items.batch)
-        others = [key for key in items[0] if key not in batch] if items else []  # a JoinedDataset's unstacked keys
-        batch.update({key: default_collate([item[key] for item in items]) for key in others})
-        if self.store is None:
-            return batch
-        chosen = {i: self.store.get(row, v) for i, (row, v) in  # checked
-                  enumerate(zip(batch["row"].tolist(), self.variants(batch["row"]), strict=True)) if v}
-        if "mask" in batch and chosen:  # a masked batch as long as its longest row: the chosen ones included
-            longest = max(batch["sequence"].shape[1], *(int(c["mask"].sum()) for c in chosen.values()))
-            pad = longest - batch["sequence"].shape[1]
-            if pad:
-                batch["sequence"] = torch.nn.functional.pad(batch["sequence"], (0, 0, 0, pad))
-                batch["mask"] = torch.nn.functional.pad(batch["mask"], (0, pad))
-        length = batch["sequence"].shape[1]
-        for i, c in chosen.items():
-            batch["sequence"][i], batch["pooled"][i] = c["sequence"][:length], c["pooled"]
-            if "mask" in batch:
-                batch["mask"][i] = c["mask"][:length]
-        return batch

@@ -363,3 +363,14 @@ def test_length_grouped_batches_of_a_masked_store(pixart, pixart_store):
     width = {name: sum(b["sequence"].shape[1] * len(b["row"]) for b in loader) / len(store)
              for name, loader in (("grouped", grouped), ("shuffled", shuffled))}
     assert width["grouped"] < 0.7 * width["shuffled"], width
+
+
+def test_a_masked_store_counts_its_truncated_captions(pixart, tmp_path):
+    """Bug: a masked recipe's shard, tokenized whole and cut into batches, losing or misnumbering its truncation
+    notes (the manifest's count of captions cut to 300 tokens)."""
+    captions = laion_like(11, seed=9) + ["a very long caption " * 120]
+    precompute(pixart, PrecomputeJob(input=write_jsonl(tmp_path / "c.jsonl", captions), out=tmp_path / "store",
+                                     batch_size=4, progress=False))
+    store = EmbeddingStore(tmp_path / "store")
+    assert store.manifest.truncated == 1 and store.kept_lengths().max() == 300
+    torch.testing.assert_close(store[11]["sequence"], pixart(captions[11:]).sequence[0], **TOL)

@@ -19,7 +19,7 @@ from collections import deque
 from collections.abc import Callable, Sequence
 from concurrent.futures import ThreadPoolExecutor
 from contextlib import nullcontext
-from dataclasses import asdict, dataclass
+from dataclasses import asdict, dataclass, replace
 from pathlib import Path
 from typing import TYPE_CHECKING
 
@@ -157,15 +157,25 @@ class _Clock:
 def _tokenize(tc: TextConditioner, captions: Sequence[str], shards: list[Shard], batch_size: int,
               q: queue.Queue, halt: threading.Event) -> None:
     pin = tc.device.type == "cuda"  # pinned host memory: the encoder's copies to the GPU do not block
+    masked = RowLayout.of(tc.spec).masked
     for k, start, stop in shards:
-        # A masked recipe's shard header needs each row's kept length before the first row is encoded.
-        lengths = tc.kept_lengths(tc.tokenize(captions[start:stop]))
+        # A masked recipe's shard header needs each row's kept length before the first row is encoded: its shard is
+        # tokenized whole, then cut into batches; the other encoders' a batch at a time.
+        whole = tc.tokenize(captions[start:stop]) if masked else None
+        lengths = None if whole is None else tc.kept_lengths(whole)
         for a in range(start, stop, batch_size):
-            tokens = tc.tokenize(captions[a : min(a + batch_size, stop)])
+            b = min(a + batch_size, stop)
+            tokens = tc.tokenize(captions[a:b]) if whole is None else [_rows(t, a - start, b - start) for t in whole]
             if pin:
-                tokens = [Tokens(t.ids.pin_memory(), t.eos.pin_memory(), t.truncated) for t in tokens]
+                tokens = [replace(t, ids=t.ids.pin_memory(), eos=t.eos.pin_memory()) for t in tokens]
             _put(q, (k, a - start, tokens, lengths if a == start else None), halt)
     _put(q, _DONE, halt)
+
+
+def _rows(tokens: Tokens, a: int, b: int) -> Tokens:
+    """Rows ``a:b`` of a tokenized batch, their truncation notes renumbered."""
+    truncated = tuple((i - a, text) for i, text in tokens.truncated if a <= i < b)
+    return replace(tokens, ids=tokens.ids[a:b], eos=tokens.eos[a:b], truncated=truncated)
 
 
 def _finite_rows(x: torch.Tensor) -> torch.Tensor:

@@ -236,7 +236,7 @@ def null_tensors(tc: TextConditioner) -> dict[str, torch.Tensor]:
 
 def kept_lengths(tc: TextConditioner) -> Callable[[Sequence[str]], np.ndarray] | None:
     """A masked recipe's rows kept per caption, from its tokenizer (the plan orders new captions by it)."""
-    if tc.kept_lengths(tc.tokenize([""])) is None:
+    if not RowLayout.of(tc.spec).masked:
         return None
     return lambda captions: tc.kept_lengths(tc.tokenize(list(captions))).numpy()
 

@@ -159,6 +159,11 @@ def with_header(data: bytes, n: int, header: dict) -> bytes:
 def test_a_flipped_byte_in_a_shard(pristine, work, shard, where, xor, in_header):
     """Bit rot anywhere in a shard: a flipped header byte must not make the reader trust a different layout
     (or drop the row checks), and a flipped data byte must fail exactly the row it lands in."""
+    flip_and_read(pristine, work, shard, where, xor, in_header)
+
+
+def flip_and_read(pristine: Pristine, work: Path, shard: int, where: float, xor: int, in_header: bool) -> None:
+    """Shard ``shard`` with one byte flipped (at ``where`` of its header or of the whole file), read everything."""
     path = shard_file(work, shard)
     data = bytearray(path.read_bytes())
     span = 8 + int.from_bytes(data[:8], "little") if in_header else len(data)
@@ -370,12 +375,7 @@ def t5_work(t5_pristine, tmp_path_factory) -> Path:
 def test_a_flipped_byte_in_a_t5_shard(t5_pristine, t5_work, shard, where, xor, in_header):
     """Bit rot in a shard of kept rows (their lengths included) or of SD3's parts: refused naming the shard, or
     exactly the original rows and masks."""
-    path = shard_file(t5_work, shard)
-    data = bytearray(path.read_bytes())
-    span = 8 + int.from_bytes(data[:8], "little") if in_header else len(data)
-    data[int(where * span)] ^= xor
-    with replaced(path, bytes(data)):
-        read_everything(t5_work, t5_pristine[1], path.name)
+    flip_and_read(t5_pristine, t5_work, shard, where, xor, in_header)
 
 
 @T5_FUZZ

@@ -691,7 +691,8 @@ def test_compel_style_on_flux_equals_compel_for_flux(t5_pipes, tiny):
     cat, dog = tc.weighted(["a cat"], style="compel"), tc.weighted(["a dog"], style="compel")
     torch.testing.assert_close(blend.sequence, 0.7 * cat.sequence + 0.3 * dog.sequence, **TOL)
     torch.testing.assert_close(blend.pooled, 0.7 * cat.pooled + 0.3 * dog.pooled, **TOL)  # clipcond's choice
-    with pytest.raises(NotImplementedError, match=r"done for style='compel' on Flux and Sana only"):
+    with pytest.raises(NotImplementedError, match=r"done for style='compel' on Flux and Sana and style='comfy' on "
+                                                  r"Flux only"):
         TextConditioner.from_pretrained("pixart-sigma", weights=t5_pipes.pixart).weighted(["a cat"], style="compel")
 
 

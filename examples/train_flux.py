@@ -255,7 +255,7 @@ def train(args: argparse.Namespace, store: EmbeddingStore) -> list[float]:
             optimizer.zero_grad(set_to_none=True)
             losses.append(loss.item())
             workers.update(batch["worker"].tolist())
-            dropped = {key: int(rows.sum()) for key, rows in batch["dropped"].items()}  # {"clip_l": n, "t5": n}
+            dropped = {key: int(rows.sum()) for key, rows in batch["dropped_towers"].items()}  # {"clip_l": n, ...}
             seen += len(c)
             for key, n in dropped.items():
                 dropped_total[key] += n

@@ -162,8 +162,9 @@ def test_sd3_caption_dropout_per_tower_on_the_store(sd3, tmp_path):
     clean = store.collate()(store.__getitems__(rows))
     collate = store.collate(drop_prob={"clip_l": 0.3, "clip_g": 0.3, "t5": 0.3}, seed=2)
     batch = collate(store.__getitems__(rows))
-    dropped = batch["dropped"]
+    dropped = batch["dropped_towers"]
     assert set(dropped) == {"clip_l", "clip_g", "t5"}
+    assert torch.equal(batch["dropped"], dropped["clip_l"] | dropped["clip_g"] | dropped["t5"])
     assert len({tuple(d.tolist()) for d in dropped.values()}) == 3 and all(0 < int(d.sum()) < 64
                                                                         for d in dropped.values())
     seq, ref = batch["sequence"], clean["sequence"]  # CLIP-L: columns :32 of rows :77, pooled :32; G: 32:80, 32:80

@@ -32,7 +32,8 @@ class CaptionDropout:
     variant the same way (an independent uniform per (seed, epoch, row)). Call ``set_epoch(e)`` before iterating the
     DataLoader each epoch; workers copy the collate_fn when an epoch's iterator starts, so with
     ``persistent_workers=True`` build a new DataLoader (or collate) per epoch instead.
-    The batch gains ``"dropped"`` ``[B]`` bool.
+    The batch gains ``"dropped"`` ``[B]`` bool (per tower: whether any part of the row was dropped, and
+    ``"dropped_towers"``, a ``[B]`` bool per tower key).
     """
 
     null_sequence: torch.Tensor  # [L, D]
@@ -96,8 +97,11 @@ class CaptionDropout:
             batch = default_collate(items)
         dropped = self.dropped(batch["row"])  # [B], or per tower
         if isinstance(dropped, dict):  # kohya's SD3 per-tower dropout: each tower's part of a row zeroed
-            c = drop_parts(self.spec, Conditioning(batch["sequence"], batch["pooled"]), dropped)
-            batch["sequence"], batch["pooled"], batch["dropped"] = c.sequence, c.pooled, dropped
+            if any(rows.any() for rows in dropped.values()):
+                c = drop_parts(self.spec, Conditioning(batch["sequence"], batch["pooled"]), dropped)
+                batch["sequence"], batch["pooled"] = c.sequence, c.pooled
+            batch["dropped"] = torch.stack(list(dropped.values())).any(0)  # [B]: some part of the row dropped
+            batch["dropped_towers"] = dropped  # {"clip_l": [B], ...}
             return batch
         if isinstance(items, Rows):
             dropped = items.dropped.copy_(dropped)  # in the batch's memory: a worker's batch stays one shared segment

@@ -1,8 +1,8 @@
-"""``TextConditioner``: the frozen text encoder(s) of SD 1.x / 2.x / SDXL, SD3, Flux and PixArt behind one call.
+"""``TextConditioner``: the frozen text encoder(s) of SD 1.x / 2.x / SDXL, SD3, Flux, PixArt and Sana behind one call.
 
 Matches diffusers' ``StableDiffusionPipeline.encode_prompt`` and
 ``StableDiffusionXLPipeline.encode_prompt`` (sequence, pooled, null) on the same weights, and the T5
-recipes' pipelines (clipcond/encoders/recipes.py).
+recipes' pipelines (clipcond/encoders/recipes.py); the prompt languages are in clipcond/encoders/prompting.py.
 Frozen in one place: no parameter requires grad, ``train()`` keeps eval mode, and the forward
 runs under ``torch.no_grad()`` (not ``inference_mode()``: a training UNet must be able to save
 our outputs for its backward).
@@ -19,8 +19,10 @@ import torch
 from torch import nn
 
 from clipcond.conditioning import Conditioning
+from clipcond.encoders import prompting
 from clipcond.encoders.model import TextTransformer, random_tower, tower_from_state
 from clipcond.encoders.names import get_spec
+from clipcond.encoders.prompting import Segments, len_tokens
 from clipcond.encoders.recipes import (
     assemble,
     clip_half,
@@ -35,12 +37,10 @@ from clipcond.encoders.t5 import T5Prompts, T5Tower, token_mask
 from clipcond.encoders.weights import load_towers
 from clipcond.errors import WeightsError
 from clipcond.specs import EncoderSpec
-from clipcond.text.prompts import Emphasis, WeightStyle, apply_weights, frame
+from clipcond.text.prompts import Emphasis, WeightStyle
 from clipcond.text.tokenizer import ClipTokenizer, Tokens, check_prompts
-from clipcond.text.windows import read_windows
 
 logger = logging.getLogger(__name__)
-Segments = list[tuple[int, Conditioning]]  # (end step, inclusive; the conditioning in force until then)
 
 
 class TextConditioner(nn.Module):
@@ -244,7 +244,7 @@ class TextConditioner(nn.Module):
         if not prompts:
             return self._zeros(0)
         if self.spec.long_prompts == "chunk":
-            return self._encode_windows(prompts, style=None)
+            return prompting.encode_windows(self, prompts, style=None)
         tokens = self.tokenize(prompts)
         if self.tokenizers:
             warn_truncated(tokens[0], self.spec.max_length)
@@ -300,42 +300,8 @@ class TextConditioner(nn.Module):
         ``style="compel"``: compel (``word++``, ``(words)1.3``, ``.blend()``, ``.and()``, its masked
         down-weighting, its pooled vector from the raw string): see clipcond/text/compel_style.py.
         """
-        return self._weighted(check_prompts(prompts), style=style, comma_backtrack=comma_backtrack, emphasis=emphasis)
-
-    def _weighted(self, prompts: list[str], *, style: WeightStyle = "a1111", comma_backtrack: int = 20,
-                  emphasis: Emphasis = "original", one_batch: bool = False) -> Conditioning:
-        """``weighted``; ``one_batch``: the prompts share A1111's emphasis mean (``_encode_windows``)."""
-        done = {"compel": ("FluxPipeline", "SanaPipeline"), "comfy": ("FluxPipeline",)}
-        if self.t5 is not None and self.spec.pipeline not in done.get(style, ()):
-            raise NotImplementedError(f"{self.spec.name}: prompt weighting (style={style!r}) of T5 recipes is done "
-                                      f"for style='compel' on Flux and Sana and style='comfy' on Flux only; "
-                                      f"tc.schedule(..., style=None) and tc.blend() read prompts as tc() does")
-        if style not in ("a1111", "comfy", "compel"):
-            raise ValueError(f"style must be 'a1111', 'comfy' or 'compel', got {style!r}")
-        if emphasis not in ("original", "no_norm"):
-            raise ValueError(f"emphasis must be 'original' or 'no_norm', got {emphasis!r}")
-        if not 0 <= comma_backtrack <= 74:
-            raise ValueError(f"comma_backtrack must be in [0, 74] (A1111's slider), got {comma_backtrack}")
-        if not prompts:
-            return self._zeros(0)
-        if self.t5 is not None:  # Flux (compel, comfy) or Sana (compel): a prompt at a time, as the tools
-            from clipcond.text.comfy_t5 import ComfyT5Reader
-            from clipcond.text.compel_style import T5Reader
-
-            read = (T5Reader if style == "compel" else ComfyT5Reader)(self)
-            encoded = [read(p) for p in prompts]
-            if len({len_tokens(c) for c in encoded}) > 1 and encoded[0].mask is None:
-                raise ValueError(f"{self.spec.name}: under style={style!r} these prompts encode to different lengths "
-                                 f"{sorted({len_tokens(c) for c in encoded})} (ComfyUI's T5 rows grow past 256 "
-                                 f"tokens): encode them one at a time")
-            return Conditioning.cat(encoded)
-        if style == "compel":
-            from clipcond.text.compel_style import CompelReader
-
-            read = CompelReader(self)
-            return Conditioning.cat(self.pad_chunks(*(read(p) for p in prompts)))
-        return self._encode_windows(prompts, style=style, comma_backtrack=comma_backtrack, emphasis=emphasis,
-                                    one_batch=one_batch)
+        return prompting.read(self, check_prompts(prompts), style=style, comma_backtrack=comma_backtrack,
+                              emphasis=emphasis)
 
     @torch.no_grad()
     def schedule(self, prompt: str, steps: int, *, style: WeightStyle | None = "a1111", hires_steps: int | None = None,
@@ -350,21 +316,7 @@ class TextConditioner(nn.Module):
         ``[(weight, segments), ...]``. ``style=None``: each segment's text encoded as ``tc(text)`` (no weighting
         syntax: the T5 recipes' way, whose masked segments are each as long as the longest).
         """
-        from clipcond.text.schedules import prompt_schedule, split_and
-
-        parts = split_and(prompt)
-        if style is not None and self.t5 is not None:
-            self._weighted([], style=style)  # refuses weighting syntax on T5 recipes, saying so
-
-        def segments(text: str) -> list[tuple[int, Conditioning]]:
-            plan = prompt_schedule(text, steps, hires_steps=hires_steps)
-            texts = [t for _, t in plan]
-            encoded = self(texts) if style is None else self._weighted(texts, style=style, one_batch=True, **weighting)
-            return [(end, encoded[i : i + 1]) for i, (end, _) in enumerate(plan)]
-
-        if len(parts) == 1 and parts[0][0] == 1.0:
-            return segments(parts[0][1])
-        return [(weight, segments(text)) for weight, text in parts]
+        return prompting.schedule(self, prompt, steps, style=style, hires_steps=hires_steps, **weighting)
 
     @torch.no_grad()
     def blend(self, prompts: Sequence[str], weights: Sequence[float], *, style: WeightStyle | None = None,
@@ -376,41 +328,7 @@ class TextConditioner(nn.Module):
         prompts are padded to the longest (zero rows, ``Conditioning.padded``) and the blend attends wherever any
         of them does (the masks' union): the rows of one prompt's padding add nothing to the others'.
         """
-        prompts = check_prompts(prompts)
-        if len(prompts) != len(weights) or not prompts:
-            raise ValueError(f"blend needs one weight per prompt, got {len(prompts)} prompts and {len(weights)} "
-                             "weights")
-        parts = [self.weighted(p, style=style, **weighting) if style else self(p) for p in prompts]
-        if parts[0].mask is not None:
-            longest = max(len_tokens(c) for c in parts)
-            parts = [c.padded(longest) for c in parts]
-            mask = torch.stack([c.mask for c in parts]).amax(0)  # [B, L]: the union
-        else:
-            parts, mask = self.pad_chunks(*parts), None
-        sequence = sum(w * c.sequence for w, c in zip(weights, parts, strict=True))
-        pooled = sum(w * c.pooled for w, c in zip(weights, parts, strict=True))
-        return Conditioning(sequence, pooled, mask, parts[0].text_ids, parts[0].pipeline)
-
-    def _encode_windows(self, prompts: list[str], *, style: WeightStyle | None, comma_backtrack: int = 20,
-                        emphasis: Emphasis = "original", one_batch: bool = False) -> Conditioning:
-        """Each tower over the same number k of 77-token windows per prompt -> [B, 77 * k, D]. ``one_batch``: the
-        prompts share A1111's emphasis mean, window by window (one prompt's schedule texts)."""
-        length = self.spec.max_length
-        per_tower = [read_windows(prompts, tok, style=style, comma_backtrack=comma_backtrack)
-                     for tok in self.tokenizers]
-        k = max(len(w) for windows in per_tower for w in windows)  # SDXL's two tokenizers may disagree: pad
-        parts = []
-        for i, (tok, windows) in enumerate(zip(self.tokenizers, per_tower, strict=True)):
-            w = frame(windows, length=length, pad_id=tok.pad_id, k=k)
-            sequence, pooled = self.run_tower(i, w.ids, w.eos)  # [B*k, L, W], [B*k, P] | None
-            if style is not None:
-                empty = self.empty().sequence[..., self.feature_slice(i)]  # [1, L, W]
-                sequence = apply_weights(sequence, w.weights.to(self.device), style=style, empty=empty,
-                                         emphasis=emphasis, batch=len(prompts) if one_batch else None)
-            sequence = sequence.reshape(len(prompts), k * length, -1)  # [B, k*L, W]
-            first = None if pooled is None else pooled.reshape(len(prompts), k, -1)[:, 0]  # [B, P]: the first window's
-            parts.append((sequence, first))
-        return self._assemble(parts)
+        return prompting.blend(self, prompts, weights, style=style, **weighting)
 
     @torch.no_grad()
     def run_tower(self, i: int, ids: torch.Tensor, eos: torch.Tensor, keep: torch.Tensor | None = None
@@ -556,10 +474,6 @@ def added_ids(vocab_size: int, added: Mapping[str, int]) -> dict[str, list[int]]
         out[word] = list(range(first, first + count))
         first += count
     return out
-
-
-def len_tokens(c: Conditioning) -> int:
-    return c.sequence.shape[1]
 
 
 def warn_truncated(tokens: Tokens, max_length: int, model: str = "CLIP") -> None:

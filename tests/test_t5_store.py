@@ -375,3 +375,20 @@ def test_a_masked_store_counts_its_truncated_captions(pixart, tmp_path):
     store = EmbeddingStore(tmp_path / "store")
     assert store.manifest.truncated == 1 and store.kept_lengths().max() == 300
     torch.testing.assert_close(store[11]["sequence"], pixart(captions[11:]).sequence[0], **TOL)
+
+
+@pytest.mark.parametrize(("name", "dtype"), [("tiny-sd3", torch.float16), ("tiny-pixart-sigma", torch.bfloat16)])
+def test_half_precision_t5_stores_read_back_bit_for_bit(t5_vocab, tmp_path, name, dtype):
+    """Bug: a part or the kept rows written or checked in another dtype than the store's (fp16 / bf16 are what real
+    runs store), or their row checks computed over other bytes than a read copies."""
+    tc = TextConditioner.from_pretrained(name, tokenizer=t5_vocab["sd3"], dtype=dtype)
+    captions = laion_like(12, seed=10)
+    precompute(tc, PrecomputeJob(input=write_jsonl(tmp_path / "c.jsonl", captions), out=tmp_path / "store",
+                                 batch_size=12, progress=False))
+    store = EmbeddingStore(tmp_path / "store")
+    assert store.dtype == dtype
+    batch = store.collate()(store.__getitems__(list(range(12))))
+    expected = tc(captions)  # one batch of 12, as precompute encoded it: the same bits
+    assert torch.equal(batch["sequence"], expected.sequence) and torch.equal(batch["pooled"], expected.pooled)
+    assert all(torch.equal(store[i]["sequence"][: expected.sequence.shape[1]], expected.sequence[i])
+               for i in range(12))

@@ -9,8 +9,11 @@ SD2 and SDXL's second tokenizer), open_clip ``state_dict()`` checkpoints and SD 
 
 from __future__ import annotations
 
+import contextlib
 import functools
 import json
+import signal
+from collections.abc import Iterator
 from pathlib import Path
 
 import pytest
@@ -228,6 +231,21 @@ class TinyModels:
         return StableDiffusionPipeline(vae=None, unet=None, scheduler=None, safety_checker=None,
                                        feature_extractor=None, requires_safety_checker=False, **parts)
 
+
+
+@contextlib.contextmanager
+def time_limit(seconds: int, what: str) -> Iterator[None]:
+    """TimeoutError if the block runs over ``seconds`` (SIGALRM): a fuzzed file must never make a reader hang."""
+    def hang(*_: object) -> None:
+        raise TimeoutError(f"{what} took over {seconds} s")
+
+    previous = signal.signal(signal.SIGALRM, hang)
+    signal.alarm(seconds)
+    try:
+        yield
+    finally:
+        signal.alarm(0)
+        signal.signal(signal.SIGALRM, previous)
 
 @pytest.fixture(scope="session")
 def tiny(tmp_path_factory: pytest.TempPathFactory) -> TinyModels:

@@ -12,12 +12,12 @@ from __future__ import annotations
 import contextlib
 import json
 import shutil
-import signal
 from collections.abc import Callable, Iterator
 from pathlib import Path
 
 import pytest
 import torch
+from conftest import time_limit
 from hypothesis import HealthCheck, example, given, settings
 from hypothesis import strategies as st
 
@@ -69,20 +69,6 @@ def replaced(path: Path, data: bytes) -> Iterator[None]:
         path.write_bytes(original)
 
 
-@contextlib.contextmanager
-def time_limit(seconds: int) -> Iterator[None]:
-    def hang(*_: object) -> None:
-        raise TimeoutError(f"reading a damaged store took over {seconds} s")
-
-    previous = signal.signal(signal.SIGALRM, hang)
-    signal.alarm(seconds)
-    try:
-        yield
-    finally:
-        signal.alarm(0)
-        signal.signal(signal.SIGALRM, previous)
-
-
 def refused(err: BaseException, root: Path, named: str) -> None:
     """A refusal is a ValueError or IndexError whose message names the damaged file (or the store)."""
     assert type(err) is not KeyError and isinstance(err, ValueError | IndexError), repr(err)
@@ -108,7 +94,7 @@ def read_everything(root: Path, rows: dict, named: str) -> None:
         except Exception as err:  # noqa: BLE001 (the point: which exceptions escape)
             refused(err, root, named)
 
-    with time_limit(SECONDS):
+    with time_limit(SECONDS, "reading a damaged store"):
         try:
             store = EmbeddingStore(root)
         except Exception as err:  # noqa: BLE001

@@ -20,13 +20,13 @@ from __future__ import annotations
 import json
 import resource
 import shutil
-import signal
 from collections.abc import Callable
 from contextlib import contextmanager
 from pathlib import Path
 
 import pytest
 import torch
+from conftest import time_limit
 from hypothesis import HealthCheck, given, settings
 from hypothesis import strategies as st
 from safetensors.torch import save_file
@@ -104,17 +104,9 @@ def assert_same(got: object, expected: object) -> None:
 @contextmanager
 def bounded():
     """Fail on a hang (SIGALRM) or on peak memory growing by more than GROWTH_LIMIT_KB."""
-    def hang(signum, frame):
-        raise TimeoutError(f"a load took more than {LOAD_SECONDS} s")
-
     before = resource.getrusage(resource.RUSAGE_SELF).ru_maxrss
-    previous = signal.signal(signal.SIGALRM, hang)
-    signal.alarm(LOAD_SECONDS)
-    try:
+    with time_limit(LOAD_SECONDS, "a load"):
         yield
-    finally:
-        signal.alarm(0)
-        signal.signal(signal.SIGALRM, previous)
     grown = resource.getrusage(resource.RUSAGE_SELF).ru_maxrss - before
     assert grown < GROWTH_LIMIT_KB, f"peak memory grew by {grown} KB"
 

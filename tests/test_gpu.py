@@ -107,3 +107,25 @@ def test_t5_recipes_on_cuda_are_finite_and_match_cpu_float32(dtype):
             assert c.sequence.device.type == "cuda" and torch.isfinite(c.sequence).all()
             assert c.sequence.shape == expected.sequence.shape
             torch.testing.assert_close(c.sequence.float().cpu(), expected.sequence, atol=0.05, rtol=0.05)
+
+
+def test_the_joined_loader_pins_the_whole_batch(tmp_path):
+    """pin_memory=True on JoinedLoader: the workers' items and the store's rows (fetched in the main process) are
+    both pinned, and equal what the unpinned loader gives. Bug: only the items pinned (the DataLoader's own pin
+    step sees the workers' hand-over, not the joined batch), or the rows left in pageable memory."""
+    import json
+
+    from clipcond import EmbeddingStore, JoinedLoader
+    from clipcond.precompute.job import PrecomputeJob, precompute
+
+    tc = TextConditioner.from_pretrained("tiny-sdxl")
+    captions = tmp_path / "captions.jsonl"
+    captions.write_text("".join(json.dumps({"caption": f"photo {i}"}) + "\n" for i in range(32)))
+    precompute(tc, PrecomputeJob(input=captions, out=tmp_path / "store", progress=False))
+    store = EmbeddingStore(tmp_path / "store")
+    latents = [{"latent": torch.full((4, 8, 8), float(i))} for i in range(32)]
+    plain = JoinedLoader(latents, store, batch_size=8, num_workers=2)
+    pinned = JoinedLoader(latents, store, batch_size=8, num_workers=2, pin_memory=True)
+    for want, got in zip(plain, pinned, strict=True):
+        for key in ("latent", "sequence", "pooled"):
+            assert got[key].is_pinned() and torch.equal(got[key], want[key]), key

@@ -170,6 +170,66 @@ def test_the_joined_loader_gives_the_joined_dataset_s_batches(store):
         JoinedLoader(Images(), store, collate_fn=collate)
 
 
+class Buckets(Images):
+    """Latents of two sizes, as aspect-ratio buckets give: rows 0-23 [4, 8, 8], the rest [4, 16, 16]."""
+
+    def __getitem__(self, i: int) -> dict:
+        item = super().__getitem__(i)
+        side = 8 if i < 24 else 16
+        return {**item, "latent": torch.randn((4, side, side), generator=torch.Generator().manual_seed(i))}
+
+
+def expected_batches(dataset: Dataset, order: list[int], batch: int) -> list[dict]:
+    return list(DataLoader(dataset, batch_size=batch, sampler=order))  # torch's own: workers 0, default collate
+
+
+def assert_batches_equal(got: dict, want: dict) -> None:
+    assert list(got)[: len(want)] == list(want)  # your keys first, in your items' order
+    for key, value in want.items():
+        if isinstance(value, torch.Tensor):
+            assert got[key].dtype == value.dtype and torch.equal(got[key], value), key
+        else:
+            assert got[key] == value, key
+
+
+def test_the_joined_loader_never_writes_over_a_batch_you_hold(store):
+    """Workers hand batches over through shared memory they reuse once the main process lets go of a batch. Bug:
+    a segment written over while a batch made of it is still held (a loop keeping every batch, or the previous
+    one), or fields read at the wrong offsets. Every batch kept to the end must still equal torch's default
+    collate of the same items; the workers then run out of free segments and collate as torch does (as it does
+    with no workers)."""
+    from clipcond import JoinedLoader
+
+    order = list(range(0, ROWS, 3))
+    for dataset, workers in ((Images(), 2), (Buckets(), 2), (Buckets(), 0)):
+        loader = JoinedLoader(dataset, store, batch_size=8, sampler=order, num_workers=workers)
+        kept = list(loader)
+        for got, want in zip(kept, expected_batches(dataset, order, 8), strict=True):
+            assert_batches_equal(got, want)
+            assert got["row"].tolist() == want["step"].div(3).tolist()
+
+
+def test_the_joined_loader_reuses_its_workers_shared_memory(store):
+    """Bug: a new shared-memory segment for every batch (made, zeroed, sent and mapped each time: the cost the
+    hand-over exists to avoid), or a slot given out again before its batch is gone. A loop that drops each batch
+    sees a few segments again and again; batches of a larger size (buckets) get a larger segment, sent once."""
+    from clipcond import JoinedLoader
+
+    order = list(range(ROWS))
+    for dataset in (Images(), Buckets()):
+        loader = JoinedLoader(dataset, store, batch_size=8, sampler=order, num_workers=2, prefetch_factor=2,
+                              persistent_workers=True)
+        segments = {}  # every segment the main process mapped, kept alive: a new one is a new object
+        for _ in range(2):  # persistent workers: their segments stay mapped
+            for got, want in zip(loader, expected_batches(dataset, order, 8), strict=True):
+                assert_batches_equal(got, want)
+                assert any(got["latent"].data_ptr() == s.data_ptr() for s in loader.handover.mapped.values())
+                segments.update((id(s), s) for s in loader.handover.mapped.values())
+                del got
+        bound = 2 * (2 + 2) * (2 if isinstance(dataset, Buckets) else 1)  # workers x slots (x sizes)
+        assert len(segments) <= bound, (len(segments), 2 * len(order) // 8)
+
+
 def test_a_joined_batch_made_in_a_worker_is_one_shared_segment(store):
     """In a DataLoader worker the batch (the store's rows, your stacked fields and the dropout mask) is made in
     shared memory, in one segment: the pickler then sends it as one handle. Before, the store's rows were in shared

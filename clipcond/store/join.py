@@ -13,9 +13,11 @@ from typing import Literal
 
 import numpy as np
 import torch
-from torch.utils.data import DataLoader, Dataset, Sampler, default_collate
+from torch.utils.data import DataLoader, Dataset, Sampler
+from torch.utils.data._utils.pin_memory import pin_memory
 
 from clipcond.store.batch import Column, Rows
+from clipcond.store.handover import Handover
 from clipcond.store.reader import EmbeddingStore
 
 STORE_KEYS = ("sequence", "pooled", "row")  # what a store item holds
@@ -88,14 +90,16 @@ class JoinedLoader:
     """A DataLoader over your dataset whose workers load only your items; each batch's store rows are fetched in the
     main process, checked, into batch memory it reuses once a batch is gone (``EmbeddingStore.batch``).
 
-    The fast way to train from a store beside per-sample data once workers are on: a worker-side join
-    (``JoinedDataset``) copies each batch's rows into a new shared-memory segment to hand it over, whose making
-    alone costs more than reading the rows from the page cache (docs/performance.md, "Reading a store in
-    training" and "T5 stores"). Rows as in ``JoinedDataset``: ``by="index"`` (row i with row i) or ``by="id"``
-    (``store.row_of(item[id_key])``). ``collate``: ``store.collate(...)`` (caption dropout, variants, per-tower
-    dropout; run here, in the main process, so ``set_epoch`` needs no new loader); None: the rows as stacked.
-    Every other keyword goes to the ``DataLoader`` (``batch_size``, ``shuffle``, ``num_workers``, ``sampler``...);
-    your items are collated there by ``default_collate``:
+    The fast way to train from a store beside per-sample data once workers are on. Your items come back as
+    ``default_collate`` makes them, but their tensors, arrays and numbers are stacked into shared memory each
+    worker reuses (``clipcond/store/handover.py``): a segment is written over only once no tensor of the batch
+    it last held is left, so keeping batches is safe, and a worker whose segments are all held collates as torch
+    does. (A worker-side join, ``JoinedDataset``, must make a new segment a batch to hand its rows over:
+    docs/performance.md, "Reading a store in training".) Rows as in ``JoinedDataset``: ``by="index"`` (row i
+    with row i) or ``by="id"`` (``store.row_of(item[id_key])``). ``collate``: ``store.collate(...)`` (caption
+    dropout, variants, per-tower dropout; run here, in the main process, so ``set_epoch`` needs no new loader);
+    None: the rows as stacked. Every other keyword goes to the ``DataLoader`` (``batch_size``, ``shuffle``,
+    ``num_workers``, ``sampler``, ``persistent_workers``...); ``pin_memory=True`` pins the whole joined batch:
 
         loader = clipcond.JoinedLoader(latents, store, batch_size=16, shuffle=True, num_workers=2,
                                        collate=store.collate(drop_prob=0.1, seed=0))
@@ -109,17 +113,25 @@ class JoinedLoader:
             raise TypeError("JoinedLoader collates your items with default_collate in the workers; give the store's "
                             "collate as collate= (it runs in the main process)")
         self.items = JoinedDataset(dataset, store, by=by, id_key=id_key)  # the same checks and row rules
-        self.store, self.collate = store, collate
-        self.loader = DataLoader(_Items(self.items), collate_fn=_collate_items, **loader_kwargs)
+        self.store, self.collate, self.started = store, collate, False
+        self.pin = bool(loader_kwargs.pop("pin_memory", False)) and torch.accelerator.is_available()
+        self.handover = Handover(int(loader_kwargs.get("num_workers", 0)),
+                                 int(loader_kwargs.get("prefetch_factor") or 2))
+        self.loader = DataLoader(_Items(self.items), collate_fn=self.handover, **loader_kwargs)
 
     def __len__(self) -> int:
         return len(self.loader)
 
     def __iter__(self) -> Iterator[dict]:
-        for batch, indices in self.loader:
-            rows = indices.tolist() if self.items.by == "index" else self._rows_by_id(batch)
+        if not (self.started and self.loader.persistent_workers):
+            self.handover.start()  # new workers: new slots
+        self.started = True
+        for message in self.loader:
+            batch, indices = self.handover.receive(message)
+            rows = indices if self.items.by == "index" else self._rows_by_id(batch)
             fetched = self.store._fetch(rows, {})  # [B, L, D], [B, P], ...: one checked copy, reused memory
-            yield {**batch, **(self.collate(fetched) if self.collate is not None else fetched.batch)}
+            batch = {**batch, **(self.collate(fetched) if self.collate is not None else fetched.batch)}
+            yield pin_memory(batch) if self.pin else batch
 
     def _rows_by_id(self, batch: dict) -> list[int]:
         key = self.items.id_key
@@ -141,10 +153,6 @@ class _Items(Dataset):
 
     def __getitem__(self, index: int) -> tuple[dict, int]:
         return self.joined._as_dict(self.joined.dataset[index]), index
-
-
-def _collate_items(samples: list[tuple[dict, int]]) -> tuple[dict, torch.Tensor]:
-    return default_collate([item for item, _ in samples]), torch.tensor([i for _, i in samples], dtype=torch.int64)
 
 
 

@@ -15,9 +15,9 @@ second pass; the median of 3 of each. The limit is the disk's sequential read ra
 - the training read path, with 2 DataLoader workers: a user's dataset of VAE latents (one memory-mapped ``.npy``)
   joined with the store (``JoinedDataset``), against one ``.safetensors`` per sample holding latent and text (the
   per-sample cache), and against the same ``.npy`` latents beside one ``.safetensors`` of text per sample (only the
-  text's storage differs); with the CPU time a batch costs the main process and the workers, and two references:
-  the rows joined in the main process (workers ship only the latents), and the floor of any worker-side fetch
-  (a fresh shared-memory segment of a batch's size, nothing copied into it).
+  text's storage differs), and against ``JoinedLoader`` (the same join, each batch in shared memory the workers
+  reuse); with the CPU time a batch costs the main process and the workers, and the floor of any fetch that
+  makes a fresh shared-memory segment a batch (nothing copied into it).
 
     python bench/bench_store.py                          # everything: 1,536 rows, batch 16
     python bench/bench_store.py --sections single,load,checksum,joined   # without the per-format table
@@ -367,7 +367,7 @@ def joined_reads(store_dir: Path, text_files: list[Path], order: list[int], root
             lambda: rate(Latents(latents, text_files)),
             "JoinedDataset(latents .npy, store), store.collate()": lambda: joined(True),
             "JoinedDataset(latents .npy, store), default collate": lambda: joined(False),
-            "JoinedLoader(latents .npy, store): workers the latents, the main process the rows": lambda: rate(
+            "JoinedLoader(latents .npy, store): a reused shared segment a batch": lambda: rate(
                 None, loader=joined_loader()),
             "floor: a fresh shared segment a batch, nothing copied": lambda: rate(Segment(len(order), per_row),
                                                                                    lambda items: items[0])}

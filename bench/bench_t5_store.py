@@ -28,7 +28,8 @@ bench_pipeline.py's ``free_conditioner``): the rows' values do not matter to a r
 collate padding to the batch's longest, with its mask, in shared memory as ``default_collate`` does: the best a
 per-sample cache can do) and one holding the padded [300, 4096] row and mask (kohya-like caches, default collate);
 the floor of any worker-side fetch (a fresh shared segment of the batch's size a batch, nothing copied, as
-bench_store.py's ``joined``); and the store and the kept-rows files read in the main process (workers 0).
+bench_store.py's ``joined``); ``JoinedLoader`` (the workers' batches in shared memory they reuse); and the store
+and the kept-rows files read in the main process (workers 0).
 DataLoader batch 16, 2 persistent workers, warm (an epoch of each first), ``--passes`` epochs of each, alternating,
 each epoch a new shuffle (the same for every way); medians. Target: the store >= 2x the best per-sample format, both
 with 2 workers.
@@ -394,7 +395,7 @@ def write_per_sample(store: EmbeddingStore, root: Path) -> tuple[dict[str, list[
 
 
 STORE_WAY = "EmbeddingStore, store.collate()"
-LOADER_WAY = "JoinedLoader (workers: your items; main process: the store's rows), store.collate()"
+LOADER_WAY = "JoinedLoader (a reused shared segment a batch), store.collate()"
 
 
 def loader_section(a: argparse.Namespace, folder: Path, texts: list[str], root: Path) -> dict:
@@ -428,8 +429,8 @@ def loader_section(a: argparse.Namespace, folder: Path, texts: list[str], root: 
             (STORE_WAY, 0): (checked, checked.collate(), "store"),
             (kept_rows, 0): (PerSample(files["kept"]), pad_collate, "kept")}
     loaders = {key: loader(dataset, collate, key[1]) for key, (dataset, collate, _) in ways.items()}
-    # The first-class main-process join: its workers load the items of a dataset of yours (here nothing but each
-    # index, a dataset of text rows having no other data), the store's rows are copied in the main process.
+    # The first-class join: its workers fetch the items of a dataset of yours (here nothing but each index, a dataset
+    # of text rows having no other data) with the store's rows, into shared memory they reuse.
     loaders[(LOADER_WAY, LOADER_WORKERS)] = JoinedLoader(
         [{"index": i} for i in range(len(texts))], checked, batch_size=LOADER_BATCH, sampler=order,
         num_workers=LOADER_WORKERS, persistent_workers=True, prefetch_factor=4, collate=checked.collate())
@@ -475,7 +476,7 @@ def loader_table(r: dict) -> tuple[str, dict[str, float]]:
         disk = f"{w['disk_bytes_per_row'] / 1e3:,.0f} kB" if w["disk_bytes_per_row"] else "-"
         lines.append(f"| {w['way']} | {w['workers']} | {disk} | {statistics.mean(w['batch_rows']):.1f} "
                      f"| {rate(w):,.0f} | {min(rates):,.0f}-{max(rates):,.0f} | **{rate(w) / best:.2f}** |")
-    ours = (STORE_WAY, LOADER_WAY)  # the store read by workers, or by the main process beside workers
+    ours = (STORE_WAY, LOADER_WAY)  # the store read by workers through a DataLoader, or by JoinedLoader
     store = max(rate(w) for w in peers if w["way"] in ours)
     store_any = max(rate(w) for w in r["ways"] if w["way"] in ours)
     return "\n".join(lines), {"workers": store / best, "any": store_any / best_any}

@@ -326,22 +326,27 @@ def test_a_sana_store_keeps_the_bos_row_and_the_prompt_rows(t5_pipes, tmp_path):
     assert torch.equal(store.null(1).mask, tc.null(1).padded(300).mask)  # the BOS row alone
 
 
-def test_the_joined_loader_reads_masked_rows_in_the_main_process(pixart_store):
-    """Bug: JoinedLoader losing a masked batch's mask or length, or joining rows to the wrong items."""
+def test_the_joined_loader_reads_masked_rows_into_reused_memory(pixart_store):
+    """Bug: JoinedLoader losing a masked batch's mask or length, joining rows to the wrong items, or a reused
+    segment keeping the last batch's rows past a shorter batch's kept rows (memory taken as zeros when it is not):
+    120 rows in batches of 4 for 3 epochs, shuffled, through a few segments per worker."""
     from clipcond import JoinedLoader
 
     out, _ = pixart_store
     store = EmbeddingStore(out)
     latents = [{"latent": torch.full((4, 2, 2), float(i))} for i in range(len(store))]
-    loader = JoinedLoader(latents, store, batch_size=16, shuffle=True, num_workers=2, collate=store.collate())
-    seen = 0
-    for batch in loader:
-        rows = batch["row"].tolist()
-        assert batch["latent"][:, 0, 0, 0].tolist() == [float(r) for r in rows]
-        ref = store.collate()(store.__getitems__(rows))
-        assert torch.equal(batch["mask"], ref["mask"]) and torch.equal(batch["sequence"], ref["sequence"])
-        seen += len(rows)
-    assert seen == len(store)
+    loader = JoinedLoader(latents, store, batch_size=4, shuffle=True, num_workers=2, persistent_workers=True,
+                          collate=store.collate())
+    seen, segments = 0, {}
+    for _ in range(3):
+        for batch in loader:
+            segments.update((id(s), s) for s in loader.handover.mapped.values())
+            rows = batch["row"].tolist()
+            assert batch["latent"][:, 0, 0, 0].tolist() == [float(r) for r in rows]
+            ref = store.collate()(store.__getitems__(rows))  # the main process's own read
+            assert torch.equal(batch["mask"], ref["mask"]) and torch.equal(batch["sequence"], ref["sequence"])
+            seen += len(rows)
+    assert seen == 3 * len(store) and len(segments) < seen // 4 // 3  # reused: fewer than a third of the batches
 
 
 def test_length_grouped_batches_of_a_masked_store(pixart, pixart_store):

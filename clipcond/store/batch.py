@@ -8,6 +8,7 @@ from __future__ import annotations
 import math
 import threading
 import weakref
+from collections.abc import Callable
 from dataclasses import dataclass
 
 import numpy as np
@@ -51,25 +52,29 @@ class BatchBuffers:
             return torch.from_numpy(lent)
 
 
-def batch_tensors(buffers: BatchBuffers, *specs: tuple[tuple[int, ...], torch.dtype]) -> list[torch.Tensor]:
-    """Empty batch tensors of these (shape, dtype)s, views of one buffer. In a DataLoader worker the buffer is a
-    new shared-memory segment, its pages given at once (``populate``), as default_collate makes its batches there:
-    handing the batch to the main process then copies nothing, and passes one segment (one file descriptor,
-    ~0.5 ms each to send and receive) for all of its tensors. In the main process, from ``buffers``."""
+def batch_tensors(buffers: BatchBuffers, *specs: tuple[tuple[int, ...], torch.dtype],
+                  memory: Callable[[int], torch.Tensor | None] | None = None) -> tuple[list[torch.Tensor], bool]:
+    """Empty batch tensors of these (shape, dtype)s, views of one buffer, and whether that buffer is zeros. In a
+    DataLoader worker the buffer is ``memory(size)`` where that gives one (a JoinedLoader's reused shared memory,
+    old contents left in place), else a new shared-memory segment, its pages given at once (``populate``), as
+    default_collate makes its batches there: handing the batch to the main process then copies nothing, and
+    passes one segment (one file descriptor, ~0.5 ms each to send and receive) for all of its tensors. In the
+    main process, from ``buffers``."""
     offsets, size = [], 0
     for shape, dtype in specs:
         size += -size % 8  # every view 8-byte aligned
         offsets.append(size)
         size += math.prod(shape) * dtype.itemsize
+    fresh = False
     if get_worker_info() is None:
         buffer = buffers.get(size)
-    elif size:
-        buffer = torch.empty(0, dtype=torch.uint8).new(torch.UntypedStorage._new_shared(size))
+    elif size and (buffer := memory(size) if memory is not None else None) is None:
+        buffer, fresh = torch.empty(0, dtype=torch.uint8).new(torch.UntypedStorage._new_shared(size)), True
         populate(buffer.numpy())
-    else:  # nothing to share (an empty batch): a segment cannot be empty
+    elif not size:  # nothing to share (an empty batch): a segment cannot be empty
         buffer = torch.empty(0, dtype=torch.uint8)
     return [buffer[a : a + math.prod(shape) * dtype.itemsize].view(dtype).view(shape) if math.prod(shape)
-            else torch.empty(shape, dtype=dtype) for a, (shape, dtype) in zip(offsets, specs, strict=True)]
+            else torch.empty(shape, dtype=dtype) for a, (shape, dtype) in zip(offsets, specs, strict=True)], fresh
 
 
 class Rows(list):

@@ -13,7 +13,7 @@ from typing import Literal
 
 import numpy as np
 import torch
-from torch.utils.data import DataLoader, Dataset, Sampler
+from torch.utils.data import DataLoader, Dataset, Sampler, default_collate
 from torch.utils.data._utils.pin_memory import pin_memory
 
 from clipcond.store.batch import Column, Rows
@@ -60,13 +60,16 @@ class JoinedDataset(Dataset):
         return self.__getitems__([index])[0]
 
     def __getitems__(self, indices: Sequence[int]) -> Rows:
+        return self._join(indices)
+
+    def _join(self, indices: Sequence[int], memory: Callable[[int], torch.Tensor | None] | None = None) -> Rows:
         fetch = getattr(self.dataset, "__getitems__", None)
         items = [self._as_dict(item) for item in (fetch(indices) if fetch else [self.dataset[i] for i in indices])]
         rows = list(indices) if self.by == "index" else [self._row_of(item, i) for item, i in
                                                           zip(items, indices, strict=True)]
         columns = {key: column for key in (items[0] if items else ()) if all(key in item for item in items)
                    and (column := Column.of([item[key] for item in items])) is not None}
-        fetched = self.store._fetch(rows, columns)  # [B, L, D], [B, P] and your columns: one copy, rows checked
+        fetched = self.store._fetch(rows, columns, memory)  # [B, L, D], [B, P], your columns: one copy, checked
         joined = Rows({**item, **row} for item, row in zip(items, fetched, strict=True))
         joined.batch, joined.dropped = fetched.batch, fetched.dropped
         return joined
@@ -87,19 +90,20 @@ class JoinedDataset(Dataset):
 
 
 class JoinedLoader:
-    """A DataLoader over your dataset whose workers load only your items; each batch's store rows are fetched in the
-    main process, checked, into batch memory it reuses once a batch is gone (``EmbeddingStore.batch``).
+    """A DataLoader over your dataset joined with the store (as ``JoinedDataset``) whose workers hand each batch to
+    the main process through shared memory they reuse; the store's collate runs in the main process.
 
-    The fast way to train from a store beside per-sample data once workers are on. Your items come back as
-    ``default_collate`` makes them, but their tensors, arrays and numbers are stacked into shared memory each
-    worker reuses (``clipcond/store/handover.py``): a segment is written over only once no tensor of the batch
-    it last held is left, so keeping batches is safe, and a worker whose segments are all held collates as torch
-    does. (A worker-side join, ``JoinedDataset``, must make a new segment a batch to hand its rows over:
-    docs/performance.md, "Reading a store in training".) Rows as in ``JoinedDataset``: ``by="index"`` (row i
-    with row i) or ``by="id"`` (``store.row_of(item[id_key])``). ``collate``: ``store.collate(...)`` (caption
-    dropout, variants, per-tower dropout; run here, in the main process, so ``set_epoch`` needs no new loader);
-    None: the rows as stacked. Every other keyword goes to the ``DataLoader`` (``batch_size``, ``shuffle``,
-    ``num_workers``, ``sampler``, ``persistent_workers``...); ``pin_memory=True`` pins the whole joined batch:
+    The fast way to train from a store beside per-sample data once workers are on. Each worker fetches a batch's
+    store rows and stacks your items' tensors, arrays and numbers in one checked copy into one shared-memory
+    segment of a few it keeps, which the main process maps once (``clipcond/store/handover.py``); torch's way
+    (``JoinedDataset`` in a plain DataLoader) makes, sends and maps a new segment a batch, which costs more than
+    reading the rows (docs/performance.md, "Reading a store in training"). A segment is written over only once
+    no tensor of the batch it last held is left, so keeping batches is safe; a worker whose segments are all held
+    makes a new one. Rows as in ``JoinedDataset``: ``by="index"`` (row i with row i) or ``by="id"``
+    (``store.row_of(item[id_key])``). ``collate``: ``store.collate(...)`` (caption dropout, variants, per-tower
+    dropout; run in the main process, so ``set_epoch`` needs no new loader); None: the rows as stacked. Every other
+    keyword goes to the ``DataLoader`` (``batch_size``, ``shuffle``, ``num_workers``, ``sampler``,
+    ``persistent_workers``...); ``pin_memory=True`` pins the whole joined batch:
 
         loader = clipcond.JoinedLoader(latents, store, batch_size=16, shuffle=True, num_workers=2,
                                        collate=store.collate(drop_prob=0.1, seed=0))
@@ -110,14 +114,14 @@ class JoinedLoader:
     def __init__(self, dataset: Dataset, store: EmbeddingStore, *, by: Literal["index", "id"] = "index",
                  id_key: str = "id", collate: Callable[[Rows], dict] | None = None, **loader_kwargs: object) -> None:
         if "collate_fn" in loader_kwargs:
-            raise TypeError("JoinedLoader collates your items with default_collate in the workers; give the store's "
-                            "collate as collate= (it runs in the main process)")
-        self.items = JoinedDataset(dataset, store, by=by, id_key=id_key)  # the same checks and row rules
-        self.store, self.collate, self.started = store, collate, False
+            raise TypeError("JoinedLoader stacks your items as default_collate would in the workers; give the "
+                            "store's collate as collate= (it runs in the main process)")
+        self.joined = JoinedDataset(dataset, store, by=by, id_key=id_key)
+        self.collate, self.started = collate, False
         self.pin = bool(loader_kwargs.pop("pin_memory", False)) and torch.accelerator.is_available()
         self.handover = Handover(int(loader_kwargs.get("num_workers", 0)),
                                  int(loader_kwargs.get("prefetch_factor") or 2))
-        self.loader = DataLoader(_Items(self.items), collate_fn=self.handover, **loader_kwargs)
+        self.loader = DataLoader(_Fetch(self.joined, self.handover), collate_fn=self.handover, **loader_kwargs)
 
     def __len__(self) -> int:
         return len(self.loader)
@@ -127,34 +131,26 @@ class JoinedLoader:
             self.handover.start()  # new workers: new slots
         self.started = True
         for message in self.loader:
-            batch, indices = self.handover.receive(message)
-            rows = indices if self.items.by == "index" else self._rows_by_id(batch)
-            fetched = self.store._fetch(rows, {})  # [B, L, D], [B, P], ...: one checked copy, reused memory
-            batch = {**batch, **(self.collate(fetched) if self.collate is not None else fetched.batch)}
+            rows = self.handover.receive(message)
+            batch = self.collate(rows) if self.collate is not None else {
+                **rows.batch, **{key: default_collate([item[key] for item in rows]) for key in
+                                 (rows[0] if rows else ()) if key not in rows.batch}}
+            first = [key for key in (rows[0] if rows else ()) if key not in STORE_KEYS]  # yours, in your order
+            batch = {**{key: batch[key] for key in first if key in batch}, **batch}
             yield pin_memory(batch) if self.pin else batch
 
-    def _rows_by_id(self, batch: dict) -> list[int]:
-        key = self.items.id_key
-        if key not in batch:
-            raise KeyError(f"JoinedLoader(by='id') reads each item's id from {key!r}; the items have keys "
-                           f"{sorted(batch)}: pass id_key=")
-        ids = batch[key]
-        return [self.store.row_of(k) for k in (ids.tolist() if isinstance(ids, torch.Tensor) else ids)]
 
+class _Fetch(Dataset):
+    """A ``JoinedLoader`` worker's dataset: the joined batch, fetched into the hand-over's memory."""
 
-class _Items(Dataset):
-    """A worker's side of ``JoinedLoader``: your items (as dicts) and their indices, no store rows."""
-
-    def __init__(self, joined: JoinedDataset) -> None:
-        self.joined = joined
+    def __init__(self, joined: JoinedDataset, handover: Handover) -> None:
+        self.joined, self.handover = joined, handover
 
     def __len__(self) -> int:
         return len(self.joined)
 
-    def __getitem__(self, index: int) -> tuple[dict, int]:
-        return self.joined._as_dict(self.joined.dataset[index]), index
-
-
+    def __getitems__(self, indices: Sequence[int]) -> Rows:
+        return self.joined._join(indices, self.handover.memory)
 
 
 class LengthGroupedSampler(Sampler[int]):

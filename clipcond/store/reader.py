@@ -18,13 +18,13 @@ import mmap
 import operator
 import os
 from collections import OrderedDict
-from collections.abc import Mapping, Sequence
+from collections.abc import Callable, Mapping, Sequence
 from pathlib import Path
 from typing import Literal
 
 import numpy as np
 import torch
-from torch.utils.data import Dataset, get_worker_info
+from torch.utils.data import Dataset
 
 from clipcond._files import id_hash
 from clipcond.conditioning import Conditioning
@@ -272,9 +272,11 @@ class EmbeddingStore(Dataset):
         that the rows never cross from a worker (docs/store.md)."""
         return self._fetch([int(r) for r in rows], {}).batch
 
-    def _fetch(self, rows: Sequence[int], columns: dict[str, Column]) -> Rows:
+    def _fetch(self, rows: Sequence[int], columns: dict[str, Column],
+               memory: Callable[[int], torch.Tensor | None] | None = None) -> Rows:
         """``__getitems__``, with ``columns`` (a joined dataset's fields, one value per row) stacked into the same
-        batch memory by the same copy: in a DataLoader worker, one shared-memory segment for the whole batch.
+        batch memory by the same copy: in a DataLoader worker, one shared-memory segment for the whole batch
+        (``memory``: where a worker gets it, see ``batch_tensors``).
 
         A masked layout's batch is as long as its longest row (``pad_to="longest"``, the masked presets) or the
         recipe's full length, with ``mask`` [B, L']; rows the store does not hold (past a row's kept rows, SD3's
@@ -288,8 +290,7 @@ class EmbeddingStore(Dataset):
         if layout.masked:
             specs.append(((n, length), torch.int64))  # [B, L'] the mask
         specs += [((n, *column.shape), column.dtype) for column in columns.values()]
-        sequence, pooled, row_ids, dropped, *stacked = batch_tensors(self._buffers, *specs)
-        fresh = get_worker_info() is not None  # a new shared segment: zeros already (_batch_tensors)
+        (sequence, pooled, row_ids, dropped, *stacked), fresh = batch_tensors(self._buffers, *specs, memory=memory)
         mask = stacked.pop(0) if layout.masked else None
         row_ids.copy_(torch.tensor(rows, dtype=torch.int64))
         order = sorted(range(n), key=lambda i: (id(located[i][0]), located[i][1]))  # file order: readahead

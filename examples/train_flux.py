@@ -9,8 +9,9 @@ plain fine-tune: no LoRA), with clipcond as both text encoders:
    beside the 12B transformer. Flux lets T5 attend to its padding and its transformer takes no mask: the store keeps
    every row, and every batch is ``[B, 256, D]``;
 2. your latents dataset (``Latents``: a VAE latent per row) and the store are read together by
-   ``JoinedLoader(latents, store)``: the ``num_workers=2`` DataLoader workers load the latents and the main process
-   fetches each batch's store rows in one checked copy; ``store.collate(drop_prob={"clip_l": 0.1, "t5": 0.1}, seed=0)``
+   ``JoinedLoader(latents, store)``: the ``num_workers=2`` DataLoader workers load the latents and fetch each
+   batch's store rows in one checked copy, into shared memory they reuse;
+   ``store.collate(drop_prob={"clip_l": 0.1, "t5": 0.1}, seed=0)``
    drops each text encoder's part of a row on its own, zeroed (a row may lose its CLIP-L pooled vector, its T5 rows,
    both or neither: kohya sd-scripts' ``--clip_l_dropout_rate`` / ``--t5_dropout_rate``, which it offers for SD3;
    one number instead replaces whole rows by the stored ``""`` encoding, as a caption dropout to ``""`` does);
@@ -227,7 +228,7 @@ def train(args: argparse.Namespace, store: EmbeddingStore) -> list[float]:
     g = torch.Generator(device).manual_seed(args.seed)  # noise and timesteps: reproducible
     drop_prob = {"clip_l": args.clip_l_drop_prob, "t5": args.t5_drop_prob}  # per text encoder, zeroed
     collate = store.collate(drop_prob=drop_prob, seed=args.seed)  # parts of rows zeroed, a new draw per epoch
-    # Row r: your latent (loaded by the workers) + the store's row r (fetched in the main process, checked).
+    # Row r: your latent + the store's row r (checked), both fetched by the workers; the collate runs here.
     loader = JoinedLoader(load_latents(args, store, transformer), store, batch_size=args.batch_size, shuffle=True,
                           num_workers=args.workers, collate=collate,
                           generator=torch.Generator().manual_seed(args.seed))

@@ -8,9 +8,9 @@ The conditioning part of a PixArt-Sigma training step (PixArt-sigma's ``train_sc
    caption's mask keeps (its tokens and EOS: ~20 of 300 rows for a LAION-like caption), so T5-XXL (9.5 GB in fp16)
    never sits beside the transformer and the store is ~15x smaller than padded rows;
 2. your latents dataset (``Latents``: a VAE latent per row) and the store are read together by
-   ``JoinedLoader(latents, store)``: the ``num_workers=2`` DataLoader workers load the latents, and the main process
-   fetches each batch's store rows in one checked copy, pads them to the batch's longest caption (``L' <= 300``)
-   and builds the mask ``[B, L']`` (the rows never cross a process boundary: docs/store.md);
+   ``JoinedLoader(latents, store)``: each of the ``num_workers=2`` DataLoader workers loads a batch's latents and
+   fetches its store rows in one checked copy, padded to the batch's longest caption (``L' <= 300``) with the mask
+   ``[B, L']``, into shared memory it reuses (nothing made or mapped a batch: docs/store.md);
    ``store.collate(drop_prob=0.1, seed=0)`` replaces rows by the stored null (``""`` encoded, with its mask: what the
    pipeline uses as "no negative prompt") for classifier-free guidance;
 3. ``store.conditioning(batch).pipeline_kwargs()`` names the tensors as ``PixArtSigmaPipeline.__call__`` does:
@@ -158,7 +158,7 @@ def train(args: argparse.Namespace, store: EmbeddingStore) -> list[float]:
     device = torch.device(args.device)
     g = torch.Generator(device).manual_seed(args.seed)  # noise and timesteps: reproducible
     collate = store.collate(drop_prob=args.drop_prob, seed=args.seed)  # rows -> the stored null, per epoch
-    # Row r: your latent (loaded by the workers) + the store's row r (fetched in the main process, checked).
+    # Row r: your latent + the store's row r (checked), both fetched by the workers; the collate runs here.
     loader = JoinedLoader(load_latents(args, store, transformer), store, batch_size=args.batch_size, shuffle=True,
                           num_workers=args.workers, collate=collate,
                           generator=torch.Generator().manual_seed(args.seed))

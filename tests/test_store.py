@@ -231,6 +231,22 @@ def test_the_joined_loader_reuses_its_workers_shared_memory(store):
         assert len(segments) <= bound, (len(segments), 2 * len(order) // 8)
 
 
+def test_the_joined_loader_keeps_your_own_dropped_field_without_a_collate(store):
+    """Bug: the store's dropout mask handed over under the name "dropped" and written over a field of yours of that
+    name (with no store collate nothing drops captions, so the batch is yours and the rows as stacked)."""
+    from clipcond import JoinedLoader
+
+    class Flagged(Images):
+        def __getitem__(self, i: int) -> dict:
+            return {"latent": super().__getitem__(i)["latent"], "dropped": i % 3 == 0}
+
+    order = list(range(48))
+    for got, want in zip(JoinedLoader(Flagged(), store, batch_size=8, sampler=order, num_workers=2),
+                         expected_batches(Flagged(), order, 8), strict=True):
+        assert_batches_equal(got, want)
+        assert list(got) == ["latent", "dropped", "sequence", "pooled", "row"]
+
+
 def test_a_joined_batch_made_in_a_worker_is_one_shared_segment(store):
     """In a DataLoader worker the batch (the store's rows, your stacked fields and the dropout mask) is made in
     shared memory, in one segment: the pickler then sends it as one handle. Before, the store's rows were in shared

@@ -41,7 +41,7 @@ class Message:
     slot: int
     segment: torch.Tensor | None
     size: int
-    fields: list[tuple[str, tuple[int, ...], torch.dtype, int]]
+    fields: list[tuple[str | None, tuple[int, ...], torch.dtype, int]]
     rest: list[dict]
     rows: list[int]
     order: list[str]
@@ -93,9 +93,9 @@ class Handover:
         if slot is None:
             return rows
         segment, worker = self.owned[slot], get_worker_info().id
-        tensors = {**rows.batch, "dropped": rows.dropped}
-        fields = [(key, tuple(t.shape), t.dtype, t.data_ptr() - segment.data_ptr()) for key, t in tensors.items()]
-        rest = [{key: value for key, value in item.items() if key not in tensors} for item in rows]
+        fields = [(key, tuple(t.shape), t.dtype, t.data_ptr() - segment.data_ptr())
+                  for key, t in [*rows.batch.items(), (None, rows.dropped)]]  # the dropout mask last, unnamed
+        rest = [{key: value for key, value in item.items() if key not in rows.batch} for item in rows]
         self.flags[worker, slot] = 1  # lent until the main process lets go of this batch
         message = Message(worker, slot, None if self.told[slot] else segment, max(f[3] + _nbytes(f) for f in fields),
                           fields, rest, rows.batch["row"].tolist(), list(rows[0]) if rows else [])
@@ -112,17 +112,18 @@ class Handover:
         lent = self.mapped[key].numpy()[: message.size]  # this batch's own array: gone when the batch is
         weakref.finalize(lent, _release, self.flags.numpy(), *key)
         base = torch.from_numpy(lent)
-        tensors = {name: base[offset : offset + _nbytes(field)].view(dtype).view(shape)
-                   for field in message.fields for name, shape, dtype, offset in [field]}
-        dropped = tensors.pop("dropped")
-        rows = Rows({name: row if name == "row" else tensors[name][i] if name in tensors else rest[name]
-                     for name in message.order} for i, (rest, row) in enumerate(zip(message.rest, message.rows,
-                                                                                      strict=True)))
-        rows.batch, rows.dropped = tensors, dropped
+        views = [base[offset : offset + _nbytes(field)].view(dtype).view(shape)
+                 for field in message.fields for _, shape, dtype, offset in [field]]
+        batch = {field[0]: view for field, view in zip(message.fields[:-1], views, strict=False)}  # all but the mask
+        rows = Rows()
+        for i, (rest, row) in enumerate(zip(message.rest, message.rows, strict=True)):
+            rows.append({name: row if name == "row" else batch[name][i] if name in batch else rest[name]
+                         for name in message.order})
+        rows.batch, rows.dropped = batch, views[-1]
         return rows
 
 
-def _nbytes(field: tuple[str, tuple[int, ...], torch.dtype, int]) -> int:
+def _nbytes(field: tuple[str | None, tuple[int, ...], torch.dtype, int]) -> int:
     return math.prod(field[1]) * field[2].itemsize
 
 

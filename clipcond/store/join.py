@@ -135,7 +135,7 @@ class JoinedLoader:
             batch = self.collate(rows) if self.collate is not None else {
                 **rows.batch, **{key: default_collate([item[key] for item in rows]) for key in
                                  (rows[0] if rows else ()) if key not in rows.batch}}
-            first = [key for key in (rows[0] if rows else ()) if key not in STORE_KEYS]  # yours, in your order
+            first = [key for key in (rows[0] if rows else ()) if key not in (*STORE_KEYS, "mask")]  # yours, in order
             batch = {**{key: batch[key] for key in first if key in batch}, **batch}
             yield pin_memory(batch) if self.pin else batch
 

@@ -33,7 +33,8 @@ import torch
 
 from clipcond import TextConditioner
 from clipcond.encoders.names import get_spec
-from clipcond.encoders.t5 import T5Prompts, random_t5
+from clipcond.encoders.t5 import random_t5
+from clipcond.text.t5_tokens import T5Prompts
 from clipcond.text.tokenizer import Tokens
 
 SIZES = {"xl": {"d_model": 2048, "layers": 24, "heads": 32, "d_kv": 64, "d_ff": 5120},

@@ -307,7 +307,7 @@ def free_conditioner(folder: Path, batch: int) -> TextConditioner:
     random rows of its longest kept length, assembled and masked by the recipe's own ``assemble``."""
     import clipcond
     from clipcond.encoders.recipes import assemble
-    from clipcond.encoders.t5 import token_mask
+    from clipcond.text.t5_tokens import token_mask
 
     tc = clipcond.TextConditioner.from_pretrained("pixart-sigma", weights=folder, dtype=torch.float16)
     tc.spec = clipcond.get_spec("pixart-sigma")  # the real width in the manifest, the layout and the null

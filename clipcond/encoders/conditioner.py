@@ -33,11 +33,12 @@ from clipcond.encoders.recipes import (
     tower_keys,
     zeros,
 )
-from clipcond.encoders.t5 import T5Prompts, T5Tower, token_mask
+from clipcond.encoders.t5 import T5Tower
 from clipcond.encoders.weights import load_towers
 from clipcond.errors import WeightsError
 from clipcond.specs import EncoderSpec
 from clipcond.text.prompts import Emphasis, WeightStyle
+from clipcond.text.t5_tokens import T5Prompts, token_mask
 from clipcond.text.tokenizer import ClipTokenizer, Tokens, check_prompts
 
 logger = logging.getLogger(__name__)

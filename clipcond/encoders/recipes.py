@@ -32,12 +32,9 @@ from clipcond.conditioning import Conditioning
 from clipcond.encoders.hub import Hub
 from clipcond.encoders.t5 import (
     INDEX_FILES,
-    TOKENIZER_FILES,
     WEIGHT_FILES,
-    T5Prompts,
     T5Tower,
     load_folder,
-    load_tokenizer,
     random_t5,
     read_state,
     tower_from_state,
@@ -45,6 +42,7 @@ from clipcond.encoders.t5 import (
 )
 from clipcond.errors import WeightsError
 from clipcond.specs import EncoderSpec
+from clipcond.text.t5_tokens import TOKENIZER_FILES, T5Prompts, load_tokenizer
 
 logger = logging.getLogger(__name__)
 

@@ -12,8 +12,9 @@ The conditioning part of diffusers' ``train_text_to_image_sdxl.py``, with clipco
    ``clipcond.sdxl_time_ids(original_size, crops_coords_top_left, target_size)`` from what the data
    pipeline recorded: the size before resizing, the random-crop offset, the training resolution;
 4. your image dataset (here ``Latents``: a VAE latent and the image's sizes per row) and the store are
-   read together by ``JoinedDataset(images, store)``: a DataLoader fetches each batch's store rows in one
-   checked copy beside your items (``by="id"`` joins on an id field instead of the row number).
+   read together by ``JoinedLoader(images, store)``: its ``--workers`` DataLoader workers fetch each batch's
+   store rows in one checked copy beside your items, into shared memory they reuse, and the collate (caption
+   dropout) runs in the main process (``by="id"`` joins on an id field instead of the row number).
 
 The latents are fixed random stand-ins for ``vae.encode(x).latent_dist.sample() *
 vae.config.scaling_factor``, so the printed loss must fall: a smoke test of the wiring.
@@ -41,12 +42,11 @@ from typing import TYPE_CHECKING
 
 import torch
 import torch.nn.functional as F
-from torch.utils.data import DataLoader, Dataset
+from torch.utils.data import Dataset
 
 import clipcond
-from clipcond import EmbeddingStore, TextConditioner
+from clipcond import EmbeddingStore, JoinedLoader, TextConditioner
 from clipcond.precompute.job import PrecomputeJob, precompute
-from clipcond.store.join import JoinedDataset
 
 if TYPE_CHECKING:
     from diffusers import DDPMScheduler, UNet2DConditionModel
@@ -129,10 +129,11 @@ def train(args: argparse.Namespace, captions: Path, store: EmbeddingStore) -> li
     g = torch.Generator(device).manual_seed(args.seed)
     latents = torch.randn((len(store), unet.config.in_channels, side, side),
                           generator=torch.Generator().manual_seed(args.seed))  # [N, C, h, w] on the CPU, as loaded
-    images = JoinedDataset(Latents(latents, meta), store)  # row r: your latent and sizes + the store's row r
     collate = store.collate(drop_prob=args.drop_prob, seed=args.seed)  # rows -> the stored null, per epoch
-    loader = DataLoader(images, batch_size=args.batch_size, shuffle=True, collate_fn=collate,
-                        generator=torch.Generator().manual_seed(args.seed))
+    # Row r: your latent and sizes + the store's row r (checked), fetched by the workers; the collate runs here.
+    loader = JoinedLoader(Latents(latents, meta), store, batch_size=args.batch_size, shuffle=True,
+                          num_workers=args.workers, persistent_workers=args.workers > 0, collate=collate,
+                          generator=torch.Generator().manual_seed(args.seed))
     optimizer = torch.optim.AdamW(unet.parameters(), lr=args.lr)
     losses, epoch = [], 0
     while len(losses) < args.steps:
@@ -167,6 +168,7 @@ def main() -> None:
                         help="the conditioner's and store's dtype (the UNet trains in float32)")
     parser.add_argument("--steps", type=int, default=30)
     parser.add_argument("--batch-size", type=int, default=4)
+    parser.add_argument("--workers", type=int, default=2, help="DataLoader workers")
     parser.add_argument("--lr", type=float, default=None, help="AdamW learning rate (tiny: 2e-3, real: 1e-5)")
     parser.add_argument("--drop-prob", type=float, default=0.1, help="caption dropout for CFG")
     parser.add_argument("--seed", type=int, default=0)

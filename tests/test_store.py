@@ -209,6 +209,25 @@ def test_the_joined_loader_never_writes_over_a_batch_you_hold(store):
             assert got["row"].tolist() == want["step"].div(3).tolist()
 
 
+def test_two_iterations_of_one_joined_loader_at_once_keep_their_own_segments(store):
+    """Bug: one table of mapped segments and one flag array for every iteration of a JoinedLoader, so that two
+    running at once (``zip(loader, loader)``) read each other's segments or free each other's slots."""
+    from clipcond import JoinedLoader
+
+    order = list(range(0, ROWS, 2))
+    loader = JoinedLoader(Images(), store, batch_size=8, sampler=order, num_workers=2)
+    kept = []  # every other pair kept to the end: the slots of its batches must stay lent to them
+    for k, (first, second, want) in enumerate(zip(loader, loader, expected_batches(Images(), order, 8),
+                                                  strict=True)):
+        assert_batches_equal(first, want)
+        assert_batches_equal(second, want)
+        if k % 2:
+            kept.append((first, second, want))
+    for first, second, want in kept:
+        assert_batches_equal(first, want)
+        assert_batches_equal(second, want)
+
+
 def test_the_joined_loader_reuses_its_workers_shared_memory(store):
     """Bug: a new shared-memory segment for every batch (made, zeroed, sent and mapped each time: the cost the
     hand-over exists to avoid), or a slot given out again before its batch is gone. A loop that drops each batch
@@ -224,8 +243,8 @@ def test_the_joined_loader_reuses_its_workers_shared_memory(store):
             for got, want in zip(loader, expected_batches(dataset, order, 8), strict=True):
                 assert_batches_equal(got, want)
                 assert any(all(s.data_ptr() <= got[key].data_ptr() < s.data_ptr() + len(s) for key in
-                                   ("latent", "sequence", "pooled")) for s in loader.handover.mapped.values())
-                segments.update((id(s), s) for s in loader.handover.mapped.values())
+                                   ("latent", "sequence", "pooled")) for s in loader.receiver.mapped.values())
+                segments.update((id(s), s) for s in loader.receiver.mapped.values())
                 del got
         bound = 2 * (2 + 2) * (2 if isinstance(dataset, Buckets) else 1)  # workers x slots (x sizes)
         assert len(segments) <= bound, (len(segments), 2 * len(order) // 8)

@@ -49,18 +49,17 @@ class Message:
 
 class Handover:
     """A worker's batch memory (``memory``, for ``EmbeddingStore._fetch``) and collate (``__call__``: the fetched
-    ``Rows`` as a ``Message``), and the main process's ``receive`` (the ``Rows`` again, as views of the segment).
-    Call ``start()`` before the loader starts its workers: a new flag array, so that batches of workers that have
-    ended never mark slots of the new ones free."""
+    ``Rows`` as a ``Message``). ``start()``, called just before the loader starts its workers, gives the main
+    process's side for them (``Receiver``): a new flag array, so that the batches of workers that have ended, or
+    of another iteration running beside this one, never mark slots of the new workers free."""
 
     def __init__(self, workers: int, prefetch: int) -> None:
         self.shape = (max(workers, 1), prefetch + SLOTS)
         self.start()
 
-    def start(self) -> None:
-        self.flags = torch.zeros(self.shape, dtype=torch.uint8).share_memory_()  # [workers, slots]: 1 while lent
-        self.mapped: dict[tuple[int, int], torch.Tensor] = {}  # the main process's maps of the workers' segments
-        self.__setstate__({"shape": self.shape, "flags": self.flags})
+    def start(self) -> Receiver:
+        self.__setstate__({"shape": self.shape, "flags": torch.zeros(self.shape, dtype=torch.uint8).share_memory_()})
+        return Receiver(self.flags)
 
     def __getstate__(self) -> dict:
         return {"shape": self.shape, "flags": self.flags}  # a spawned worker: the flags, none of the segments
@@ -74,7 +73,7 @@ class Handover:
     def memory(self, size: int) -> torch.Tensor | None:
         """``size`` bytes of a slot of this worker that no batch in the main process holds (its segment made
         larger where it is too small); None when every slot is lent, or outside a worker."""
-        info = get_worker_info()
+        info, self.lent = get_worker_info(), None
         free = [k for k in range(self.shape[1]) if not self.flags[info.id, k]] if info is not None else []
         if not free:
             return None
@@ -102,8 +101,17 @@ class Handover:
         self.told[slot] = True
         return message
 
+
+
+class Receiver:
+    """The main process's side of one set of workers: the segments it has mapped (``mapped``), and ``receive``."""
+
+    def __init__(self, flags: torch.Tensor) -> None:
+        self.flags = flags  # [workers, slots], shared with the workers: 1 while lent
+        self.mapped: dict[tuple[int, int], torch.Tensor] = {}
+
     def receive(self, message: Message | Rows) -> Rows:
-        """The main process's side: the worker's ``Rows``, their tensors views of its segment, lent to the batch."""
+        """The worker's ``Rows``, their tensors views of its segment, lent to the batch."""
         if not isinstance(message, Message):
             return message
         key = (message.worker, message.slot)

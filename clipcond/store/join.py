@@ -117,7 +117,7 @@ class JoinedLoader:
             raise TypeError("JoinedLoader stacks your items as default_collate would in the workers; give the "
                             "store's collate as collate= (it runs in the main process)")
         self.joined = JoinedDataset(dataset, store, by=by, id_key=id_key)
-        self.collate, self.started = collate, False
+        self.collate, self.receiver = collate, None
         self.pin = bool(loader_kwargs.pop("pin_memory", False)) and torch.accelerator.is_available()
         self.handover = Handover(int(loader_kwargs.get("num_workers", 0)),
                                  int(loader_kwargs.get("prefetch_factor") or 2))
@@ -127,11 +127,11 @@ class JoinedLoader:
         return len(self.loader)
 
     def __iter__(self) -> Iterator[dict]:
-        if not (self.started and self.loader.persistent_workers):
-            self.handover.start()  # new workers: new slots
-        self.started = True
+        if self.receiver is None or not self.loader.persistent_workers:
+            self.receiver = self.handover.start()  # new workers (started by the loop below): new slots
+        receiver = self.receiver  # this iteration's: another running beside it has its own workers
         for message in self.loader:
-            rows = self.handover.receive(message)
+            rows = receiver.receive(message)
             batch = self.collate(rows) if self.collate is not None else {
                 **rows.batch, **{key: default_collate([item[key] for item in rows]) for key in
                                  (rows[0] if rows else ()) if key not in rows.batch}}

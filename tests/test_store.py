@@ -228,6 +228,25 @@ def test_two_iterations_of_one_joined_loader_at_once_keep_their_own_segments(sto
         assert_batches_equal(second, want)
 
 
+def test_the_joined_loader_with_spawned_workers(store):
+    """Workers started by spawn (macOS and Windows; forkserver, Python 3.14's default on Linux, likewise) get the
+    hand-over pickled: the shared flag array, none of the segments. Bug: a worker with its own copy of the flags
+    (the main process's releases never reaching it: no segment ever reused) or with the parent's segments."""
+    from clipcond import JoinedLoader
+
+    order = list(range(0, 96))
+    loader = JoinedLoader(Images(), store, batch_size=8, sampler=order, num_workers=2, prefetch_factor=2,
+                          multiprocessing_context="spawn", persistent_workers=True)
+    kept = list(zip(loader, expected_batches(Images(), order, 8), strict=True))  # 12 batches, 8 slots: all lent
+    for got, want in kept:
+        assert_batches_equal(got, want)
+    del kept, got, want  # every batch gone: all slots free again
+    for got, want in zip(loader, expected_batches(Images(), order, 8), strict=True):
+        assert_batches_equal(got, want)
+        assert any(s.data_ptr() <= got["latent"].data_ptr() < s.data_ptr() + len(s)
+                   for s in loader.receiver.mapped.values())  # in a reused segment, not a new one
+
+
 def test_the_joined_loader_reuses_its_workers_shared_memory(store):
     """Bug: a new shared-memory segment for every batch (made, zeroed, sent and mapped each time: the cost the
     hand-over exists to avoid), or a slot given out again before its batch is gone. A loop that drops each batch

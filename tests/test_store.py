@@ -16,6 +16,7 @@ from clipcond import Conditioning, EmbeddingStore, JoinedDataset, TextConditione
 from clipcond._files import raw_bytes, safetensors_header
 from clipcond.cli import main
 from clipcond.precompute.job import PrecomputeJob, precompute
+from clipcond.store.handover import SLOTS, Receiver
 from clipcond.store.manifest import MANIFEST
 
 ROWS = 400
@@ -179,6 +180,11 @@ class Buckets(Images):
         return {**item, "latent": torch.randn((4, side, side), generator=torch.Generator().manual_seed(i))}
 
 
+def mapped_segments() -> list[torch.Tensor]:
+    """Every workers' segment this process has mapped (clipcond/store/handover.py)."""
+    return [segment for receiver in Receiver.known.values() for segment in receiver.segments.values()]
+
+
 def expected_batches(dataset: Dataset, order: list[int], batch: int) -> list[dict]:
     return list(DataLoader(dataset, batch_size=batch, sampler=order))  # torch's own: workers 0, default collate
 
@@ -207,6 +213,74 @@ def test_the_joined_loader_never_writes_over_a_batch_you_hold(store):
         for got, want in zip(kept, expected_batches(dataset, order, 8), strict=True):
             assert_batches_equal(got, want)
             assert got["row"].tolist() == want["step"].div(3).tolist()
+
+
+def assert_rows_of(store: EmbeddingStore, batch: dict) -> None:
+    """``batch`` holds the store's rows ``batch["row"]``, as the main process reads them."""
+    want = store.batch(batch["row"].tolist())
+    assert torch.equal(batch["sequence"], want["sequence"]) and torch.equal(batch["pooled"], want["pooled"])
+
+
+class LazyStore(Dataset):
+    """A dataset that opens the store in each worker, as a webdataset pipeline does (examples/webdataset_latents.py),
+    and returns a batch's rows from ``store.batch``."""
+
+    def __init__(self, path: Path) -> None:
+        self.path, self.store = path, None
+
+    def __len__(self) -> int:
+        return ROWS
+
+    def __getitems__(self, rows: list[int]) -> dict:
+        self.store = self.store or EmbeddingStore(self.path)
+        return self.store.batch(rows)
+
+
+@pytest.mark.parametrize("collate", ["store", "as they are", "a dict of them", "default", "lazy store"])
+def test_a_store_read_by_workers_never_has_a_batch_written_over(store, store_dir, collate):
+    """A plain DataLoader over the store: the workers fetch into shared memory they reuse, and store.collate()
+    hands the batch over through it. Every other way a batch can leave a worker (a collate that returns the rows as
+    they are, or a dict of their views, or stacks them again; a store opened in the worker) must never let a slot
+    be written over while the main process still reads it. Bug: a slot given back when the worker's views are gone
+    although torch's pickler shared them, or a batch read from a slot another batch now fills. Every batch is kept
+    to the end of two epochs, then compared with the main process's own reads."""
+    order = list(range(0, ROWS, 2))
+    ways = {"store": (store, store.collate()), "as they are": (store, _as_they_are),
+            "a dict of them": (store, _their_batch), "default": (store, None),
+            "lazy store": (LazyStore(store_dir), _as_they_are)}
+    dataset, collate_fn = ways[collate]
+    loader = DataLoader(dataset, batch_size=8, sampler=order, num_workers=2, collate_fn=collate_fn,
+                        persistent_workers=True)
+    kept = [batch for _ in range(2) for batch in loader]
+    assert [batch["row"].tolist() for batch in kept] == [order[a : a + 8] for a in range(0, len(order), 8)] * 2
+    for batch in kept:
+        assert_rows_of(store, batch)
+
+
+def _as_they_are(rows: list) -> object:
+    return rows.batch if hasattr(rows, "batch") else rows
+
+
+def _their_batch(rows: list) -> dict:
+    return dict(rows.batch)
+
+
+def test_a_store_read_by_workers_reuses_their_memory(store):
+    """Bug: the plain DataLoader path making a new segment every batch (store.collate() not handing the batch over
+    through the worker's memory), or slots never given back by the main process."""
+    order = list(range(ROWS))
+    loader = DataLoader(store, batch_size=8, sampler=order, num_workers=2, collate_fn=store.collate(),
+                        persistent_workers=True)
+    before = {id(s) for s in mapped_segments()}
+    segments = {}
+    for _ in range(2):
+        for batch in loader:
+            assert_rows_of(store, batch)
+            assert any(s.data_ptr() <= batch["sequence"].data_ptr() < s.data_ptr() + len(s)
+                       for s in mapped_segments())
+            segments.update((id(s), s) for s in mapped_segments() if id(s) not in before)
+            del batch
+    assert len(segments) <= 2 * SLOTS, (len(segments), 2 * len(order) // 8)
 
 
 def test_two_iterations_of_one_joined_loader_at_once_keep_their_own_segments(store):
@@ -244,7 +318,7 @@ def test_the_joined_loader_with_spawned_workers(store):
     for got, want in zip(loader, expected_batches(Images(), order, 8), strict=True):
         assert_batches_equal(got, want)
         assert any(s.data_ptr() <= got["latent"].data_ptr() < s.data_ptr() + len(s)
-                   for s in loader.receiver.mapped.values())  # in a reused segment, not a new one
+                   for s in mapped_segments())  # in a reused segment, not a new one
 
 
 def test_the_joined_loader_reuses_its_workers_shared_memory(store):
@@ -262,10 +336,10 @@ def test_the_joined_loader_reuses_its_workers_shared_memory(store):
             for got, want in zip(loader, expected_batches(dataset, order, 8), strict=True):
                 assert_batches_equal(got, want)
                 assert any(all(s.data_ptr() <= got[key].data_ptr() < s.data_ptr() + len(s) for key in
-                                   ("latent", "sequence", "pooled")) for s in loader.receiver.mapped.values())
-                segments.update((id(s), s) for s in loader.receiver.mapped.values())
+                                   ("latent", "sequence", "pooled")) for s in mapped_segments())
+                segments.update((id(s), s) for s in mapped_segments())
                 del got
-        bound = 2 * (2 + 2) * (2 if isinstance(dataset, Buckets) else 1)  # workers x slots (x sizes)
+        bound = 2 * SLOTS * (2 if isinstance(dataset, Buckets) else 1)  # workers x slots (x sizes)
         assert len(segments) <= bound, (len(segments), 2 * len(order) // 8)
 
 
@@ -285,24 +359,26 @@ def test_the_joined_loader_keeps_your_own_dropped_field_without_a_collate(store)
         assert list(got) == ["latent", "dropped", "sequence", "pooled", "row"]
 
 
-def test_a_joined_batch_made_in_a_worker_is_one_shared_segment(store):
-    """In a DataLoader worker the batch (the store's rows, your stacked fields and the dropout mask) is made in
-    shared memory, in one segment: the pickler then sends it as one handle. Before, the store's rows were in shared
-    memory but each field default_collate stacked and the mask were segments of their own (one file descriptor and
-    ~0.5 ms each), and a batch in ordinary memory would be copied into a new segment by the pickler."""
+def test_a_joined_batch_made_in_a_worker_crosses_in_one_reused_segment(store):
+    """In a DataLoader worker the batch (the store's rows, your stacked fields and the dropout mask) is made in one
+    segment of shared memory the worker reuses, and ``store.collate`` hands it over through it: in the main process
+    every tensor of the batch is a view of one segment mapped once. Bug: fields in segments of their own (a file
+    descriptor each, ~0.5 ms), the batch left to torch's pickler (a new segment made, sent and mapped every
+    batch), or the hand-over's wrapper reaching your loop instead of a dict."""
     collate = store.collate(0.5, seed=1)
 
     def in_worker(items: list) -> dict:
         batch = collate(items)
-        tensors = [value for value in batch.values() if isinstance(value, torch.Tensor)]
-        batch["shared"] = all(t.is_shared() for t in tensors)  # made there, before any pickling
-        batch["segments"] = len({t.untyped_storage().data_ptr() for t in tensors})
+        batch["lent"] = type(batch).__name__ == "Lent"  # made there, before any pickling
         return batch
 
     loader = DataLoader(JoinedDataset(Images(), store), batch_size=16, num_workers=2, collate_fn=in_worker)
     seen = []
     for batch in loader:
-        assert batch["shared"] and batch["segments"] == 1
+        assert batch["lent"] and type(batch) is dict
+        tensors = [value for value in batch.values() if isinstance(value, torch.Tensor)]
+        assert len({t.untyped_storage().data_ptr() for t in tensors}) == 1
+        assert any(s.data_ptr() <= tensors[0].data_ptr() < s.data_ptr() + len(s) for s in mapped_segments())
         rows = batch["row"].tolist()
         assert torch.equal(batch["latent"], torch.stack([Images()[r]["latent"] for r in rows]))
         kept = ~batch["dropped"]

@@ -20,6 +20,7 @@ from torch.utils.data import DataLoader
 from clipcond import EmbeddingStore, TextConditioner
 from clipcond.precompute.job import PrecomputeJob, precompute
 from clipcond.store.gc import collect
+from clipcond.store.handover import Receiver
 
 TOL = {"atol": 2e-6, "rtol": 1e-5}  # float32, the same weights; only the batches' composition differs
 WORDS = "a photo of the cat dog red blue big small old new on in with at sunset city street portrait painting".split()
@@ -340,7 +341,7 @@ def test_the_joined_loader_reads_masked_rows_into_reused_memory(pixart_store):
     seen, segments = 0, {}
     for _ in range(3):
         for batch in loader:
-            segments.update((id(s), s) for s in loader.receiver.mapped.values())
+            segments.update((id(s), s) for r in Receiver.known.values() for s in r.segments.values())
             rows = batch["row"].tolist()
             assert batch["latent"][:, 0, 0, 0].tolist() == [float(r) for r in rows]
             ref = store.collate()(store.__getitems__(rows))  # the main process's own read

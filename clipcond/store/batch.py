@@ -78,11 +78,13 @@ def batch_tensors(buffers: BatchBuffers, *specs: tuple[tuple[int, ...], torch.dt
 
 
 class Rows(list):
-    """``EmbeddingStore.__getitems__``'s items, with ``batch``: the same rows already stacked, and ``dropped``: a
-    [B] bool in the same memory, for the collate's caption dropout mask."""
+    """``EmbeddingStore.__getitems__``'s items, with ``batch``: the same rows already stacked, ``dropped``: a
+    [B] bool in the same memory, for the collate's caption dropout mask, and ``lease``: in a DataLoader worker, the
+    reused shared memory they lie in (``Lent`` hands a batch over through it), else None."""
 
     batch: dict[str, torch.Tensor]
     dropped: torch.Tensor
+    lease: object = None
 
 
 SCALARS = {bool: (torch.bool, np.bool_), int: (torch.int64, np.int64), float: (torch.float64, np.float64)}

@@ -17,6 +17,7 @@ from clipcond.conditioning import Conditioning
 from clipcond.encoders.recipes import drop_parts, tower_keys
 from clipcond.specs import EncoderSpec
 from clipcond.store.batch import Rows
+from clipcond.store.handover import Lent
 
 if TYPE_CHECKING:
     from clipcond.store.reader import EmbeddingStore
@@ -102,7 +103,7 @@ class CaptionDropout:
                 batch["sequence"], batch["pooled"] = c.sequence, c.pooled
             batch["dropped"] = torch.stack(list(dropped.values())).any(0)  # [B]: some part of the row dropped
             batch["dropped_towers"] = dropped  # {"clip_l": [B], ...}
-            return batch
+            return _handed_over(batch, items)
         if isinstance(items, Rows):
             dropped = items.dropped.copy_(dropped)  # in the batch's memory: a worker's batch stays one shared segment
         if dropped.any():
@@ -112,7 +113,7 @@ class CaptionDropout:
             if self.null_mask is not None:
                 batch["mask"][dropped] = self.null_mask[:length]
         batch["dropped"] = dropped
-        return batch
+        return _handed_over(batch, items)
 
     def _stacked(self, items: Rows) -> dict:
         """The batch a fetch stacked (``items.batch``), the items' other keys collated, the chosen variants read
@@ -136,3 +137,10 @@ class CaptionDropout:
             if "mask" in batch:
                 batch["mask"][i] = c["mask"][:length]
         return batch
+
+
+def _handed_over(batch: dict, items: list[dict]) -> dict:
+    """The batch, as a DataLoader worker hands it to the main process through the reused memory its rows lie in
+    (clipcond/store/handover.py), where they do."""
+    lease = getattr(items, "lease", None)
+    return Lent(batch, lease) if lease is not None else batch

@@ -2,20 +2,26 @@
 
 torch hands a worker's batch over in new shared-memory segments: per batch, each is made, its pages zeroed by the
 kernel, sent as a file descriptor, received, mapped and unmapped again. On 2 cores that costs more than reading
-16 SDXL rows from the page cache (docs/performance.md, "Reading a store in training"). A ``JoinedLoader``'s
-workers fetch a batch (the store's rows and your stacked fields, in one copy) into one segment of a few that
-each keeps (``SLOTS`` beyond its prefetched batches); the main process maps each segment once and afterwards
-receives only its number.
+16 SDXL rows from the page cache (docs/performance.md, "Reading a store in training"). Instead, a worker fetches
+the store's rows (and a join's stacked fields) into one of ``SLOTS`` segments it keeps (``Lending.memory``); the
+store's collate (or ``JoinedLoader``'s) wraps the batch in ``Lent``, which pickles as the slot's number and each
+tensor's place in it; the main process maps each segment once (``Receiver``) and afterwards only makes views.
 
-A segment is written over only once the main process has let go of the batch it last held: the batch's tensors
-are views of one array made for that batch, and when the last tensor, view or array of the batch is gone a
-weak-reference callback marks the slot free in a flag array both processes share (so a batch a training loop
-keeps, or a list of batches, is never overwritten). A worker with no free slot makes a new segment, as torch does.
+A slot is written over only once nothing can still read its last batch. In the main process the batch's tensors
+are views of one array made for that batch; when the last tensor, view or array of it is gone, a weak-reference
+callback marks the slot free in a flag array the worker shares. A batch that leaves the worker in any other way
+(another collate copies the rows, or returns them as they are) is free once the worker's own views are gone:
+torch's pickler copies a worker's views into a new segment of their own (they are not shared memory to it), so
+no other process ever reads a slot but through ``Lent``. A worker whose slots are all lent makes a new segment,
+as torch does.
 """
 
 from __future__ import annotations
 
-import math
+import copy
+import os
+import secrets
+import threading
 import weakref
 from dataclasses import dataclass
 
@@ -23,117 +29,196 @@ import numpy as np
 import torch
 from torch.utils.data import get_worker_info
 
-from clipcond.store.batch import Rows
 from clipcond.store.checksums import populate
 
-SLOTS = 2  # segments a worker keeps beyond its prefetched batches: the batch a loop holds, and the one it drops
+SLOTS = 8  # segments a worker may keep: its prefetched batches, the one a loop holds, the one it drops
 HEADROOM = 4  # a segment made for a larger batch than its slot held gets 1/HEADROOM more (masked batches vary)
 
 
-@dataclass
-class Message:
-    """One worker batch on its way to the main process (a plain object: the DataLoader's pin-memory step leaves it
-    alone): ``fields`` (key, shape, dtype, byte offset) of ``Rows.batch`` and ``Rows.dropped`` in segment ``slot``
-    of worker ``worker``; ``segment`` only when the main process has not mapped it yet; ``rest``: each item's
-    fields the fetch did not stack (strings, tuples, ...); ``rows``: the store rows; ``order``: an item's keys."""
+class Lending:
+    """A DataLoader worker's reusable batch memory, made in the worker the first time it fetches a batch (nothing
+    in the main process, nothing pickled: a spawned worker starts with none)."""
 
-    worker: int
-    slot: int
-    segment: torch.Tensor | None
-    size: int
-    fields: list[tuple[str | None, tuple[int, ...], torch.dtype, int]]
-    rest: list[dict]
-    rows: list[int]
-    order: list[str]
-
-
-class Handover:
-    """A worker's batch memory (``memory``, for ``EmbeddingStore._fetch``) and collate (``__call__``: the fetched
-    ``Rows`` as a ``Message``). ``start()``, called just before the loader starts its workers, gives the main
-    process's side for them (``Receiver``): a new flag array, so that the batches of workers that have ended, or
-    of another iteration running beside this one, never mark slots of the new workers free."""
-
-    def __init__(self, workers: int, prefetch: int) -> None:
-        self.shape = (max(workers, 1), prefetch + SLOTS)
-        self.start()
-
-    def start(self) -> Receiver:
-        self.__setstate__({"shape": self.shape, "flags": torch.zeros(self.shape, dtype=torch.uint8).share_memory_()})
-        return Receiver(self.flags)
+    def __init__(self) -> None:
+        self.pid: int | None = None
 
     def __getstate__(self) -> dict:
-        return {"shape": self.shape, "flags": self.flags}  # a spawned worker: the flags, none of the segments
+        return {}
 
     def __setstate__(self, state: dict) -> None:
-        self.shape, self.flags = state["shape"], state["flags"]
-        self.owned: list[torch.Tensor | None] = [None] * self.shape[1]  # a worker's own segments
-        self.told = [False] * self.shape[1]  # which of them the main process has mapped
-        self.lent: int | None = None  # the slot the batch being made is in
+        self.pid = None
+
+    def _in_worker(self) -> bool:
+        if get_worker_info() is None:
+            return False
+        if self.pid != os.getpid():  # this worker's first batch
+            self.pid, self.token = os.getpid(), secrets.randbits(63)
+            self.flags = torch.zeros(SLOTS, dtype=torch.uint8).share_memory_()  # 1 while a batch holds the slot
+            self.segments: list[torch.Tensor | None] = [None] * SLOTS  # uint8, shared memory
+            self.told = [False] * SLOTS  # whether the main process has been sent the slot's segment
+            self.leases: list[Lease | None] = [None] * SLOTS
+        return True
 
     def memory(self, size: int) -> torch.Tensor | None:
-        """``size`` bytes of a slot of this worker that no batch in the main process holds (its segment made
-        larger where it is too small); None when every slot is lent, or outside a worker."""
-        info, self.lent = get_worker_info(), None
-        free = [k for k in range(self.shape[1]) if not self.flags[info.id, k]] if info is not None else []
+        """``size`` bytes of a free slot of this worker, as a tensor that is not shared memory to torch (its old
+        contents left in place; its segment made larger where it is too small); None outside a worker or when
+        every slot is lent."""
+        if not self._in_worker():
+            return None
+        flags = self.flags.numpy()
+        free = np.flatnonzero(flags == 0).tolist()
         if not free:
             return None
-        fits = [k for k in free if self.owned[k] is not None and len(self.owned[k]) >= size]
-        self.lent = fits[0] if fits else free[0]
+        fits = [k for k in free if self.segments[k] is not None and len(self.segments[k]) >= size]
+        slot = fits[0] if fits else free[0]
         if not fits:
             segment = torch.empty(0, dtype=torch.uint8).new(torch.UntypedStorage._new_shared(size + size // HEADROOM))
             populate(segment.numpy())
-            self.owned[self.lent], self.told[self.lent] = segment, False
-        return self.owned[self.lent][:size]
+            self.segments[slot], self.told[slot] = segment, False
+        flags[slot] = 1
+        lent = self.segments[slot].numpy()[:size]  # this batch's own array: gone when the worker's batch is
+        self.leases[slot] = lease = Lease(self, slot)
+        weakref.finalize(lent, lease.back)
+        return torch.from_numpy(lent)
 
-    def __call__(self, rows: Rows) -> Message | Rows:
-        """A worker's collate: the batch just fetched into a slot as a ``Message`` (the slot marked lent), else
-        (a new segment, or no worker) the ``Rows`` as they are."""
-        slot, self.lent = self.lent, None
-        if slot is None:
-            return rows
-        segment, worker = self.owned[slot], get_worker_info().id
-        fields = [(key, tuple(t.shape), t.dtype, t.data_ptr() - segment.data_ptr())
-                  for key, t in [*rows.batch.items(), (None, rows.dropped)]]  # the dropout mask last, unnamed
-        rest = [{key: value for key, value in item.items() if key not in rows.batch} for item in rows]
-        self.flags[worker, slot] = 1  # lent until the main process lets go of this batch
-        message = Message(worker, slot, None if self.told[slot] else segment, max(f[3] + _nbytes(f) for f in fields),
-                          fields, rest, rows.batch["row"].tolist(), list(rows[0]) if rows else [])
-        self.told[slot] = True
-        return message
+    def lease_of(self, tensor: torch.Tensor) -> Lease | None:
+        """The lease of the slot ``tensor`` lies in, if it lies in one of this worker's."""
+        if self.pid != os.getpid():
+            return None
+        p = tensor.data_ptr()
+        for segment, lease in zip(self.segments, self.leases, strict=True):
+            if segment is not None and segment.data_ptr() <= p < segment.data_ptr() + len(segment):
+                return lease
+        return None
 
+
+class Lease:
+    """One batch's hold on a slot, in the worker: given back when the worker's views of it are gone, unless the
+    batch was sent through ``Lent`` (then the main process gives it back)."""
+
+    def __init__(self, lending: Lending, slot: int) -> None:
+        self.lending, self.slot, self.sent = lending, slot, False
+
+    def back(self) -> None:
+        if not self.sent:
+            self.lending.flags.numpy()[self.slot] = 0
+
+    def send(self, batch: object) -> tuple:
+        """``Lent.__reduce__``: the batch as the slot's number and each of its tensors' place in the segment."""
+        lending, slot = self.lending, self.slot
+        segment = lending.segments[slot]
+        skeleton = _skeleton(batch, segment.data_ptr(), segment.data_ptr() + len(segment))
+        new, lending.told[slot], self.sent = not lending.told[slot], True, True
+        return _rebuild, (lending.token, lending.pid, slot, segment if new else None, lending.flags if new else None,
+                          skeleton)
+
+
+class Lent(dict):
+    """A collate's batch whose tensors lie in a worker's slot (``lease``): pickled to the main process without
+    them. Anywhere else (no lease, or another process) it pickles as the plain dict it is."""
+
+    def __init__(self, batch: dict, lease: Lease) -> None:
+        super().__init__(batch)
+        self.lease = lease
+
+    def __reduce__(self) -> tuple:
+        if self.lease.lending.pid != os.getpid():
+            return dict, (dict(self),)
+        return self.lease.send(dict(self))
+
+    def __copy__(self) -> dict:  # copy and deepcopy would go through __reduce__: a hand-over nobody receives
+        return dict(self)
+
+    def __deepcopy__(self, memo: dict) -> dict:
+        return copy.deepcopy(dict(self), memo)
+
+
+@dataclass(frozen=True)
+class At:
+    """Where a tensor lies in a slot: dtype, shape, strides (elements) and its first element's byte offset."""
+
+    dtype: torch.dtype
+    shape: tuple[int, ...]
+    stride: tuple[int, ...]
+    offset: int
+
+
+def _skeleton(obj: object, low: int, high: int) -> object:
+    """``obj`` (dicts, lists and tuples of anything) with each tensor lying in [low, high) replaced by its ``At``."""
+    if isinstance(obj, torch.Tensor):
+        if obj.numel() and low <= obj.data_ptr() < high:
+            return At(obj.dtype, tuple(obj.shape), obj.stride(), obj.data_ptr() - low)
+        return obj
+    if type(obj) is dict:
+        return {key: _skeleton(value, low, high) for key, value in obj.items()}
+    if type(obj) in (list, tuple):
+        return type(obj)(_skeleton(value, low, high) for value in obj)
+    return obj
+
+
+def _fill(obj: object, base: torch.Tensor) -> object:
+    """``_skeleton`` undone over ``base``, the main process's view of the slot."""
+    if isinstance(obj, At):
+        size = obj.dtype.itemsize
+        return base[: len(base) - len(base) % size].view(obj.dtype).as_strided(obj.shape, obj.stride,
+                                                                                 obj.offset // size)
+    if type(obj) is dict:
+        return {key: _fill(value, base) for key, value in obj.items()}
+    if type(obj) in (list, tuple):
+        return type(obj)(_fill(value, base) for value in obj)
+    return obj
 
 
 class Receiver:
-    """The main process's side of one set of workers: the segments it has mapped (``mapped``), and ``receive``."""
+    """The main process's side of one worker process: its flag array and the segments mapped, by slot. ``known``
+    is the one registry of them: unpickling calls a module-level function (``_rebuild``), which finds the worker's
+    receiver there; a worker's first batch in a slot brings the segment and the flags, so any process that
+    receives the batches (the one running the DataLoader) learns them."""
 
-    def __init__(self, flags: torch.Tensor) -> None:
-        self.flags = flags  # [workers, slots], shared with the workers: 1 while lent
-        self.mapped: dict[tuple[int, int], torch.Tensor] = {}
+    known: dict[int, Receiver] = {}  # by worker token, in the process that receives
+    lock = threading.Lock()  # receiving runs in the loop's thread or the DataLoader's pin-memory thread
 
-    def receive(self, message: Message | Rows) -> Rows:
-        """The worker's ``Rows``, their tensors views of its segment, lent to the batch."""
-        if not isinstance(message, Message):
-            return message
-        key = (message.worker, message.slot)
-        if message.segment is not None:
-            self.mapped[key] = message.segment
-        lent = self.mapped[key].numpy()[: message.size]  # this batch's own array: gone when the batch is
-        weakref.finalize(lent, _release, self.flags.numpy(), *key)
-        base = torch.from_numpy(lent)
-        views = [base[offset : offset + _nbytes(field)].view(dtype).view(shape)
-                 for field in message.fields for _, shape, dtype, offset in [field]]
-        batch = {field[0]: view for field, view in zip(message.fields[:-1], views, strict=False)}  # all but the mask
-        rows = Rows()
-        for i, (rest, row) in enumerate(zip(message.rest, message.rows, strict=True)):
-            rows.append({name: row if name == "row" else batch[name][i] if name in batch else rest[name]
-                         for name in message.order})
-        rows.batch, rows.dropped = batch, views[-1]
-        return rows
+    def __init__(self, pid: int, flags: torch.Tensor) -> None:
+        self.pid, self.flags, self.segments = pid, flags, {}
+
+    @classmethod
+    def of(cls, token: int, pid: int, flags: torch.Tensor | None) -> Receiver:
+        with cls.lock:
+            receiver = cls.known.get(token)
+            if receiver is None:
+                if flags is None:
+                    raise RuntimeError(f"a batch from DataLoader worker process {pid} names shared memory this "
+                                       f"process was never sent (a store's batch unpickled outside the process "
+                                       f"that runs the DataLoader?)")
+                for key in [key for key, r in cls.known.items() if not _alive(r.pid)]:
+                    del cls.known[key]  # workers that have ended: their segments unmapped once their batches are
+                receiver = cls.known[token] = Receiver(pid, flags)
+            return receiver
+
+    def view(self, slot: int, segment: torch.Tensor | None) -> torch.Tensor:
+        """The slot as uint8, over an array of its own that gives the slot back when it is gone."""
+        with self.lock:
+            if segment is not None:
+                self.segments[slot] = segment
+            lent = self.segments[slot].numpy()
+        weakref.finalize(lent, _release, self.flags, slot)
+        return torch.from_numpy(lent)
 
 
-def _nbytes(field: tuple[str | None, tuple[int, ...], torch.dtype, int]) -> int:
-    return math.prod(field[1]) * field[2].itemsize
+def _rebuild(token: int, pid: int, slot: int, segment: torch.Tensor | None, flags: torch.Tensor | None,
+             skeleton: object) -> object:
+    return _fill(skeleton, Receiver.of(token, pid, flags).view(slot, segment))
 
 
-def _release(flags: np.ndarray, worker: int, slot: int) -> None:
-    flags[worker, slot] = 0
+def _release(flags: torch.Tensor, slot: int) -> None:
+    flags.numpy()[slot] = 0
+
+
+def _alive(pid: int) -> bool:
+    try:
+        os.kill(pid, 0)
+    except ProcessLookupError:
+        return False
+    except PermissionError:
+        pass
+    return True

@@ -17,7 +17,7 @@ from torch.utils.data import DataLoader, Dataset, Sampler, default_collate
 from torch.utils.data._utils.pin_memory import pin_memory
 
 from clipcond.store.batch import Column, Rows
-from clipcond.store.handover import Handover
+from clipcond.store.handover import Lent
 from clipcond.store.reader import EmbeddingStore
 
 STORE_KEYS = ("sequence", "pooled", "row")  # what a store item holds
@@ -60,18 +60,15 @@ class JoinedDataset(Dataset):
         return self.__getitems__([index])[0]
 
     def __getitems__(self, indices: Sequence[int]) -> Rows:
-        return self._join(indices)
-
-    def _join(self, indices: Sequence[int], memory: Callable[[int], torch.Tensor | None] | None = None) -> Rows:
         fetch = getattr(self.dataset, "__getitems__", None)
         items = [self._as_dict(item) for item in (fetch(indices) if fetch else [self.dataset[i] for i in indices])]
         rows = list(indices) if self.by == "index" else [self._row_of(item, i) for item, i in
                                                           zip(items, indices, strict=True)]
         columns = {key: column for key in (items[0] if items else ()) if all(key in item for item in items)
                    and (column := Column.of([item[key] for item in items])) is not None}
-        fetched = self.store._fetch(rows, columns, memory)  # [B, L, D], [B, P], your columns: one copy, checked
+        fetched = self.store._fetch(rows, columns)  # [B, L, D], [B, P], your columns: one copy, checked
         joined = Rows({**item, **row} for item, row in zip(items, fetched, strict=True))
-        joined.batch, joined.dropped = fetched.batch, fetched.dropped
+        joined.batch, joined.dropped, joined.lease = fetched.batch, fetched.dropped, fetched.lease
         return joined
 
     def _as_dict(self, item: object) -> dict:
@@ -90,20 +87,17 @@ class JoinedDataset(Dataset):
 
 
 class JoinedLoader:
-    """A DataLoader over your dataset joined with the store (as ``JoinedDataset``) whose workers hand each batch to
-    the main process through shared memory they reuse; the store's collate runs in the main process.
+    """A DataLoader over your dataset joined with the store (as ``JoinedDataset``), the store's collate run in the
+    main process.
 
-    The fast way to train from a store beside per-sample data once workers are on. Each worker fetches a batch's
-    store rows and stacks your items' tensors, arrays and numbers in one checked copy into one shared-memory
-    segment of a few it keeps, which the main process maps once (``clipcond/store/handover.py``); torch's way
-    (``JoinedDataset`` in a plain DataLoader) makes, sends and maps a new segment a batch, which costs more than
-    reading the rows (docs/performance.md, "Reading a store in training"). A segment is written over only once
-    no tensor of the batch it last held is left, so keeping batches is safe; a worker whose segments are all held
-    makes a new one. Rows as in ``JoinedDataset``: ``by="index"`` (row i with row i) or ``by="id"``
-    (``store.row_of(item[id_key])``). ``collate``: ``store.collate(...)`` (caption dropout, variants, per-tower
-    dropout; run in the main process, so ``set_epoch`` needs no new loader); None: the rows as stacked. Every other
-    keyword goes to the ``DataLoader`` (``batch_size``, ``shuffle``, ``num_workers``, ``sampler``,
-    ``persistent_workers``...); ``pin_memory=True`` pins the whole joined batch:
+    Each worker fetches a batch's store rows and stacks your items' tensors, arrays and numbers in one checked copy
+    into shared memory it reuses, and hands the batch over through it (clipcond/store/handover.py: a slot is
+    written over only once no tensor of the batch it held is left, so keeping batches is safe). ``collate``:
+    ``store.collate(...)`` (caption dropout, variants, per-tower dropout; run here, so ``set_epoch`` needs no new
+    loader, even with persistent workers); None: the rows as stacked. Rows as in ``JoinedDataset``: ``by="index"``
+    (row i with row i) or ``by="id"`` (``store.row_of(item[id_key])``). Every other keyword goes to the
+    ``DataLoader`` (``batch_size``, ``shuffle``, ``num_workers``, ``sampler``, ``persistent_workers``...);
+    ``pin_memory=True`` pins the whole joined batch:
 
         loader = clipcond.JoinedLoader(latents, store, batch_size=16, shuffle=True, num_workers=2,
                                        collate=store.collate(drop_prob=0.1, seed=0))
@@ -116,22 +110,17 @@ class JoinedLoader:
         if "collate_fn" in loader_kwargs:
             raise TypeError("JoinedLoader stacks your items as default_collate would in the workers; give the "
                             "store's collate as collate= (it runs in the main process)")
-        self.joined = JoinedDataset(dataset, store, by=by, id_key=id_key)
-        self.collate, self.receiver = collate, None
+        self.collate = collate
         self.pin = bool(loader_kwargs.pop("pin_memory", False)) and torch.accelerator.is_available()
-        self.handover = Handover(int(loader_kwargs.get("num_workers", 0)),
-                                 int(loader_kwargs.get("prefetch_factor") or 2))
-        self.loader = DataLoader(_Fetch(self.joined, self.handover), collate_fn=self.handover, **loader_kwargs)
+        self.loader = DataLoader(JoinedDataset(dataset, store, by=by, id_key=id_key), collate_fn=_hand_over,
+                                 **loader_kwargs)
 
     def __len__(self) -> int:
         return len(self.loader)
 
     def __iter__(self) -> Iterator[dict]:
-        if self.receiver is None or not self.loader.persistent_workers:
-            self.receiver = self.handover.start()  # new workers (started by the loop below): new slots
-        receiver = self.receiver  # this iteration's: another running beside it has its own workers
-        for message in self.loader:
-            rows = receiver.receive(message)
+        for handed in self.loader:
+            rows = _received(handed)
             batch = self.collate(rows) if self.collate is not None else {
                 **rows.batch, **{key: default_collate([item[key] for item in rows]) for key in
                                  (rows[0] if rows else ()) if key not in rows.batch}}
@@ -140,17 +129,23 @@ class JoinedLoader:
             yield pin_memory(batch) if self.pin else batch
 
 
-class _Fetch(Dataset):
-    """A ``JoinedLoader`` worker's dataset: the joined batch, fetched into the hand-over's memory."""
+def _hand_over(rows: Rows) -> dict:
+    """A JoinedLoader worker's collate: the joined rows as they are (the main process runs the store's collate),
+    the stacked part through the worker's reused memory where it lies there."""
+    handed = {"batch": rows.batch, "dropped": rows.dropped, "rows": [item["row"] for item in rows],
+              "rest": [{key: value for key, value in item.items() if key not in rows.batch} for item in rows],
+              "order": list(rows[0]) if rows else []}
+    return Lent(handed, rows.lease) if rows.lease is not None else handed
 
-    def __init__(self, joined: JoinedDataset, handover: Handover) -> None:
-        self.joined, self.handover = joined, handover
 
-    def __len__(self) -> int:
-        return len(self.joined)
-
-    def __getitems__(self, indices: Sequence[int]) -> Rows:
-        return self.joined._join(indices, self.handover.memory)
+def _received(handed: dict) -> Rows:
+    """``_hand_over`` undone in the main process: the ``Rows`` again, their tensors views of the batch."""
+    batch, rows = handed["batch"], Rows()
+    for i, (rest, row) in enumerate(zip(handed["rest"], handed["rows"], strict=True)):
+        rows.append({name: row if name == "row" else batch[name][i] if name in batch else rest[name]
+                     for name in handed["order"]})
+    rows.batch, rows.dropped = batch, handed["dropped"]
+    return rows
 
 
 class LengthGroupedSampler(Sampler[int]):

@@ -16,7 +16,7 @@ import bisect
 import operator
 import os
 from collections import OrderedDict
-from collections.abc import Callable, Mapping, Sequence
+from collections.abc import Mapping, Sequence
 from pathlib import Path
 from typing import Literal
 
@@ -31,6 +31,7 @@ from clipcond.store.batch import BatchBuffers, Column, Rows, batch_tensors
 from clipcond.store.checksums import copy_rows, mix_checksums, row_bytes
 from clipcond.store.dropout import CaptionDropout
 from clipcond.store.format import IndexFormat, read_null
+from clipcond.store.handover import Lending
 from clipcond.store.layout import RowLayout
 from clipcond.store.manifest import REPAIR_HINT, Manifest
 from clipcond.store.shard_view import ShardView
@@ -75,6 +76,7 @@ class EmbeddingStore(Dataset):
         self._handles: OrderedDict[int, ShardView] = OrderedDict()
         self._pid = os.getpid()
         self._buffers = BatchBuffers()  # batch memory of this process, reused once a batch is dropped
+        self._lending = Lending()  # a DataLoader worker's batch memory, handed to the main process and reused
 
     @staticmethod
     def _variant_counts(slots: np.ndarray) -> np.ndarray | None:
@@ -191,11 +193,10 @@ class EmbeddingStore(Dataset):
         that the rows never cross from a worker (docs/store.md)."""
         return self._fetch([int(r) for r in rows], {}).batch
 
-    def _fetch(self, rows: Sequence[int], columns: dict[str, Column],
-               memory: Callable[[int], torch.Tensor | None] | None = None) -> Rows:
+    def _fetch(self, rows: Sequence[int], columns: dict[str, Column]) -> Rows:
         """``__getitems__``, with ``columns`` (a joined dataset's fields, one value per row) stacked into the same
-        batch memory by the same copy: in a DataLoader worker, one shared-memory segment for the whole batch
-        (``memory``: where a worker gets it, see ``batch_tensors``).
+        batch memory by the same copy: in a DataLoader worker, one segment of shared memory it reuses for the
+        whole batch (clipcond/store/handover.py; ``Rows.lease`` holds it).
 
         A masked layout's batch is as long as its longest row (``pad_to="longest"``, the masked presets) or the
         recipe's full length, with ``mask`` [B, L']; rows the store does not hold (past a row's kept rows, SD3's
@@ -209,7 +210,8 @@ class EmbeddingStore(Dataset):
         if layout.masked:
             specs.append(((n, length), torch.int64))  # [B, L'] the mask
         specs += [((n, *column.shape), column.dtype) for column in columns.values()]
-        (sequence, pooled, row_ids, dropped, *stacked), fresh = batch_tensors(self._buffers, *specs, memory=memory)
+        (sequence, pooled, row_ids, dropped, *stacked), fresh = batch_tensors(self._buffers, *specs,
+                                                                              memory=self._lending.memory)
         mask = stacked.pop(0) if layout.masked else None
         row_ids.copy_(torch.tensor(rows, dtype=torch.int64))
         order = sorted(range(n), key=lambda i: (id(located[i][0]), located[i][1]))  # file order: readahead
@@ -233,6 +235,7 @@ class EmbeddingStore(Dataset):
         items = Rows({key: row if key == "row" else tensor[i] for key, tensor in batch.items()}
                      for i, row in enumerate(rows))  # sequence [L', D], pooled [P], row, mask [L']
         items.batch, items.dropped = {**batch, **dict(zip(columns, stacked, strict=True))}, dropped
+        items.lease = self._lending.lease_of(sequence)  # in a worker's reused memory: how the collate hands it over
         return items
 
     def _pieces(self, located: list[tuple[ShardView, int]], order: list[int], sequence: torch.Tensor,

@@ -1,6 +1,6 @@
 """Batch memory for the store's fetches: buffers the main process reuses once a batch is gone, a worker's batch as
-one shared-memory segment, and the columns of your data that a join stacks into the same memory (clipcond/store/
-reader.py, clipcond/store/join.py).
+one segment of shared memory (clipcond/store/handover.py: reused), and the columns of your data that a join
+stacks into the same memory (clipcond/store/reader.py, clipcond/store/join.py).
 """
 
 from __future__ import annotations
@@ -55,11 +55,10 @@ class BatchBuffers:
 def batch_tensors(buffers: BatchBuffers, *specs: tuple[tuple[int, ...], torch.dtype],
                   memory: Callable[[int], torch.Tensor | None] | None = None) -> tuple[list[torch.Tensor], bool]:
     """Empty batch tensors of these (shape, dtype)s, views of one buffer, and whether that buffer is zeros. In a
-    DataLoader worker the buffer is ``memory(size)`` where that gives one (a JoinedLoader's reused shared memory,
-    old contents left in place), else a new shared-memory segment, its pages given at once (``populate``), as
-    default_collate makes its batches there: handing the batch to the main process then copies nothing, and
-    passes one segment (one file descriptor, ~0.5 ms each to send and receive) for all of its tensors. In the
-    main process, from ``buffers``."""
+    DataLoader worker the buffer is ``memory(size)`` where that gives one (a slot of the worker's reused shared
+    memory, old contents left in place), else a new shared-memory segment, its pages given at once
+    (``populate``), as default_collate makes its batches there: one segment (one file descriptor, ~0.5 ms each
+    to send and receive) for all of the batch's tensors. In the main process, from ``buffers``."""
     offsets, size = [], 0
     for shape, dtype in specs:
         size += -size % 8  # every view 8-byte aligned

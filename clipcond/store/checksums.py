@@ -129,9 +129,10 @@ def copy_rows(sources: Sequence[np.ndarray], destinations: Sequence[np.ndarray],
 def populate(buffer: np.ndarray) -> bool:
     """Give a fresh batch buffer (writable, contiguous) its pages now, in one system call, where the copy would
     take one page fault per 4 kB (Linux 5.14+, with the compiled ``clipcond._rows``); False where not done: the
-    copy then faults the pages in as it writes them. A DataLoader worker's batch is a new shared-memory segment
-    each time: making one of 7.3 MB (16 SDXL rows and latents) and copying the batch into it took 2.83 ms of CPU
-    with it, 3.06 ms without (medians of 12 alternating runs of 50); the kernel's zeroing of the pages stays."""
+    copy then faults the pages in as it writes them. A DataLoader worker's new shared-memory segment (each of
+    the few it reuses, or a batch's own when they are all lent): making one of 7.3 MB (16 SDXL rows and latents)
+    and copying the batch into it took 2.83 ms of CPU with it, 3.06 ms without (medians of 12 alternating runs
+    of 50); the kernel's zeroing of the pages stays."""
     return _rows is not None and _rows.populate(buffer)
 
 

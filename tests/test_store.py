@@ -236,33 +236,114 @@ class LazyStore(Dataset):
         return self.store.batch(rows)
 
 
-@pytest.mark.parametrize("collate", ["store", "as they are", "a dict of them", "default", "lazy store"])
-def test_a_store_read_by_workers_never_has_a_batch_written_over(store, store_dir, collate):
+class ThreadedFetch(Dataset):
+    """A dataset whose ``__getitems__`` fetches two halves of a batch from two threads of the worker at once."""
+
+    def __init__(self, store: EmbeddingStore) -> None:
+        self.store = store
+
+    def __len__(self) -> int:
+        return len(self.store)
+
+    def __getitems__(self, rows: list[int]) -> dict:
+        from concurrent.futures import ThreadPoolExecutor
+
+        with ThreadPoolExecutor(2) as pool:
+            halves = list(pool.map(self.store.batch, [rows[:4], rows[4:]]))
+        return {key: torch.cat([half[key] for half in halves]) for key in ("sequence", "pooled", "row")}
+
+
+class Reopening(torch.utils.data.IterableDataset):
+    """Opens the store at every ``__iter__`` (each epoch, in each persistent worker), as webdataset pipelines do."""
+
+    def __init__(self, path: Path, order: list[int]) -> None:
+        self.path, self.order = path, order
+
+    def __iter__(self):  # noqa: ANN204
+        store, info = EmbeddingStore(self.path), torch.utils.data.get_worker_info()
+        mine = self.order[info.id :: info.num_workers] if info else self.order
+        for a in range(0, len(mine), 8):
+            yield store.collate()(store.__getitems__(mine[a : a + 8]))
+
+
+def _as_they_are(rows: list) -> object:
+    return rows
+
+
+def _their_batch(rows: list) -> dict:
+    return dict(rows.batch)
+
+
+def _views_then_lent(rows: list) -> dict:
+    """A view of the rows pickled (by torch: copied) before the store's batch is handed over."""
+    return {"extra": rows.batch["pooled"], "cond": _STORE_COLLATE[0](rows)}
+
+
+def _rows_then_lent(rows: list) -> tuple:
+    return rows, _STORE_COLLATE[0](rows)
+
+
+def _two_collates(rows: list) -> dict:
+    """Two batches over one fetch: only one of them can be handed over through the slot."""
+    return {"cond": _STORE_COLLATE[0](rows), "again": _STORE_COLLATE[1](rows)}
+
+
+def _pickled_first(rows: list) -> dict:
+    """A collate that pickles (caches, measures) the batch before returning it: not the hand-over."""
+    import pickle
+
+    batch = _STORE_COLLATE[0](rows)
+    pickle.dumps(batch)
+    return batch
+
+
+_STORE_COLLATE: list = []  # the test's store.collate() twice, for the module-level collates above (fork workers)
+WAYS = {"store.collate()": lambda batch: batch, "the rows as they are": lambda rows: rows.batch,
+        "a dict of their views": lambda batch: batch, "default_collate": lambda batch: batch,
+        "a store opened in the worker": lambda batch: batch, "a view, then the batch": lambda out: out["cond"],
+        "the rows, then the batch": lambda out: out[1], "two collates of one fetch": lambda out: out["cond"],
+        "pickled in the worker first": lambda batch: batch, "two threads of a worker": lambda batch: batch}
+
+
+@pytest.mark.parametrize("way", list(WAYS))
+def test_a_store_read_by_workers_never_has_a_batch_written_over(store, store_dir, way):
     """A plain DataLoader over the store: the workers fetch into shared memory they reuse, and store.collate()
     hands the batch over through it. Every other way a batch can leave a worker (a collate that returns the rows as
-    they are, or a dict of their views, or stacks them again; a store opened in the worker) must never let a slot
-    be written over while the main process still reads it. Bug: a slot given back when the worker's views are gone
-    although torch's pickler shared them, or a batch read from a slot another batch now fills. Every batch is kept
-    to the end of two epochs, then compared with the main process's own reads."""
+    they are, a dict of their views, stacks them again, pickles the batch itself, or makes two batches of one fetch;
+    views of it pickled by torch before it; a store opened in the worker; two threads fetching at once) must never
+    let a slot be written over while the main process still reads it. Bug: a slot given back twice (once by the
+    worker when its views die, once by the main process), or when torch's pickler shared it, two threads taking
+    one slot, or a batch read from a slot another batch now fills. Every batch is kept to the end of two epochs,
+    then compared with the main process's own reads of the rows the sampler gave."""
     order = list(range(0, ROWS, 2))
-    ways = {"store": (store, store.collate()), "as they are": (store, _as_they_are),
-            "a dict of them": (store, _their_batch), "default": (store, None),
-            "lazy store": (LazyStore(store_dir), _as_they_are)}
-    dataset, collate_fn = ways[collate]
+    _STORE_COLLATE[:] = [store.collate(), store.collate(0.0, seed=3)]
+    ways = {"store.collate()": (store, store.collate()), "the rows as they are": (store, _as_they_are),
+            "a dict of their views": (store, _their_batch), "default_collate": (store, None),
+            "a store opened in the worker": (LazyStore(store_dir), _as_they_are),
+            "a view, then the batch": (store, _views_then_lent),
+            "the rows, then the batch": (store, _rows_then_lent), "two collates of one fetch": (store, _two_collates),
+            "pickled in the worker first": (store, _pickled_first),
+            "two threads of a worker": (ThreadedFetch(store), _as_they_are)}
+    dataset, collate_fn = ways[way]
     loader = DataLoader(dataset, batch_size=8, sampler=order, num_workers=2, collate_fn=collate_fn,
-                        persistent_workers=True)
-    kept = [batch for _ in range(2) for batch in loader]
+                        persistent_workers=True, prefetch_factor=4)
+    kept = [WAYS[way](batch) for _ in range(2) for batch in loader]
     assert [batch["row"].tolist() for batch in kept] == [order[a : a + 8] for a in range(0, len(order), 8)] * 2
     for batch in kept:
         assert_rows_of(store, batch)
 
 
-def _as_they_are(rows: list) -> object:
-    return rows.batch if hasattr(rows, "batch") else rows
-
-
-def _their_batch(rows: list) -> dict:
-    return dict(rows.batch)
+def test_stores_opened_again_and_again_in_a_worker_keep_its_memory_bounded(store_dir):
+    """Bug: every store opened in a worker lending memory of its own (a new set of segments and a new receiver in
+    the main process each epoch, none let go while the worker lives): the main process's mapped memory grows
+    epoch after epoch. One worker process lends one set, whatever the stores."""
+    order = list(range(0, ROWS, 2))
+    loader = DataLoader(Reopening(store_dir, order), batch_size=None, num_workers=2, persistent_workers=True,
+                        collate_fn=_as_they_are)
+    before = set(Receiver.known)
+    for _ in range(6):
+        assert sorted(r for batch in loader for r in batch["row"].tolist()) == order
+    assert len(set(Receiver.known) - before) == 2  # the two workers'
 
 
 def test_a_store_read_by_workers_reuses_their_memory(store):

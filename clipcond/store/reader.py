@@ -31,7 +31,7 @@ from clipcond.store.batch import BatchBuffers, Column, Rows, batch_tensors
 from clipcond.store.checksums import copy_rows, mix_checksums, row_bytes
 from clipcond.store.dropout import CaptionDropout
 from clipcond.store.format import IndexFormat, read_null
-from clipcond.store.handover import Lending
+from clipcond.store.handover import lease_of, worker_memory
 from clipcond.store.layout import RowLayout
 from clipcond.store.manifest import REPAIR_HINT, Manifest
 from clipcond.store.shard_view import ShardView
@@ -76,7 +76,6 @@ class EmbeddingStore(Dataset):
         self._handles: OrderedDict[int, ShardView] = OrderedDict()
         self._pid = os.getpid()
         self._buffers = BatchBuffers()  # batch memory of this process, reused once a batch is dropped
-        self._lending = Lending()  # a DataLoader worker's batch memory, handed to the main process and reused
 
     @staticmethod
     def _variant_counts(slots: np.ndarray) -> np.ndarray | None:
@@ -211,7 +210,7 @@ class EmbeddingStore(Dataset):
             specs.append(((n, length), torch.int64))  # [B, L'] the mask
         specs += [((n, *column.shape), column.dtype) for column in columns.values()]
         (sequence, pooled, row_ids, dropped, *stacked), fresh = batch_tensors(self._buffers, *specs,
-                                                                              memory=self._lending.memory)
+                                                                              memory=worker_memory)
         mask = stacked.pop(0) if layout.masked else None
         row_ids.copy_(torch.tensor(rows, dtype=torch.int64))
         order = sorted(range(n), key=lambda i: (id(located[i][0]), located[i][1]))  # file order: readahead
@@ -235,7 +234,7 @@ class EmbeddingStore(Dataset):
         items = Rows({key: row if key == "row" else tensor[i] for key, tensor in batch.items()}
                      for i, row in enumerate(rows))  # sequence [L', D], pooled [P], row, mask [L']
         items.batch, items.dropped = {**batch, **dict(zip(columns, stacked, strict=True))}, dropped
-        items.lease = self._lending.lease_of(sequence)  # in a worker's reused memory: how the collate hands it over
+        items.lease = lease_of(sequence)  # in a worker's reused memory: how the collate hands it over
         return items
 
     def _pieces(self, located: list[tuple[ShardView, int]], order: list[int], sequence: torch.Tensor,

@@ -333,6 +333,38 @@ def test_a_store_read_by_workers_never_has_a_batch_written_over(store, store_dir
         assert_rows_of(store, batch)
 
 
+def test_a_batch_freed_by_the_garbage_collector_gives_its_slot_back_without_a_deadlock(monkeypatch):
+    """Bug: the worker's lock not reentrant: a batch in a reference cycle, freed by the cyclic collector at an
+    allocation inside a locked section (choosing the next slot, placing a batch's tensors), gives its slot back on
+    the same thread, which then waits for itself forever."""
+    import gc
+    import threading
+
+    from clipcond.store import handover
+
+    monkeypatch.setattr(handover, "get_worker_info", lambda: object())  # this thread as a DataLoader worker
+    monkeypatch.setattr(handover, "_lending", None)
+    lending = handover.lending()
+    batch = lending.memory(64)  # slot 0 lent to it
+    cycle: list = [batch]
+    cycle.append(cycle)
+    del batch, cycle  # garbage only the cyclic collector frees
+
+    def collect_while_locked() -> None:
+        with lending.lock:
+            gc.collect()  # as an allocation in a locked section would trigger it
+
+    gc.disable()
+    try:
+        thread = threading.Thread(target=collect_while_locked, daemon=True)
+        thread.start()
+        thread.join(timeout=20)
+    finally:
+        gc.enable()
+    assert not thread.is_alive(), "deadlock: Lease.back waits for the lock its own thread holds"
+    assert lending.flags[0] == 0  # the slot given back
+
+
 def test_stores_opened_again_and_again_in_a_worker_keep_its_memory_bounded(store_dir):
     """Bug: every store opened in a worker lending memory of its own (a new set of segments and a new receiver in
     the main process each epoch, none let go while the worker lives): the main process's mapped memory grows

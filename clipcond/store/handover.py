@@ -46,7 +46,9 @@ class Lending:
         self.segments: list[torch.Tensor | None] = [None] * SLOTS  # uint8, shared memory
         self.told = [False] * SLOTS  # whether the main process has been sent the slot's segment
         self.leases: list[Lease | None] = [None] * SLOTS
-        self.lock = threading.Lock()  # a dataset may fetch from several threads of one worker
+        # A dataset may fetch from several threads of one worker; reentrant, because a batch freed by the cyclic
+        # garbage collector gives its slot back (Lease.back) at whatever allocation triggers it, lock held or not.
+        self.lock = threading.RLock()
 
     def memory(self, size: int) -> torch.Tensor | None:
         """``size`` bytes of a free slot, as a tensor that is not shared memory to torch (its old contents left in

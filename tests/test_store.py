@@ -182,7 +182,7 @@ class Buckets(Images):
 
 def mapped_segments() -> list[torch.Tensor]:
     """Every workers' segment this process has mapped (clipcond/store/handover.py)."""
-    return [segment for receiver in Receiver.known.values() for segment in receiver.segments.values()]
+    return [segment for receiver in Receiver.known.values() for _, segment in receiver.segments.values()]
 
 
 def expected_batches(dataset: Dataset, order: list[int], batch: int) -> list[dict]:
@@ -266,6 +266,38 @@ class Reopening(torch.utils.data.IterableDataset):
             yield store.collate()(store.__getitems__(mine[a : a + 8]))
 
 
+class Caching(Dataset):
+    """A dataset that keeps the rows of two hot batches in the worker and hands them out again in later epochs."""
+
+    def __init__(self, store: EmbeddingStore) -> None:
+        self.store, self.cache = store, {}
+
+    def __len__(self) -> int:
+        return len(self.store)
+
+    def __getitems__(self, rows: list[int]) -> list:
+        if rows[0] < 16:
+            return self.cache.setdefault(tuple(rows), self.store.__getitems__(rows))
+        return self.store.__getitems__(rows)
+
+
+_SIDE: list = []  # a queue to another process, for the collate below
+
+
+def _also_elsewhere(rows: list) -> dict:
+    """Every other batch also sent to another process (a monitor) through a pipe, before the DataLoader sends it:
+    the slots go round between batches the main process receives and batches the monitor does."""
+    batch = _STORE_COLLATE[0](rows)
+    if rows[0]["row"] % 32 == 0:
+        _SIDE[1].send(batch)  # pickled here and now, by the multiprocessing pickler
+    return batch
+
+
+def _drain(end) -> None:  # noqa: ANN001
+    while end.recv() is not None:
+        pass
+
+
 def _as_they_are(rows: list) -> object:
     return rows
 
@@ -302,7 +334,8 @@ WAYS = {"store.collate()": lambda batch: batch, "the rows as they are": lambda r
         "a dict of their views": lambda batch: batch, "default_collate": lambda batch: batch,
         "a store opened in the worker": lambda batch: batch, "a view, then the batch": lambda out: out["cond"],
         "the rows, then the batch": lambda out: out[1], "two collates of one fetch": lambda out: out["cond"],
-        "pickled in the worker first": lambda batch: batch, "two threads of a worker": lambda batch: batch}
+        "pickled in the worker first": lambda batch: batch, "two threads of a worker": lambda batch: batch,
+        "rows the worker keeps": lambda batch: batch, "also sent to another process": lambda batch: batch}
 
 
 @pytest.mark.parametrize("way", list(WAYS))
@@ -310,11 +343,13 @@ def test_a_store_read_by_workers_never_has_a_batch_written_over(store, store_dir
     """A plain DataLoader over the store: the workers fetch into shared memory they reuse, and store.collate()
     hands the batch over through it. Every other way a batch can leave a worker (a collate that returns the rows as
     they are, a dict of their views, stacks them again, pickles the batch itself, or makes two batches of one fetch;
-    views of it pickled by torch before it; a store opened in the worker; two threads fetching at once) must never
-    let a slot be written over while the main process still reads it. Bug: a slot given back twice (once by the
-    worker when its views die, once by the main process), or when torch's pickler shared it, two threads taking
-    one slot, or a batch read from a slot another batch now fills. Every batch is kept to the end of two epochs,
-    then compared with the main process's own reads of the rows the sampler gave."""
+    views of it pickled by torch before it; a store opened in the worker; two threads fetching at once; rows the
+    worker keeps and hands out again; the batch also sent to another process) must never let a slot be written
+    over while a process still reads it, nor fail. Bug: a slot given back twice (once by the worker when its views
+    die, once by the main process), or when torch's pickler shared it, or while the worker still holds the rows;
+    two threads taking one slot; a segment taken as sent when another process received it; a batch read from a
+    slot another batch now fills. Every batch is kept to the end of three epochs, then compared with the main
+    process's own reads of the rows the sampler gave."""
     order = list(range(0, ROWS, 2))
     _STORE_COLLATE[:] = [store.collate(), store.collate(0.0, seed=3)]
     ways = {"store.collate()": (store, store.collate()), "the rows as they are": (store, _as_they_are),
@@ -323,12 +358,27 @@ def test_a_store_read_by_workers_never_has_a_batch_written_over(store, store_dir
             "a view, then the batch": (store, _views_then_lent),
             "the rows, then the batch": (store, _rows_then_lent), "two collates of one fetch": (store, _two_collates),
             "pickled in the worker first": (store, _pickled_first),
-            "two threads of a worker": (ThreadedFetch(store), _as_they_are)}
+            "two threads of a worker": (ThreadedFetch(store), _as_they_are),
+            "rows the worker keeps": (Caching(store), store.collate()),
+            "also sent to another process": (store, _also_elsewhere)}
     dataset, collate_fn = ways[way]
+    context = torch.multiprocessing.get_context("fork")
+    _SIDE[:] = context.Pipe(duplex=False)  # (receiving end, sending end)
+    monitor = context.Process(target=_drain, args=(_SIDE[0],), daemon=True)
+    monitor.start()
     loader = DataLoader(dataset, batch_size=8, sampler=order, num_workers=2, collate_fn=collate_fn,
-                        persistent_workers=True, prefetch_factor=4)
-    kept = [WAYS[way](batch) for _ in range(2) for batch in loader]
-    assert [batch["row"].tolist() for batch in kept] == [order[a : a + 8] for a in range(0, len(order), 8)] * 2
+                        persistent_workers=True, prefetch_factor=4, multiprocessing_context=context)
+    expected = [order[a : a + 8] for a in range(0, len(order), 8)] * 3
+    if way == "rows the worker keeps":  # each batch dropped at once: the slots go round while the worker keeps some
+        for batch, rows in zip((batch for _ in range(3) for batch in loader), expected, strict=True):
+            assert batch["row"].tolist() == rows
+            assert_rows_of(store, batch)
+        kept = []
+    else:
+        kept = [WAYS[way](batch) for _ in range(3) for batch in loader]
+        assert [batch["row"].tolist() for batch in kept] == expected
+    _SIDE[1].send(None)
+    monitor.join(timeout=30)
     for batch in kept:
         assert_rows_of(store, batch)
 
@@ -362,7 +412,32 @@ def test_a_batch_freed_by_the_garbage_collector_gives_its_slot_back_without_a_de
     finally:
         gc.enable()
     assert not thread.is_alive(), "deadlock: Lease.back waits for the lock its own thread holds"
-    assert lending.flags[0] == 0  # the slot given back
+    assert not lending.viewed[0]  # the slot given back
+
+
+def test_a_process_forked_from_the_receiver_never_gives_its_slots_back(store):
+    """Bug: a process forked from the main process (a second DataLoader's worker) collecting the received batches
+    it inherited runs their finalizers, which clear the worker's shared flags: the slot is given back although the
+    main process still holds its batch, and the worker writes over it."""
+    import os
+
+    loader = DataLoader(store, batch_size=8, sampler=list(range(16)), num_workers=1, collate_fn=store.collate(),
+                        persistent_workers=True)
+    batches = list(loader)  # held here
+    held = [r.flags.numpy()[:SLOTS].copy() for r in Receiver.known.values() if r.segments]
+    child = os.fork()
+    if child == 0:  # the forked process lets go of everything it inherited
+        batches.clear()
+        import gc
+
+        gc.collect()
+        os._exit(0)
+    os.waitpid(child, 0)
+    assert [r.flags.numpy()[:SLOTS].tolist() for r in Receiver.known.values() if r.segments] == \
+        [h.tolist() for h in held]
+    assert sum(int(h.sum()) for h in held) >= 2  # both batches' slots still held by this process
+    for batch in batches:
+        assert_rows_of(store, batch)
 
 
 def test_stores_opened_again_and_again_in_a_worker_keep_its_memory_bounded(store_dir):

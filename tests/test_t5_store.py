@@ -341,7 +341,7 @@ def test_the_joined_loader_reads_masked_rows_into_reused_memory(pixart_store):
     seen, segments = 0, {}
     for _ in range(3):
         for batch in loader:
-            segments.update((id(s), s) for r in Receiver.known.values() for s in r.segments.values())
+            segments.update((id(s), s) for r in Receiver.known.values() for _, s in r.segments.values())
             rows = batch["row"].tolist()
             assert batch["latent"][:, 0, 0, 0].tolist() == [float(r) for r in rows]
             ref = store.collate()(store.__getitems__(rows))  # the main process's own read

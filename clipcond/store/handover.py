@@ -8,17 +8,21 @@ the store's rows (and a join's stacked fields) into one of ``SLOTS`` segments it
 in ``Lent``, which the multiprocessing pickler (a DataLoader's queue) sends as the slot's number and each
 tensor's place in it; the main process maps each segment once (``Receiver``) and afterwards only makes views.
 
-A slot is written over only once nothing can still read its last batch. Each batch's hold on its slot (``Lease``)
-ends once, one way. Sent: in the main process the batch's tensors are views of one array made for that batch, and
-when the last tensor, view or array of it is gone a weak-reference callback marks the slot free in a flag array
-the worker shares. Not sent (another collate copies the rows or returns them as they are, a second ``Lent`` of
-the same rows, any other pickling): the slot is free once the worker's own views are gone, since torch's pickler
-copies a worker's views into a new segment of their own (they are not shared memory to it), so no other process
-ever reads a slot but through ``Lent``. A worker whose slots are all lent makes a new segment, as torch does.
+A slot is written over only once nothing can still read its last batch: neither the worker (its own views of
+the batch are gone: ``Lease.back``) nor, if a ``Lent`` sent the batch (once only: ``Lease.send``), the process
+that received it. There the batch's tensors are views of one array made for that batch, and when the last
+tensor, view or array of it is gone a weak-reference callback marks the slot free in the flags the worker shares
+(not in a process forked from the receiver, which inherits the callback). A batch that leaves the worker any other
+way (another collate copies the rows or returns them as they are, a second ``Lent`` of the same rows, any other
+pickling) is copied by torch's pickler, since a worker's views are not shared memory to it: no other process ever
+reads a slot but through ``Lent``. A batch brings its slot's segment until the DataLoader's process acknowledges
+mapping it (in the flags), so one that reaches another process by another channel still brings what it needs. A
+worker whose slots are all held makes a new segment, as torch does.
 """
 
 from __future__ import annotations
 
+import multiprocessing
 import os
 import secrets
 import threading
@@ -26,7 +30,6 @@ import weakref
 from dataclasses import dataclass
 from multiprocessing.reduction import ForkingPickler
 
-import numpy as np
 import torch
 from torch.utils.data import get_worker_info
 
@@ -42,20 +45,26 @@ class Lending:
 
     def __init__(self) -> None:
         self.pid, self.token = os.getpid(), secrets.randbits(63)
-        self.flags = torch.zeros(SLOTS, dtype=torch.uint8).share_memory_()  # 1 while a batch holds the slot
+        parent = multiprocessing.parent_process()  # the process that started this worker: the DataLoader's
+        self.parent = parent.pid if parent is not None else None
+        # Shared with the receiving process: [0, SLOTS) 1 while it holds the slot's batch; [SLOTS, 2 SLOTS) the
+        # generation of the slot's segment the DataLoader's process has mapped (its acknowledgement).
+        self.flags = torch.zeros(2 * SLOTS, dtype=torch.int64).share_memory_()
         self.segments: list[torch.Tensor | None] = [None] * SLOTS  # uint8, shared memory
-        self.told = [False] * SLOTS  # whether the main process has been sent the slot's segment
+        self.generations = [0] * SLOTS  # of each slot's segment, counting from 1
+        self.viewed = [False] * SLOTS  # the worker's own views of the slot's last batch are alive
         self.leases: list[Lease | None] = [None] * SLOTS
         # A dataset may fetch from several threads of one worker; reentrant, because a batch freed by the cyclic
         # garbage collector gives its slot back (Lease.back) at whatever allocation triggers it, lock held or not.
         self.lock = threading.RLock()
 
     def memory(self, size: int) -> torch.Tensor | None:
-        """``size`` bytes of a free slot, as a tensor that is not shared memory to torch (its old contents left in
-        place; its segment made larger where it is too small); None when every slot is lent."""
+        """``size`` bytes of a free slot (no process holds its last batch: neither the receiver nor this worker),
+        as a tensor that is not shared memory to torch (its old contents left in place; its segment made larger
+        where it is too small); None when every slot is held."""
         with self.lock:
-            flags = self.flags.numpy()
-            free = np.flatnonzero(flags == 0).tolist()
+            held = self.flags.numpy()[:SLOTS]
+            free = [k for k in range(SLOTS) if not held[k] and not self.viewed[k]]
             if not free:
                 return None
             fits = [k for k in free if self.segments[k] is not None and len(self.segments[k]) >= size]
@@ -64,8 +73,8 @@ class Lending:
                 segment = torch.empty(0, dtype=torch.uint8).new(
                     torch.UntypedStorage._new_shared(size + size // HEADROOM))
                 populate(segment.numpy())
-                self.segments[slot], self.told[slot] = segment, False
-            flags[slot] = 1
+                self.segments[slot], self.generations[slot] = segment, self.generations[slot] + 1
+            self.viewed[slot] = True
             lent = self.segments[slot].numpy()[:size]  # this batch's own array: gone when the worker's batch is
             self.leases[slot] = lease = Lease(self, slot)
         weakref.finalize(lent, lease.back)
@@ -109,10 +118,10 @@ def lease_of(tensor: torch.Tensor) -> Lease | None:
 
 
 class Lease:
-    """One batch's hold on a slot, in the worker: ``held`` until either the worker's views of it are gone
-    (``back``: the slot free again) or a ``Lent`` sends it to the main process (``send``: the main process gives it
-    back). Once only: a second ``Lent`` over the same slot, or one pickled after the worker let go, is sent as the
-    plain dict it is (torch copies its tensors)."""
+    """One batch's hold on a slot, in the worker. The slot is free again once the worker's own views of the batch
+    are gone (``back``) and, if a ``Lent`` sent the batch (``send``, once only: ``state`` "sent"), once the process
+    that received it has let go too. A second ``Lent`` over the same slot, or one pickled after the worker let go,
+    is sent as the plain dict it is (torch copies its tensors)."""
 
     def __init__(self, lending: Lending, slot: int) -> None:
         self.lending, self.slot, self.state = lending, slot, "held"
@@ -121,24 +130,32 @@ class Lease:
         return type(None), ()  # a Rows pickled whole (your collate returning it): its lease stays in the worker
 
     def back(self) -> None:
-        with self.lending.lock:
+        lending = self.lending
+        if lending.pid != os.getpid():  # a process forked from this worker collecting what it inherited
+            return
+        with lending.lock:
             if self.state == "held":
                 self.state = "returned"
-                self.lending.flags.numpy()[self.slot] = 0
+            if lending.leases[self.slot] is self:
+                lending.viewed[self.slot] = False
 
     def send(self, batch: dict) -> tuple | None:
-        """The batch as the slot's number and each of its tensors' place in the segment (``_rebuild``'s arguments);
-        None when the lease is not held or no tensor of the batch lies in the slot."""
+        """The batch as the slot's number and each of its tensors' place in the segment (``_rebuild``'s arguments),
+        with the segment and the flags until the DataLoader's process has acknowledged mapping this segment; None
+        when the lease is not held or no tensor of the batch lies in the slot."""
         lending, slot = self.lending, self.slot
         with lending.lock:
-            segment = lending.segments[slot]
+            segment, generation = lending.segments[slot], lending.generations[slot]
             places: list[At] = []
             skeleton = _skeleton(batch, segment.data_ptr(), segment.data_ptr() + len(segment), places)
             if self.state != "held" or not places:
                 return None
-            self.state, new, lending.told[slot] = "sent", not lending.told[slot], True
-        return _rebuild, (lending.token, lending.pid, slot, segment if new else None, lending.flags if new else None,
-                          skeleton)
+            self.state = "sent"
+            flags = lending.flags.numpy()
+            flags[slot] = 1  # held by the receiver until it lets go
+            new = flags[SLOTS + slot] != generation
+        return _rebuild, (lending.token, lending.pid, lending.parent, slot, generation, segment if new else None,
+                          lending.flags if new else None, skeleton)
 
 
 class Lent(dict):
@@ -202,10 +219,11 @@ def _fill(obj: object, base: torch.Tensor) -> object:
 
 
 class Receiver:
-    """The main process's side of one worker process: its flag array and the segments mapped, by slot. ``known``
+    """The receiving process's side of one worker process: its flags and the segments mapped, by slot. ``known``
     is the one registry of them: unpickling calls a module-level function (``_rebuild``), which finds the worker's
-    receiver there; a worker's first batch in a slot brings the segment and the flags, so any process that
-    receives the batches (the one running the DataLoader) learns them."""
+    receiver there; a batch brings its slot's segment and the flags until the DataLoader's process (the worker's
+    parent) acknowledges the segment in the flags, so a batch that reaches another process by another queue
+    still brings them."""
 
     known: dict[int, Receiver] = {}  # by worker token, in the process that receives
     lock = threading.Lock()  # receiving runs in the loop's thread or the DataLoader's pin-memory thread
@@ -227,23 +245,30 @@ class Receiver:
                 receiver = cls.known[token] = Receiver(pid, flags)
             return receiver
 
-    def view(self, slot: int, segment: torch.Tensor | None) -> torch.Tensor:
+    def view(self, slot: int, generation: int, segment: torch.Tensor | None, parent: int | None) -> torch.Tensor:
         """The slot as uint8, over an array of its own that gives the slot back when it is gone."""
         with self.lock:
             if segment is not None:
-                self.segments[slot] = segment
-            lent = self.segments[slot].numpy()
-        weakref.finalize(lent, _release, self.flags, slot)
+                self.segments[slot] = (generation, segment)
+                if parent == os.getpid():
+                    self.flags.numpy()[SLOTS + slot] = generation  # mapped: later batches come without it
+            known, segment = self.segments.get(slot, (None, None))
+            if known != generation:
+                raise RuntimeError(f"a batch from DataLoader worker process {self.pid} names generation "
+                                   f"{generation} of its slot {slot}, which this process was never sent")
+            lent = segment.numpy()
+        weakref.finalize(lent, _release, self.flags, slot, os.getpid())
         return torch.from_numpy(lent)
 
 
-def _rebuild(token: int, pid: int, slot: int, segment: torch.Tensor | None, flags: torch.Tensor | None,
-             skeleton: object) -> object:
-    return _fill(skeleton, Receiver.of(token, pid, flags).view(slot, segment))
+def _rebuild(token: int, pid: int, parent: int | None, slot: int, generation: int, segment: torch.Tensor | None,
+             flags: torch.Tensor | None, skeleton: object) -> object:
+    return _fill(skeleton, Receiver.of(token, pid, flags).view(slot, generation, segment, parent))
 
 
-def _release(flags: torch.Tensor, slot: int) -> None:
-    flags.numpy()[slot] = 0
+def _release(flags: torch.Tensor, slot: int, pid: int) -> None:
+    if os.getpid() == pid:  # not in a process forked from this one, collecting what it inherited
+        flags.numpy()[slot] = 0
 
 
 def _alive(pid: int) -> bool:

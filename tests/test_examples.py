@@ -35,14 +35,19 @@ def number(pattern: str, text: str) -> float:
     return float(match.group(1))
 
 
-@pytest.mark.parametrize("name", ["train_sd15.py", "train_sdxl.py"])
-def test_training_example_loss_is_finite_and_falls(name):
-    out = run_example(name, "--steps", "30")
-    steps = [float(v) for v in re.findall(r"^step +\d+ .*?loss (\S+)", out, flags=re.M)]
-    assert len(steps) == 30 and all(math.isfinite(v) for v in steps), out[-2000:]
+def assert_loss_falls(out: str, steps: int = 30) -> None:
+    """A training example's printed steps: each loss finite, the last under 0.9x the first."""
+    losses = [float(v) for v in re.findall(r"^step +\d+ .*?loss (\S+)", out, flags=re.M)]
+    assert len(losses) == steps and all(math.isfinite(v) for v in losses), out[-2000:]
     first, last = number(r"first loss (\S+)", out), number(r"last loss (\S+)", out)
     assert "all finite: True" in out
     assert last < 0.9 * first, f"loss did not fall: first {first}, last {last}"
+
+
+@pytest.mark.parametrize("name", ["train_sd15.py", "train_sdxl.py"])
+def test_training_example_loss_is_finite_and_falls(name):
+    out = run_example(name, "--steps", "30")
+    assert_loss_falls(out)
 
 
 def test_sdxl_training_example_reads_the_store_and_drops_captions():
@@ -99,11 +104,7 @@ def test_pixart_training_example_trains_on_masked_t5_rows_from_2_workers(t5_voca
     than their longest caption) instead of carrying the mask, the mask or embeddings not the transformer's width, or
     the batches not coming from the 2 DataLoader workers."""
     out = run_example("train_pixart.py", "--steps", "30", "--t5-tokenizer", str(t5_vocab["sd3"]))
-    steps = [float(v) for v in re.findall(r"^step +\d+ .*?loss (\S+)", out, flags=re.M)]
-    assert len(steps) == 30 and all(math.isfinite(v) for v in steps), out[-2000:]
-    first, last = number(r"first loss (\S+)", out), number(r"last loss (\S+)", out)
-    assert "all finite: True" in out
-    assert last < 0.9 * first, f"loss did not fall: first {first}, last {last}"
+    assert_loss_falls(out)
     assert re.search(r"EmbeddingStore\(.*rows=8, unique=7, encoder='tiny-pixart-sigma'", out), out[:2000]
     shapes = re.search(r"first batch: prompt_embeds \[4, (\d+), 96\] prompt_attention_mask \[4, (\d+)\] .*kept rows "
                        r"\[([\d, ]+)\], from DataLoader worker [01] of 2", out)
@@ -122,11 +123,7 @@ def test_flux_training_example_trains_on_t5_rows_from_2_workers(t5_vocab):
     256 for schnell, CLIP-L's pooled vector, txt_ids [256, 3]), the batches not coming from the 2 DataLoader workers,
     or the per-tower caption dropout ({"clip_l": p, "t5": p}) never dropping one of the two text encoders."""
     out = run_example("train_flux.py", "--steps", "30", "--t5-tokenizer", str(t5_vocab["flux"]))
-    steps = [float(v) for v in re.findall(r"^step +\d+ .*?loss (\S+)", out, flags=re.M)]
-    assert len(steps) == 30 and all(math.isfinite(v) for v in steps), out[-2000:]
-    first, last = number(r"first loss (\S+)", out), number(r"last loss (\S+)", out)
-    assert "all finite: True" in out
-    assert last < 0.9 * first, f"loss did not fall: first {first}, last {last}"
+    assert_loss_falls(out)
     assert re.search(r"EmbeddingStore\(.*rows=8, unique=7, encoder='tiny-flux-schnell'", out), out[:2000]
     # tiny-flux-schnell: T5 width 96 at schnell's 256 rows, all kept (no mask); CLIP-L's pooled width 32.
     shapes = re.search(r"first batch: prompt_embeds \[4, 256, 96\] pooled_prompt_embeds \[4, 32\] txt_ids \[256, 3\] "

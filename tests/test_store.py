@@ -471,6 +471,26 @@ def test_a_store_read_by_workers_reuses_their_memory(store):
     assert len(segments) <= 2 * SLOTS, (len(segments), 2 * len(order) // 8)
 
 
+def test_every_batch_saves_and_loads_with_torch(store, tmp_path):
+    """``torch.save`` of a batch as the store hands it out: in the main process, from a worker's reused memory,
+    from a worker's new segments (every slot held), and a joined batch. Bug: a batch's tensors of several dtypes as
+    views of one buffer ("Cannot save multiple tensors or storages that view the same data as different types")."""
+    from clipcond import JoinedLoader
+
+    loader = DataLoader(store, batch_size=8, sampler=list(range(0, 12 * 8)), num_workers=1,
+                        collate_fn=store.collate(), prefetch_factor=2)
+    held = list(loader)  # more batches than slots: the last ones in segments of their own
+    joined = next(iter(JoinedLoader(Images(), store, batch_size=8, num_workers=1)))
+    batches = [store.batch([5, 2, 9]), store.collate()(store.__getitems__([7, 1])), held[0], held[-1], joined]
+    assert len({id(s) for s in mapped_segments()}) >= 1 and len(held) > SLOTS
+    for k, batch in enumerate(batches):
+        torch.save(batch, tmp_path / f"{k}.pt")
+        loaded = torch.load(tmp_path / f"{k}.pt", weights_only=True)
+        assert loaded.keys() == batch.keys()
+        assert_batches_equal(loaded, batch)
+        assert_rows_of(store, loaded)
+
+
 def test_two_iterations_of_one_joined_loader_at_once_keep_their_own_segments(store):
     """Bug: one table of mapped segments and one flag array for every iteration of a JoinedLoader, so that two
     running at once (``zip(loader, loader)``) read each other's segments or free each other's slots."""
@@ -550,7 +570,7 @@ def test_the_joined_loader_keeps_your_own_dropped_field_without_a_collate(store)
 def test_a_joined_batch_made_in_a_worker_crosses_in_one_reused_segment(store):
     """In a DataLoader worker the batch (the store's rows, your stacked fields and the dropout mask) is made in one
     segment of shared memory the worker reuses, and ``store.collate`` hands it over through it: in the main process
-    every tensor of the batch is a view of one segment mapped once. Bug: fields in segments of their own (a file
+    every tensor of the batch lies in one segment mapped once. Bug: fields in segments of their own (a file
     descriptor each, ~0.5 ms), the batch left to torch's pickler (a new segment made, sent and mapped every
     batch), or the hand-over's wrapper reaching your loop instead of a dict."""
     collate = store.collate(0.5, seed=1)
@@ -565,8 +585,9 @@ def test_a_joined_batch_made_in_a_worker_crosses_in_one_reused_segment(store):
     for batch in loader:
         assert batch["lent"] and type(batch) is dict
         tensors = [value for value in batch.values() if isinstance(value, torch.Tensor)]
-        assert len({t.untyped_storage().data_ptr() for t in tensors}) == 1
-        assert any(s.data_ptr() <= tensors[0].data_ptr() < s.data_ptr() + len(s) for s in mapped_segments())
+        segment = [s for s in mapped_segments() if s.data_ptr() <= tensors[0].data_ptr() < s.data_ptr() + len(s)]
+        assert len(segment) == 1 and all(segment[0].data_ptr() <= t.data_ptr() <= t.data_ptr() + t.nbytes
+                                         <= segment[0].data_ptr() + len(segment[0]) for t in tensors)
         rows = batch["row"].tolist()
         assert torch.equal(batch["latent"], torch.stack([Images()[r]["latent"] for r in rows]))
         kept = ~batch["dropped"]

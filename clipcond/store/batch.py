@@ -37,8 +37,8 @@ class BatchBuffers:
     def __reduce__(self) -> tuple:
         return BatchBuffers, ()  # another process (a spawned worker) starts with none
 
-    def get(self, size: int) -> torch.Tensor:
-        """``size`` bytes as a uint8 tensor that nothing else uses (the old contents left in place)."""
+    def get(self, size: int) -> np.ndarray:
+        """``size`` bytes that nothing else uses (the old contents left in place): the batch's own array."""
         with self.lock:
             free = [k for k, (buffer, lent) in enumerate(self.kept) if buffer.nbytes == size and lent() is None]
             if free:
@@ -49,31 +49,49 @@ class BatchBuffers:
                     self.kept.pop(0)  # the oldest; a batch still made of it keeps it alive as long as it needs
             lent = buffer[:]  # the batch's own array: gone when the batch is
             self.kept.append((buffer, weakref.ref(lent)))
-            return torch.from_numpy(lent)
+            return lent
 
 
 def batch_tensors(buffers: BatchBuffers, *specs: tuple[tuple[int, ...], torch.dtype],
-                  memory: Callable[[int], torch.Tensor | None] | None = None) -> tuple[list[torch.Tensor], bool]:
-    """Empty batch tensors of these (shape, dtype)s, views of one buffer, and whether that buffer is zeros. In a
-    DataLoader worker the buffer is ``memory(size)`` where that gives one (a slot of the worker's reused shared
-    memory, old contents left in place), else a new shared-memory segment, its pages given at once
-    (``populate``), as default_collate makes its batches there: one segment (one file descriptor, ~0.5 ms each
-    to send and receive) for all of the batch's tensors. In the main process, from ``buffers``."""
+                  memory: Callable[[int], np.ndarray | None] | None = None) -> tuple[list[torch.Tensor], bool]:
+    """Empty batch tensors of these (shape, dtype)s, laid out one after another in one buffer, and whether that
+    buffer is zeros. In a DataLoader worker the buffer is ``memory(size)`` where that gives one (a slot of the
+    worker's reused shared memory, old contents left in place); else each tensor gets a new shared-memory segment,
+    its pages given at once (``populate``), as default_collate makes its batches there. In the main process, from
+    ``buffers``."""
     offsets, size = [], 0
     for shape, dtype in specs:
-        size += -size % 8  # every view 8-byte aligned
+        size += -size % 8  # every tensor 8-byte aligned
         offsets.append(size)
         size += math.prod(shape) * dtype.itemsize
-    fresh = False
     if get_worker_info() is None:
         buffer = buffers.get(size)
-    elif size and (buffer := memory(size) if memory is not None else None) is None:
-        buffer, fresh = torch.empty(0, dtype=torch.uint8).new(torch.UntypedStorage._new_shared(size)), True
-        populate(buffer.numpy())
-    elif not size:  # nothing to share (an empty batch): a segment cannot be empty
-        buffer = torch.empty(0, dtype=torch.uint8)
-    return [buffer[a : a + math.prod(shape) * dtype.itemsize].view(dtype).view(shape) if math.prod(shape)
-            else torch.empty(shape, dtype=dtype) for a, (shape, dtype) in zip(offsets, specs, strict=True)], fresh
+    elif not size or (buffer := memory(size) if memory is not None else None) is None:
+        return [_shared(shape, dtype) for shape, dtype in specs], True
+    return [tensor_at(buffer, a, dtype, shape) for a, (shape, dtype) in zip(offsets, specs, strict=True)], False
+
+
+def tensor_at(memory: np.ndarray, offset: int, dtype: torch.dtype, shape: tuple[int, ...],
+              stride: tuple[int, ...] | None = None) -> torch.Tensor:
+    """The tensor of ``dtype`` and ``shape`` (``stride`` in elements, contiguous if None) whose first element lies
+    ``offset`` bytes into ``memory``, over a storage of its own that keeps ``memory`` alive. One storage per
+    tensor, not views of one: ``torch.save`` refuses a storage seen as several dtypes."""
+    if not math.prod(shape):
+        return torch.empty(shape, dtype=dtype)
+    if stride is None:
+        return torch.frombuffer(memory, dtype=dtype, count=math.prod(shape), offset=offset).view(shape)
+    extent = 1 + sum((n - 1) * s for n, s in zip(shape, stride, strict=True))
+    return torch.frombuffer(memory, dtype=dtype, count=extent, offset=offset).as_strided(shape, stride)
+
+
+def _shared(shape: tuple[int, ...], dtype: torch.dtype) -> torch.Tensor:
+    """A tensor in a new shared-memory segment of its own, its pages given at once."""
+    size = math.prod(shape) * dtype.itemsize
+    if not size:  # a segment cannot be empty
+        return torch.empty(shape, dtype=dtype)
+    segment = torch.empty(0, dtype=torch.uint8).new(torch.UntypedStorage._new_shared(size))
+    populate(segment.numpy())
+    return segment.view(dtype).view(shape)
 
 
 class Rows(list):

@@ -10,7 +10,7 @@ tensor's place in it; the main process maps each segment once (``Receiver``) and
 
 A slot is written over only once nothing can still read its last batch: neither the worker (its own views of
 the batch are gone: ``Lease.back``) nor, if a ``Lent`` sent the batch (once only: ``Lease.send``), the process
-that received it. There the batch's tensors are views of one array made for that batch, and when the last
+that received it. There the batch's tensors lie in one array made for that batch, and when the last
 tensor, view or array of it is gone a weak-reference callback marks the slot free in the flags the worker shares
 (not in a process forked from the receiver, which inherits the callback). A batch that leaves the worker any other
 way (another collate copies the rows or returns them as they are, a second ``Lent`` of the same rows, any other
@@ -30,9 +30,11 @@ import weakref
 from dataclasses import dataclass
 from multiprocessing.reduction import ForkingPickler
 
+import numpy as np
 import torch
 from torch.utils.data import get_worker_info
 
+from clipcond.store.batch import tensor_at
 from clipcond.store.checksums import populate
 
 SLOTS = 8  # segments a worker may keep: its prefetched batches, the one a loop holds, the one it drops
@@ -58,10 +60,10 @@ class Lending:
         # garbage collector gives its slot back (Lease.back) at whatever allocation triggers it, lock held or not.
         self.lock = threading.RLock()
 
-    def memory(self, size: int) -> torch.Tensor | None:
+    def memory(self, size: int) -> np.ndarray | None:
         """``size`` bytes of a free slot (no process holds its last batch: neither the receiver nor this worker),
-        as a tensor that is not shared memory to torch (its old contents left in place; its segment made larger
-        where it is too small); None when every slot is held."""
+        as the batch's own array, which is not shared memory to torch (its old contents left in place; its segment
+        made larger where it is too small); None when every slot is held."""
         with self.lock:
             held = self.flags.numpy()[:SLOTS]
             free = [k for k in range(SLOTS) if not held[k] and not self.viewed[k]]
@@ -78,7 +80,7 @@ class Lending:
             lent = self.segments[slot].numpy()[:size]  # this batch's own array: gone when the worker's batch is
             self.leases[slot] = lease = Lease(self, slot)
         weakref.finalize(lent, lease.back)
-        return torch.from_numpy(lent)
+        return lent
 
     def lease_of(self, tensor: torch.Tensor) -> Lease | None:
         """The lease of the slot ``tensor`` lies in, if it lies in one."""
@@ -105,7 +107,7 @@ def lending() -> Lending | None:
         return _lending
 
 
-def worker_memory(size: int) -> torch.Tensor | None:
+def worker_memory(size: int) -> np.ndarray | None:
     """``batch_tensors``' worker memory: a free slot of this worker's ``Lending``, or None."""
     worker = lending()
     return worker.memory(size) if worker is not None else None
@@ -205,12 +207,10 @@ def _skeleton(obj: object, low: int, high: int, places: list[At]) -> object:
     return obj
 
 
-def _fill(obj: object, base: torch.Tensor) -> object:
-    """``_skeleton`` undone over ``base``, the main process's view of the slot."""
+def _fill(obj: object, base: np.ndarray) -> object:
+    """``_skeleton`` undone over ``base``, the receiving process's array of the slot."""
     if isinstance(obj, At):
-        size = obj.dtype.itemsize
-        return base[: len(base) - len(base) % size].view(obj.dtype).as_strided(obj.shape, obj.stride,
-                                                                                 obj.offset // size)
+        return tensor_at(base, obj.offset, obj.dtype, obj.shape, obj.stride)
     if type(obj) is dict:
         return {key: _fill(value, base) for key, value in obj.items()}
     if type(obj) in (list, tuple):
@@ -245,8 +245,8 @@ class Receiver:
                 receiver = cls.known[token] = Receiver(pid, flags)
             return receiver
 
-    def view(self, slot: int, generation: int, segment: torch.Tensor | None, parent: int | None) -> torch.Tensor:
-        """The slot as uint8, over an array of its own that gives the slot back when it is gone."""
+    def view(self, slot: int, generation: int, segment: torch.Tensor | None, parent: int | None) -> np.ndarray:
+        """The slot's bytes, an array of their own that gives the slot back when it is gone."""
         with self.lock:
             if segment is not None:
                 self.segments[slot] = (generation, segment)
@@ -258,7 +258,7 @@ class Receiver:
                                    f"{generation} of its slot {slot}, which this process was never sent")
             lent = segment.numpy()
         weakref.finalize(lent, _release, self.flags, slot, os.getpid())
-        return torch.from_numpy(lent)
+        return lent
 
 
 def _rebuild(token: int, pid: int, parent: int | None, slot: int, generation: int, segment: torch.Tensor | None,

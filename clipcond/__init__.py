@@ -11,7 +11,8 @@ from typing import TYPE_CHECKING
 from clipcond._version import __version__
 from clipcond.encoders.names import get_spec
 from clipcond.errors import WeightsError
-from clipcond.specs import EncoderSpec, SpecError, TowerSpec, list_encoders, register_encoder
+from clipcond.registry import list_encoders, register_encoder
+from clipcond.specs import EncoderSpec, SpecError, TowerSpec
 
 if TYPE_CHECKING:
     from clipcond.conditioning import Conditioning

@@ -9,7 +9,7 @@ import sys
 from collections.abc import Sequence
 
 from clipcond.encoders.names import get_spec
-from clipcond.specs import ALIASES, REGISTRY
+from clipcond.registry import ALIASES, REGISTRY
 
 DTYPES = ("float32", "float16", "bfloat16")
 

@@ -95,7 +95,7 @@ def gemma_tokenizer(folder: Path) -> Path:
     tok = Tokenizer(models.BPE(unk_token="<unk>"))
     tok.pre_tokenizer = pre_tokenizers.Metaspace(replacement="▁", prepend_scheme="first")
     tok.decoder = decoders.Metaspace(replacement="▁", prepend_scheme="first")
-    corpus = [*clipcond.specs.SANA_INSTRUCTION.split("\n"), *AURA_CORPUS]
+    corpus = [*clipcond.registry.SANA_INSTRUCTION.split("\n"), *AURA_CORPUS]
     specials = ["<pad>", "<eos>", "<bos>", "<unk>"]
     tok.train_from_iterator(corpus, trainers.BpeTrainer(vocab_size=600, special_tokens=specials, show_progress=False))
     tok.post_processor = processors.TemplateProcessing(single="<bos> $A", special_tokens=[("<bos>", 2)])

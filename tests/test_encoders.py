@@ -19,7 +19,7 @@ import clipcond
 from clipcond import EmbeddingStore, SpecError, TextConditioner, WeightsError, get_spec
 from clipcond.cli import main
 from clipcond.encoders.weights import StateReader
-from clipcond.specs import REGISTRY, register_encoder
+from clipcond.registry import REGISTRY, register_encoder
 
 TOL = {"atol": 1e-5, "rtol": 1e-5}
 PROMPTS = ["a photo of a cat", "an astronaut riding a horse on mars, highly detailed", "", "a running dog"]
@@ -291,7 +291,7 @@ def test_register_encoder_and_spec_json_round_trip(tmp_path, capsys):
         assert get_spec(str(path)) == ours and get_spec(path) == ours
     finally:
         REGISTRY.pop("lab-encoder", None)
-        clipcond.specs.ALIASES.pop("lab", None)
+        clipcond.registry.ALIASES.pop("lab", None)
     assert main(["encode", "--encoder", str(path), "a cat"]) == 0
     assert "encoder lab-encoder" in capsys.readouterr().out
     bad = tmp_path / "bad.json"

@@ -9,7 +9,7 @@ import sys
 import pytest
 
 from clipcond import SpecError, get_spec, list_encoders
-from clipcond.specs import REGISTRY
+from clipcond.registry import REGISTRY
 
 # DESIGN.md: name -> (per tower: hidden_layer, final LN, pad id), D, P, null
 TABLE = {

@@ -18,7 +18,8 @@ from t5_fixtures import t5_model
 
 import clipcond
 from clipcond import Conditioning, SpecError, TextConditioner, WeightsError, get_spec
-from clipcond.specs import REGISTRY, spec_from_dict
+from clipcond.registry import REGISTRY
+from clipcond.specs import spec_from_dict
 
 TOL = {"atol": 1e-5, "rtol": 0}  # float32, CPU: the issue's bound, max abs error <= 1e-5
 PROMPTS = ["a photo of a cat", "a running dog", "", "An Astronaut riding a HORSE on Mars, 8k  ",
@@ -613,7 +614,7 @@ def test_sana_equals_sana_pipeline(t5_pipes):
     """Bug: Sana's instruction left out (or put before the negative prompt), its rows not cut to SanaPipeline's
     select_index ([0] + the last 299), the BOS row dropped, Gemma-2 run without its mask or padded on the left
     (Gemma's tokenizer default), or its null encoded with the instruction."""
-    from clipcond.specs import SANA_INSTRUCTION
+    from clipcond.registry import SANA_INSTRUCTION
 
     pipe = t5_pipes.sana_pipeline()
     instruction = SANA_INSTRUCTION.split("\n")

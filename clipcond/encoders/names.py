@@ -1,4 +1,4 @@
-"""Encoder names to specs: the registry (clipcond/specs.py) and ``open_clip:MODEL`` names.
+"""Encoder names to specs: the registry (clipcond/registry.py) and ``open_clip:MODEL`` names.
 
 ``open_clip:MODEL`` specs are built from open_clip's bundled configs, which imports open_clip (and torch):
 only when such a name is asked for, so that ``clipcond list`` stays instant.
@@ -8,7 +8,8 @@ from __future__ import annotations
 
 import os
 
-from clipcond.specs import OPEN_CLIP_PREFIX, EncoderSpec, lookup_spec
+from clipcond.registry import OPEN_CLIP_PREFIX, lookup_spec
+from clipcond.specs import EncoderSpec
 
 
 def get_spec(name: str | os.PathLike[str] | EncoderSpec) -> EncoderSpec:

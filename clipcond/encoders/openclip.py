@@ -14,7 +14,8 @@ import dataclasses
 from typing import Any
 
 from clipcond.errors import WeightsError
-from clipcond.specs import OPEN_CLIP_PREFIX, EncoderSpec, SpecError, TowerSpec
+from clipcond.registry import OPEN_CLIP_PREFIX
+from clipcond.specs import EncoderSpec, SpecError, TowerSpec
 
 # What open_clip's create_model downloads for a tag: safetensors first.
 OPEN_CLIP_FILES = ("open_clip_model.safetensors", "open_clip_pytorch_model.bin")

@@ -280,6 +280,37 @@ def test_variants_of_different_lengths(recipe, tmp_path):
     shutil.rmtree(tmp_path / "store")
 
 
+def test_a_batch_of_another_variant_is_as_long_as_its_own_longest_row(pixart, tmp_path):
+    """Bug: a batch of variant 1 sized by variant 0's rows (the fetch reads variant 0): 61 masked rows where the
+    chosen captions keep 6, a shape tc() never gives."""
+    long = "a very long caption about a red cat on a blue chair " * 4
+    rows = [{"caption": [f"{long} number {i}", f"cat {i}"]} for i in range(8)]
+    path = tmp_path / "v.jsonl"
+    path.write_text("".join(json.dumps(r) + "\n" for r in rows))
+    precompute(pixart, PrecomputeJob(input=path, out=tmp_path / "store", progress=False))
+    store = EmbeddingStore(tmp_path / "store")
+    expected = pixart([r["caption"][1] for r in rows])
+    for got in (store.collate(variant=1)(store.__getitems__(list(range(8)))),
+                next(iter(DataLoader(store, batch_size=8, collate_fn=store.collate(variant=1))))):
+        assert got["sequence"].shape == expected.sequence.shape and torch.equal(got["mask"], expected.mask)
+        torch.testing.assert_close(got["sequence"], expected.sequence, **TOL)
+
+
+def test_items_read_one_by_one_collate_to_the_batchs_longest_row(pixart_store):
+    """Bug: rows read one at a time (a ConcatDataset or your own wrapper: ``store[i]``, each at the full 300
+    rows) stacked as they come, so the batch keeps every padding row the store's own fetch leaves out."""
+    from torch.utils.data import ConcatDataset
+
+    out, _ = pixart_store
+    store = EmbeddingStore(out)
+    loader = DataLoader(ConcatDataset([store]), batch_size=8, sampler=list(range(40, 56)),
+                        collate_fn=store.collate())
+    for got in loader:
+        want = store.batch(got["row"].tolist())
+        assert got["sequence"].shape == want["sequence"].shape and torch.equal(got["sequence"], want["sequence"])
+        assert torch.equal(got["mask"], want["mask"]) and got["sequence"].shape[1] < 300
+
+
 def test_inspect_prints_bytes_per_row_and_the_share_saved(pixart_store, capsys):
     """Bug: inspect silent on what trimming saved, or a figure from the padded shape instead of the shards."""
     from clipcond.cli import main

@@ -46,6 +46,7 @@ class CaptionDropout:
     store: EmbeddingStore | None = None  # reads the other variants
     null_mask: torch.Tensor | None = None  # [L] a masked recipe's null's mask
     spec: EncoderSpec | None = None  # the recipe whose towers a per-tower drop_prob names
+    longest: bool = False  # a masked pad_to="longest" store: a batch is as long as its longest kept row
 
     def __post_init__(self) -> None:
         if isinstance(self.drop_prob, Mapping):
@@ -96,6 +97,8 @@ class CaptionDropout:
                 items = [{**item, **self.store.get(item["row"], v)} if v else item
                          for item, v in zip(items, self.variants([item["row"] for item in items]), strict=True)]
             batch = default_collate(items)
+        if self.longest and items:
+            _trim(batch)
         dropped = self.dropped(batch["row"])  # [B], or per tower
         if isinstance(dropped, dict):  # kohya's SD3 per-tower dropout: each tower's part of a row zeroed
             if any(rows.any() for rows in dropped.values()):
@@ -137,6 +140,15 @@ class CaptionDropout:
             if "mask" in batch:
                 batch["mask"][i] = c["mask"][:length]
         return batch
+
+
+def _trim(batch: dict) -> None:
+    """A masked batch cut to its longest kept row: items read one by one (``store[i]``: full length) or rows that
+    got another caption variant than the one the fetch sized the batch for."""
+    longest = int(batch["mask"].sum(1).max())  # [B, L] -> the longest row's kept rows
+    if longest < batch["sequence"].shape[1]:
+        batch["sequence"] = batch["sequence"][:, :longest].contiguous()  # [B, L', D]
+        batch["mask"] = batch["mask"][:, :longest].contiguous()  # [B, L']
 
 
 def _handed_over(batch: dict, items: list[dict]) -> dict:

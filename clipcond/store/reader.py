@@ -410,7 +410,8 @@ class EmbeddingStore(Dataset):
         return CaptionDropout(null.sequence[0], null.pooled[0], drop_prob=drop_prob, seed=seed, epoch=epoch,
                               variant=variant, store=self if variant != 0 else None,
                               null_mask=None if null.mask is None else null.mask[0],
-                              spec=self._spec if isinstance(drop_prob, Mapping) else None)
+                              spec=self._spec if isinstance(drop_prob, Mapping) else None,
+                              longest=self._layout.masked and self._spec.pad_to == "longest")
 
     def verify(self) -> None:
         """Check every file's size and sha256 (reads the whole store); ``ValueError`` naming bad files."""

@@ -29,6 +29,9 @@ PIPELINE_KWARGS: dict[str, tuple[tuple[str, str], ...]] = {
 }
 # Pipelines whose mask goes to SDPA in the embeddings' dtype (ChromaPipeline returns it so; SDPA refuses int64).
 FLOAT_MASKS = frozenset({"ChromaPipeline"})
+# Pipelines that, given no negative_prompt_embeds, encode their own negative padded to max_sequence_length (the
+# __call__ default here) and concatenate it with yours along the batch: yours must be that long.
+OWN_NEGATIVE_LENGTH = {"SanaPipeline": 300}
 
 
 @dataclass(frozen=True, slots=True)
@@ -122,7 +125,8 @@ class Conditioning:
     def pipeline_kwargs(self, negative: Conditioning | None = None) -> dict[str, torch.Tensor]:
         """The keyword arguments of the diffusers pipeline's ``__call__`` (``pipe(**c.pipeline_kwargs(), ...)``):
         ``prompt_embeds``, ``pooled_prompt_embeds``, ``prompt_attention_mask`` as the pipeline takes them, and
-        with ``negative``, its ``negative_*`` twins (for CFG; ``tc.null(len(c))`` is the pipelines' default)."""
+        with ``negative``, its ``negative_*`` twins (for CFG; ``tc.null(len(c))`` is the pipelines' default). Without
+        it, Sana's masked rows are padded to the 300 rows of the negative its pipeline makes (exact: masked)."""
         if self.pipeline not in PIPELINE_KWARGS:
             raise ValueError(f"pipeline_kwargs: this Conditioning names pipeline {self.pipeline!r}; known: "
                              f"{sorted(PIPELINE_KWARGS)} (encode with a spec whose pipeline field names one)")
@@ -132,6 +136,8 @@ class Conditioning:
         if negative is not None and self.mask is not None:  # the pipelines want both at one length
             longest = max(self.sequence.shape[1], negative.sequence.shape[1])
             positive, negative = self.padded(longest), negative.padded(longest)
+        elif self.pipeline in OWN_NEGATIVE_LENGTH:  # as long as the negative the pipeline will make
+            positive = self.padded(max(self.sequence.shape[1], OWN_NEGATIVE_LENGTH[self.pipeline]))
         out = {}
         for keyword, field in PIPELINE_KWARGS[self.pipeline]:
             for prefix, c in (("", positive), ("negative_", negative)):

@@ -281,6 +281,24 @@ def test_pipeline_kwargs_are_the_pipelines_call_keywords(t5_pipes, tiny):
         TextConditioner.from_pretrained("tiny-sd15")("a").pipeline_kwargs()
 
 
+def test_pipeline_kwargs_without_a_negative_meet_the_pipelines_own_negative(t5_pipes):
+    """With CFG and no negative embeddings, PixArt's and Sana's pipelines encode their own negative and
+    concatenate it with the prompt's along the batch. Bug: Sana's own negative is 300 rows whatever the prompt
+    (max_sequence_length), so a batch at its longest row fails in torch.cat ("Expected size 300 but got 6")."""
+    for name, weights, pipe in (("sana", t5_pipes.sana, t5_pipes.sana_pipeline()),
+                                ("pixart-sigma", t5_pipes.pixart, t5_pipes.pixart_pipeline("PixArtSigmaPipeline"))):
+        tc = TextConditioner.from_pretrained(name, weights=weights)
+        c = tc(PROMPTS[:2])
+        kwargs = c.pipeline_kwargs()
+        positive, mask, negative, negative_mask = pipe.encode_prompt(None, do_classifier_free_guidance=True,
+                                                                     device="cpu", **kwargs)
+        both = torch.cat([negative, positive])  # the pipeline's __call__ does this
+        assert both.shape[1] == negative.shape[1] and torch.cat([negative_mask, mask]).shape == both.shape[:2]
+        length = c.sequence.shape[1]
+        assert torch.equal(positive[:, :length], c.sequence) and not positive[:, length:].any()
+        assert torch.equal(mask[:, :length].long(), c.mask) and not mask[:, length:].any()
+
+
 # --- Conditioning, null and dropout -------------------------------------------------------------------------
 
 def test_conditioning_carries_mask_and_text_ids(t5_pipes):

@@ -631,11 +631,13 @@ def test_clean_caption_without_its_dependencies_is_refused_not_skipped(t5_pipes,
 def test_sana_equals_sana_pipeline(t5_pipes):
     """Bug: Sana's instruction left out (or put before the negative prompt), its rows not cut to SanaPipeline's
     select_index ([0] + the last 299), the BOS row dropped, Gemma-2 run without its mask or padded on the left
-    (Gemma's tokenizer default), or its null encoded with the instruction."""
-    from clipcond.registry import SANA_INSTRUCTION
+    (Gemma's tokenizer default), its null encoded with the instruction, or a word of the instruction other than
+    the default of SanaPipeline.__call__."""
+    from diffusers import SanaPipeline
 
     pipe = t5_pipes.sana_pipeline()
-    instruction = SANA_INSTRUCTION.split("\n")
+    instruction = inspect.signature(SanaPipeline.__call__).parameters["complex_human_instruction"].default
+    assert isinstance(instruction, list) and len(instruction) > 5  # the pipeline's own words, not clipcond's
     embeds, mask, neg, neg_mask = pipe.encode_prompt(PROMPTS, negative_prompt=NEGATIVES, device="cpu",
                                                      complex_human_instruction=instruction)
     assert embeds.shape == (len(PROMPTS), 300, 96) and neg.shape == (len(PROMPTS), 300, 96)

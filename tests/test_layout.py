@@ -24,20 +24,26 @@ def layer(name: str) -> int:
 
 
 def imports(path: Path) -> set[str]:
-    """Every clipcond module ``path`` imports, inside functions too; not those under ``if TYPE_CHECKING:``."""
+    """Every clipcond module ``path`` imports, inside functions too; not those under ``if TYPE_CHECKING:``.
+    ``from clipcond.store import format`` is the module ``clipcond.store.format``; relative imports resolve."""
     tree = ast.parse(path.read_text(encoding="utf-8"))
     typing_only = {id(child) for node in ast.walk(tree) if isinstance(node, ast.If)
                    and getattr(node.test, "id", getattr(node.test, "attr", None)) == "TYPE_CHECKING"
                    for stmt in node.body for child in ast.walk(stmt)}
+    here = module(path).split(".")
+    package = here if path.name == "__init__.py" else here[:-1]
+    known = {module(p) for p in ROOT.rglob("*.py")}
     found = set()
     for node in ast.walk(tree):
         if id(node) in typing_only:
             continue
-        if isinstance(node, ast.ImportFrom) and node.module and node.module.startswith("clipcond"):
-            found |= {f"{node.module}.{a.name}" if node.module == "clipcond" else node.module for a in node.names}
+        if isinstance(node, ast.ImportFrom):
+            base = ".".join(package[:len(package) - node.level + 1] + ([node.module] if node.module else [])) \
+                if node.level else node.module or ""
+            if base.split(".")[0] == "clipcond":
+                found |= {f"{base}.{a.name}" if f"{base}.{a.name}" in known else base for a in node.names}
         elif isinstance(node, ast.Import):
-            found |= {a.name for a in node.names if a.name.startswith("clipcond")}
-    known = {module(p) for p in ROOT.rglob("*.py")}
+            found |= {a.name for a in node.names if a.name.split(".")[0] == "clipcond"}
     resolved = set()
     for name in found:
         while name not in known and "." in name:
@@ -58,13 +64,72 @@ def test_no_module_imports_a_higher_layer():
     assert not upward, upward
 
 
-def test_no_two_modules_import_each_other():
-    """Catches mutual imports (specs <-> openclip, store <-> dataset once), lazy ones inside functions included."""
-    g = graph()
-    pairs = sorted({tuple(sorted((a, b))) for a, targets in g.items() for b in targets if a in g.get(b, ())})
-    assert not pairs, pairs
+def cycles(g: dict[str, set[str]]) -> list[list[str]]:
+    """The strongly connected components of more than one module (Tarjan): every import cycle, of any length."""
+    index: dict[str, int] = {}
+    low: dict[str, int] = {}
+    stack: list[str] = []
+    found = []
+
+    def visit(a: str) -> None:
+        index[a] = low[a] = len(index)
+        stack.append(a)
+        for b in g.get(a, ()):
+            if b not in index:
+                visit(b)
+                low[a] = min(low[a], low[b])
+            elif b in stack:
+                low[a] = min(low[a], index[b])
+        if low[a] == index[a]:
+            component = []
+            while not component or component[-1] != a:
+                component.append(stack.pop())
+            if len(component) > 1:
+                found.append(sorted(component))
+
+    for a in sorted(g):
+        if a not in index:
+            visit(a)
+    return found
+
+
+def test_no_import_cycles():
+    """Catches modules importing each other, directly (specs <-> openclip, store <-> dataset once) or around a
+    longer loop, lazy imports inside functions included."""
+    g = {a: targets - TOP for a, targets in graph().items() if a not in TOP}
+    assert not cycles(g), cycles(g)
+
+
+def test_cycles_are_found_around_loops_of_any_length():
+    assert cycles({"a": {"b"}, "b": {"c"}, "c": {"a"}, "d": {"a"}}) == [["a", "b", "c"]]
+    assert cycles({"a": {"b"}, "b": set()}) == []
+
+
+def test_submodule_and_relative_imports_resolve():
+    """Catches ``from clipcond.precompute import tar`` read as the package, not the module it imports."""
+    assert "clipcond.precompute.tar" in imports(ROOT / "precompute" / "inputs.py")
 
 
 def test_the_sub_packages_are_there():
     """The folders a newcomer reads the architecture from."""
     assert {p.name for p in ROOT.iterdir() if (p / "__init__.py").is_file()} == set(LAYERS)
+
+
+# Private names of torch and diffusers that clipcond relies on, each for a reason given where it is used.
+THIRD_PARTY_PRIVATE = {"_parameters", "_buffers", "_modules", "_compiled_call_impl", "_apply", "_attn_implementation",
+                       "_new_shared", "_clean_caption"}
+
+
+def test_no_module_reaches_into_another_modules_private_names():
+    """Catches the prompt readers (text/) calling the conditioner's private methods (tc._put, tc._assemble), or a
+    store module calling another's (store._fetch): what one module needs from another is public, and named so."""
+    reached = []
+    for path in ROOT.rglob("*.py"):
+        tree = ast.parse(path.read_text(encoding="utf-8"))
+        own = {node.name for node in tree.body if isinstance(node, ast.ClassDef)}
+        for node in ast.walk(tree):
+            if (isinstance(node, ast.Attribute) and node.attr.startswith("_") and not node.attr.startswith("__")
+                    and node.attr not in THIRD_PARTY_PRIVATE
+                    and not (isinstance(node.value, ast.Name) and node.value.id in {"self", "cls", *own})):
+                reached.append(f"{module(path)}:{node.lineno} {ast.unparse(node)}")
+    assert not reached, reached

@@ -243,7 +243,7 @@ class TextConditioner(nn.Module):
     def forward(self, prompts: str | Sequence[str]) -> Conditioning:
         prompts = check_prompts(prompts)
         if not prompts:
-            return self._zeros(0)
+            return self.zero_rows(0)
         if self.spec.long_prompts == "chunk":
             return prompting.encode_windows(self, prompts, style=None)
         tokens = self.tokenize(prompts)
@@ -261,14 +261,14 @@ class TextConditioner(nn.Module):
             raise ValueError(f"one Tokens per tower: {count} expected, got {len(tokens)}")
         clip = [self.run_tower(i, t.ids, t.eos) for i, t in enumerate(tokens[: len(self.towers)])]
         if self.t5 is None:
-            return self._assemble(clip)
+            return self.join_towers(clip)
         t5 = tokens[-1]
         ids, mask = t5.ids, token_mask(t5)  # [B, L5] each
         if self.spec.t5_mask and len(ids):  # T5 never attends past a row's EOS: run it to the batch's longest only
             length = min(int(t5.eos.max()) + 1 + self.spec.mask_pads, ids.shape[1])  # Chroma's kept pad included
             ids, mask = ids[:, :length], mask[:, :length]
-        mask = self._put(mask)
-        sequence = self.t5(self._put(ids), mask if self.spec.t5_mask else None)  # [B, L, d]
+        mask = self.to_device(mask)
+        sequence = self.t5(self.to_device(ids), mask if self.spec.t5_mask else None)  # [B, L, d]
         if t5.prefix:  # Sana: the instruction's rows cut but the first (BOS), as SanaPipeline's select_index
             keep = slice(t5.prefix + 1, None)
             sequence, mask = (torch.cat([x[:, :1], x[:, keep]], dim=1) for x in (sequence, mask))
@@ -276,7 +276,7 @@ class TextConditioner(nn.Module):
         full = self.spec.padding == "zero" or self.spec.pad_to == "max_length"
         return c.padded(self.spec.sequence_length) if full and c.mask is not None else c
 
-    def _assemble(self, parts: Sequence[tuple[torch.Tensor, torch.Tensor | None]]) -> Conditioning:
+    def join_towers(self, parts: Sequence[tuple[torch.Tensor, torch.Tensor | None]]) -> Conditioning:
         """The one place towers' outputs become a Conditioning: sequences [N, L, W_i] concatenated along
         features, the pooled vectors [N, P_i] of ``spec.pooled_towers`` concatenated in their order."""
         sequences = [sequence for sequence, _ in parts]
@@ -337,14 +337,14 @@ class TextConditioner(nn.Module):
         """Tower ``i``'s forward on the conditioner's device, the only place towers are called: its sequence
         [N, L, W_i] and its pooled vector [N, P_i] read at ``eos`` [N] (None if the spec pools nothing there).
         ``keep`` [N, L] bool: an attention mask over the keys (compel's down-weighting), see TextTransformer."""
-        out = self.towers[i](self._put(ids), self._put(eos), None if keep is None else self._put(keep))
+        out = self.towers[i](self.to_device(ids), self.to_device(eos), None if keep is None else self.to_device(keep))
         # Compiled on a GPU, the outputs may live in a CUDA graph's pool that the next call overwrites
         # (mode="reduce-overhead", backend="cudagraphs", inductor's config): one copy, cheap next to the forward.
         graphs = self._compiled is not None and self.device.type == "cuda"
         sequence, pooled = (t.clone() if graphs and t is not None else t for t in out)
         return sequence, pooled
 
-    def _put(self, ids: torch.Tensor) -> torch.Tensor:
+    def to_device(self, ids: torch.Tensor) -> torch.Tensor:
         """Token ids to the conditioner's device; pinned, so the copy overlaps with queued GPU work."""
         if self.device.type == "cuda" and not ids.is_pinned():
             ids = ids.pin_memory()
@@ -382,7 +382,7 @@ class TextConditioner(nn.Module):
         if batch_size < 0 or chunks < 1:
             raise ValueError(f"batch_size must be >= 0 and chunks >= 1, got {batch_size} and {chunks}")
         if self._null is None:
-            self._null = self._zeros(1) if self.spec.null == "zeros" else self.empty()
+            self._null = self.zero_rows(1) if self.spec.null == "zeros" else self.empty()
         if self.t5 is not None:
             return repeat(self._null, batch_size)
         return Conditioning(self._null.sequence.repeat(batch_size, chunks, 1), self._null.pooled.repeat(batch_size, 1))
@@ -403,7 +403,7 @@ class TextConditioner(nn.Module):
             return self(prompts)
         prompts = check_prompts(prompts)
         if not prompts:
-            return self._zeros(0)
+            return self.zero_rows(0)
         tokens = self.tokenize(prompts, instruct=False)
         warn_truncated(tokens[-1], self.spec.t5_max_length, "the text encoder")
         return self.encode_tokens(tokens)
@@ -454,9 +454,10 @@ class TextConditioner(nn.Module):
         device = generator.device if generator is not None else "cpu"
         dropped = {k: (torch.rand(len(prompts), generator=generator, device=device) < drop_prob[k]).cpu()
                    for k in keys}  # [B] each
-        return drop_parts(self.spec, self(prompts) if prompts else self._zeros(0), dropped)
+        return drop_parts(self.spec, self(prompts) if prompts else self.zero_rows(0), dropped)
 
-    def _zeros(self, rows: int) -> Conditioning:
+    def zero_rows(self, rows: int) -> Conditioning:
+        """``rows`` all-zero rows of this encoder's shapes (the "zeros" null; ``rows=0`` for an empty batch)."""
         if self.t5 is not None:
             return zeros(self.spec, rows, device=self.device, dtype=self.dtype)
         kw = {"device": self.device, "dtype": self.dtype}

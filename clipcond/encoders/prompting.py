@@ -42,7 +42,7 @@ def read(tc: TextConditioner, prompts: list[str], *, style: WeightStyle = "a1111
     if not 0 <= comma_backtrack <= 74:
         raise ValueError(f"comma_backtrack must be in [0, 74] (A1111's slider), got {comma_backtrack}")
     if not prompts:
-        return tc._zeros(0)
+        return tc.zero_rows(0)
     if tc.t5 is not None:  # Flux (compel, comfy) or Sana (compel): a prompt at a time, as the tools
         from clipcond.text.comfy_t5 import ComfyT5Reader
         from clipcond.text.compel_style import T5Reader
@@ -121,4 +121,4 @@ def encode_windows(tc: TextConditioner, prompts: list[str], *, style: WeightStyl
         sequence = sequence.reshape(len(prompts), k * length, -1)  # [B, k*L, W]
         first = None if pooled is None else pooled.reshape(len(prompts), k, -1)[:, 0]  # [B, P]: the first window's
         parts.append((sequence, first))
-    return tc._assemble(parts)
+    return tc.join_towers(parts)

@@ -66,7 +66,7 @@ class JoinedDataset(Dataset):
                                                           zip(items, indices, strict=True)]
         columns = {key: column for key in (items[0] if items else ()) if all(key in item for item in items)
                    and (column := Column.of([item[key] for item in items])) is not None}
-        fetched = self.store._fetch(rows, columns)  # [B, L, D], [B, P], your columns: one copy, checked
+        fetched = self.store.fetch(rows, columns)  # [B, L, D], [B, P], your columns: one copy, checked
         joined = Rows({**item, **row} for item, row in zip(items, fetched, strict=True))
         joined.batch, joined.dropped, joined.lease = fetched.batch, fetched.dropped, fetched.lease
         return joined

@@ -182,7 +182,7 @@ class EmbeddingStore(Dataset):
         Returns per-row items (views of the batch), so any ``collate_fn`` works; ``store.collate()``
         takes the batch as it is instead of stacking the rows again.
         """
-        return self._fetch(rows, {})
+        return self.fetch(rows, {})
 
     def batch(self, rows: Sequence[int] | torch.Tensor) -> dict[str, torch.Tensor]:
         """Rows ``rows`` stacked: ``{"sequence": [B, L, D], "pooled": [B, P], "row": [B]}``, checked as every read.
@@ -190,9 +190,9 @@ class EmbeddingStore(Dataset):
         For a join in the main process: let the DataLoader's workers load your data (latents) with the row
         indices, and fetch the store's rows here, into batch memory this process reuses once a batch is gone, so
         that the rows never cross from a worker (docs/store.md)."""
-        return self._fetch([int(r) for r in rows], {}).batch
+        return self.fetch([int(r) for r in rows], {}).batch
 
-    def _fetch(self, rows: Sequence[int], columns: dict[str, Column]) -> Rows:
+    def fetch(self, rows: Sequence[int], columns: Mapping[str, Column]) -> Rows:
         """``__getitems__``, with ``columns`` (a joined dataset's fields, one value per row) stacked into the same
         batch memory by the same copy: in a DataLoader worker, one segment of shared memory it reuses for the
         whole batch (clipcond/store/handover.py; ``Rows.lease`` holds it).

@@ -46,10 +46,10 @@ class ComfyT5Reader:
         tokens += [(self.pad, 1.0)] * (MIN_LENGTH - len(tokens))
         ids = torch.tensor([[t for t, _ in tokens]])  # [1, L]
         weights = torch.tensor([w for _, w in tokens])  # [L]
-        z = self.tc.t5(self.tc._put(ids), None)  # [1, L, D]
+        z = self.tc.t5(self.tc.to_device(ids), None)  # [1, L, D]
         if (weights != 1).any():
             empty = torch.tensor([[self.eos] + [self.pad] * (ids.shape[1] - 1)])
-            z_empty = self.tc.t5(self.tc._put(empty), None)
+            z_empty = self.tc.t5(self.tc.to_device(empty), None)
             w = weights.to(z.device, z.dtype)[None, :, None]
             z = torch.where(w == 1, z, z_empty + (z - z_empty) * w)
         return Conditioning(z, self._pooled(prompt), None, z.new_zeros(z.shape[1], 3), self.tc.spec.pipeline)

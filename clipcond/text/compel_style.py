@@ -249,7 +249,7 @@ class T5Reader:
     def _weighted(self, ids: torch.Tensor, weights: torch.Tensor, mask: torch.Tensor) -> torch.Tensor:
         """compel's ``build_weighted_embedding_tensor``: ``z_empty + (z - z_empty) * w`` where ``w != 1``, ``z``
         itself where ``w == 1``."""
-        z = self.tc.t5(self.tc._put(ids), self.tc._put(mask))  # [1, L, D]
+        z = self.tc.t5(self.tc.to_device(ids), self.tc.to_device(mask))  # [1, L, D]
         w = weights.to(z.device, z.dtype)[None, :, None]
         return torch.where(w == 1, z, self.empty() + (z - self.empty()) * w)
 
@@ -258,7 +258,7 @@ class T5Reader:
         if self._empty is None:
             markers = self.bos + self.eos
             ids = torch.tensor([markers + [self.pad] * (self.length - len(markers))])
-            self._empty = self.tc.t5(self.tc._put(ids), None)
+            self._empty = self.tc.t5(self.tc.to_device(ids), None)
         return self._empty
 
     def _pooled(self, text: str) -> torch.Tensor:

@@ -341,7 +341,7 @@ def test_laion_folder_with_both_layouts_is_sized_by_the_folder(tiny, tmp_path):
     """Bug: a clone of a laion repo (transformers config.json + model.safetensors beside open_clip_config.json +
     open_clip_model.safetensors) was read through the open_clip file at the preset's size, so a tower of another
     size failed ("holds 4 transformer blocks, tower 'openclip-vit-h-14' expects 24"). Its size now comes from
-    open_clip_config.json (model_cfg.text_cfg), as a transformers folder's comes from its config.json."""
+    open_clip_config.json (model_cfg.text_cfg), or without one from the transformers config.json beside it."""
     from transformers import CLIPConfig, CLIPModel
 
     tower, hf_text = tiny.h_tower, tiny.clip_h_full  # 40 wide, 4 blocks; open_clip copy: tiny.openclip_h
@@ -374,6 +374,10 @@ def test_laion_folder_with_both_layouts_is_sized_by_the_folder(tiny, tmp_path):
     projected = TextConditioner.from_pretrained("sd2", weights=tmp_path, pooled="projected")
     torch.testing.assert_close(projected(PROMPTS).pooled, model.encode_text(ids), **TOL)
     torch.testing.assert_close(projected(PROMPTS).pooled, full.text_projection(hf_out.pooler_output), **TOL)
+    (tmp_path / "open_clip_config.json").unlink()  # a clone without it: config.json states the same size
+    sized = TextConditioner.from_pretrained("sd2", weights=tmp_path)
+    assert (sized.towers[0].spec.width, sized.towers[0].spec.layers) == (tower.width, tower.layers)
+    torch.testing.assert_close(sized(PROMPTS).sequence, expected, **TOL)
     text_cfg["hf_model_name"] = "roberta-base"  # a config whose text tower is not a CLIP text transformer
     (tmp_path / "open_clip_config.json").write_text(json.dumps({"model_cfg": {"text_cfg": text_cfg}}))
     with pytest.raises(WeightsError, match=r"open_clip_config\.json: its text tower is the transformers model "

@@ -189,14 +189,17 @@ def hf_weight_files(folder: Path) -> list[Path]:
     raise WeightsError(f"{folder}: no weights file; expected one of {list(HF_WEIGHT_FILES + HF_INDEX_FILES)}")
 
 
-def tower_from_hf_config(tower: TowerSpec, folder: Path, reader: StateReader) -> TowerSpec:
-    """The tower's sizes from a transformers ``config.json``: a name fixes semantics, not size."""
+def tower_from_hf_config(tower: TowerSpec, folder: Path, reader: StateReader | None) -> TowerSpec:
+    """The tower's sizes from a transformers ``config.json``: a name fixes semantics, not size. With no
+    ``reader`` the config describes another copy of the same full tower (a laion repo's open_clip file)."""
     path = folder / "config.json"
     try:
         full = json.loads(path.read_text())
     except (OSError, ValueError) as err:
         raise WeightsError(f"{path}: cannot read a transformers config: {err}") from err
-    config = full.get("text_config", full)  # a full CLIPModel folder: the projection size is at the top
+    config = full.get("text_config", full) if isinstance(full, dict) else None  # CLIPModel: projection at the top
+    if not isinstance(config, dict):
+        raise WeightsError(f"{path}: a transformers config is a JSON object, got {type(config).__name__}")
     act = config.get("hidden_act", "quick_gelu")
     if act != tower.activation:
         # The one architectural fact that tells OpenAI CLIP (SD 1.x) from OpenCLIP (SD 2.x, SDXL bigG).
@@ -204,7 +207,7 @@ def tower_from_hf_config(tower: TowerSpec, folder: Path, reader: StateReader) ->
                            f"{tower.activation!r}: these weights belong to another encoder")
     try:
         stored, width = config["num_hidden_layers"], config["hidden_size"]
-        dropped = dropped_layers(tower, stored, width, folder, reader)
+        dropped = 0 if reader is None else dropped_layers(tower, stored, width, folder, reader)
         return tower.replace(
             width=width, layers=stored + dropped, hf_dropped_layers=dropped,
             heads=config["num_attention_heads"], mlp_width=config["intermediate_size"],
@@ -318,10 +321,20 @@ def single_tower_file(spec: EncoderSpec, folder: Path) -> Path | None:
 
 def open_clip_folder_tower(tower: TowerSpec, folder: Path) -> TowerSpec:
     """The tower of an open_clip checkpoint in a folder, sized by the open_clip_config.json beside it (laion's
-    repos); without one, by the spec, as a lone checkpoint file. A transformers config.json there describes
-    the transformers copy, not this file, and is not read."""
+    repos), else by the CLIPModel config.json there (the same full model in transformers' layout); with neither,
+    by the spec, as a lone checkpoint file."""
     config = folder / OPEN_CLIP_CONFIG
-    return tower_from_open_clip_config(tower, config) if config.is_file() else tower
+    if config.is_file():
+        return tower_from_open_clip_config(tower, config)
+    return tower_from_hf_config(tower, folder, None) if is_clip_model_config(folder / "config.json") else tower
+
+
+def is_clip_model_config(path: Path) -> bool:
+    """Whether ``path`` is a transformers CLIPModel config (one with a ``text_config``), which states the sizes."""
+    try:
+        return isinstance(json.loads(path.read_text()).get("text_config"), dict)
+    except (OSError, ValueError, AttributeError):  # absent, not JSON, not an object: it states nothing
+        return False
 
 
 def tower_from_open_clip_config(tower: TowerSpec, path: Path) -> TowerSpec:

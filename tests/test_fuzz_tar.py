@@ -131,7 +131,7 @@ def mutated(draw: st.DrawFn) -> tuple[bytes, bool]:
     """A tar with one to three mutations; True: gzip it (the mutations then hit the tar inside, or the stream)."""
     fmt = draw(st.sampled_from(sorted(FORMATS)))
     records = [None, {"size": str(10**20)}, {"size": "0"}, {"path": "\udce9x.txt"}, {"path": "a/b/.c.txt"},
-               {"size": "999999999999999999999999"}]
+               {"size": "999999999999999999999999"}, {"size": "9" * 5000}]
     pax = draw(st.sampled_from(records)) if fmt == "pax" else None
     data = bytearray(tar_bytes(fmt, pax, draw(st.integers(0, 11))))
     at = headers(bytes(data))
@@ -209,12 +209,13 @@ def precompute(capsys, path: Path, out: Path) -> tuple[int, str]:
 @pytest.mark.parametrize(("lie", "message"), [
     ({"size": str(10**20)}, r"member '000000.txt' claims 100000000000000000000 bytes, the file has \d+ left"),
     ({"size": str(2**63)}, r"member '000000.txt' claims 9223372036854775808 bytes"),
+    ({"size": "9" * 5000}, r"damaged pax header record at byte 0"),  # past int()'s 4300 digits: ValueError
 ])
 @pytest.mark.parametrize("compressed", [False, True])
 def test_a_lying_member_size_is_an_error_naming_the_tar_not_an_allocation(tmp_path, capsys, lie, message,
                                                                           compressed):
     """Issue 17, item 4: a pax ``size`` record of 10^20 made the reader allocate the claimed size before checking
-    it (OverflowError / MemoryError, uncaught: a traceback)."""
+    it (OverflowError / MemoryError, uncaught: a traceback); one of 5000 digits raised int()'s ValueError."""
     data = tar_bytes("pax", lie, at=1)  # sample 0's txt
     path = tmp_path / "00000.tar"
     path.write_bytes(gzip.compress(data) if compressed else data)

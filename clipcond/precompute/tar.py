@@ -133,7 +133,7 @@ def pax_records(data: bytes) -> dict[str, str]:
         if space < 0 or length <= space - pos or pos + length > len(data) or data[pos + length - 1] != 0x0A:
             raise tarfile.ReadError(f"damaged pax header record at byte {pos}")
         key, equals, value = data[space + 1 : pos + length - 1].partition(b"=")
-        if not equals or (key == b"size" and not value.isdigit()):
+        if not equals or (key == b"size" and not (value.isdigit() and len(value) <= 30)):  # int() stops at 4300
             raise tarfile.ReadError(f"damaged pax header record at byte {pos}")
         records[key.decode("utf-8", "surrogateescape")] = value.decode("utf-8", "surrogateescape")
         pos += length

@@ -53,7 +53,7 @@ def refused(capsys, tmp_path: Path, bad: Path, column: str, message: str, id_col
     assert code == 2, err
     assert err.startswith("clipcond precompute: error: ") and len(err.splitlines()) == 1, err
     assert re.search(message, err), err
-    assert not (tmp_path / "new" / MANIFEST).exists()
+    assert not (tmp_path / "new").exists()  # not even an empty folder
     good = tmp_path / "good.txt"
     good.write_text("a cat\na dog\n")
     existing = tmp_path / "existing"

@@ -22,7 +22,7 @@ from __future__ import annotations
 import logging
 import os
 from collections.abc import Callable, Iterator, Sequence
-from contextlib import closing, contextmanager
+from contextlib import closing, contextmanager, suppress
 from dataclasses import dataclass, replace
 from datetime import timedelta
 from pathlib import Path
@@ -330,9 +330,16 @@ def precompute(tc: TextConditioner, job: PrecomputeJob) -> dict:
 
 def _start(tc: TextConditioner, job: PrecomputeJob, locks: tuple[StoreLock, PartsLock], mine: Planned) -> Plan:
     """Rank 0 (or a part): the scan, then the plan."""
+    made = not job.out.exists()
     open_out(job)
-    scan = scan_captions(job.input, column=job.columns, id_column=job.id_column, limit=job.limit,
-                         progress=job.progress, folder=job.out, cache=ScanCache(job.out / StoreFiles.SCAN_CACHE))
+    try:
+        scan = scan_captions(job.input, column=job.columns, id_column=job.id_column, limit=job.limit,
+                             progress=job.progress, folder=job.out, cache=ScanCache(job.out / StoreFiles.SCAN_CACHE))
+    except BaseException:
+        if made:  # refused input: no empty store folder left behind (one a part beside us uses is not empty)
+            with suppress(OSError):
+                job.out.rmdir()
+        raise
     mine.scan = scan
     plan, layout = prepare(tc, job, scan, locks[0], locks[1] if job.part is not None else None)
     mine.layout = layout

@@ -147,7 +147,7 @@ def _csv(path: Path, columns: list[str], id_column: str | None) -> Iterator[Colu
                 start = reader.line_num + 1
                 for record in reader:
                     if record:  # a blank line is no row
-                        _check_csv_row(path, start, reader.line_num, row, len(record), len(header))
+                        _check_csv_row(path, start, reader.line_num, row, record, len(header))
                         batch.append([record[i] for i in at])
                         row += 1
                         if len(batch) == READ_BATCH:
@@ -167,14 +167,30 @@ def _csv_batch(batch: list[list[str]], n: int, id_column: str | None) -> Columns
     return [[record[c] for record in batch] for c in range(n)], [record[-1] for record in batch] if id_column else None
 
 
-def _check_csv_row(path: Path, start: int, end: int, row: int, fields: int, expected: int) -> None:
+def _check_csv_row(path: Path, start: int, end: int, row: int, record: list[str], expected: int) -> None:
+    fix = 'Remove the stray quote, or quote the field whole and double the quotes inside it ("")'
     if end - start >= CSV_MAX_LINES:
         raise ValueError(f"{path} line {start} (row {row}): a quoted field runs from this row over {end - start + 1} "
                          f"lines, to line {end}; clipcond takes a quoted caption of more than {CSV_MAX_LINES} lines "
-                         "for a stray quote that swallowed the rows after it. Remove the stray quote, or quote the "
-                         'field whole and double the quotes inside it ("")')
-    if fields != expected:
-        raise ValueError(f"{path} line {start} (row {row}): {fields} fields, the header has {expected}")
+                         f"for a stray quote that swallowed the rows after it. {fix}")
+    if end > start and expected > 1 and (swallowed := _row_shaped_line(record, expected)) is not None:
+        raise ValueError(f"{path} line {start} (row {row}): a quoted field opened in this row runs to line {end} and "
+                         f"holds a line that is a whole row of {expected} fields ({swallowed!r:.60}): a stray quote "
+                         f"that swallowed the rows after it. {fix} (a caption with such lines: use JSONL)")
+    if len(record) != expected:
+        raise ValueError(f"{path} line {start} (row {row}): {len(record)} fields, the header has {expected}")
+
+
+def _row_shaped_line(record: list[str], expected: int) -> str | None:
+    """A line after a line break inside a field that, read alone, is a row as wide as the header, quote-free:
+    what the rows a stray quote swallowed look like (``11,caption 11``). A multi-line caption of a table of
+    two or more columns holding such a line is refused with them."""
+    for field in record:
+        for line in field.split("\n")[1:]:
+            line = line.rstrip("\r")
+            if '"' not in line and line.count(",") == expected - 1:
+                return line
+    return None
 
 
 def _csv_error(path: Path, start: int, end: int, row: int, err: csv.Error) -> ValueError:

@@ -311,6 +311,15 @@ class EncoderSpec:
     def pooled_dim(self) -> int:
         return sum(self.towers[i].pooled_dim for i in self.pooled_towers)
 
+    @property
+    def token_limits(self) -> str:
+        """The prompt lengths past which the towers truncate, for messages: ``77 tokens``; SD3's ``77 CLIP tokens
+        or 256 t5-v1_1-xxl tokens``; PixArt's ``300 t5-v1_1-xxl tokens``."""
+        if self.t5 is None:
+            return f"{self.max_length} tokens"
+        t5 = f"{self.t5_max_length} {self.t5.name} tokens"
+        return f"{self.max_length} CLIP tokens or {t5}" if self.towers else t5
+
     def semantics(self) -> dict[str, object]:
         """The fields that change outputs: ``source``, ``hub_repo`` and ``pipeline`` only describe, ``pad_to`` only
         adds rows the mask hides (fingerprints: stores of either agree)."""

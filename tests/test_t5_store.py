@@ -8,16 +8,19 @@ with ``tc(...)`` on the same captions, which tests/test_t5.py holds equal to the
 from __future__ import annotations
 
 import json
+import logging
 import random
 import shutil
 from pathlib import Path
 
+import open_clip
 import pytest
 import torch
 from safetensors import safe_open
 from torch.utils.data import DataLoader
 
 from clipcond import EmbeddingStore, TextConditioner
+from clipcond.cli import main
 from clipcond.precompute.job import PrecomputeJob, precompute
 from clipcond.store.gc import collect
 from clipcond.store.handover import Receiver
@@ -412,6 +415,20 @@ def test_a_masked_store_counts_its_truncated_captions(pixart, tmp_path):
     store = EmbeddingStore(tmp_path / "store")
     assert store.manifest.truncated == 1 and store.kept_lengths().max() == 300
     torch.testing.assert_close(store[11]["sequence"], pixart(captions[11:]).sequence[0], **TOL)
+
+
+def test_sd3_truncation_is_reported_per_tower(sd3, tmp_path, caplog, capsys):
+    """Bug: SD3's truncation warning and `clipcond inspect` said "longer than 333 tokens" (the assembled row's
+    length), a limit no tower has: CLIP-L and G take 77 tokens, T5 256."""
+    captions = ["a cat", "a very long caption " * 30]  # 121 CLIP tokens, under 256 T5 tokens
+    assert len(open_clip.tokenize(captions[1:], context_length=200)[0].nonzero()) > 77
+    with caplog.at_level(logging.WARNING, logger="clipcond"):
+        precompute(sd3, PrecomputeJob(input=write_jsonl(tmp_path / "c.jsonl", captions), out=tmp_path / "store",
+                                      progress=False))
+    limits = "77 CLIP tokens or 256 tiny-t5-v1_1-xxl tokens"  # the tiny twin of T5-XXL
+    assert f"1 unique captions were longer than {limits} and were truncated" in caplog.text, caplog.text
+    assert main(["inspect", str(tmp_path / "store")]) == 0
+    assert f"1 unique captions truncated to {limits}" in capsys.readouterr().out
 
 
 @pytest.mark.parametrize(("name", "dtype"), [("tiny-sd3", torch.float16), ("tiny-pixart-sigma", torch.bfloat16)])

@@ -312,7 +312,8 @@ def _encode(tc: TextConditioner, tokens_q: queue.Queue, outputs_q: queue.Queue, 
             t0 = time.perf_counter()
             cond = tc.encode_tokens(tokens)
             stats.encoding += time.perf_counter() - t0
-            clock.put(outputs_q, (k, offset, cond, len(tokens[0].truncated), lengths))
+            truncated = len({row for tower in tokens for row, _ in tower.truncated})  # by any tower (SD3: CLIP or T5)
+            clock.put(outputs_q, (k, offset, cond, truncated, lengths))
             stats.batches += 1
             bar.update(len(cond))
             if delay:

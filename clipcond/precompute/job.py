@@ -48,6 +48,7 @@ from clipcond.precompute.plan import (
 )
 from clipcond.precompute.scan import CHUNK, CaptionTexts, Scan, scan_captions
 from clipcond.precompute.scan_cache import ScanCache
+from clipcond.specs import spec_from_dict
 from clipcond.store.format import IndexFormat, StoreFiles
 from clipcond.store.layout import RowLayout
 from clipcond.store.locks import PartsLock, StoreLock, remove_stale_scans
@@ -267,8 +268,8 @@ def finalize(out: Path, plan: Plan, layout: Layout, scan: Scan, *, parts: bool =
     for path in StoreFiles.leftovers(out):  # sidecars, and half-written files of killed parts (all parts are done)
         path.unlink(missing_ok=True)
     if manifest.truncated:
-        logger.warning("%d unique captions were longer than %d tokens and were truncated, as diffusers does",
-                       manifest.truncated, manifest.sequence_shape[0])
+        logger.warning("%d unique captions were longer than %s and were truncated, as diffusers does",
+                       manifest.truncated, spec_from_dict(manifest.encoder).token_limits)
     return manifest
 
 

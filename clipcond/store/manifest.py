@@ -316,7 +316,7 @@ class Manifest:
             f"  input {source.paths[0]}{more} column(s) {', '.join(map(repr, source.columns))}, "
             f"sha256 {source.sha256[:16]}",
             f"  shards {len(self.shards)}/{self.num_shards} of up to {self.shard_size} embeddings, {_size(disk)} on "
-            f"disk; {self.truncated} unique captions truncated to {seq[0]} tokens",
+            f"disk; {self.truncated} unique captions truncated to {spec_from_dict(self.encoder).token_limits}",
             self._describe_rows(),
         ]
 

@@ -115,17 +115,17 @@ def test_a_stray_quote_closed_by_a_later_rows_quote_is_an_error(tmp_path, capsys
 def test_a_stray_quote_closed_by_a_quote_at_a_later_lines_end_is_an_error(tmp_path, capsys, tc):
     """Row 10 opens a quote that row 13's line-final quote closes: the field then ends where a field may end, the
     record has the header's two fields, and rows 11-13 became part of row 10's caption, silently. A row-shaped
-    line inside a quoted field ("11,caption 11") is refused; a multi-line caption whose lines are not whole rows
-    still reads."""
+    line inside a quoted field ("11,caption 11" after the row of id "10") is refused; a multi-line caption whose
+    lines do not read as rows still reads."""
     bad = stray_quote_csv(tmp_path / "data.csv", 10, '10,"a stray quote', rows=20)
     bad.write_text(bad.read_text().replace("13,caption 13\n", '13,caption 13"\n'))
     refused(capsys, tmp_path, bad, "caption", r"data.csv line 12 \(row 10\): a quoted field opened in this row runs "
-                                              r"to line 15 and holds a line that is a whole row of 2 fields "
+                                              r"to line 15 and holds a line that reads as a row of its own "
                                               r"\('11,caption 11'\)")
     good = tmp_path / "good.csv"
-    captions = ["a cat\non two lines", "commas, one\nper line, here"]  # 1 comma in 2 columns is a row: not these
+    captions = ["a cat\non two lines", "commas, one\nper line, here", "two\nlines, quoted"]  # no line an id-row
     with open(good, "w", newline="", encoding="utf-8") as f:
-        csv.writer(f).writerows([["id", "caption", "source"], *([str(i), c, "web"] for i, c in enumerate(captions))])
+        csv.writer(f).writerows([["id", "caption"], *([str(i), c] for i, c in enumerate(captions))])
     assert precompute(capsys, [good], tmp_path / "store", "caption")[0] == 0
     assert_rows_hold(tc, tmp_path / "store", [[c] for c in captions])
 

@@ -34,6 +34,7 @@ import importlib
 import itertools
 import json
 import logging
+import re
 from collections.abc import Iterable, Iterator, Sequence
 from pathlib import Path
 
@@ -144,10 +145,11 @@ def _csv(path: Path, columns: list[str], id_column: str | None) -> Iterator[Colu
                 _require(header, wanted, path)
                 at = [header.index(c) for c in wanted]
                 batch: list[list[str]] = []
-                start = reader.line_num + 1
+                start, previous = reader.line_num + 1, None  # previous: the last one-line row's first field
                 for record in reader:
                     if record:  # a blank line is no row
-                        _check_csv_row(path, start, reader.line_num, row, record, len(header))
+                        _check_csv_row(path, start, reader.line_num, row, record, len(header), previous)
+                        previous = record[0] if reader.line_num == start else previous
                         batch.append([record[i] for i in at])
                         row += 1
                         if len(batch) == READ_BATCH:
@@ -167,30 +169,39 @@ def _csv_batch(batch: list[list[str]], n: int, id_column: str | None) -> Columns
     return [[record[c] for record in batch] for c in range(n)], [record[-1] for record in batch] if id_column else None
 
 
-def _check_csv_row(path: Path, start: int, end: int, row: int, record: list[str], expected: int) -> None:
+def _check_csv_row(path: Path, start: int, end: int, row: int, record: list[str], expected: int,
+                   previous: str | None) -> None:
     fix = 'Remove the stray quote, or quote the field whole and double the quotes inside it ("")'
     if end - start >= CSV_MAX_LINES:
         raise ValueError(f"{path} line {start} (row {row}): a quoted field runs from this row over {end - start + 1} "
                          f"lines, to line {end}; clipcond takes a quoted caption of more than {CSV_MAX_LINES} lines "
                          f"for a stray quote that swallowed the rows after it. {fix}")
-    if end > start and expected > 1 and (swallowed := _row_shaped_line(record, expected)) is not None:
+    if end > start and previous is not None and (swallowed := _row_shaped_line(record, expected, previous)):
         raise ValueError(f"{path} line {start} (row {row}): a quoted field opened in this row runs to line {end} and "
-                         f"holds a line that is a whole row of {expected} fields ({swallowed!r:.60}): a stray quote "
-                         f"that swallowed the rows after it. {fix} (a caption with such lines: use JSONL)")
+                         f"holds a line that reads as a row of its own ({swallowed!r:.60}): a stray quote that "
+                         f"swallowed the rows after it. {fix}")
     if len(record) != expected:
         raise ValueError(f"{path} line {start} (row {row}): {len(record)} fields, the header has {expected}")
 
 
-def _row_shaped_line(record: list[str], expected: int) -> str | None:
-    """A line after a line break inside a field that, read alone, is a row as wide as the header, quote-free:
-    what the rows a stray quote swallowed look like (``11,caption 11``). A multi-line caption of a table of
-    two or more columns holding such a line is refused with them."""
+def _row_shaped_line(record: list[str], expected: int, previous: str) -> str | None:
+    """A line after a line break inside a field that reads as a row of the table: quote-free, as many fields as the
+    header (two or more), its first field shaped as the row before's (``11,caption 11`` after ``10``: digits, then
+    letters, spaces and signs alike). What the rows a stray quote swallowed look like, and a caption's own lines
+    rarely do ("two\nlines, quoted" after the id ``7``)."""
+    if expected < 2:
+        return None
     for field in record:
         for line in field.split("\n")[1:]:
             line = line.rstrip("\r")
-            if '"' not in line and line.count(",") == expected - 1:
+            if '"' not in line and line.count(",") == expected - 1 and _shape(line.split(",")[0]) == _shape(previous):
                 return line
     return None
+
+
+def _shape(text: str) -> str:
+    """Runs of letters as ``a``, of digits as ``9``, of spaces as one space; other characters kept (k-12: a-9)."""
+    return re.sub(r"\s+", " ", re.sub(r"\d+", "9", re.sub(r"[^\W\d_]+", "a", text)))
 
 
 def _csv_error(path: Path, start: int, end: int, row: int, err: csv.Error) -> ValueError:

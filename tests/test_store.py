@@ -625,6 +625,8 @@ def test_inspect_describes_and_verifies(store_dir, capsys):
     assert "rows 400: 150 unique captions, ids from column 'key'" in out
     assert "encoder tiny-sdxl: sequence [77, 80], pooled [48], float32" in out
     assert "verified every file's size and sha256" in out
+    rows = next(line for line in out.splitlines() if line.startswith("  rows (CLIP): "))
+    assert "whole rows" in rows and "saved" not in rows, rows  # was "(-0.0 % saved)": headers counted as a loss
 
 
 def test_truncated_shard_is_named_by_the_store_and_inspect(damaged, capsys):

@@ -10,6 +10,7 @@ from __future__ import annotations
 import json
 import logging
 import random
+import re
 import shutil
 from pathlib import Path
 
@@ -428,7 +429,11 @@ def test_sd3_truncation_is_reported_per_tower(sd3, tmp_path, caplog, capsys):
     limits = "77 CLIP tokens or 256 tiny-t5-v1_1-xxl tokens"  # the tiny twin of T5-XXL
     assert f"1 unique captions were longer than {limits} and were truncated" in caplog.text, caplog.text
     assert main(["inspect", str(tmp_path / "store")]) == 0
-    assert f"1 unique captions truncated to {limits}" in capsys.readouterr().out
+    out = capsys.readouterr().out
+    assert f"1 unique captions truncated to {limits}" in out
+    rows = next(line for line in out.splitlines() if line.startswith("  rows (StableDiffusion3Pipeline): "))
+    saved = float(re.search(r"\(([\d.]+) % saved\)", rows)[1])  # the CLIP rows' 16 zero columns of 96
+    assert 0 < saved < 100 * (77 * 16) / (333 * 96 + 80), rows
 
 
 @pytest.mark.parametrize(("name", "dtype"), [("tiny-sd3", torch.float16), ("tiny-pixart-sigma", torch.bfloat16)])

@@ -5,10 +5,11 @@ conditionings into the shards' tensors and for the rows and mask a reader restor
   transformer attends to every row, the T5 padding rows included, so nothing can be left out.
 - SD3 holds its two parts: ``clip`` (CLIP-L ⊕ G, [77, 2048]) and ``t5`` ([256, 4096]). The pipeline zero-pads the
   CLIP rows to 4096 columns and stacks the parts; those 2048 zero columns are not stored but restored at read.
-- Masked recipes (PixArt, Chroma, AuraFlow: padding "masked" or "zero") hold only the rows their mask keeps (the
-  prompt, its EOS, and Chroma's one pad): ``sequence`` [T, D] for a shard's rows together, and ``lengths`` [n].
-  A read restores the padded tensor and the mask: exact, since the transformer never attends to the other rows
-  (AuraFlow's are zeros, restored as zeros), and clipcond's own encoding holds zeros there too.
+- Masked recipes (PixArt, Chroma, Sana, AuraFlow: padding "masked" or "zero") hold only the rows their mask keeps
+  (the prompt, its EOS, Chroma's one pad; Sana's BOS and prompt rows): ``sequence`` [T, D] for a shard's rows
+  together, and ``lengths`` [n]. A read restores the padded tensor and the mask exactly: PixArt's, Chroma's and
+  Sana's transformers mask the other rows out, and AuraFlow's pipeline zeroes them (its transformer attends to
+  those zeros, so its batches keep the full length), and clipcond's own encoding holds zeros there too.
 
 A shard holds, in this order: the largest part (streamed to disk as the rows arrive), the other parts, ``pooled``
 [n, P], ``lengths`` [n] (masked layouts) and ``check`` [n] (clipcond/store/format.py).

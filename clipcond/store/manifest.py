@@ -327,12 +327,13 @@ class Manifest:
         slots = sum(e.stop - e.start for e in self.shards)
         stored = sum(e.bytes for e in self.shards) / slots if slots else float("nan")
         parts = " + ".join(f"{p.name} [{p.length}, {p.width}]" for p in layout.parts)
-        how = ("the rows each mask keeps, and their lengths (the transformer reads no others)" if layout.masked else
-               f"parts {parts} (zero columns not stored)" if len(layout.parts) > 1 else "whole rows")
+        how = ("the rows each mask keeps, and their lengths (the others are padding, restored as zeros)"
+               if layout.masked else f"parts {parts} (zero columns not stored)" if len(layout.parts) > 1 else
+               "whole rows (the transformer reads every row: nothing is left out)")
+        saved = f" ({100 - 100 * stored / padded:.1f} % saved)" if layout.masked or len(layout.parts) > 1 else ""
         recipe = self.encoder.get("pipeline") or "CLIP"
         return (f"  rows ({recipe}): {how}; {_size(stored)} a row on disk (shard headers included), "
-                f"{stored / padded:.1%} of the {_size(padded)} of a padded row ({100 - 100 * stored / padded:.1f} % "
-                f"saved)")
+                f"{stored / padded:.1%} of the {_size(padded)} of a padded row{saved}")
 
 
 def _size(n: float) -> str:

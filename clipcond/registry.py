@@ -134,7 +134,7 @@ def _t5_specs(sd3_clip: EncoderSpec, flux_clip: EncoderSpec) -> list[EncoderSpec
                                  "clean_caption=False)")
     plain = EncoderSpec(name="t5-xxl", towers=(), t5=PLAIN_T5, t5_max_length=512, combine="t5", **t5,
                         hub_repo="google/t5-v1_1-xxl", source="transformers T5EncoderModel(ids).last_hidden_state")
-    # Chroma: T5 with its mask at 512; the mask handed on keeps one pad after the EOS; rows are not zeroed.
+    # Chroma: T5 with its mask at 512; the mask handed on keeps one pad after the EOS; the rows after it zeroed.
     chroma = sigma.replace(name="chroma", t5_max_length=512, preprocess="none", mask_pads=1, text_ids=True,
                            pipeline="ChromaPipeline", hub_repo="lodestones/Chroma1-HD",
                            source="diffusers ChromaPipeline.encode_prompt (max_sequence_length=512)")

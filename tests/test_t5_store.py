@@ -111,7 +111,8 @@ def test_masked_rows_read_back_as_tc_gives_them(pixart, pixart_store):
 
 
 def test_masked_caption_dropout_restores_the_null_and_its_mask(pixart, pixart_store):
-    """Bug: a dropped row keeping its caption's mask (PixArt would attend to its length) or the null truncated."""
+    """Bug: a dropped row keeping its caption's mask (PixArt would attend to its length), or the null's row and
+    mask not the recipe's null."""
     out, _ = pixart_store
     store = EmbeddingStore(out)
     batch = store.collate(drop_prob=0.5, seed=1)(store.__getitems__(list(range(40))))
@@ -121,6 +122,34 @@ def test_masked_caption_dropout_restores_the_null_and_its_mask(pixart, pixart_st
     assert torch.equal(batch["mask"][dropped], null.mask.expand(int(dropped.sum()), -1))
     torch.testing.assert_close(batch["sequence"][dropped], null.sequence.expand(int(dropped.sum()), -1, -1), **TOL)
     assert store.null(2).mask.shape == (2, 300) and store.null(2).mask.sum().item() == 2
+
+
+def test_lengths_moved_between_rows_are_caught(pixart_store, tmp_path):
+    """Bug: a masked shard's row check not covering its length: one unit of length moved from row 0 to row 1 (the
+    lengths' sum, and so every stored byte, unchanged) would read both rows shifted by one row, silently."""
+    import struct
+
+    out = tmp_path / "store"
+    shutil.copytree(pixart_store[0], out)
+    shard = out / "shard-00000.safetensors"
+    data = bytearray(shard.read_bytes())
+    (size,) = struct.unpack("<Q", data[:8])
+    start = 8 + size + json.loads(data[8 : 8 + size])["lengths"]["data_offsets"][0]
+    lengths = struct.unpack_from("<2q", data, start)
+    struct.pack_into("<2q", data, start, lengths[0] - 1, lengths[1] + 1)
+    shard.write_bytes(bytes(data))
+    store, clean, failed = EmbeddingStore(out), EmbeddingStore(pixart_store[0]), []
+    for row in range(len(store)):
+        try:
+            got = store[row]
+        except ValueError as err:
+            assert re.search(r"shard-00000.safetensors row [01] .*checksum mismatch", str(err)), err
+            failed.append(row)
+        else:
+            assert torch.equal(got["sequence"], clean[row]["sequence"])  # every other row reads as before
+    assert len(failed) == 2, failed  # the two slots whose lengths moved
+    with pytest.raises(ValueError, match=r"shard-00000.safetensors row [01] .*checksum mismatch"):
+        store.__getitems__(failed)
 
 
 def test_masked_store_through_a_dataloader_with_two_workers(pixart_store):
@@ -330,6 +359,15 @@ def test_inspect_prints_bytes_per_row_and_the_share_saved(pixart_store, capsys):
     assert f"{share:.1%} of the 115.2 KB of a padded row" in line and share < 0.15
 
 
+def test_inspect_names_a_t5_recipe_without_a_pipeline(t5_vocab, tmp_path, capsys):
+    """Bug: a `t5-xxl` store (no pipeline named) described as "rows (CLIP)"."""
+    tc = TextConditioner.from_pretrained("tiny-t5-xxl", tokenizer=t5_vocab["sd3"])
+    precompute(tc, PrecomputeJob(input=write_jsonl(tmp_path / "c.jsonl", ["a cat", "a dog"]), out=tmp_path / "s",
+                                 progress=False))
+    assert main(["inspect", str(tmp_path / "s")]) == 0
+    assert "  rows (tiny-t5-xxl): whole rows" in capsys.readouterr().out
+
+
 def test_a_format_2_manifest_reads_as_one_whole_part(tmp_path):
     """Bug: stores written before row layouts (format 2, no "parts") refused or misread."""
     from clipcond.store.manifest import Manifest
@@ -362,6 +400,37 @@ def test_a_sana_store_keeps_the_bos_row_and_the_prompt_rows(t5_pipes, tmp_path):
     assert torch.equal(batch["mask"], expected.mask)
     torch.testing.assert_close(batch["sequence"], expected.sequence, **TOL)
     assert torch.equal(store.null(1).mask, tc.null(1).padded(300).mask)  # the BOS row alone
+
+
+@pytest.mark.parametrize("name", ["chroma", "auraflow"])
+def test_chroma_and_auraflow_stores_read_back_as_their_pipelines_encode(t5_pipes, tmp_path, name):
+    """Bug: Chroma's kept pad row not stored or not in the mask (its transformer attends to it), or AuraFlow's
+    batches cut to their longest row (its transformer takes no mask and attends to all 256 rows, zeros included).
+    The reference is the diffusers pipeline's encode_prompt on the same weights."""
+    chroma = name == "chroma"
+    tc = TextConditioner.from_pretrained(name, weights=t5_pipes.chroma if chroma else t5_pipes.aura)
+    pipe = t5_pipes.chroma_pipeline() if chroma else t5_pipes.aura_pipeline()
+    captions = ["a photo of a cat", "an astronaut riding a horse on mars, 8k", "a cat", "a red car in a city at night"]
+    precompute(tc, PrecomputeJob(input=write_jsonl(tmp_path / "c.jsonl", captions), out=tmp_path / "store",
+                                 batch_size=2, progress=False))
+    store = EmbeddingStore(tmp_path / "store")
+    batch = store.collate()(store.__getitems__([0, 1, 2, 3]))
+    if chroma:
+        embeds, _, mask, _, _, null_mask = pipe.encode_prompt(captions, device="cpu", max_sequence_length=512)
+        null = pipe.encode_prompt(captions[:1], device="cpu")[3]
+    else:
+        embeds, mask, null, null_mask = pipe.encode_prompt(captions, device="cpu")
+        mask, null_mask = mask.reshape(4, 256, -1)[..., 0], null_mask.reshape(4, 256, -1)[..., 0]
+    mask, length = mask.long(), batch["sequence"].shape[1]
+    assert length == (int(mask.sum(1).max()) if chroma else 256)  # Chroma's longest kept row; AuraFlow's 256
+    assert torch.equal(batch["mask"], mask[:, :length]) and not mask[:, length:].any()
+    kept = mask[:, :length].bool()
+    torch.testing.assert_close(batch["sequence"][kept], embeds[:, :length][kept], **TOL)
+    assert not batch["sequence"][~kept].any()  # zeros: diffusers' too for AuraFlow; Chroma's are never read
+    assert sum(int(s["lengths"].sum()) for s in shard_tensors(tmp_path / "store")) == int(mask.sum())
+    width = int(null_mask[0].sum())  # "": its EOS (and Chroma's kept pad)
+    torch.testing.assert_close(store.null(1).sequence[0, :width], null[0, :width], **TOL)
+    assert torch.equal(store.null(1).mask[0], null_mask[0].long())
 
 
 def test_the_joined_loader_reads_masked_rows_into_reused_memory(pixart_store):

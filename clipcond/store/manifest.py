@@ -331,7 +331,7 @@ class Manifest:
                if layout.masked else f"parts {parts} (zero columns not stored)" if len(layout.parts) > 1 else
                "whole rows (the transformer reads every row: nothing is left out)")
         saved = f" ({100 - 100 * stored / padded:.1f} % saved)" if layout.masked or len(layout.parts) > 1 else ""
-        recipe = self.encoder.get("pipeline") or "CLIP"
+        recipe = self.encoder.get("pipeline") or ("CLIP" if self.encoder.get("t5") is None else self.encoder["name"])
         return (f"  rows ({recipe}): {how}; {_size(stored)} a row on disk (shard headers included), "
                 f"{stored / padded:.1%} of the {_size(padded)} of a padded row{saved}")
 

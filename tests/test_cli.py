@@ -31,6 +31,21 @@ def test_encode_errors_exit_2_with_a_message():
     assert out.returncode == 2 and "no such file or folder" in out.stderr
 
 
+def test_gc_of_a_path_that_is_no_store_says_so_and_leaves_nothing(tmp_path, capsys):
+    """Bug: `clipcond gc missing_path` took the store lock first and failed with "No such file or directory:
+    'missing_path/.clipcond.lock'"; on a folder of photos it left a lock file among them."""
+    from clipcond.cli import main
+
+    photos = tmp_path / "photos"
+    photos.mkdir()
+    (photos / "a.jpg").write_bytes(b"\xff\xd8")
+    for path in (tmp_path / "missing_path", photos):
+        assert main(["gc", str(path)]) == 2
+        err = capsys.readouterr().err
+        assert f"clipcond gc: error: {path}: no manifest.json: not a clipcond embedding store" in err, err
+    assert not (tmp_path / "missing_path").exists() and [p.name for p in photos.iterdir()] == ["a.jpg"]
+
+
 def test_inspect_missing_path_says_it_does_not_exist(tmp_path, capsys):
     """Bug: `clipcond inspect missing_path` said "unknown weights file type ''" (the suffix of a path that is not
     there); it must say that the path does not exist, naming it, and exit non-zero."""

@@ -38,6 +38,7 @@ class Collected:
 def collect(out: str | os.PathLike[str]) -> Collected:
     """Remove unreferenced embeddings from the complete store ``out`` (holding its lock)."""
     out = Path(out)
+    Manifest.read(out)  # not a store (a missing path, a folder of photos): refused before a lock file lands there
     lock = StoreLock(out)
     lock.acquire()
     try:

@@ -10,6 +10,7 @@ import io
 import json
 import os
 import pkgutil
+import re
 import shutil
 import signal
 import tarfile
@@ -695,6 +696,29 @@ def test_gc_refuses_a_damaged_index_instead_of_publishing_it_checked(tmp_path, t
     with pytest.raises(ValueError, match=rf"{manifest['index']['file']}: corrupted: sha256"):
         collect(out)
     assert {name: (out / name).read_bytes() for name in listed} == before  # nothing published, nothing lost
+
+
+@pytest.mark.parametrize("damage", ["flipped", "deleted"])
+def test_a_damaged_or_deleted_index_is_repaired_by_the_same_precompute(tmp_path, tc, damage):
+    """Bug: the repair hint ("delete the damaged file(s) and rerun the same `clipcond precompute` command") failed
+    for the index: the rerun stopped at "index-....safetensors: missing". Without its index no stored slot can be
+    matched to its caption, so the rerun encodes every caption again and publishes a whole store."""
+    out, path = tmp_path / "store", write_input(tmp_path / "v1", "txt", ["a", "b", "c"])
+    run(tc, path, out)
+    reference = rows_of(EmbeddingStore(out))
+    index = out / json.loads((out / MANIFEST).read_text())["index"]["file"]
+    if damage == "flipped":
+        data = bytearray(index.read_bytes())
+        data[-1] ^= 0x01
+        index.write_bytes(bytes(data))
+    else:
+        index.unlink()
+    with pytest.raises((ValueError, FileNotFoundError), match="(?s)" + re.escape(index.name) + ".*rerun the same"):
+        EmbeddingStore(out)
+    assert run(tc, path, out)["run"]["encoded"] == 3
+    store = EmbeddingStore(out, verify=True)
+    assert all(torch.equal(a, b) for a, b in zip(rows_of(store), reference, strict=True))
+    assert sorted(p.name for p in out.glob("shard-*")) == ["shard-00001.safetensors"]  # the old shard is gone
 
 
 def test_an_input_reshaped_into_other_rows_is_planned_again(tmp_path, tc):

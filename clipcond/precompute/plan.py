@@ -51,8 +51,13 @@ def assign_slots(out: Path, base: Manifest | None, scan: Scan, checksums: bool =
     keep, dropped = [], []
     base_keys = np.zeros((0, 16), dtype=np.uint8)
     if base is not None:
-        base_keys = np.array(IndexFormat.read(out, base)["keys"])  # [slots, 16], the index checked first
-        for entry in base.shards:
+        try:
+            base_keys = np.array(IndexFormat.read(out, base)["keys"])  # [slots, 16], the index checked first
+        except (OSError, ValueError) as err:  # missing or damaged: no stored slot can be matched to its caption
+            logger.warning("%s; without the index no stored embedding can be matched to its caption: every caption "
+                           "is encoded again", err)
+            base_keys, dropped = np.zeros((base.slots, 16), dtype=np.uint8), [e.file for e in base.shards]
+        for entry in base.shards if not dropped else ():
             if entry.problem(out, checksums) is not None:
                 logger.warning("%s: damaged or missing; its captions are encoded again", out / entry.file)
                 dropped.append(entry.file)

@@ -303,7 +303,8 @@ class IndexFormat:
         try:
             f = open(path, "rb")  # noqa: SIM115 (closed below; FileNotFoundError needs its own message)
         except FileNotFoundError as err:
-            raise FileNotFoundError(f"{path}: missing (the manifest lists it with {entry.bytes} bytes)") from err
+            raise FileNotFoundError(f"{path}: missing (the manifest lists it with {entry.bytes} bytes); "
+                                    f"{REPAIR_HINT}") from err
         with f:
             header = read_header(f, path)  # first: it refuses an empty or truncated file
             data = mmap.mmap(f.fileno(), 0, access=mmap.ACCESS_READ)  # pages come in as the arrays are used

@@ -5,6 +5,7 @@ from __future__ import annotations
 
 import json
 import os
+import re
 import subprocess
 import sys
 from pathlib import Path
@@ -139,6 +140,29 @@ def test_clip_model_reads_only_text_tensors_and_text_shards(clip_model, monkeypa
     TextConditioner.from_pretrained("sd15", weights=whole)
     assert read and not any(k.startswith(("vision_model.", "visual_projection", "logit_scale")) for k in read)
     assert not set(opened) & vision_only
+
+
+@pytest.mark.parametrize(("content", "message"), [
+    (b"not json", r"JSONDecodeError: Expecting value"),
+    (b"{}", r"KeyError: 'weight_map'"),
+    (b"[]", r"TypeError: list indices"),
+    (b'{"weight_map": "x"}', r"AttributeError: 'str' object has no attribute 'items'"),
+    (b"\xe9\xe9", r"UnicodeDecodeError: 'utf-8' codec can't decode byte 0xe9"),
+    (b'{"weight_map": {"text_model.x": "../model.safetensors"}}', r"names '../model.safetensors', not a shard file"),
+])
+def test_a_damaged_shard_index_is_an_error_naming_it(clip_model, tmp_path, capsys, content, message):
+    """Bug: a CLIP folder's damaged model.safetensors.index.json failed with a bare "Expecting value: line 1
+    column 1", "weight_map" (a KeyError) or a TypeError, naming no file (T5 folders named it: two readers)."""
+    import shutil
+
+    folder = tmp_path / "sharded"
+    shutil.copytree(clip_model[2], folder)
+    index = folder / "model.safetensors.index.json"
+    index.write_bytes(content)
+    assert main(["encode", "--encoder", "sd15", "--weights", str(folder), "a cat"]) == 2
+    err = capsys.readouterr().err
+    assert re.search(re.escape(f"{index}: ") + r"(not a sharded checkpoint's index \(" + message + "|its weight_map "
+                     + message + ")", err), err
 
 
 def test_clip_repo_id_from_the_hf_cache(tiny, clip_model, tmp_path):

@@ -11,6 +11,7 @@ from __future__ import annotations
 import json
 import logging
 import os
+from collections.abc import Callable
 from pathlib import Path
 
 from clipcond.encoders.openclip import OPEN_CLIP_CONFIG, OPEN_CLIP_FILES
@@ -25,10 +26,22 @@ HF_INDEX_FILES = ("model.safetensors.index.json", "pytorch_model.bin.index.json"
 HF_TEXT_PREFIXES = ("text_model.", "text_projection.", "embeddings.", "encoder.", "final_layer_norm.")
 
 
-def text_shards(index: dict) -> list[str]:
+def index_shards(path: Path, wanted: Callable[[str], bool]) -> list[str]:
+    """The shard files of a sharded checkpoint's index (``*.index.json``: ``{"weight_map": {tensor: shard}}``)
+    that hold a tensor ``wanted`` takes, sorted; ``WeightsError`` naming the index if it is not one."""
+    try:
+        weight_map = json.loads(path.read_text(encoding="utf-8"))["weight_map"]  # UnicodeDecodeError: a ValueError
+        shards = {shard for key, shard in weight_map.items() if wanted(key)}
+    except (OSError, ValueError, KeyError, TypeError, AttributeError) as err:
+        raise WeightsError(f"{path}: not a sharded checkpoint's index ({type(err).__name__}: {err})") from err
+    if bad := [s for s in shards if not isinstance(s, str) or Path(s).name != s or not s]:
+        raise WeightsError(f"{path}: its weight_map names {bad[0]!r:.80}, not a shard file beside it")
+    return sorted(shards)
+
+
+def text_shards(path: Path) -> list[str]:
     """Shards of a sharded transformers checkpoint holding text-tower tensors (of a CLIPModel: not the vision ones)."""
-    weight_map = index["weight_map"]
-    return sorted({shard for key, shard in weight_map.items() if key.startswith(HF_TEXT_PREFIXES)})
+    return index_shards(path, lambda key: key.startswith(HF_TEXT_PREFIXES))
 
 def download(spec: EncoderSpec, repo: str, *, revision: str | None = None,
              open_clip_files: tuple[str, ...] = OPEN_CLIP_FILES) -> Path:
@@ -117,7 +130,7 @@ class Hub:
         for name in HF_INDEX_FILES:
             index = self.get(name)
             if index is not None:
-                for shard in text_shards(json.loads(index.read_text())):
+                for shard in text_shards(index):
                     if self.get(shard) is None:
                         raise WeightsError(f"{self.repo}/{shard}: listed in {name} but not found")
                 return config.parent

@@ -27,6 +27,7 @@ import torch
 from torch import nn
 
 from clipcond._files import SafetensorsHeader, read_safetensors_header, read_tensor
+from clipcond.encoders.hub import index_shards
 from clipcond.encoders.weights import load_pickle
 from clipcond.errors import WeightsError
 from clipcond.specs import T5TowerSpec
@@ -253,12 +254,8 @@ def weight_files(folder: Path) -> list[Path]:
     """A T5 folder's safetensors files; of a sharded checkpoint, only the shards holding encoder tensors."""
     for name in INDEX_FILES:
         if (folder / name).is_file():
-            try:
-                weight_map = json.loads((folder / name).read_text())["weight_map"]
-            except (OSError, ValueError, KeyError, TypeError) as err:
-                raise WeightsError(f"{folder / name}: not a safetensors index ({err})") from err
-            shards = {shard for key, shard in weight_map.items() if not key.startswith(IGNORED_PREFIXES)}
-            return [folder / shard for shard in sorted(shards)]
+            encoder = (lambda key: not key.startswith(IGNORED_PREFIXES))  # noqa: E731
+            return [folder / shard for shard in index_shards(folder / name, encoder)]
     for name in WEIGHT_FILES:
         if (folder / name).is_file():
             return [folder / name]

@@ -182,7 +182,7 @@ def hf_weight_files(folder: Path) -> list[Path]:
     """The weight file(s) of a transformers model folder, safetensors first; of shards, those with text tensors."""
     for name in HF_INDEX_FILES:
         if (folder / name).is_file():
-            return [folder / s for s in text_shards(json.loads((folder / name).read_text()))]
+            return [folder / s for s in text_shards(folder / name)]
     for name in HF_WEIGHT_FILES:
         if (folder / name).is_file():
             return [folder / name]

@@ -73,6 +73,7 @@ SAFETENSORS_DTYPES = {torch.float64: "F64", torch.float32: "F32", torch.float16:
                       torch.uint8: "U8", torch.bool: "BOOL"}
 
 
+SAFETENSORS_MAX_HEADER = 100_000_000  # bytes: the safetensors library's own limit (MAX_HEADER_SIZE)
 SAFETENSORS_CODES = {code: dtype for dtype, code in SAFETENSORS_DTYPES.items()}
 SAFETENSORS_CODES.update({"F8_E4M3": torch.float8_e4m3fn, "F8_E5M2": torch.float8_e5m2})  # fp8 text encoders
 
@@ -100,15 +101,18 @@ def read_safetensors_header(f: BinaryIO, path: object) -> SafetensorsHeader:
     The one reader of safetensors headers (weights and store shards). Holds the rules the safetensors
     library holds, so that a damaged or hostile file is a ``ValueError`` naming ``path`` (and the tensor),
     never another exception, an allocation of what a length field claims, or bytes of a neighbour tensor:
-    the header length fits the file; the header is a UTF-8 JSON object; each tensor has a known dtype, a
-    shape of non-negative ints that torch can allocate and two data offsets that fit the data and match dtype
-    and shape; the tensors tile the data.
+    the header length fits the file and the library's 100 MB; the header is a UTF-8 JSON object; each tensor
+    has a known dtype, a shape of non-negative ints that torch can allocate and two data offsets that fit the
+    data and match dtype and shape; the tensors tile the data.
     """
     size = f.seek(0, os.SEEK_END)
     f.seek(0)
     n = int.from_bytes(f.read(8), "little")
     if size < 8 or not 2 <= n <= size - 8:
         raise ValueError(f"{path}: not a safetensors file: header length {n} does not fit the file's {size} bytes")
+    if n > SAFETENSORS_MAX_HEADER:
+        raise ValueError(f"{path}: not a safetensors file: header length {n} is over the {SAFETENSORS_MAX_HEADER} "
+                         "bytes the safetensors library reads")
     try:
         header = json.loads(f.read(n).decode("utf-8"))
     except (UnicodeDecodeError, ValueError, RecursionError) as err:  # JSONDecodeError is a ValueError

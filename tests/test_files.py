@@ -100,3 +100,26 @@ def test_header_length_is_bounded_by_the_file_before_anything_is_read(tmp_path, 
     path.write_bytes(struct.pack("<Q", length) + path.read_bytes()[8:])
     with open(path, "rb") as f, pytest.raises(ValueError, match=f"header length {length} does not fit"):
         read_safetensors_header(f, path)
+
+
+def test_a_header_length_within_a_large_file_is_bounded_by_the_librarys_limit(tmp_path):
+    """Bug: a header length that fits the file (the file's size minus a few bytes) made the reader read that much
+    before it parsed anything: a 15.6 MB file peaked at 46.7 MB, a 6.9 GB checkpoint would have read gigabytes.
+    safetensors refuses headers over 100 MB (MAX_HEADER_SIZE); so does clipcond, before reading one."""
+    import tracemalloc
+
+    path = tmp_path / "large.safetensors"
+    with open(path, "wb") as f:
+        f.write(struct.pack("<Q", 150_000_000) + b"{")
+        f.truncate(150_000_100)  # sparse: no disk is spent
+    with pytest.raises(Exception, match="header"):  # the library's own verdict on the same file
+        safe_open(str(path), "pt")
+    tracemalloc.start()
+    try:
+        with open(path, "rb") as f, pytest.raises(ValueError, match=r"large.safetensors: not a safetensors file: "
+                                                  r"header length 150000000 is over the 100000000 bytes"):
+            read_safetensors_header(f, path)
+        peak = tracemalloc.get_traced_memory()[1]
+    finally:
+        tracemalloc.stop()
+    assert peak < 1_000_000, peak

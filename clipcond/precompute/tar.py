@@ -40,6 +40,7 @@ TAR_KEY = "__key__"  # a webdataset sample's id: its members' shared path before
 TAR_DEFAULT_COLUMN = "txt"
 BLOCK = 512  # a tar header, and the unit member data is padded to
 CHUNK = 1 << 20  # the most read from a stream at once: memory follows the data, not a size field
+MAX_READ = 64 << 20  # the most a caption member, pax header or long name may hold: read into memory
 _REGULAR = (b"0", b"\0", b"7")  # tarfile's REGULAR_TYPES but GNU sparse ("S", refused)
 _NO_DATA = (b"1", b"2", b"3", b"4", b"5", b"6")  # links, devices, folders, fifos: tarfile skips no data after them
 _PAX, _PAX_GLOBAL, _GNU_LONG = (b"x", b"X"), b"g", (b"L", b"K")  # X: Solaris's pax; K: a long link name
@@ -75,8 +76,12 @@ class _Stream:
                                     "or its size field is damaged)")
 
     def read(self, n: int, name: str) -> bytes:
-        """Exactly ``n`` bytes, read in chunks."""
+        """Exactly ``n`` bytes, read in chunks; at most ``MAX_READ``, whatever the size field or file says."""
         self._check(n, name)
+        if n > MAX_READ:
+            raise tarfile.ReadError(f"member {name!r} claims {n} bytes; clipcond reads caption members and headers "
+                                    f"of at most {MAX_READ >> 20} MiB (an image under a caption's suffix, or a "
+                                    "damaged size field?)")
         parts = []
         while n > 0:
             part = self.stream.read(min(n, CHUNK))

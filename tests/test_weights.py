@@ -17,6 +17,7 @@ from conftest import openclip_blocks
 from safetensors.torch import load_file, save_file
 
 from clipcond import TextConditioner, WeightsError
+from clipcond.cli import main
 from clipcond.encoders.weights import StateReader
 
 TOL = {"atol": 1e-5, "rtol": 1e-5}
@@ -337,11 +338,12 @@ def test_damaged_pickles_are_weights_errors_naming_the_file(tiny, tmp_path):
         TextConditioner.from_pretrained("tiny-sd2", weights=path)
 
 
-def test_laion_folder_with_both_layouts_is_sized_by_the_folder(tiny, tmp_path):
+def test_laion_folder_with_both_layouts_is_sized_by_the_folder(tiny, tmp_path, capsys):
     """Bug: a clone of a laion repo (transformers config.json + model.safetensors beside open_clip_config.json +
     open_clip_model.safetensors) was read through the open_clip file at the preset's size, so a tower of another
     size failed ("holds 4 transformer blocks, tower 'openclip-vit-h-14' expects 24"). Its size now comes from
-    open_clip_config.json (model_cfg.text_cfg), or without one from the transformers config.json beside it."""
+    open_clip_config.json (model_cfg.text_cfg), or without one from the transformers config.json beside it,
+    for the folder and for its open_clip file named alone."""
     from transformers import CLIPConfig, CLIPModel
 
     tower, hf_text = tiny.h_tower, tiny.clip_h_full  # 40 wide, 4 blocks; open_clip copy: tiny.openclip_h
@@ -374,7 +376,14 @@ def test_laion_folder_with_both_layouts_is_sized_by_the_folder(tiny, tmp_path):
     projected = TextConditioner.from_pretrained("sd2", weights=tmp_path, pooled="projected")
     torch.testing.assert_close(projected(PROMPTS).pooled, model.encode_text(ids), **TOL)
     torch.testing.assert_close(projected(PROMPTS).pooled, full.text_projection(hf_out.pooler_output), **TOL)
-    (tmp_path / "open_clip_config.json").unlink()  # a clone without it: config.json states the same size
+    cat = open_clip.tokenize(["a cat"])
+    norm = model.ln_final(openclip_blocks(model, cat, tower.layers - 1))[0, cat.argmax(-1)].norm()
+    for config in ("open_clip_config.json", "config.json"):  # the clone's open_clip file named alone, by the CLI
+        assert main(["encode", "--encoder", "sd2", "--weights", str(tmp_path / "open_clip_model.safetensors"),
+                     "a cat"]) == 0, config
+        assert f"|pooled| {norm.item():.4f}" in capsys.readouterr().out
+        if config == "open_clip_config.json":
+            (tmp_path / config).rename(tmp_path / "open_clip_config.json.away")  # config.json states the size
     sized = TextConditioner.from_pretrained("sd2", weights=tmp_path)
     assert (sized.towers[0].spec.width, sized.towers[0].spec.layers) == (tower.width, tower.layers)
     torch.testing.assert_close(sized(PROMPTS).sequence, expected, **TOL)

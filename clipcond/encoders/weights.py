@@ -268,8 +268,9 @@ def load_towers(
         if not isinstance(weights, str) or weights.count("/") != 1 or weights.startswith((".", "/", "~")):
             raise WeightsError(f"weights={str(weights)!r}: no such file or folder, and not a hub repo id ('org/name')")
         path = download(spec, weights, revision=revision, open_clip_files=open_clip_files)
-        if path.is_file() and len(spec.towers) == 1:  # an open_clip repo's file: sized by its open_clip_config.json
-            spec = spec.replace(towers=(open_clip_folder_tower(spec.towers[0], path.parent),))
+    if path.is_file() and len(spec.towers) == 1 and path.name in open_clip_files:
+        # an open_clip repo's file, downloaded or in a clone: sized by the configs beside it, as the folder is
+        spec = spec.replace(towers=(open_clip_folder_tower(spec.towers[0], path.parent),))
     with ExitStack() as stack:
         readers: dict[tuple[Path, ...], StateReader] = {}
 

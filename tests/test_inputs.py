@@ -10,6 +10,7 @@ from __future__ import annotations
 import csv
 import io
 import json
+import logging
 import re
 import tarfile
 from pathlib import Path
@@ -128,6 +129,21 @@ def test_a_stray_quote_closed_by_a_quote_at_a_later_lines_end_is_an_error(tmp_pa
         csv.writer(f).writerows([["id", "caption"], *([str(i), c] for i, c in enumerate(captions))])
     assert precompute(capsys, [good], tmp_path / "store", "caption")[0] == 0
     assert_rows_hold(tc, tmp_path / "store", [[c] for c in captions])
+
+
+def test_a_one_column_csv_warns_of_captions_spanning_lines(tmp_path, capsys, caplog):
+    """A one-column table has no other field to tell a caption's own lines from rows a stray quote swallowed
+    (row 5's quote closed by row 9's line-final quote): the run goes on, but not silently. Bug: "rows 16", exit 0,
+    no word of it."""
+    lines = ["caption", *(f"caption {i}" for i in range(20))]
+    lines[6], lines[10] = '"Best of 2023 collection cover', 'a flat screen tv, 55"'
+    bad = tmp_path / "data.csv"
+    bad.write_text("\n".join(lines) + "\n", encoding="utf-8")
+    with caplog.at_level(logging.WARNING, logger="clipcond"):
+        code, err = precompute(capsys, [bad], tmp_path / "store", "caption")
+    assert code == 0, err
+    assert re.search(r"data.csv: 1 quoted captions span several lines: row 5 \(lines 7-11\); if a quote there is a "
+                     r"stray one", caplog.text), caplog.text
 
 
 def test_a_quoted_field_over_the_line_limit_is_an_error_and_a_caption_of_a_few_lines_is_fine(tmp_path, capsys, tc):

@@ -146,10 +146,13 @@ def _csv(path: Path, columns: list[str], id_column: str | None) -> Iterator[Colu
                 at = [header.index(c) for c in wanted]
                 batch: list[list[str]] = []
                 start, previous = reader.line_num + 1, None  # previous: the last one-line row's first field
+                spanning: list[str] = []  # rows of a one-column table whose quoted caption spans lines
                 for record in reader:
                     if record:  # a blank line is no row
                         _check_csv_row(path, start, reader.line_num, row, record, len(header), previous)
                         previous = record[0] if reader.line_num == start else previous
+                        if reader.line_num > start and len(header) == 1:
+                            spanning.append(f"row {row} (lines {start}-{reader.line_num})")
                         batch.append([record[i] for i in at])
                         row += 1
                         if len(batch) == READ_BATCH:
@@ -158,6 +161,10 @@ def _csv(path: Path, columns: list[str], id_column: str | None) -> Iterator[Colu
                     start = reader.line_num + 1
                 if batch:
                     yield _csv_batch(batch, len(columns), id_column)
+                if spanning:  # no other column tells a caption's own lines from rows a stray quote swallowed
+                    logger.warning("%s: %d quoted captions span several lines: %s%s; if a quote there is a stray "
+                                   "one, the rows up to its closing quote became part of that caption", path,
+                                   len(spanning), ", ".join(spanning[:3]), ", ..." if len(spanning) > 3 else "")
             except csv.Error as err:
                 raise _csv_error(path, start, reader.line_num, row, err) from err
     except UnicodeDecodeError as err:

@@ -188,9 +188,10 @@ def test_comfy_on_sdxl_tokenizes_with_transformers_on_both_towers(tiny, sdxl):
 
 
 # ComfyUI's SDTokenizer.tokenize_with_weights and _try_get_embedding (comfy/sd1_clip.py), as facts:
-# - each weighted segment is cut before every "embedding:" that follows whitespace (a lookbehind split), and
-#   every resulting word that STARTS with "embedding:" is an embedding, the segment's first word included;
-# - the name runs to the first whitespace and is cut again at "<" or "["; what follows is tokenized as text;
+# - each weighted segment is cut at every " embedding:" and "\nembedding:" (re.split(' {0}|\n{0}'), a space or a
+#   newline only), and every resulting word that STARTS with "embedding:" is an embedding, the segment's first
+#   word included;
+# - the name runs to the first whitespace (str.split()); what follows is tokenized as text;
 # - a name not found is looked up again with its commas stripped (str.strip(",")); the text left is then
 #   name[len(stripped):] + " " + the rest (so ",lab" finds "lab" and leaves "b": its quirk, kept for parity);
 # - a name found by neither is dropped with a logged warning ("embedding:NAME does not exist, ignoring") and
@@ -211,11 +212,14 @@ def easy(sd15, tmp_path_factory):
     ("embedding:EasyNegative, ugly", "EasyNegative , ugly"),
     ("embedding:EasyNegative ugly embedding:EasyNegative", "EasyNegative ugly EasyNegative"),
     ("(embedding:EasyNegative), ugly", None),  # weighted below
-    ("embedding:EasyNegative<lora:x:1> ugly", "EasyNegative <lora:x:1> ugly"),  # the name ends at "<"
+    ("embedding:EasyNegative<lora:x:1> ugly", "ugly"),  # the name ends at whitespace only: no such embedding
+    ("ugly\tembedding:EasyNegative", None),  # a tab does not cut the segment: all text, below
     ("embedding:,EasyNegative ugly", "EasyNegative e ugly"),  # strip(",") and its leftover arithmetic
 ])
-def test_comfy_embedding_anywhere_in_a_segment(easy, prompt, same_as):
-    if same_as is None:
+def test_comfy_embedding_anywhere_in_a_segment(easy, sd15, prompt, same_as):
+    if "\t" in prompt:  # ComfyUI splits at " embedding:" and "\nembedding:" only (re.split in tokenize_with_weights)
+        expected = sd15(prompt).sequence  # the word "ugly\tembedding:EasyNegative" as text
+    elif same_as is None:
         expected = comfy_expected(easy, "EasyNegative , ugly", {1: 1.1, 2: 1.1})
     else:
         expected = easy(same_as).sequence

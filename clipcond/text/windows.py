@@ -30,8 +30,7 @@ logger = logging.getLogger(__name__)
 
 Style = Literal["a1111", "comfy"] | None
 IDENTIFIER = "embedding:"  # ComfyUI's embedding_identifier
-_EMBEDDING = re.compile(r"(?<=\s)(?=embedding:)")  # ComfyUI cuts a segment only where whitespace precedes it
-_NAME_END = re.compile(r"[<\[]")
+_EMBEDDING = re.compile(r"(?<=[ \n])(?=embedding:)")  # ComfyUI cuts a segment where a space or newline precedes it
 
 
 def read_windows(prompts: Sequence[str], tokenizer: ClipTokenizer, *, style: Style, comma_backtrack: int = 20
@@ -70,7 +69,7 @@ def comfy_pieces(prompt: str, encode: Callable[[list[str]], list[list[int]]],
 
 
 def _comfy_words(text: str, added: Mapping[str, tuple[int, ...]]) -> list[str | tuple[int, ...]]:
-    """A segment cut before each ``embedding:`` that follows whitespace; every word that starts with
+    """A segment cut before each ``embedding:`` that follows a space or a newline; every word that starts with
     ``embedding:`` (the first one too) gives the embedding's vector ids, then the text left after its name."""
     items: list[str | tuple[int, ...]] = []
     for word in _EMBEDDING.split(text):
@@ -84,13 +83,10 @@ def _comfy_words(text: str, added: Mapping[str, tuple[int, ...]]) -> list[str | 
 
 
 def _embedding(text: str, added: Mapping[str, tuple[int, ...]]) -> tuple[tuple[int, ...] | None, str]:
-    """``"name<lora> rest"`` -> (name's vector ids, ``"<lora> rest"``), ComfyUI's ``_try_get_embedding``: the
-    name ends at whitespace, ``<`` or ``[``; one not loaded is tried with its commas stripped, else dropped."""
+    """``"name rest"`` -> (name's vector ids, ``"rest"``), ComfyUI's ``_try_get_embedding``: the name ends at
+    whitespace; one not loaded is tried with its commas stripped, else dropped."""
     words = text.strip("\n").split()
     name, rest = (words[0] if words else ""), " ".join(words[1:])
-    cut = _NAME_END.search(name)
-    if cut is not None:
-        name, rest = name[: cut.start()], name[cut.start() :] + (" " + rest if rest else "")
     vectors = added.get(name)
     stripped = name.strip(",")
     if vectors is None and stripped != name:

@@ -6,6 +6,7 @@ Names that need torch are imported on first use (PEP 562), so ``clipcond list`` 
 from __future__ import annotations
 
 import importlib
+from types import ModuleType
 from typing import TYPE_CHECKING
 
 from clipcond._version import __version__
@@ -67,4 +68,6 @@ def __getattr__(name: str) -> object:
 
 
 def __dir__() -> list[str]:
-    return sorted({*globals(), *__all__})
+    """The public names and the sub-modules imported so far; not this module's own imports."""
+    modules = {n for n, v in globals().items() if isinstance(v, ModuleType) and v.__name__ == f"clipcond.{n}"}
+    return sorted({*__all__, *(n for n in modules if not n.startswith("_"))})

@@ -205,3 +205,9 @@ def test_relative_links_resolve(doc: Path) -> None:
         elif fragment and path.suffix == ".md" and fragment not in anchors(path):
             problems.append(f"{_id(doc)}: ({target}): no heading #{fragment} in {path.relative_to(ROOT)}")
     assert not problems, "broken links:\n" + "\n".join(problems)
+
+
+def test_dir_lists_the_public_names_not_the_modules_own_imports():
+    """Catches ``dir(clipcond)`` offering ``importlib``, ``TYPE_CHECKING`` or ``annotations`` beside the API."""
+    names = set(dir(clipcond))
+    assert set(clipcond.__all__) <= names and not {"importlib", "TYPE_CHECKING", "annotations", "ModuleType"} & names

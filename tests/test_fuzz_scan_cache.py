@@ -142,9 +142,10 @@ def precompute(capsys, inputs: list[Path], out: Path) -> tuple[int, str]:
 @pytest.mark.parametrize(("field", "value"), [("rows", 6), ("rows", 8), ("variants", 1), ("variants", 3),
                                              ("ids", False)])
 def test_changed_counts_in_an_entry_are_damage_not_a_crash(tmp_path, capsys, monkeypatch, field, value):
-    """Issue 17, item 5: an entry whose header says other row or variant counts (its hash covered only the streams)
-    failed with a numpy reshape error, or an error blaming the other input file ("b.jsonl: its rows hold 2
-    captions, the rows before it 3"). Now it is read past, and the store is the one an uncached run makes."""
+    """Issue 17, section 4 (scan cache): an entry whose header says other row or variant counts (its hash covered
+    only the streams) failed with a numpy reshape error, or an error blaming the other input file ("b.jsonl: its
+    rows hold 2 captions, the rows before it 3"). Now it is read past, and the store is the one an uncached run
+    makes."""
     monkeypatch.setattr("clipcond.precompute.scan_cache.RACY_NS", 0)
     inputs = write_inputs(tmp_path / "data")
     first = tmp_path / "first"

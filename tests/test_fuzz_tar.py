@@ -215,8 +215,8 @@ def precompute(capsys, path: Path, out: Path) -> tuple[int, str]:
 @pytest.mark.parametrize("compressed", [False, True])
 def test_a_lying_member_size_is_an_error_naming_the_tar_not_an_allocation(tmp_path, capsys, lie, message,
                                                                           compressed):
-    """Issue 17, item 4: a pax ``size`` record of 10^20 made the reader allocate the claimed size before checking
-    it (OverflowError / MemoryError, uncaught: a traceback); one of 5000 digits raised int()'s ValueError."""
+    """Issue 17, section 4 (tar): a pax ``size`` record of 10^20 made the reader allocate the claimed size before
+    checking it (OverflowError / MemoryError, uncaught: a traceback); one of 5000 digits raised int()'s ValueError."""
     data = tar_bytes("pax", lie, at=1)  # sample 0's txt
     path = tmp_path / "00000.tar"
     path.write_bytes(gzip.compress(data) if compressed else data)
@@ -242,8 +242,8 @@ def test_a_member_read_into_memory_is_bounded_whatever_the_file_holds(tmp_path, 
 
 
 def test_a_non_utf8_sample_key_is_an_error_naming_the_tar_and_the_member(tmp_path, capsys):
-    """Issue 17, item 4: a member named with a Latin-1 byte failed in the scan with "'utf-8' codec can't encode
-    character '\\udce9'", naming no tar."""
+    """Issue 17, section 4 (tar): a member named with a Latin-1 byte failed in the scan with "'utf-8' codec can't
+    encode character '\\udce9'", naming no tar."""
     data = bytearray(tar_bytes("ustar"))
     at = headers(bytes(data))[3]  # sample 1's jpg: its key
     data[at : at + 6] = b"00\xe901"

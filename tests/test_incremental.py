@@ -660,7 +660,7 @@ def index_rows(out: Path) -> tuple[np.ndarray, np.ndarray]:
 
 
 def test_a_cached_file_of_other_variant_counts_than_the_rows_before_equals_an_uncached_run(tmp_path, tc, settled):
-    """Issue 17, item 6: files whose rows hold different numbers of variants (3, then 2) were refused ("every
+    """Issue 17, defect 2: files whose rows hold different numbers of variants (3, then 2) were refused ("every
     row needs the same number of variants"), from the cache or not; now each row keeps its own."""
     lists = tmp_path / "b.jsonl"
     lists.write_text("".join(json.dumps({"caption": [f"x {i}", f"y {i}", f"z {i}"]}) + "\n" for i in range(3)))

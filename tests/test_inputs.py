@@ -88,7 +88,7 @@ def assert_rows_hold(tc: TextConditioner, out: Path, captions: list[list[str]]) 
             torch.testing.assert_close(pooled[int(rows[i, j])], ref[caption], **TOL)
 
 
-# --- item 1: CSV quotes ----------------------------------------------------------------------------
+# --- defect 7: CSV quotes --------------------------------------------------------------------------
 def stray_quote_csv(path: Path, row: int, line: str, rows: int = 1000) -> Path:
     lines = ["id,caption"] + [line if i == row else f"{i},caption {i}" for i in range(rows)]
     path.write_text("\n".join(lines) + "\n", encoding="utf-8")
@@ -96,7 +96,7 @@ def stray_quote_csv(path: Path, row: int, line: str, rows: int = 1000) -> Path:
 
 
 def test_a_stray_quote_running_to_the_end_of_a_csv_is_an_error_naming_its_line(tmp_path, capsys):
-    """Issue 17, item 1: row 500 of 1000 reads `499,"a quoted start never closed`; pyarrow's reader took it and
+    """Issue 17, defect 7: row 500 of 1000 reads `499,"a quoted start never closed`; pyarrow's reader took it and
     the 500 rows after it for one caption ("rows 500") and exited 0."""
     bad = stray_quote_csv(tmp_path / "data.csv", 499, '499,"a quoted start never closed')
     refused(capsys, tmp_path, bad, "caption", r"data.csv line 501 \(row 499\): a quoted field opened in this row is "
@@ -167,7 +167,7 @@ def test_a_csv_row_of_the_wrong_width_names_its_line(tmp_path, capsys):
     refused(capsys, tmp_path, bad, "caption", r"data.csv line 3 \(row 1\): 3 fields, the header has 2")
 
 
-# --- item 2: UTF-8 -------------------------------------------------------------------------------
+# --- defect 8: UTF-8 -----------------------------------------------------------------------------
 @pytest.mark.parametrize(("name", "content", "message"), [
     ("data.txt", b"a cat\na dog\nthe sea\ncaf\xe9 au lait\n",
      r"data.txt line 4: not UTF-8 text \(byte 0xe9 at byte 4"),
@@ -177,14 +177,14 @@ def test_a_csv_row_of_the_wrong_width_names_its_line(tmp_path, capsys):
      r"data.jsonl row 1: column 'caption' holds '\\ud83d', half a UTF-16 surrogate pair"),
 ])
 def test_non_utf8_text_names_the_file_and_the_line(tmp_path, capsys, name, content, message):
-    """Issue 17, item 2: a Latin-1 byte failed with "'utf-8' codec can't decode byte 0xe9 in position 3" (no file,
+    """Issue 17, defect 8: a Latin-1 byte failed with "'utf-8' codec can't decode byte 0xe9 in position 3" (no file,
     no line); a JSON escape of half a character failed later, in the scan, with a codec error naming nothing."""
     bad = tmp_path / name
     bad.write_bytes(content)
     refused(capsys, tmp_path, bad, "caption", message)
 
 
-# --- item 3: upper-case member suffixes in tars ------------------------------------------------------
+# --- defect 5: upper-case member suffixes in tars ----------------------------------------------------
 def write_tar(path: Path, members: list[tuple[str, bytes]]) -> Path:
     with tarfile.open(path, "w") as tar:
         for name, data in members:
@@ -203,7 +203,7 @@ def webdataset_samples(path: Path) -> list[dict]:
 
 
 def test_upper_case_member_suffixes_are_the_lower_case_column_as_in_webdataset(tmp_path, capsys, tc):
-    """Issue 17, item 3: webdataset lower-cases member suffixes (group_by_keys(lcase=True)), so 000001.TXT is the
+    """Issue 17, defect 5: webdataset lower-cases member suffixes (group_by_keys(lcase=True)), so 000001.TXT is the
     sample's txt; clipcond's reader did not, and `--column txt` failed: "sample '000001' has no .txt member"."""
     captions = ["a cat", "a dog on a sofa", "the sea"]
     suffixes = ["TXT", "Txt", "txt"]
@@ -249,13 +249,13 @@ def test_a_suffix_twice_in_a_sample_is_an_error_as_in_webdataset(tmp_path, capsy
                                            r"'000001.TXT'")
 
 
-# --- item 6: ragged variants ---------------------------------------------------------------------------
+# --- defect 2: ragged variants -------------------------------------------------------------------------
 RAGGED = [["a cat", "a small cat"], ["a dog"], ["the sea", "waves", "a beach", "a cat"], ["a cat"]]
 
 
 @pytest.mark.parametrize("fmt", ["jsonl", "parquet"])
 def test_a_ragged_list_column_keeps_each_rows_own_variants(tmp_path, capsys, tc, fmt):
-    """Issue 17, item 6: a list column of 2 captions on one row and 1 on the next was refused ("every row needs the
+    """Issue 17, defect 2: a list column of 2 captions on one row and 1 on the next was refused ("every row needs the
     same number of variants"); COCO has 5 to 7 an image. The index holds [N, kmax], -1 after a row's own."""
     path = tmp_path / f"data.{fmt}"
     if fmt == "jsonl":
@@ -296,7 +296,8 @@ def test_empty_or_null_cells_of_several_columns_are_missing_variants(tmp_path, c
 @pytest.mark.parametrize(("name", "content", "columns", "message"), [
     ("data.csv", "id,short,long\n0,a,b\n1,,\n", ["short", "long"],
      r"data.csv row 1: no caption \(columns \['short', 'long'\] are all empty or null\)"),
-    ("data.jsonl", '{"c": ["a"]}\n{"c": []}\n', ["c"], r"data.jsonl row 1: no caption"),
+    ("data.jsonl", '{"c": ["a"]}\n{"c": []}\n', ["c"],
+     r"data.jsonl row 1: no caption \(column 'c' holds an empty list"),
     ("data.jsonl", '{"c": ["a"]}\n{"c": ["b", 3]}\n', ["c"], r"data.jsonl row 1: column 'c\[1\]' must be a string"),
 ])
 def test_a_row_with_no_caption_is_an_error_naming_it(tmp_path, capsys, name, content, columns, message):

@@ -394,6 +394,26 @@ def test_laion_folder_with_both_layouts_is_sized_by_the_folder(tiny, tmp_path, c
         TextConditioner.from_pretrained("sd2", weights=tmp_path)
 
 
+def test_another_models_clip_config_beside_an_open_clip_file_is_not_read(tiny, tmp_path):
+    """Bug: an open_clip file in a shared folder beside another model's CLIPModel config.json was sized by that
+    config, or refused ("hidden_act 'quick_gelu', but tower ... these weights belong to another encoder"). A
+    config.json sizes an open_clip file only where it states the file's own block count and width."""
+    from transformers import CLIPConfig
+
+    tower, model = tiny.h_tower, tiny.openclip_h  # tiny-sd2's own size: 40 wide, 4 blocks
+    save_file({k: v.contiguous() for k, v in model.state_dict().items()}, tmp_path / "open_clip_model.safetensors")
+    ids = open_clip.tokenize(PROMPTS)
+    expected = model.ln_final(openclip_blocks(model, ids, tower.layers - 1))
+    vision = {"hidden_size": 32, "intermediate_size": 37, "num_hidden_layers": 1, "num_attention_heads": 4}
+    others = [tiny.clip_l.config.to_dict(),  # openai's CLIP-L text config (quick_gelu, 32 wide)
+              {**tiny.clip_h_full.config.to_dict(), "hidden_size": 48, "intermediate_size": 96}]  # gelu, 48 wide
+    for text in others:
+        CLIPConfig(text_config=text, vision_config=vision).to_json_file(tmp_path / "config.json")
+        for weights in (tmp_path, tmp_path / "open_clip_model.safetensors"):
+            got = TextConditioner.from_pretrained("tiny-sd2", weights=weights)(PROMPTS)
+            torch.testing.assert_close(got.sequence, expected, **TOL)
+
+
 def test_laion_repo_id_from_the_hf_cache_is_sized_by_its_open_clip_config(tiny, tmp_path):
     """Bug: a laion open_clip repo given by hub id (`weights="laion/..."`) was downloaded without its
     open_clip_config.json, so a tower of another size than the preset's failed as for a lone file; the config

@@ -13,6 +13,7 @@ import json
 import logging
 import os
 import pickle
+import re
 from collections.abc import Callable
 from contextlib import ExitStack
 from dataclasses import dataclass
@@ -268,9 +269,6 @@ def load_towers(
         if not isinstance(weights, str) or weights.count("/") != 1 or weights.startswith((".", "/", "~")):
             raise WeightsError(f"weights={str(weights)!r}: no such file or folder, and not a hub repo id ('org/name')")
         path = download(spec, weights, revision=revision, open_clip_files=open_clip_files)
-    if path.is_file() and len(spec.towers) == 1 and path.name in open_clip_files:
-        # an open_clip repo's file, downloaded or in a clone: sized by the configs beside it, as the folder is
-        spec = spec.replace(towers=(open_clip_folder_tower(spec.towers[0], path.parent),))
     with ExitStack() as stack:
         readers: dict[tuple[Path, ...], StateReader] = {}
 
@@ -278,6 +276,10 @@ def load_towers(
             if files not in readers:
                 readers[files] = StateReader(list(files), stack)
             return readers[files]
+
+        if path.is_file() and len(spec.towers) == 1 and path.name in open_clip_files:
+            # an open_clip repo's file, downloaded or in a clone: sized by the configs beside it, as the folder is
+            spec = spec.replace(towers=(open_clip_folder_tower(spec.towers[0], path.parent, reader((path,))),))
 
         sources = folder_sources(spec, path, reader) if path.is_dir() else file_sources(spec, path, reader((path,)))
         return [(src.tower, read_tower(src, reader(src.files), dtype)) for src in sources]
@@ -291,7 +293,7 @@ def folder_sources(spec: EncoderSpec, folder: Path, reader: Callable[[tuple[Path
     if len(spec.towers) == 1 and not subfolders[0].is_dir():
         single = single_tower_file(spec, folder)
         if single is not None:
-            tower = open_clip_folder_tower(spec.towers[0], folder)
+            tower = open_clip_folder_tower(spec.towers[0], folder, reader((single,)))
             return file_sources(spec.replace(towers=(tower,)), single, reader((single,)))
         if (folder / "config.json").is_file():
             files = tuple(hf_weight_files(folder))
@@ -320,14 +322,31 @@ def single_tower_file(spec: EncoderSpec, folder: Path) -> Path | None:
     return next((folder / f for f in OPEN_CLIP_FILES if (folder / f).is_file()), None)
 
 
-def open_clip_folder_tower(tower: TowerSpec, folder: Path) -> TowerSpec:
-    """The tower of an open_clip checkpoint in a folder, sized by the open_clip_config.json beside it (laion's
-    repos), else by the CLIPModel config.json there (the same full model in transformers' layout); with neither,
-    by the spec, as a lone checkpoint file."""
+def open_clip_folder_tower(tower: TowerSpec, folder: Path, reader: StateReader) -> TowerSpec:
+    """The tower of an open_clip checkpoint in a folder (``reader``: the checkpoint), sized by the
+    open_clip_config.json beside it (laion's repos), else by the CLIPModel config.json there where it states the
+    checkpoint's own block count and width (a laion clone: the same model in transformers' layout; not another
+    model's config in a shared folder); else by the spec, as a lone checkpoint file."""
     config = folder / OPEN_CLIP_CONFIG
     if config.is_file():
         return tower_from_open_clip_config(tower, config)
-    return tower_from_hf_config(tower, folder, None) if is_clip_model_config(folder / "config.json") else tower
+    if not is_clip_model_config(folder / "config.json"):
+        return tower
+    try:
+        sized = tower_from_hf_config(tower, folder, None)
+    except WeightsError:  # another encoder's config: it says nothing of this file
+        return tower
+    return sized if (sized.layers, sized.width) == open_clip_text_shape(reader) else tower
+
+
+def open_clip_text_shape(reader: StateReader) -> tuple[int, int] | None:
+    """(blocks, width) of an open_clip checkpoint's text tower, from its keys and ``ln_final``; None if unknown."""
+    blocks = [int(m[1]) for key in reader.keys() if (m := _RESBLOCK.match(key))]
+    final = next((key for key in ("ln_final.weight", "text.ln_final.weight") if key in reader.keys()), None)
+    return (max(blocks) + 1, reader.read(final).shape[0]) if blocks and final else None
+
+
+_RESBLOCK = re.compile(r"(?:text\.)?transformer\.resblocks\.(\d+)\.")
 
 
 def is_clip_model_config(path: Path) -> bool:

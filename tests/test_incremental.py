@@ -721,6 +721,24 @@ def test_a_damaged_or_deleted_index_is_repaired_by_the_same_precompute(tmp_path,
     assert sorted(p.name for p in out.glob("shard-*")) == ["shard-00001.safetensors"]  # the old shard is gone
 
 
+def test_an_unreadable_index_stops_the_run_and_keeps_every_shard(tmp_path, tc, monkeypatch):
+    """Bug: an index that cannot be read for a reason that is no damage (permissions, an I/O error) was taken
+    for a damaged one: every shard deleted and the whole store encoded again."""
+    import clipcond.precompute.plan as plan_module
+
+    out, path = tmp_path / "store", write_input(tmp_path / "v1", "txt", ["a", "b", "c"])
+    run(tc, path, out)
+    before = shard_bytes(out)
+
+    def unreadable(root, manifest):
+        raise PermissionError(13, "Permission denied", str(root / manifest.index.file))
+
+    monkeypatch.setattr(plan_module.IndexFormat, "read", staticmethod(unreadable))
+    with pytest.raises(PermissionError, match="Permission denied"):
+        run(tc, write_input(tmp_path / "v2", "txt", ["a", "b", "c", "d"]), out)
+    assert shard_bytes(out) == before
+
+
 def test_an_input_reshaped_into_other_rows_is_planned_again(tmp_path, tc):
     """A file of 2 rows x 2 captions rewritten as 4 rows x 1 caption hashed alike (row boundaries entered the
     input's sha256 only for ragged files), so precompute said "complete already" and kept 2 rows for 4."""

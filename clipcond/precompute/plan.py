@@ -53,7 +53,8 @@ def assign_slots(out: Path, base: Manifest | None, scan: Scan, checksums: bool =
     if base is not None:
         try:
             base_keys = np.array(IndexFormat.read(out, base)["keys"])  # [slots, 16], the index checked first
-        except (OSError, ValueError) as err:  # missing or damaged: no stored slot can be matched to its caption
+        except (FileNotFoundError, ValueError) as err:  # missing or damaged (not unreadable: a PermissionError or
+            # an I/O error stops the run): no stored slot can be matched to its caption
             logger.warning("%s; without the index no stored embedding can be matched to its caption: every caption "
                            "is encoded again", err)
             base_keys, dropped = np.zeros((base.slots, 16), dtype=np.uint8), [e.file for e in base.shards]

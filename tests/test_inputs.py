@@ -113,22 +113,27 @@ def test_a_stray_quote_closed_by_a_later_rows_quote_is_an_error(tmp_path, capsys
                                               r"closed on line 15 by a quote followed by more text")
 
 
-def test_a_stray_quote_closed_by_a_quote_at_a_later_lines_end_is_an_error(tmp_path, capsys, tc):
+def test_a_stray_quote_closed_by_a_quote_at_a_later_lines_end_is_an_error(tmp_path, capsys, caplog, tc):
     """Row 10 opens a quote that row 13's line-final quote closes: the field then ends where a field may end, the
-    record has the header's two fields, and rows 11-13 became part of row 10's caption, silently. A row-shaped
-    line inside a quoted field ("11,caption 11" after the row of id "10") is refused; a multi-line caption whose
-    lines do not read as rows still reads."""
+    record has the header's two fields, and rows 11-13 became part of row 10's caption, silently. Two lines inside
+    a quoted field that read as rows ("11,caption 11", "12,caption 12" after the row of id "10") are refused; one
+    such line may be a caption's own ("Over\n1,000 balloons"): read, with a warning; a multi-line caption whose
+    lines do not read as rows reads silently."""
     bad = stray_quote_csv(tmp_path / "data.csv", 10, '10,"a stray quote', rows=20)
     bad.write_text(bad.read_text().replace("13,caption 13\n", '13,caption 13"\n'))
     refused(capsys, tmp_path, bad, "caption", r"data.csv line 12 \(row 10\): a quoted field opened in this row runs "
-                                              r"to line 15 and holds a line that reads as a row of its own "
-                                              r"\('11,caption 11'\)")
+                                              r"to line 15 and holds 3 lines that read as rows of their own "
+                                              r"\('11,caption 11', '12,caption 12'\)")
     good = tmp_path / "good.csv"
-    captions = ["a cat\non two lines", "commas, one\nper line, here", "two\nlines, quoted"]  # no line an id-row
+    captions = ["a cat\non two lines", "commas, one\nper line, here", "two\nlines, quoted", "one line",
+                "Over\n1,000 balloons"]  # after id 3, "1,000 balloons" reads as a row
     with open(good, "w", newline="", encoding="utf-8") as f:
         csv.writer(f).writerows([["id", "caption"], *([str(i), c] for i, c in enumerate(captions))])
-    assert precompute(capsys, [good], tmp_path / "store", "caption")[0] == 0
+    with caplog.at_level(logging.WARNING, logger="clipcond"):
+        assert precompute(capsys, [good], tmp_path / "store", "caption")[0] == 0
     assert_rows_hold(tc, tmp_path / "store", [[c] for c in captions])
+    assert re.search(r"good.csv: 1 quoted captions span lines that could be rows of their own: row 4 \(lines 9-10\)",
+                     caplog.text), caplog.text
 
 
 def test_a_one_column_csv_warns_of_captions_spanning_lines(tmp_path, capsys, caplog):
@@ -142,8 +147,8 @@ def test_a_one_column_csv_warns_of_captions_spanning_lines(tmp_path, capsys, cap
     with caplog.at_level(logging.WARNING, logger="clipcond"):
         code, err = precompute(capsys, [bad], tmp_path / "store", "caption")
     assert code == 0, err
-    assert re.search(r"data.csv: 1 quoted captions span several lines: row 5 \(lines 7-11\); if a quote there is a "
-                     r"stray one", caplog.text), caplog.text
+    assert re.search(r"data.csv: 1 quoted captions span lines that could be rows of their own: row 5 \(lines 7-11\); "
+                     r"if a quote there is a stray one", caplog.text), caplog.text
 
 
 def test_a_quoted_field_over_the_line_limit_is_an_error_and_a_caption_of_a_few_lines_is_fine(tmp_path, capsys, tc):

@@ -146,13 +146,16 @@ def _csv(path: Path, columns: list[str], id_column: str | None) -> Iterator[Colu
                 at = [header.index(c) for c in wanted]
                 batch: list[list[str]] = []
                 start, previous = reader.line_num + 1, None  # previous: the last one-line row's first field
-                spanning: list[str] = []  # rows of a one-column table whose quoted caption spans lines
+                doubtful, examples = 0, []  # quoted captions whose lines may be rows a stray quote swallowed
                 for record in reader:
                     if record:  # a blank line is no row
-                        _check_csv_row(path, start, reader.line_num, row, record, len(header), previous)
-                        previous = record[0] if reader.line_num == start else previous
-                        if reader.line_num > start and len(header) == 1:
-                            spanning.append(f"row {row} (lines {start}-{reader.line_num})")
+                        end = reader.line_num
+                        rows_inside = _row_shaped_lines(record, len(header), previous) if end > start else []
+                        _check_csv_row(path, start, end, row, record, len(header), rows_inside)
+                        previous = record[0] if end == start else previous
+                        if end > start and (len(header) == 1 or rows_inside):
+                            doubtful += 1
+                            examples += [f"row {row} (lines {start}-{end})"] if len(examples) < 3 else []
                         batch.append([record[i] for i in at])
                         row += 1
                         if len(batch) == READ_BATCH:
@@ -161,10 +164,10 @@ def _csv(path: Path, columns: list[str], id_column: str | None) -> Iterator[Colu
                     start = reader.line_num + 1
                 if batch:
                     yield _csv_batch(batch, len(columns), id_column)
-                if spanning:  # no other column tells a caption's own lines from rows a stray quote swallowed
-                    logger.warning("%s: %d quoted captions span several lines: %s%s; if a quote there is a stray "
-                                   "one, the rows up to its closing quote became part of that caption", path,
-                                   len(spanning), ", ".join(spanning[:3]), ", ..." if len(spanning) > 3 else "")
+                if doubtful:  # a one-column table, or one line that reads as a row: read, but not silently
+                    logger.warning("%s: %d quoted captions span lines that could be rows of their own: %s%s; if a "
+                                   "quote there is a stray one, the rows up to its closing quote became part of that "
+                                   "caption", path, doubtful, ", ".join(examples), ", ..." if doubtful > 3 else "")
             except csv.Error as err:
                 raise _csv_error(path, start, reader.line_num, row, err) from err
     except UnicodeDecodeError as err:
@@ -177,33 +180,30 @@ def _csv_batch(batch: list[list[str]], n: int, id_column: str | None) -> Columns
 
 
 def _check_csv_row(path: Path, start: int, end: int, row: int, record: list[str], expected: int,
-                   previous: str | None) -> None:
+                   rows_inside: list[str]) -> None:
     fix = 'Remove the stray quote, or quote the field whole and double the quotes inside it ("")'
     if end - start >= CSV_MAX_LINES:
         raise ValueError(f"{path} line {start} (row {row}): a quoted field runs from this row over {end - start + 1} "
                          f"lines, to line {end}; clipcond takes a quoted caption of more than {CSV_MAX_LINES} lines "
                          f"for a stray quote that swallowed the rows after it. {fix}")
-    if end > start and previous is not None and (swallowed := _row_shaped_line(record, expected, previous)):
+    if len(rows_inside) >= 2:
         raise ValueError(f"{path} line {start} (row {row}): a quoted field opened in this row runs to line {end} and "
-                         f"holds a line that reads as a row of its own ({swallowed!r:.60}): a stray quote that "
-                         f"swallowed the rows after it. {fix}")
+                         f"holds {len(rows_inside)} lines that read as rows of their own ({rows_inside[0]!r:.60}, "
+                         f"{rows_inside[1]!r:.60}): a stray quote that swallowed the rows after it. {fix}")
     if len(record) != expected:
         raise ValueError(f"{path} line {start} (row {row}): {len(record)} fields, the header has {expected}")
 
 
-def _row_shaped_line(record: list[str], expected: int, previous: str) -> str | None:
-    """A line after a line break inside a field that reads as a row of the table: quote-free, as many fields as the
-    header (two or more), its first field shaped as the row before's (``11,caption 11`` after ``10``: digits, then
-    letters, spaces and signs alike). What the rows a stray quote swallowed look like, and a caption's own lines
-    rarely do ("two\nlines, quoted" after the id ``7``)."""
-    if expected < 2:
-        return None
-    for field in record:
-        for line in field.split("\n")[1:]:
-            line = line.rstrip("\r")
-            if '"' not in line and line.count(",") == expected - 1 and _shape(line.split(",")[0]) == _shape(previous):
-                return line
-    return None
+def _row_shaped_lines(record: list[str], expected: int, previous: str | None) -> list[str]:
+    """The lines after a line break inside a field that read as rows of the table: quote-free, as many fields as
+    the header (two or more), the first field shaped as the previous row's (``11,caption 11`` after ``10``: digits,
+    then letters, spaces and signs alike). What the rows a stray quote swallowed look like; one such line can be a
+    caption's own ("Over\n1,000 balloons" after id ``17``): two are taken for swallowed rows."""
+    if expected < 2 or previous is None:
+        return []
+    shape = _shape(previous)
+    return [line for field in record for line in (x.rstrip("\r") for x in field.split("\n")[1:])
+            if '"' not in line and line.count(",") == expected - 1 and _shape(line.split(",")[0]) == shape]
 
 
 def _shape(text: str) -> str:

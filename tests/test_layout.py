@@ -4,6 +4,7 @@ sub-packages below it, and no two modules import each other, function-level impo
 from __future__ import annotations
 
 import ast
+import importlib.util
 from pathlib import Path
 
 import clipcond
@@ -23,14 +24,16 @@ def layer(name: str) -> int:
     return LAYERS.get(parts[1], 0) if len(parts) > 1 else 0
 
 
-def imports(path: Path) -> set[str]:
-    """Every clipcond module ``path`` imports, inside functions too; not those under ``if TYPE_CHECKING:``.
-    ``from clipcond.store import format`` is the module ``clipcond.store.format``; relative imports resolve."""
+def imports(path: Path, name: str | None = None) -> set[str]:
+    """Every clipcond module ``path`` (the module ``name``, by default its place in the package) imports, inside
+    functions too; not those under ``if TYPE_CHECKING:``. ``from clipcond.store import format`` is the module
+    ``clipcond.store.format``; relative imports resolve."""
+    name = name or module(path)
     tree = ast.parse(path.read_text(encoding="utf-8"))
     typing_only = {id(child) for node in ast.walk(tree) if isinstance(node, ast.If)
                    and getattr(node.test, "id", getattr(node.test, "attr", None)) == "TYPE_CHECKING"
                    for stmt in node.body for child in ast.walk(stmt)}
-    here = module(path).split(".")
+    here = name.split(".")
     package = here if path.name == "__init__.py" else here[:-1]
     known = {module(p) for p in ROOT.rglob("*.py")}
     found = set()
@@ -45,11 +48,11 @@ def imports(path: Path) -> set[str]:
         elif isinstance(node, ast.Import):
             found |= {a.name for a in node.names if a.name.split(".")[0] == "clipcond"}
     resolved = set()
-    for name in found:
-        while name not in known and "." in name:
-            name = name.rpartition(".")[0]
-        resolved.add(name)
-    return resolved - {module(path)}
+    for target in found:
+        while target not in known and "." in target:
+            target = target.rpartition(".")[0]
+        resolved.add(target)
+    return resolved - {name}
 
 
 def graph() -> dict[str, set[str]]:
@@ -105,9 +108,14 @@ def test_cycles_are_found_around_loops_of_any_length():
     assert cycles({"a": {"b"}, "b": set()}) == []
 
 
-def test_submodule_and_relative_imports_resolve():
-    """Catches ``from clipcond.precompute import tar`` read as the package, not the module it imports."""
-    assert "clipcond.precompute.tar" in imports(ROOT / "precompute" / "inputs.py")
+def test_submodule_and_relative_imports_resolve(tmp_path):
+    """Catches ``from clipcond.precompute import tar`` read as the package, not the module it imports, and relative
+    imports (``from . import scan``, ``from ..store.format import X``) not seen at all."""
+    source = tmp_path / "m.py"
+    source.write_text("from clipcond.precompute import tar\nfrom . import scan\n"
+                      "from ..store.format import StoreFiles\ndef f():\n    from .plan import Plan\n")
+    assert imports(source, "clipcond.precompute.m") == {"clipcond.precompute.tar", "clipcond.precompute.scan",
+                                                       "clipcond.store.format", "clipcond.precompute.plan"}
 
 
 def test_the_sub_packages_are_there():
@@ -120,14 +128,26 @@ THIRD_PARTY_PRIVATE = {"_parameters", "_buffers", "_modules", "_compiled_call_im
                        "_new_shared", "_clean_caption"}
 
 
+def is_module(name: str) -> bool:
+    try:
+        return importlib.util.find_spec(name) is not None
+    except ModuleNotFoundError:  # a name inside a module that is no package
+        return False
+
+
 def test_no_module_reaches_into_another_modules_private_names():
     """Catches the prompt readers (text/) calling the conditioner's private methods (tc._put, tc._assemble), or a
-    store module calling another's (store._fetch): what one module needs from another is public, and named so."""
+    store module calling another's (store._fetch), or importing one (``from clipcond.x import _helper``): what one
+    module needs from another is public, and named so. Private modules (``_files``, ``_rows``) are modules."""
     reached = []
     for path in ROOT.rglob("*.py"):
         tree = ast.parse(path.read_text(encoding="utf-8"))
         own = {node.name for node in tree.body if isinstance(node, ast.ClassDef)}
         for node in ast.walk(tree):
+            if isinstance(node, ast.ImportFrom) and (node.module or "").startswith("clipcond"):
+                reached += [f"{module(path)}:{node.lineno} from {node.module} import {a.name}" for a in node.names
+                            if a.name.startswith("_") and not a.name.startswith("__")
+                            and not is_module(f"{node.module}.{a.name}")]
             if (isinstance(node, ast.Attribute) and node.attr.startswith("_") and not node.attr.startswith("__")
                     and node.attr not in THIRD_PARTY_PRIVATE
                     and not (isinstance(node.value, ast.Name) and node.value.id in {"self", "cls", *own})):

@@ -489,7 +489,7 @@ def test_a_masked_store_counts_its_truncated_captions(pixart, tmp_path):
     torch.testing.assert_close(store[11]["sequence"], pixart(captions[11:]).sequence[0], **TOL)
 
 
-def test_sd3_truncation_is_reported_per_tower(sd3, tmp_path, caplog, capsys):
+def test_sd3_truncation_is_reported_per_tower(sd3, t5_vocab, tmp_path, caplog, capsys):
     """Bug: SD3's truncation warning and `clipcond inspect` said "longer than 333 tokens" (the assembled row's
     length), a limit no tower has: CLIP-L and G take 77 tokens, T5 256."""
     captions = ["a cat", "a very long caption " * 30]  # 121 CLIP tokens, under 256 T5 tokens
@@ -502,6 +502,11 @@ def test_sd3_truncation_is_reported_per_tower(sd3, tmp_path, caplog, capsys):
     assert main(["inspect", str(tmp_path / "store")]) == 0
     out = capsys.readouterr().out
     assert f"1 unique captions truncated to {limits}" in out
+    # A T5 shorter than the CLIP towers' 77: a caption only T5 cuts counts too (not only the first tower's cuts).
+    short = TextConditioner.from_pretrained(sd3.spec.replace(t5_max_length=16), tokenizer=t5_vocab["sd3"])
+    precompute(short, PrecomputeJob(input=write_jsonl(tmp_path / "d.jsonl", ["a cat", " ".join(["a photo"] * 12)]),
+                                    out=tmp_path / "short", progress=False))
+    assert json.loads((tmp_path / "short" / "manifest.json").read_text())["truncated"] == 1
     rows = next(line for line in out.splitlines() if line.startswith("  rows (StableDiffusion3Pipeline): "))
     saved = float(re.search(r"\(([\d.]+) % saved\)", rows)[1])  # the CLIP rows' 16 zero columns of 96
     assert 0 < saved < 100 * (77 * 16) / (333 * 96 + 80), rows

@@ -15,8 +15,6 @@ import torch
 # keywords are the same with "negative_" in front (negative_pooled_prompt_embeds, negative_prompt_attention_mask).
 # Flux takes negatives only with true_cfg_scale > 1; its text_ids are made inside __call__, not passed.
 PIPELINE_KWARGS: dict[str, tuple[tuple[str, str], ...]] = {
-    "StableDiffusionPipeline": (("prompt_embeds", "sequence"),),
-    "StableDiffusionXLPipeline": (("prompt_embeds", "sequence"), ("pooled_prompt_embeds", "pooled")),
     "StableDiffusion3Pipeline": (("prompt_embeds", "sequence"), ("pooled_prompt_embeds", "pooled")),
     "FluxPipeline": (("prompt_embeds", "sequence"), ("pooled_prompt_embeds", "pooled")),
     "PixArtAlphaPipeline": (("prompt_embeds", "sequence"), ("prompt_attention_mask", "mask")),
@@ -129,7 +127,8 @@ class Conditioning:
         it, Sana's masked rows are padded to the 300 rows of the negative its pipeline makes (exact: masked)."""
         if self.pipeline not in PIPELINE_KWARGS:
             raise ValueError(f"pipeline_kwargs: this Conditioning names pipeline {self.pipeline!r}; known: "
-                             f"{sorted(PIPELINE_KWARGS)} (encode with a spec whose pipeline field names one)")
+                             f"{sorted(PIPELINE_KWARGS)} (the T5 recipes'; a CLIP encoder's conditioning goes to "
+                             "its pipeline as prompt_embeds=c.sequence, pooled_prompt_embeds=c.pooled)")
         if negative is not None and negative.pipeline != self.pipeline:
             raise ValueError(f"pipeline_kwargs: negative is for {negative.pipeline!r}, not {self.pipeline!r}")
         positive = self

@@ -10,6 +10,7 @@ our outputs for its backward).
 
 from __future__ import annotations
 
+import dataclasses
 import hashlib
 import logging
 import os
@@ -371,7 +372,7 @@ class TextConditioner(nn.Module):
             if rest:
                 raise ValueError(f"sequence length {len_tokens(c)} is not a multiple of {self.max_length}")
             pad = self.empty().sequence.expand(len(c), -1, -1).repeat(1, missing, 1)  # [B, missing*L, D]
-            out.append(Conditioning(torch.cat([c.sequence, pad], dim=1), c.pooled))
+            out.append(dataclasses.replace(c, sequence=torch.cat([c.sequence, pad], dim=1)))  # pooled, pipeline kept
         return tuple(out)
 
     def null(self, batch_size: int = 1, *, chunks: int = 1) -> Conditioning:

@@ -382,23 +382,14 @@ _RECIPE_DEFAULTS: dict[str, object] = {
 
 
 def spec_from_dict(data: dict[str, object]) -> EncoderSpec:
-    """The spec ``EncoderSpec.to_dict`` (or a spec JSON file, or a store manifest) recorded.
-
-    Version-1 manifests (clipcond before the ``family`` and ``pooled_towers`` fields) read too.
-    """
+    """The spec ``EncoderSpec.to_dict`` (or a spec JSON file, or a store manifest) recorded."""
     try:
         data = dict(data)
-        towers = []
-        for tower in data.pop("towers"):
-            tower = dict(tower)
-            tower.setdefault("family", "clip" if tower.get("tokenizer") == "hf" else "open_clip")
-            towers.append(TowerSpec(**tower))
-        if "pooled_tower" in data:
-            data["pooled_towers"] = [data.pop("pooled_tower")]
+        towers = tuple(TowerSpec(**dict(tower)) for tower in data.pop("towers"))
         data["pooled_towers"] = tuple(data["pooled_towers"])
         if data.get("t5") is not None:
             data["t5"] = T5TowerSpec(**data["t5"])
-        return EncoderSpec(**data, towers=tuple(towers))
+        return EncoderSpec(**data, towers=towers)
     except (KeyError, TypeError) as err:
         raise SpecError(f"not an encoder spec: {type(err).__name__}: {err}") from err
 

@@ -2,14 +2,17 @@
 
 A store is what ``clipcond precompute`` writes (clipcond/precompute/job.py) and ``EmbeddingStore``
 reads (clipcond/store/reader.py). It replaces kohya sd-scripts' ``--cache_text_encoder_outputs`` (an
-``.npz`` per image) and the diffusers SDXL training script's precompute step. Format 2, one folder:
+``.npz`` per image) and the diffusers SDXL training script's precompute step. Format 3, one folder:
 
-- ``shard-00000.safetensors``, ...: ``sequence`` ``[n, 77, D]``, ``pooled`` ``[n, P]`` (the store's
-  dtype) and ``check`` ``[n]`` int64 row checksums of embedding slots ``start:stop``
-  (``ShardFormat``); shard numbers are never reused, so a name always means the same rows;
+- ``shard-00000.safetensors``, ...: the row layout's parts (``sequence`` ``[n, L, D]`` for CLIP; SD3's
+  ``clip`` and ``t5``; a masked recipe's kept rows ``[T, D]`` and ``lengths`` ``[n]``: clipcond/store/layout.py),
+  ``pooled`` ``[n, P]`` (the store's dtype) and ``check`` ``[n]`` int64 row checksums of embedding slots
+  ``start:stop`` (``ShardFormat``); shard numbers are never reused, so a name always means the same rows;
+  format 2 is format 3 with one whole ``sequence`` part and is read as such;
 - ``index-<generation>.safetensors``: ``rows`` ``[N, k]`` input row and caption variant -> slot,
   ``keys`` ``[slots, 16]`` each slot's caption key, and with ids the id table (``IndexFormat``);
-- ``null.safetensors``: the encoder's null conditioning (``sequence [1, 77, D]``, ``pooled [1, P]``);
+- ``null.safetensors``: the encoder's null conditioning (``sequence [1, L, D]``, ``pooled [1, P]``, a masked
+  recipe's ``mask``);
 - ``manifest.json``: what the store is bound to and every file's size and sha256 (``Manifest``,
   clipcond/store/manifest.py);
 - ``.clipcond.lock``: locked by the run writing the store (``StoreLock``, clipcond/store/locks.py).
@@ -24,9 +27,9 @@ parsed by the one strict safetensors header reader (``clipcond._files.read_safet
 to the shard rules below and to the manifest, and every row read is checked against its row checksum. A
 damaged file is a ``ValueError`` naming it (and the tensor or row), never another row's bytes.
 
-Format 1 (unreleased clipcond before incremental precompute: ``index.safetensors`` with ``rows [N]``, shards
-without checksums) is no longer read: opening one says to run ``clipcond precompute`` again into a new
-folder. Nothing in a damaged version-2 file can make a reader take it for format 1 and skip the row checks.
+Format 1 (written by unreleased clipcond only: ``index.safetensors`` with ``rows [N]``, shards without checksums)
+is not read: opening one says to run ``clipcond precompute`` again into a new folder. Nothing in a damaged file
+of a later format can make a reader take it for format 1 and skip the row checks.
 """
 
 from __future__ import annotations

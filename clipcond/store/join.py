@@ -111,7 +111,7 @@ class JoinedLoader:
             raise TypeError("JoinedLoader stacks your items as default_collate would in the workers; give the "
                             "store's collate as collate= (it runs in the main process)")
         self.collate = collate
-        self.pin = bool(loader_kwargs.pop("pin_memory", False)) and torch.accelerator.is_available()
+        self.pin = bool(loader_kwargs.pop("pin_memory", False)) and torch.cuda.is_available()  # (torch>=2.4)
         self.loader = DataLoader(JoinedDataset(dataset, store, by=by, id_key=id_key), collate_fn=_hand_over,
                                  **loader_kwargs)
 

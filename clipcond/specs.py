@@ -76,6 +76,7 @@ TOWER_OVERRIDES = ("hidden_layer", "pad_id", "final_norm", "hf_dropped_layers")
 
 BOS_ID = 49406
 EOS_ID = 49407
+VOCAB_SIZE = 49408  # the CLIP BPE's ids, BOS and EOS the last two
 
 
 class SpecError(ValueError):
@@ -95,7 +96,7 @@ class TowerSpec:
     mlp_width: int
     activation: Activation
     projection_dim: int | None  # text_projection output size; None: the tower has none
-    vocab_size: int = 49408
+    vocab_size: int = VOCAB_SIZE
     context_length: int = 77
     family: Family
     # Tokenize as the conditioner that trained the UNet did (see clipcond/text/tokenizer.py).
@@ -169,7 +170,7 @@ class T5TowerSpec:
     d_kv: int  # per-head size: heads * d_kv need not equal d_model in T5
     d_ff: int
     feed_forward: FeedForward
-    architecture: T5Architecture = "t5"  # left out of to_dict() at "t5", so that T5 stores made before it still grow
+    architecture: T5Architecture = "t5"  # left out of to_dict() at "t5": a T5 v1.1 spec's dict has no such key
     kv_heads: int = 0  # Gemma-2's grouped-query key/value heads (0: as many as heads); left out of to_dict() at 0
     relative_attention_num_buckets: int = 32
     relative_attention_max_distance: int = 128
@@ -227,8 +228,8 @@ class EncoderSpec:
     long_prompts: LongPrompts = "truncate"
     hub_repo: str | None = None  # default weights: a hub repo (diffusers pipeline, transformers or open_clip)
     source: str = ""  # where these facts come from, for `clipcond list`
-    # --- T5 recipes (SD3, Flux, PixArt). At their defaults these fields are left out of to_dict(), so that
-    # the CLIP specs' dicts, fingerprints and stores are those of clipcond before T5.
+    # --- T5 recipes (SD3, Flux, PixArt). At their defaults these fields are left out of to_dict(): a CLIP spec's
+    # dict, fingerprint and store name no T5 field.
     t5: T5TowerSpec | None = None  # the T5 tower, run after the CLIP towers; None: a CLIP-only encoder
     # Tokens T5 sees, EOS included, padded to it (diffusers' max_sequence_length): SD3 256, Flux-dev 512,
     # Flux-schnell 256, PixArt-alpha 120, PixArt-Sigma 300. 0 when there is no T5 tower.
@@ -330,7 +331,7 @@ class EncoderSpec:
 
     def to_dict(self) -> dict[str, object]:
         """Plain JSON data (tuples as lists): ``spec_from_dict`` reads it back equal. The T5 recipe fields are
-        left out at their defaults, so that a CLIP spec's dict is what clipcond recorded before they existed."""
+        left out at their defaults: a CLIP spec's dict holds only the CLIP fields."""
         data = {f.name: getattr(self, f.name) for f in dataclasses.fields(self)
                 if f.name not in _RECIPE_DEFAULTS or getattr(self, f.name) != _RECIPE_DEFAULTS[f.name]}
         data["towers"] = [dataclasses.asdict(t) for t in self.towers]

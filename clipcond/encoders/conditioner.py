@@ -169,7 +169,7 @@ class TextConditioner(nn.Module):
         ``mode="reduce-overhead"`` adds CUDA graphs on a GPU (one recording per batch size); their
         outputs live in a pool the next call overwrites, so on CUDA outputs are cloned. Parameter
         names, the fingerprint and ``state_dict()`` are unchanged. Meant for GPUs at small batches,
-        where launch overhead dominates; on a CPU it gained nothing measurable (README).
+        where launch overhead dominates; on a CPU it gained nothing measurable (docs/performance.md).
         """
         for tower in self.towers:
             tower.compile(**options)

@@ -15,14 +15,12 @@ from typing import Any
 
 from clipcond.errors import WeightsError
 from clipcond.registry import OPEN_CLIP_PREFIX
-from clipcond.specs import EncoderSpec, SpecError, TowerSpec
+from clipcond.specs import EOS_ID, VOCAB_SIZE, EncoderSpec, SpecError, TowerSpec
 
 # What open_clip's create_model downloads for a tag: safetensors first.
 OPEN_CLIP_FILES = ("open_clip_model.safetensors", "open_clip_pytorch_model.bin")
 # Beside them in an open_clip hub repo: {"model_cfg": <a model config>, "preprocess_cfg": {...}}.
 OPEN_CLIP_CONFIG = "open_clip_config.json"
-CLIP_VOCAB_SIZE = 49408
-CLIP_EOS_ID = 49407
 
 
 def text_tower_problems(config: dict[str, Any]) -> list[str]:
@@ -38,14 +36,14 @@ def text_tower_problems(config: dict[str, Any]) -> list[str]:
         problems.append(f"is the transformers model {text.hf_model_name!r}, not a CLIP text transformer")
     if text.hf_tokenizer_name:
         problems.append(f"tokenizes with {text.hf_tokenizer_name!r}, not the CLIP BPE")
-    if text.vocab_size != CLIP_VOCAB_SIZE:
-        problems.append(f"has a vocabulary of {text.vocab_size}, not the CLIP BPE's {CLIP_VOCAB_SIZE}")
+    if text.vocab_size != VOCAB_SIZE:
+        problems.append(f"has a vocabulary of {text.vocab_size}, not the CLIP BPE's {VOCAB_SIZE}")
     if text.tokenizer_kwargs or text.tokenizer_mode:
         problems.append(f"cleans text with {text.tokenizer_kwargs or text.tokenizer_mode}, not open_clip.tokenize's "
                         f"default")
     if text.no_causal_mask:
         problems.append("attends without the causal mask")
-    if text.pool_type not in ("argmax", "eos") or (text.pool_type == "eos" and text.eos_id != CLIP_EOS_ID):
+    if text.pool_type not in ("argmax", "eos") or (text.pool_type == "eos" and text.eos_id != EOS_ID):
         problems.append(f"pools with pool_type={text.pool_type!r} (eos_id {text.eos_id}), not at the EOS token")
     if text.embed_cls or "multimodal_cfg" in config:
         problems.append("appends a CLS embedding (CoCa)")

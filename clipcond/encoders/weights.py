@@ -33,13 +33,12 @@ from clipcond.encoders.convert import (
 from clipcond.encoders.hub import HF_INDEX_FILES, HF_WEIGHT_FILES, download, text_shards
 from clipcond.encoders.openclip import OPEN_CLIP_CONFIG, OPEN_CLIP_FILES, text_tower_problems, text_tower_sizes
 from clipcond.errors import WeightsError
-from clipcond.specs import EncoderSpec, TowerSpec
+from clipcond.specs import VOCAB_SIZE, EncoderSpec, TowerSpec
 
 logger = logging.getLogger(__name__)
 
 SAFE_SUFFIXES = (".safetensors",)
 PICKLE_SUFFIXES = (".bin", ".pt", ".pth", ".ckpt")
-# In preference order: safetensors first, full precision before the fp16 variant.
 
 
 @dataclass(frozen=True, slots=True)
@@ -74,7 +73,6 @@ HF_ANY = Component("*", "", "hf")  # a transformers file or folder: any tower, i
 IGNORED_PREFIXES = {"hf": ("vision_model.", "visual_projection.", "logit_scale"),
                     "open_clip": OPENCLIP_IGNORED_PREFIXES}
 FAMILY_NAMES = {"clip": "CLIP ViT-L", "open_clip": "OpenCLIP"}
-# Keys of the text tower in a transformers CLIPModel / CLIPTextModel(WithProjection) file.
 
 
 def detect_format(keys: list[str], source: str) -> str:
@@ -212,7 +210,7 @@ def tower_from_hf_config(tower: TowerSpec, folder: Path, reader: StateReader | N
         return tower.replace(
             width=width, layers=stored + dropped, hf_dropped_layers=dropped,
             heads=config["num_attention_heads"], mlp_width=config["intermediate_size"],
-            vocab_size=config.get("vocab_size", 49408), context_length=config.get("max_position_embeddings", 77),
+            vocab_size=config.get("vocab_size", VOCAB_SIZE), context_length=config.get("max_position_embeddings", 77),
             projection_dim=full.get("projection_dim", tower.projection_dim) if tower.projection_dim else None,
         )
     except KeyError as err:

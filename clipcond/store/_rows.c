@@ -1,7 +1,7 @@
 /* clipcond._rows: copy rows into a batch and checksum them in the same pass.
  *
  * A store row's checksum is the sum, mod 2^64, of its bytes read as little-endian 64-bit words (a short
- * tail zero-padded; see clipcond/store/format.py, row_checksums). Summing after copying is a second pass over
+ * tail zero-padded; see clipcond/store/checksums.py). Summing after copying is a second pass over
  * each 318 kB SDXL row; here every word is added while it is in a register on its way to the batch, so
  * the check costs about nothing next to the copy. The same loop without the sum is the unchecked read's
  * copy (``sums`` None), so that checked and unchecked reads differ by the additions only. A large batch is

@@ -283,6 +283,7 @@ def test_scan_holds_under_64_bytes_a_row_ids_included_and_no_caption_text(tmp_pa
 
 def test_a_failing_writer_stops_the_pipeline_with_its_error(tmp_path, sd15, monkeypatch):
     import clipcond.precompute.encode as pipeline
+    import clipcond.store.format as store_format  # the sidecar's writer
 
     path = write_input(tmp_path, "txt", CAPTIONS * 4)
     calls = []
@@ -293,8 +294,8 @@ def test_a_failing_writer_stops_the_pipeline_with_its_error(tmp_path, sd15, monk
             raise OSError(28, "No space left on device")
         real_write(target, data)
 
-    real_write = pipeline.atomic_write
-    monkeypatch.setattr(pipeline, "atomic_write", failing_write)
+    real_write = store_format.atomic_write
+    monkeypatch.setattr(store_format, "atomic_write", failing_write)
     with pytest.raises(OSError, match="No space left on device"):
         run(sd15, path, tmp_path / "store", shard_size=2, batch_size=1)
     # Stopped there (no hang); the shards already handed to the fsync thread are finished, no more.

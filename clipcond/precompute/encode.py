@@ -10,7 +10,6 @@ only queues kernels, so a wait counts as idle only from the moment the stream ha
 
 from __future__ import annotations
 
-import json
 import os
 import queue
 import threading
@@ -18,15 +17,14 @@ import time
 from collections import deque
 from collections.abc import Callable, Sequence
 from concurrent.futures import ThreadPoolExecutor
-from contextlib import nullcontext
-from dataclasses import asdict, dataclass, replace
+from contextlib import nullcontext, suppress
+from dataclasses import dataclass, replace
 from pathlib import Path
 from typing import TYPE_CHECKING
 
 import numpy as np
 import torch
 
-from clipcond._files import atomic_write
 from clipcond.conditioning import Conditioning
 from clipcond.store.format import ShardFormat, ShardWriter
 from clipcond.store.layout import RowLayout
@@ -238,7 +236,7 @@ class _ShardFile:
                                    "work). Nothing of this run was published; rerun the same command")
             entry = ShardEntry(file=name, bytes=written.bytes, sha256=written.sha256, start=self.start,
                                stop=self.stop, truncated=self.truncated, plan=self.plan)
-            atomic_write(out / ShardFormat.sidecar(name), json.dumps(asdict(entry)).encode())
+            ShardFormat.write_sidecar(out, entry)
             self.writer.publish()
         except BaseException:
             self.abort()
@@ -251,12 +249,10 @@ class _ShardFile:
 def _owner(out: Path, name: str, plan: str | None) -> str | None:
     """Who has a whole file under this shard's name already: "this plan" (its sidecar, or a complete manifest
     of this plan, says so), "another version" (a complete manifest of another plan lists it), or None."""
-    try:
-        entry = json.loads((out / ShardFormat.sidecar(name)).read_text())
-        if entry.get("plan") == plan and (out / name).stat().st_size == entry.get("bytes"):
+    entry = ShardFormat.read_sidecar(out / ShardFormat.sidecar(name))
+    with suppress(OSError):
+        if entry is not None and entry.plan == plan and (out / name).stat().st_size == entry.bytes:
             return "this plan"
-    except (OSError, ValueError):
-        pass
     try:
         manifest = Manifest.read(out)
     except (OSError, ValueError):

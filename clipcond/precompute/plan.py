@@ -197,11 +197,7 @@ def done_shards(out: Path, plan: Plan, existing: Manifest | None) -> dict[int, S
     """New shards of this plan whose file is whole (its size as recorded); the rest are encoded (again)."""
     expected = {ShardFormat.name(k): (k, start, stop) for k, start, stop in plan.new_shards}
     entries = list(existing.shards if existing is not None else ())
-    for sidecar in sorted(out.glob(StoreFiles.SIDECARS)):
-        try:
-            entries.append(ShardEntry.from_json(json.loads(sidecar.read_text())))
-        except (OSError, ValueError, KeyError, TypeError):
-            continue  # never half-written (atomic), but re-encoding is always safe
+    entries += [e for sidecar in sorted(out.glob(StoreFiles.SIDECARS)) if (e := ShardFormat.read_sidecar(sidecar))]
     done = {}
     for entry in entries:
         k, *rows = expected.get(entry.file, (None, None, None))

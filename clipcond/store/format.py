@@ -42,6 +42,7 @@ import math
 import mmap
 import os
 from collections.abc import Iterable, Sequence
+from dataclasses import asdict
 from pathlib import Path
 from typing import BinaryIO
 
@@ -52,6 +53,7 @@ from clipcond._files import (
     TMP_MARK,
     SafetensorsHeader,
     TensorInfo,
+    atomic_write,
     publish,
     raw_bytes,
     read_safetensors_header,
@@ -85,6 +87,18 @@ class ShardFormat:
     def sidecar(name: str) -> str:
         """A new shard's manifest entry, written beside it (before it is renamed into place) until publication."""
         return name.replace(".safetensors", ".json")
+
+    @staticmethod
+    def write_sidecar(root: Path, entry: ShardEntry) -> None:
+        atomic_write(root / ShardFormat.sidecar(entry.file), json.dumps(asdict(entry)).encode())
+
+    @staticmethod
+    def read_sidecar(path: Path) -> ShardEntry | None:
+        """A sidecar's entry, or None where it is missing or unreadable (re-encoding its shard is always safe)."""
+        try:
+            return ShardEntry.from_json(json.loads(path.read_text()))
+        except (OSError, ValueError, KeyError, TypeError):
+            return None
 
     @staticmethod
     def write(root: Path, k: int, layout: RowLayout, parts: Sequence[torch.Tensor], pooled: torch.Tensor,

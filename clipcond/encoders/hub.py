@@ -21,7 +21,7 @@ from clipcond.specs import EncoderSpec
 logger = logging.getLogger(__name__)
 
 HF_WEIGHT_FILES = ("model.safetensors", "model.fp16.safetensors", "pytorch_model.bin", "pytorch_model.fp16.bin")
-HF_INDEX_FILES = ("model.safetensors.index.json", "pytorch_model.bin.index.json")
+HF_INDEX_FILES = ("model.safetensors.index.json", "model.fp16.safetensors.index.json", "pytorch_model.bin.index.json")
 
 HF_TEXT_PREFIXES = ("text_model.", "text_projection.", "embeddings.", "encoder.", "final_layer_norm.")
 
@@ -37,6 +37,15 @@ def index_shards(path: Path, wanted: Callable[[str], bool]) -> list[str]:
     if bad := [s for s in shards if not isinstance(s, str) or Path(s).name != s or not s]:
         raise WeightsError(f"{path}: its weight_map names {bad[0]!r:.80}, not a shard file beside it")
     return sorted(shards)
+
+
+def hf_files(folder: Path, wanted: Callable[[str], bool]) -> list[Path] | None:
+    """A transformers folder's weight files in preference order (an index first, safetensors first): the one file,
+    or of a sharded checkpoint the shards holding a tensor ``wanted`` takes; None where it holds none."""
+    for name in HF_INDEX_FILES:
+        if (folder / name).is_file():
+            return [folder / shard for shard in index_shards(folder / name, wanted)]
+    return next(([folder / name] for name in HF_WEIGHT_FILES if (folder / name).is_file()), None)
 
 
 def text_shards(path: Path) -> list[str]:

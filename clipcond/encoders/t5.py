@@ -27,17 +27,16 @@ import torch
 from torch import nn
 
 from clipcond._files import SafetensorsHeader, read_safetensors_header, read_tensor
-from clipcond.encoders.hub import index_shards
+from clipcond.encoders.hub import HF_INDEX_FILES, HF_WEIGHT_FILES, hf_files
 from clipcond.encoders.weights import load_pickle
 from clipcond.errors import WeightsError
 from clipcond.specs import T5TowerSpec
 
 logger = logging.getLogger(__name__)
 
-# In preference order; the pickles (google/t5-v1_1-xxl's main branch holds only those) through
-# torch.load(weights_only=True), memory-mapped.
-WEIGHT_FILES = ("model.safetensors", "model.fp16.safetensors", "pytorch_model.bin")
-INDEX_FILES = ("model.safetensors.index.json", "model.fp16.safetensors.index.json", "pytorch_model.bin.index.json")
+# In preference order (transformers' names, as every CLIP folder); the pickles (google/t5-v1_1-xxl's main branch
+# holds only those) through torch.load(weights_only=True), memory-mapped.
+WEIGHT_FILES, INDEX_FILES = HF_WEIGHT_FILES, HF_INDEX_FILES
 # Tensors of a full T5 (T5ForConditionalGeneration: google/t5-v1_1-xxl) that an encoder never reads.
 IGNORED_PREFIXES = ("decoder.", "lm_head.")
 # Tied to shared.weight in T5EncoderModel: files hold either key (transformers saves one of them).
@@ -251,15 +250,11 @@ def tower_from_config(tower: T5TowerSpec, folder: Path) -> T5TowerSpec:
 
 
 def weight_files(folder: Path) -> list[Path]:
-    """A T5 folder's safetensors files; of a sharded checkpoint, only the shards holding encoder tensors."""
-    for name in INDEX_FILES:
-        if (folder / name).is_file():
-            encoder = (lambda key: not key.startswith(IGNORED_PREFIXES))  # noqa: E731
-            return [folder / shard for shard in index_shards(folder / name, encoder)]
-    for name in WEIGHT_FILES:
-        if (folder / name).is_file():
-            return [folder / name]
-    raise WeightsError(f"{folder}: no T5 weights; expected one of {list(INDEX_FILES + WEIGHT_FILES)}")
+    """A T5 folder's weight files; of a sharded checkpoint, only the shards holding encoder tensors."""
+    files = hf_files(folder, lambda key: not key.startswith(IGNORED_PREFIXES))
+    if files is None:
+        raise WeightsError(f"{folder}: no T5 weights; expected one of {list(INDEX_FILES + WEIGHT_FILES)}")
+    return files
 
 
 def read_state(tower: T5TowerSpec, files: Sequence[Path], dtype: torch.dtype, config: object = None

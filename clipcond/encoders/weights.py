@@ -30,7 +30,7 @@ from clipcond.encoders.convert import (
     convert_state,
     count_blocks,
 )
-from clipcond.encoders.hub import HF_INDEX_FILES, HF_WEIGHT_FILES, download, text_shards
+from clipcond.encoders.hub import HF_INDEX_FILES, HF_TEXT_PREFIXES, HF_WEIGHT_FILES, download, hf_files
 from clipcond.encoders.openclip import OPEN_CLIP_CONFIG, OPEN_CLIP_FILES, text_tower_problems, text_tower_sizes
 from clipcond.errors import WeightsError
 from clipcond.specs import VOCAB_SIZE, EncoderSpec, TowerSpec
@@ -179,12 +179,9 @@ def load_pickle(file: Path) -> dict[str, object]:
 
 def hf_weight_files(folder: Path) -> list[Path]:
     """The weight file(s) of a transformers model folder, safetensors first; of shards, those with text tensors."""
-    for name in HF_INDEX_FILES:
-        if (folder / name).is_file():
-            return [folder / s for s in text_shards(folder / name)]
-    for name in HF_WEIGHT_FILES:
-        if (folder / name).is_file():
-            return [folder / name]
+    files = hf_files(folder, lambda key: key.startswith(HF_TEXT_PREFIXES))
+    if files is not None:
+        return files
     raise WeightsError(f"{folder}: no weights file; expected one of {list(HF_WEIGHT_FILES + HF_INDEX_FILES)}")
 
 

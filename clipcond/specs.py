@@ -77,6 +77,8 @@ TOWER_OVERRIDES = ("hidden_layer", "pad_id", "final_norm", "hf_dropped_layers")
 BOS_ID = 49406
 EOS_ID = 49407
 VOCAB_SIZE = 49408  # the CLIP BPE's ids, BOS and EOS the last two
+# A tower's key in SDXL-style embedding files and in ComfyUI's / kohya's per-tower weight files, by its family.
+FAMILY_KEYS = {"clip": "clip_l", "open_clip": "clip_g"}
 
 
 class SpecError(ValueError):

@@ -77,7 +77,8 @@ def count_blocks(keys: Iterable[str], table: Mapping[str, Rule | None]) -> int:
     return max(indices, default=-1) + 1
 
 
-def _summary(keys: list[str]) -> str:
+def summary(keys: list[str]) -> str:
+    """The first ten of ``keys`` and how many there are, for messages."""
     shown = ", ".join(keys[:10])
     return f"{shown}, ... ({len(keys)} in all)" if len(keys) > 10 else shown
 
@@ -112,16 +113,16 @@ def convert_state(
         if target in expected:
             pieces.setdefault(target, [None] * rule.parts)[rule.part] = (key, rule)
     if unknown:
-        raise WeightsError(f"{source}: unexpected tensor(s) for a CLIP text tower: {_summary(unknown)}")
+        raise WeightsError(f"{source}: unexpected tensor(s) for a CLIP text tower: {summary(unknown)}")
     missing = sorted(set(expected) - set(pieces)) + sorted(
         f"{t} (part {i})" for t, ps in pieces.items() for i, p in enumerate(ps) if p is None)
     if missing:
-        raise WeightsError(f"{source}: missing tensor(s): {_summary(missing)}")
+        raise WeightsError(f"{source}: missing tensor(s): {summary(missing)}")
     state = {target: _assemble(parts, read) for target, parts in pieces.items()}
     wrong = [f"{k}: expected {tuple(expected[k])}, got {tuple(v.shape)}"
              for k, v in state.items() if v.shape != expected[k]]
     if wrong:
-        raise WeightsError(f"{source}: tensor shape mismatch: {_summary(wrong)}")
+        raise WeightsError(f"{source}: tensor shape mismatch: {summary(wrong)}")
     return state
 
 

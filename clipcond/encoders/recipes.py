@@ -41,7 +41,7 @@ from clipcond.encoders.t5 import (
     weight_files,
 )
 from clipcond.errors import WeightsError
-from clipcond.specs import EncoderSpec
+from clipcond.specs import FAMILY_KEYS, EncoderSpec
 from clipcond.text.t5_tokens import TOKENIZER_FILES, T5Prompts, load_tokenizer
 
 logger = logging.getLogger(__name__)
@@ -127,7 +127,7 @@ def drop_parts(spec: EncoderSpec, c: Conditioning, dropped: Mapping[str, torch.T
 def tower_keys(spec: EncoderSpec) -> list[str]:
     """The keys of ``weights={...}`` for a recipe, one per tower in order: "clip_l" (a CLIP ViT-L), "clip_g"
     (an OpenCLIP tower), "t5" (ComfyUI's and kohya's names for the files)."""
-    return [{"clip": "clip_l", "open_clip": "clip_g"}[t.family] for t in spec.towers] + ["t5"]
+    return [FAMILY_KEYS[t.family] for t in spec.towers] + ["t5"]
 
 
 def split_weights(spec: EncoderSpec, weights: Mapping[str, object]) -> tuple[list[object], object]:

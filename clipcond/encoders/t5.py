@@ -27,6 +27,7 @@ import torch
 from torch import nn
 
 from clipcond._files import SafetensorsHeader, read_safetensors_header, read_tensor
+from clipcond.encoders.convert import summary
 from clipcond.encoders.hub import HF_INDEX_FILES, HF_WEIGHT_FILES, hf_files
 from clipcond.encoders.weights import load_pickle
 from clipcond.errors import WeightsError
@@ -288,7 +289,7 @@ def read_state(tower: T5TowerSpec, files: Sequence[Path], dtype: torch.dtype, co
     for what, keys in (("missing", missing), ("unexpected", unexpected)):
         if keys:
             raise WeightsError(f"{source}: {len(keys)} {what} T5 encoder tensor(s) for tower {tower.name!r}: "
-                               f"{keys[:10]}{' ...' if len(keys) > 10 else ''}")
+                               f"{summary(keys)}")
     state = {}
     for key in expected:
         if key == TIED:

@@ -16,10 +16,7 @@ import torch
 
 from clipcond.encoders.weights import PICKLE_SUFFIXES, load_pickle, load_safetensors
 from clipcond.errors import WeightsError
-from clipcond.specs import TowerSpec
-
-# The keys of SDXL-style embedding files (A1111, kohya), by TowerSpec.family.
-TI_KEYS = {"clip": "clip_l", "open_clip": "clip_g"}
+from clipcond.specs import FAMILY_KEYS, TowerSpec
 
 
 @dataclass(frozen=True, slots=True)
@@ -31,7 +28,7 @@ class Embedding:
 
     def rows_for(self, tower: TowerSpec, path: object) -> torch.Tensor:
         """The vectors that belong to ``tower`` [n, W]: SDXL-style files by the tower's family, others by width."""
-        key = TI_KEYS[tower.family]
+        key = FAMILY_KEYS[tower.family]
         candidates = [v for k, v in self.vectors.items() if k == key or (k == "*" and v.shape[-1] == tower.width)]
         if not candidates:
             widths = {k: v.shape[-1] for k, v in self.vectors.items()}
@@ -50,7 +47,7 @@ def load_embedding(path: str | os.PathLike[str], token: str | None = None) -> Em
     else:
         raise WeightsError(f"{path}: unknown embedding file type {path.suffix!r}; expected .safetensors or "
                            f"one of {PICKLE_SUFFIXES}")
-    name, found = path.stem, None  # found: {"*" or a TI_KEYS value: (the key in the file, its value)}
+    name, found = path.stem, None  # found: {"*" or a FAMILY_KEYS value: (the key in the file, its value)}
     if isinstance(state.get("string_to_param"), dict):  # A1111 .pt
         found = {"*": ("string_to_param['*']", state["string_to_param"].get("*"))}
     elif "emb_params" in state:  # A1111 .safetensors

@@ -10,6 +10,7 @@ import pytest
 import torch
 
 import clipcond.precompute.encode as pipeline
+import clipcond.store.format as store_format
 from clipcond import TextConditioner
 from clipcond.precompute.encode import PipelineStats, encode_shards
 from clipcond.precompute.job import PrecomputeJob, precompute
@@ -75,13 +76,13 @@ def test_a_slow_tokenizer_shows_as_device_idle(tmp_path, tc, monkeypatch):
 
 
 def test_a_slow_disk_shows_as_waiting_for_the_writer(tmp_path, tc, monkeypatch):
-    write = pipeline.atomic_write
+    write = store_format.atomic_write
 
     def slow(target: Path, data: bytes) -> None:
         time.sleep(0.1)
         write(target, data)
 
-    monkeypatch.setattr(pipeline, "atomic_write", slow)  # the sidecar: once a shard
+    monkeypatch.setattr(store_format, "atomic_write", slow)  # the sidecar (ShardFormat.write_sidecar): once a shard
     instant(tc, monkeypatch)
     stats = encode(tc, tmp_path / "store", batch_size=1, shard_size=1)  # 12 shards, 0.1 s of writes each
     # The output queue holds PREFETCH batches and FLUSHING shards await their sidecar; past them

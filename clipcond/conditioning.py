@@ -6,7 +6,7 @@
 
 from __future__ import annotations
 
-from collections.abc import Sequence
+from collections.abc import Iterator, Sequence
 from dataclasses import dataclass
 
 import torch
@@ -60,9 +60,15 @@ class Conditioning:
     def __len__(self) -> int:
         return self.sequence.shape[0]
 
+    def __iter__(self) -> Iterator[Conditioning]:
+        """Each row, as a batch of one."""
+        return (self[i] for i in range(len(self)))
+
     def __getitem__(self, rows: int | slice | Sequence[int] | torch.Tensor) -> Conditioning:
         """Rows of the batch; an int keeps the batch dimension (``c[0]`` is a batch of one)."""
         if isinstance(rows, int):
+            if not -len(self) <= rows < len(self):
+                raise IndexError(f"row {rows} of a Conditioning of {len(self)} rows")
             rows = slice(rows, rows + 1 if rows != -1 else None)
         mask = None if self.mask is None else self.mask[rows]
         return Conditioning(self.sequence[rows], self.pooled[rows], mask, self.text_ids, self.pipeline)

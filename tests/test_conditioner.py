@@ -168,6 +168,29 @@ def test_encode_drop_prob_statistics_and_reproducibility():
         tc.encode(prompts, drop_prob=1.5)
 
 
+def test_a_truncation_warning_under_dropout_names_the_callers_row(caplog):
+    """Bug: encode(drop_prob=...) encodes the kept rows only, and the warning counted within them: with row 1
+    dropped, the long row 2 was reported as "prompt[1]"."""
+    tc = TextConditioner.from_pretrained("tiny-sd15")
+    prompts = ["a cat", "a dog", "word " * 80 + "END"]
+    seed = next(s for s in range(100) if (torch.rand(3, generator=torch.Generator().manual_seed(s)) < 0.5).tolist()
+                == [False, True, False])  # row 1 dropped, rows 0 and 2 kept
+    with caplog.at_level(logging.WARNING, logger="clipcond"):
+        tc.encode(prompts, drop_prob=0.5, generator=torch.Generator().manual_seed(seed))
+    assert "prompt[2] was truncated" in caplog.text and "prompt[1]" not in caplog.text, caplog.text
+
+
+def test_a_conditioning_iterates_its_rows_and_refuses_a_row_past_its_end():
+    """Bug: c[2] of a 2-row Conditioning was an empty batch, not an IndexError, so `for row in c` never ended."""
+    c = TextConditioner.from_pretrained("tiny-sd15")(["a", "b"])
+    rows = list(c)
+    assert len(rows) == 2 and all(torch.equal(r.sequence, c.sequence[i : i + 1]) for i, r in enumerate(rows))
+    assert torch.equal(c[-2].sequence, c.sequence[:1])
+    for i in (2, -3):
+        with pytest.raises(IndexError, match=rf"row {i} of a Conditioning of 2 rows"):
+            c[i]  # noqa: B018
+
+
 def test_bad_prompts_raise_naming_index_and_type():
     tc = TextConditioner.from_pretrained("tiny-sd15")
     with pytest.raises(TypeError, match=r"prompt\[2\] must be str, got int"):

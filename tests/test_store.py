@@ -938,3 +938,12 @@ def test_shard_writer_refuses_pooled_rows_that_do_not_match(tmp_path):
             writer.add([sequence], pooled)
         writer.abort()
     assert not list(tmp_path.iterdir())
+
+
+def test_a_store_opened_by_a_relative_path_reads_after_a_chdir(store_dir, monkeypatch):
+    """Bug: shards open lazily from the path as given: after os.chdir (Hydra-style runs) a relative path pointed
+    elsewhere and the read failed with "removed since this EmbeddingStore was opened (`clipcond gc` ...)"."""
+    monkeypatch.chdir(store_dir.parent)
+    store = EmbeddingStore(store_dir.name)
+    monkeypatch.chdir("/")
+    assert torch.equal(store[0]["sequence"], EmbeddingStore(store_dir)[0]["sequence"])

@@ -242,16 +242,19 @@ class TextConditioner(nn.Module):
 
     @torch.no_grad()
     def forward(self, prompts: str | Sequence[str]) -> Conditioning:
-        prompts = check_prompts(prompts)
+        return self._encode(check_prompts(prompts))
+
+    def _encode(self, prompts: list[str], rows: Sequence[int] | None = None) -> Conditioning:
+        """``forward``; ``rows``: each prompt's row in the caller's batch, for the truncation warnings."""
         if not prompts:
             return self.zero_rows(0)
         if self.spec.long_prompts == "chunk":
             return prompting.encode_windows(self, prompts, style=None)
         tokens = self.tokenize(prompts)
         if self.tokenizers:
-            warn_truncated(tokens[0], self.spec.max_length)
+            warn_truncated(tokens[0], self.spec.max_length, rows=rows)
         if self.t5 is not None:
-            warn_truncated(tokens[-1], self.spec.t5_max_length, "T5")
+            warn_truncated(tokens[-1], self.spec.t5_max_length, "T5", rows=rows)
         return self.encode_tokens(tokens)
 
     @torch.no_grad()
@@ -432,7 +435,7 @@ class TextConditioner(nn.Module):
             return self(prompts)
         if not len(keep):
             return self.null(len(prompts))
-        kept = self([prompts[i] for i in keep.tolist()])
+        kept = self._encode([prompts[i] for i in keep.tolist()], rows=keep.tolist())  # warnings name the caller's rows
         out = self.null(len(prompts), chunks=len_tokens(kept) // self.max_length if self.t5 is None else 1)
         if out.mask is not None:  # a masked recipe's null and captions may differ in length: both to the longer
             longest = max(len_tokens(out), len_tokens(kept))
@@ -479,8 +482,8 @@ def added_ids(vocab_size: int, added: Mapping[str, int]) -> dict[str, list[int]]
     return out
 
 
-def warn_truncated(tokens: Tokens, max_length: int, model: str = "CLIP") -> None:
+def warn_truncated(tokens: Tokens, max_length: int, model: str = "CLIP", *, rows: Sequence[int] | None = None) -> None:
     for row, dropped in tokens.truncated:
         # diffusers' wording, so that users who grep for it find it.
         logger.warning("The following part of prompt[%d] was truncated because %s can only handle "
-                       "sequences up to %d tokens: %r", row, model, max_length, dropped)
+                       "sequences up to %d tokens: %r", row if rows is None else rows[row], model, max_length, dropped)

@@ -56,7 +56,7 @@ class EmbeddingStore(Dataset):
     """
 
     def __init__(self, path: str | os.PathLike[str], *, verify: bool = False, verify_rows: bool = True) -> None:
-        self.path = Path(path)
+        self.path = Path(path).absolute()  # shards open lazily: a later chdir must not move the store
         self.verify_rows = verify_rows  # check each row's checksum as it is read
         self.manifest = Manifest.read(self.path)
         self.manifest.raise_problems(self.path, checksums=verify)

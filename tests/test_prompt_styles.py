@@ -277,6 +277,12 @@ def test_comfy_missing_embedding_is_dropped_with_a_warning(easy, caplog, prompt,
     ("[cat:dog:0.25]", [[2, "cat"], [10, "dog"]]),
     ("a [b:c:0] d", [[10, "a c d"]]),
     ("a [b:c:25] d", [[10, "a b d"]]),
+    # Its start rule, (prompt | /[][():]/+)*, takes only stray brackets and colons: a "|" outside brackets or a
+    # lone trailing backslash fails the whole parse, and the prompt is kept as written, its schedules too.
+    ("a cat | a dog, [red:blue:5]", [[10, "a cat | a dog, [red:blue:5]"]]),
+    ("[cat|dog] | x", [[10, "[cat|dog] | x"]]),
+    ("photo of a [cat:dog:0.5] \\", [[10, "photo of a [cat:dog:0.5] \\"]]),
+    ("photo of a [cat:dog:0.5] \\(x\\)", [[5, "photo of a cat \\(x\\)"], [10, "photo of a dog \\(x\\)"]]),
 ])
 def test_schedule_matches_a1111(prompt, expected):
     assert [list(s) for s in prompt_schedule(prompt, 10)] == expected

@@ -116,7 +116,9 @@ class _Parser:
         return Alternate(tuple(options)), j + 1
 
     def start(self) -> tuple:
-        """The whole prompt; stray brackets and colons that form nothing stay text (A1111's start rule)."""
+        """The whole prompt; stray brackets and colons that form nothing stay text (A1111's start rule,
+        ``(prompt | /[][():]/+)*``); a stray ``|`` or a lone trailing backslash fails the parse (_Fail), and A1111
+        then keeps the prompt as written."""
         nodes, i = [], 0
         while i < len(self.text):
             try:
@@ -132,6 +134,8 @@ class _Parser:
                         raise _Fail
                     nodes.append(node)
                 except _Fail:
+                    if char == "|" or (char == "\\" and i == len(self.text) - 1):  # no rule of A1111's takes it
+                        raise
                     nodes.append(char)
                     i += 1
         return tuple(nodes)

@@ -368,6 +368,7 @@ COMPEL_PROMPTS = [
     "a photo, of a cat, " * 18 + "dog++",  # no ".": after the last ","
     "word " * 160 + "(end)0.7",  # neither: after a word end
     "wow! a (cat)1.2!!",  # SDXL's tokenizer_2 pads with "!": there a literal "!" is id 0 (diffusers#4153)
+    "a (red)1.2 cat.swap(small dog, s_start=0.5) on a mat",  # compel's conditioning: the swap's original
 ]
 
 

@@ -114,7 +114,7 @@ class CompelReader:
         return self._flattened(part)
 
     def _flattened(self, prompt) -> torch.Tensor:  # noqa: ANN001 (compel's FlattenedPrompt)
-        fragments = [(f.text, f.weight) for f in prompt.children] or [("", 1.0)]
+        fragments = fragments_of(prompt)
         towers = [self._tower(i, fragments) for i in range(len(self.tc.towers))]
         k = max(t.shape[1] for t in towers) // LENGTH  # the towers' tokenizers may disagree: pad (CompelForSDXL)
         empty = self.tc.empty().sequence
@@ -211,7 +211,7 @@ class T5Reader:
             mask = torch.stack([m for _, _, m in encoded]).amax(0)  # compel: each blended prompt's tokens
             return (sum(w * c for w, (c, _, _) in zip(weights, encoded, strict=True)),
                     sum(w * p for w, (_, p, _) in zip(weights, encoded, strict=True)), mask)
-        fragments = [(f.text, f.weight) for f in part.children] or [("", 1.0)]
+        fragments = fragments_of(part)
         sequence, ids = self._sequence(fragments)
         return sequence, self._pooled(" ".join(text for text, _ in fragments)), (ids != self.pad).long()
 
@@ -267,3 +267,15 @@ class T5Reader:
             return self.empty().new_zeros(1, 0)
         tokens = self.clip([text])
         return self.tc.run_tower(0, tokens.ids, tokens.eos)[1]  # [1, P]
+
+
+def fragments_of(prompt) -> list[tuple[str, float]]:  # noqa: ANN001 (compel's FlattenedPrompt)
+    """A flattened prompt's ``(text, weight)`` fragments; a ``.swap()`` gives its original's, as compel's
+    conditioning does (the edit only steers its cross-attention control, which no diffusers pipeline takes)."""
+    from compel.prompt_parser import CrossAttentionControlSubstitute
+
+    out = []
+    for f in prompt.children:
+        swapped = isinstance(f, CrossAttentionControlSubstitute)
+        out += [(x.text, x.weight) for x in f.original] if swapped else [(f.text, f.weight)]
+    return out or [("", 1.0)]

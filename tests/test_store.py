@@ -615,6 +615,11 @@ def test_caption_dropout_statistics_and_reproducibility(store):
     assert dropped_rows(store, store.collate(1.0), 64) == set(range(ROWS))
     with pytest.raises(ValueError, match=r"drop_prob must be in \[0, 1\], got 1.5"):
         store.collate(1.5)
+    persistent = store.collate(0.25, seed=3)  # Bug: persistent workers kept the first epoch's copy of the collate
+    loader = DataLoader(store, batch_size=32, collate_fn=persistent, num_workers=2, persistent_workers=True)
+    for epoch, expected in ((0, epoch0), (1, epoch1), (0, epoch0)):
+        persistent.set_epoch(epoch)
+        assert {r for b in loader for r in b["row"][b["dropped"]].tolist()} == expected, epoch
     with pytest.raises(TypeError, match="needs items with 'sequence', 'pooled' and 'row'"):
         store.collate(0.5)([{"sequence": torch.zeros(1)}])
 

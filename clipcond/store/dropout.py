@@ -31,8 +31,7 @@ class CaptionDropout:
     uniform in [0, 1): the choice depends on nothing else (not batch size, shuffling, worker count),
     so it is reproducible and changes every epoch. ``variant="random"`` picks each row's caption
     variant the same way (an independent uniform per (seed, epoch, row)). Call ``set_epoch(e)`` before iterating the
-    DataLoader each epoch; workers copy the collate_fn when an epoch's iterator starts, so with
-    ``persistent_workers=True`` build a new DataLoader (or collate) per epoch instead.
+    DataLoader each epoch: the epoch lies in shared memory, so DataLoader workers see it, persistent ones too.
     The batch gains ``"dropped"`` ``[B]`` bool (per tower: whether any part of the row was dropped, and
     ``"dropped_towers"``, a ``[B]`` bool per tower key).
     """
@@ -59,13 +58,16 @@ class CaptionDropout:
                                  f"{keys}, got {dict(self.drop_prob)}")
         elif not 0.0 <= self.drop_prob <= 1.0:
             raise ValueError(f"drop_prob must be in [0, 1], got {self.drop_prob}")
+        self._epoch = torch.tensor([self.epoch]).share_memory_()  # [1]: workers hold the collate's copy, not this
 
     def set_epoch(self, epoch: int) -> None:
         self.epoch = epoch
+        self._epoch.fill_(epoch)
 
     def _uniform(self, rows: Sequence[int] | torch.Tensor, salt: str = "") -> list[float]:
         rows = rows.tolist() if isinstance(rows, torch.Tensor) else list(rows)
-        return [int.from_bytes(hashlib.blake2b(f"{self.seed}/{self.epoch}/{r}{salt}".encode(), digest_size=8)
+        epoch = int(self._epoch)  # as set_epoch last set it, in whichever process this runs
+        return [int.from_bytes(hashlib.blake2b(f"{self.seed}/{epoch}/{r}{salt}".encode(), digest_size=8)
                                .digest(), "little") / 2**64 for r in rows]
 
     def dropped(self, rows: Sequence[int] | torch.Tensor) -> torch.Tensor | dict[str, torch.Tensor]:

@@ -48,9 +48,14 @@ def hf_files(folder: Path, wanted: Callable[[str], bool]) -> list[Path] | None:
     return next(([folder / name] for name in HF_WEIGHT_FILES if (folder / name).is_file()), None)
 
 
+def is_text_key(key: str) -> bool:
+    """A text-tower tensor of a transformers CLIP file (of a CLIPModel: not the vision ones)."""
+    return key.startswith(HF_TEXT_PREFIXES)
+
+
 def text_shards(path: Path) -> list[str]:
     """Shards of a sharded transformers checkpoint holding text-tower tensors (of a CLIPModel: not the vision ones)."""
-    return index_shards(path, lambda key: key.startswith(HF_TEXT_PREFIXES))
+    return index_shards(path, is_text_key)
 
 def download(spec: EncoderSpec, repo: str, *, revision: str | None = None,
              open_clip_files: tuple[str, ...] = OPEN_CLIP_FILES) -> Path:

@@ -30,7 +30,7 @@ from clipcond.encoders.convert import (
     convert_state,
     count_blocks,
 )
-from clipcond.encoders.hub import HF_INDEX_FILES, HF_TEXT_PREFIXES, HF_WEIGHT_FILES, download, hf_files
+from clipcond.encoders.hub import HF_INDEX_FILES, HF_WEIGHT_FILES, download, hf_files, is_text_key
 from clipcond.encoders.openclip import OPEN_CLIP_CONFIG, OPEN_CLIP_FILES, text_tower_problems, text_tower_sizes
 from clipcond.errors import WeightsError
 from clipcond.specs import VOCAB_SIZE, EncoderSpec, TowerSpec
@@ -179,7 +179,7 @@ def load_pickle(file: Path) -> dict[str, object]:
 
 def hf_weight_files(folder: Path) -> list[Path]:
     """The weight file(s) of a transformers model folder, safetensors first; of shards, those with text tensors."""
-    files = hf_files(folder, lambda key: key.startswith(HF_TEXT_PREFIXES))
+    files = hf_files(folder, is_text_key)
     if files is not None:
         return files
     raise WeightsError(f"{folder}: no weights file; expected one of {list(HF_WEIGHT_FILES + HF_INDEX_FILES)}")

@@ -339,10 +339,10 @@ def _variants(values: list[list], columns: list[str], first_row: int, source: ob
         return [_present(cells, columns, first_row + i, source) for i, cells in enumerate(zip(*values, strict=True))]
     rows, column = [], columns[0]
     for i, value in enumerate(values[0]):
-        if isinstance(value, list | tuple) and not value:
-            raise ValueError(f"{source} row {first_row + i}: no caption (column {column!r} holds an empty list); "
-                             "every row needs at least one")
         if isinstance(value, list | tuple):
+            if not value:
+                raise ValueError(f"{source} row {first_row + i}: no caption (column {column!r} holds an empty list); "
+                                 "every row needs at least one")
             rows.append(_present(value, [f"{column}[{j}]" for j in range(len(value))], first_row + i, source))
         else:
             rows.append((_string(value, column, first_row + i, source),))
